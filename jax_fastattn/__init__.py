@@ -1,0 +1,7 @@
+"""jax_fastattn: fused, memory-efficient attention for JAX."""
+from . import masks
+from .attention import flash_attention
+from .decode import decode_attention
+
+__all__ = ["flash_attention", "decode_attention", "masks"]
+__version__ = "0.1.0"

@@ -1,0 +1,26 @@
+// pybind11 module exposing the FFI handlers as PyCapsules, for
+// jax.ffi.register_ffi_target. Holds no logic of its own.
+#include <pybind11/pybind11.h>
+
+#include "cpu/handlers.h"
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename Handler>
+py::capsule capsule(Handler* handler) {
+  return py::capsule(reinterpret_cast<void*>(handler), "xla._CUSTOM_CALL_TARGET");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_xla_ffi, m) {
+  m.doc() = "jax_fastattn XLA FFI handlers";
+  m.def("cpu_targets", [] {
+    py::dict targets;
+    targets["fastattn_forward_cpu"] = capsule(fastattn::cpu::FastattnForwardCpu);
+    targets["fastattn_backward_cpu"] = capsule(fastattn::cpu::FastattnBackwardCpu);
+    return targets;
+  });
+}

@@ -1,0 +1,143 @@
+#include "ffi_decode.h"
+
+#include <sstream>
+#include <string>
+
+#include "check.h"
+
+namespace fastattn {
+namespace {
+
+std::string dims_string(ffi::AnyBuffer::Dimensions dims) {
+  std::ostringstream out;
+  out << "[";
+  for (size_t i = 0; i < dims.size(); ++i) out << (i ? ", " : "") << dims[i];
+  out << "]";
+  return out.str();
+}
+
+}  // namespace
+
+ffi::Error expect_shape(const ffi::AnyBuffer& buffer, const char* name,
+                        std::initializer_list<int64_t> dims, ffi::DataType dtype) {
+  auto actual = buffer.dimensions();
+  bool same = actual.size() == dims.size();
+  size_t i = 0;
+  for (int64_t d : dims) same = same && actual[i++] == d;
+  std::ostringstream expected;
+  expected << "[";
+  i = 0;
+  for (int64_t d : dims) expected << (i++ ? ", " : "") << d;
+  expected << "]";
+  FFI_CHECK(same, name << " must have shape " << expected.str() << ", got "
+                       << dims_string(actual));
+  FFI_CHECK(buffer.element_type() == dtype,
+            name << " has dtype code " << int(buffer.element_type()) << ", expected code "
+                 << int(dtype));
+  return ffi::Error::Success();
+}
+
+ffi::Error decode_shape(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
+                        const ffi::AnyBuffer& v, AttentionShape* shape, ElementType* dtype) {
+  FFI_CHECK(q.dimensions().size() == 4,
+            "q must have rank 4 [B, Sq, Hq, D], got " << dims_string(q.dimensions()));
+  FFI_CHECK(k.dimensions().size() == 4,
+            "k must have rank 4 [B, Skv, Hkv, D], got " << dims_string(k.dimensions()));
+  auto qd = q.dimensions();
+  auto kd = k.dimensions();
+  shape->batch = qd[0];
+  shape->q_len = qd[1];
+  shape->q_heads = qd[2];
+  shape->head_dim = qd[3];
+  shape->kv_len = kd[1];
+  shape->kv_heads = kd[2];
+  FFI_CHECK(kd[0] == qd[0] && kd[3] == qd[3],
+            "k " << dims_string(kd) << " must match q " << dims_string(qd)
+                 << " in batch and head dim");
+  FFI_CHECK(shape->kv_heads > 0 && shape->q_heads % shape->kv_heads == 0,
+            "q heads (" << shape->q_heads << ") must be a multiple of k/v heads ("
+                        << shape->kv_heads << ")");
+  FFI_CHECK(shape->head_dim >= 1 && shape->head_dim <= 256,
+            "head dim must be in [1, 256], got " << shape->head_dim);
+  FFI_CHECK(shape->q_len >= 1 && shape->kv_len >= 1, "sequence lengths must be >= 1");
+  switch (q.element_type()) {
+    case ffi::DataType::F32: *dtype = ElementType::kF32; break;
+    case ffi::DataType::BF16: *dtype = ElementType::kBF16; break;
+    case ffi::DataType::F16: *dtype = ElementType::kF16; break;
+    default: FFI_CHECK(false, "q must be float32, bfloat16 or float16");
+  }
+  if (auto e = expect_shape(v, "v", {kd[0], kd[1], kd[2], kd[3]}, q.element_type()); e.failure())
+    return e;
+  FFI_CHECK(k.element_type() == q.element_type(), "k must have q's dtype");
+  return ffi::Error::Success();
+}
+
+ffi::Error decode_bias(const ffi::AnyBuffer& bias, const AttentionShape& shape,
+                       BiasParams* params) {
+  if (is_absent(bias)) {
+    *params = BiasParams{};
+    return ffi::Error::Success();
+  }
+  auto d = bias.dimensions();
+  FFI_CHECK(d.size() == 4 && (d[0] == 1 || d[0] == shape.batch) &&
+                (d[1] == 1 || d[1] == shape.q_heads) && d[2] == shape.q_len &&
+                d[3] == shape.kv_len,
+            "bias must have shape [B|1, Hq|1, Sq, Skv], got " << dims_string(d));
+  FFI_CHECK(bias.element_type() == ffi::DataType::F32, "bias must be float32 here");
+  params->data = static_cast<const float*>(bias.untyped_data());
+  params->batch = d[0];
+  params->heads = d[1];
+  return ffi::Error::Success();
+}
+
+ffi::Error decode_mask(const ffi::AnyBuffer& q_segment, const ffi::AnyBuffer& kv_segment,
+                       const ffi::AnyBuffer& dense, const ffi::AnyBuffer& tile_class,
+                       const AttentionShape& shape, int64_t band_lo, int64_t band_hi,
+                       int64_t tile_q, int64_t tile_kv, MaskParams* mask) {
+  FFI_CHECK(tile_q >= 1 && tile_q <= 4096, "tile_q must be in [1, 4096], got " << tile_q);
+  FFI_CHECK(tile_kv >= 32 && tile_kv <= 4096 && tile_kv % 32 == 0,
+            "tile_kv must be a multiple of 32 in [32, 4096], got " << tile_kv);
+  *mask = MaskParams{};
+  mask->band_lo = band_lo;
+  mask->band_hi = band_hi;
+  mask->tile_q = tile_q;
+  mask->tile_kv = tile_kv;
+  FFI_CHECK(is_absent(q_segment) == is_absent(kv_segment),
+            "q_segment_ids and kv_segment_ids must be given together");
+  if (!is_absent(q_segment)) {
+    if (auto e = expect_shape(q_segment, "q_segment_ids", {shape.batch, shape.q_len},
+                              ffi::DataType::S32);
+        e.failure())
+      return e;
+    if (auto e = expect_shape(kv_segment, "kv_segment_ids", {shape.batch, shape.kv_len},
+                              ffi::DataType::S32);
+        e.failure())
+      return e;
+    mask->q_segment = static_cast<const int32_t*>(q_segment.untyped_data());
+    mask->kv_segment = static_cast<const int32_t*>(kv_segment.untyped_data());
+  }
+  if (!is_absent(dense)) {
+    auto d = dense.dimensions();
+    FFI_CHECK(d.size() == 4 && (d[0] == 1 || d[0] == shape.batch) &&
+                  (d[1] == 1 || d[1] == shape.q_heads) && d[2] == shape.q_len &&
+                  d[3] == shape.kv_len,
+              "dense mask must have shape [B|1, Hq|1, Sq, Skv], got " << dims_string(d));
+    FFI_CHECK(dense.element_type() == ffi::DataType::PRED, "dense mask must be bool");
+    mask->dense = static_cast<const uint8_t*>(dense.untyped_data());
+    mask->dense_batch = d[0];
+    mask->dense_heads = d[1];
+  }
+  auto t = tile_class.dimensions();
+  const int64_t nq = shape.num_q_tiles(tile_q), nk = shape.num_kv_tiles(tile_kv);
+  FFI_CHECK(t.size() == 4 && (t[0] == 1 || t[0] == shape.batch) &&
+                (t[1] == 1 || t[1] == shape.q_heads) && t[2] == nq && t[3] == nk,
+            "tile_class must have shape [B|1, Hq|1, " << nq << ", " << nk << "], got "
+                                                       << dims_string(t));
+  FFI_CHECK(tile_class.element_type() == ffi::DataType::S8, "tile_class must be int8");
+  mask->tile_class = static_cast<const int8_t*>(tile_class.untyped_data());
+  mask->tile_batch = t[0];
+  mask->tile_heads = t[1];
+  return ffi::Error::Success();
+}
+
+}  // namespace fastattn

@@ -1,0 +1,36 @@
+// Turns the FFI buffers of an attention custom call into the plain structs
+// of attention_params.h, checking every shape on the way. Shared by the CPU
+// and CUDA handlers. Optional inputs (bias, segment ids, dense mask) arrive
+// as empty rank-1 arrays when absent.
+#pragma once
+
+#include <cstdint>
+
+#include "attention_params.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace fastattn {
+
+namespace ffi = ::xla::ffi;
+
+// q [B, Sq, Hq, D], k and v [B, Skv, Hkv, D], one float dtype.
+ffi::Error decode_shape(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
+                        const ffi::AnyBuffer& v, AttentionShape* shape, ElementType* dtype);
+
+ffi::Error decode_bias(const ffi::AnyBuffer& bias, const AttentionShape& shape,
+                       BiasParams* params);
+
+ffi::Error decode_mask(const ffi::AnyBuffer& q_segment, const ffi::AnyBuffer& kv_segment,
+                       const ffi::AnyBuffer& dense, const ffi::AnyBuffer& tile_class,
+                       const AttentionShape& shape, int64_t band_lo, int64_t band_hi,
+                       int64_t tile_q, int64_t tile_kv, MaskParams* mask);
+
+// Checks that `buffer` has exactly `dims` and the given dtype.
+ffi::Error expect_shape(const ffi::AnyBuffer& buffer, const char* name,
+                        std::initializer_list<int64_t> dims, ffi::DataType dtype);
+
+inline bool is_absent(const ffi::AnyBuffer& buffer) {
+  return buffer.dimensions().size() == 1 && buffer.dimensions()[0] == 0;
+}
+
+}  // namespace fastattn

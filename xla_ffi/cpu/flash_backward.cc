@@ -1,0 +1,231 @@
+#include "flash_backward.h"
+
+#include <cmath>
+#include <vector>
+
+#include "../common/thread_pool.h"
+#include "gemm.h"
+#include "tile_ops.h"
+#include "vec_math.h"
+
+namespace fastattn {
+namespace cpu {
+namespace {
+
+// Everything about one (q tile, kv tile) pair that both passes compute the
+// same way: probabilities P and the logits gradient dS, each [rows][tile_kv].
+struct TileGradients {
+  float* probs;
+  float* d_logits;
+};
+
+// Given packed scale*Q [rows][padded_dim], dO [rows][padded_dim], K^T and V^T
+// [padded_dim][tile_kv], recomputes P and dS for one tile pair.
+inline void tile_gradients(const TileGradients& t, const float* q_scaled, const float* d_out,
+                           const float* k_t, const float* v_t, const float* lse,
+                           const float* delta, int64_t rows, int64_t tile_kv,
+                           int64_t padded_dim, const BackwardParams& p, int64_t b, int64_t h,
+                           int64_t q0, int64_t k0, int64_t keys, bool partial) {
+  const AttentionShape& s = p.shape;
+  std::fill(t.probs, t.probs + rows * tile_kv, 0.f);
+  gemm_accumulate(t.probs, tile_kv, q_scaled, padded_dim, 1, k_t, tile_kv, rows, tile_kv,
+                  padded_dim);
+  if (p.bias.data != nullptr) add_bias_tile(t.probs, tile_kv, p.bias, s, b, h, q0, rows, k0, keys);
+  mask_tile(t.probs, tile_kv, p.mask, s, b, h, q0, rows, k0, keys, partial);
+  for (int64_t i = 0; i < rows; ++i) {
+    float* row = t.probs + i * tile_kv;
+    if (lse[i] == kNegInf) {  // the row saw no key: no gradient flows
+      std::fill(row, row + tile_kv, 0.f);
+      continue;
+    }
+    for (int64_t j = 0; j < tile_kv; j += kLanes) store(row + j, vexp(load(row + j) - lse[i]));
+  }
+  std::fill(t.d_logits, t.d_logits + rows * tile_kv, 0.f);
+  gemm_accumulate(t.d_logits, tile_kv, d_out, padded_dim, 1, v_t, tile_kv, rows, tile_kv,
+                  padded_dim);
+  for (int64_t i = 0; i < rows; ++i) {
+    float* d_row = t.d_logits + i * tile_kv;
+    const float* p_row = t.probs + i * tile_kv;
+    for (int64_t j = 0; j < tile_kv; j += kLanes) {
+      store(d_row + j, load(p_row + j) * (load(d_row + j) - delta[i]));
+    }
+  }
+}
+
+template <typename T>
+void backward_typed(const BackwardParams& p) {
+  const AttentionShape& s = p.shape;
+  const MaskParams& mask = p.mask;
+  const int64_t tile_q = mask.tile_q, tile_kv = mask.tile_kv;
+  const int64_t padded_dim = round_up(s.head_dim, kGemmCols);
+  const int64_t num_q_tiles = s.num_q_tiles(tile_q);
+  const int64_t num_kv_tiles = s.num_kv_tiles(tile_kv);
+  const int64_t q_row_stride = s.q_heads * s.head_dim;
+  const int64_t kv_row_stride = s.kv_heads * s.head_dim;
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  const T* out = static_cast<const T*>(p.out);
+  const T* d_out = static_cast<const T*>(p.d_out);
+  auto q_offset = [&](int64_t b, int64_t h, int64_t q0) {
+    return ((b * s.q_len + q0) * s.q_heads + h) * s.head_dim;
+  };
+  auto kv_offset = [&](int64_t b, int64_t kv_h, int64_t k0) {
+    return ((b * s.kv_len + k0) * s.kv_heads + kv_h) * s.head_dim;
+  };
+
+  // delta = rowsum(dO * O) - dlse, [B, Hq, Sq].
+  std::vector<float> delta(s.batch * s.q_heads * s.q_len);
+  parallel_for(s.batch * s.q_heads, [&](int64_t bh) {
+    const int64_t b = bh / s.q_heads, h = bh % s.q_heads;
+    for (int64_t i = 0; i < s.q_len; ++i) {
+      const int64_t offset = q_offset(b, h, i);
+      float dot = 0.f;
+      for (int64_t d = 0; d < s.head_dim; ++d) {
+        dot += to_float(d_out[offset + d]) * to_float(out[offset + d]);
+      }
+      const int64_t row = bh * s.q_len + i;
+      delta[row] = dot - (p.d_lse != nullptr ? p.d_lse[row] : 0.f);
+    }
+  });
+
+  // Loads the q-side tiles of (b, h, q_tile): scale*Q, dO, lse and delta rows.
+  auto pack_q_side = [&](Scratch& scratch, int64_t b, int64_t h, int64_t q0, int64_t rows,
+                         float** q_scaled, float** d_out_tile) {
+    *q_scaled = scratch.get(0, tile_q * padded_dim);
+    *d_out_tile = scratch.get(1, tile_q * padded_dim);
+    pack_rows(*q_scaled, padded_dim, q + q_offset(b, h, q0), q_row_stride, rows, s.head_dim,
+              p.softmax_scale, nullptr);
+    pack_rows(*d_out_tile, padded_dim, d_out + q_offset(b, h, q0), q_row_stride, rows,
+              s.head_dim, 1.f, nullptr);
+  };
+
+  // Pass 1: dK, dV.
+  parallel_for(s.batch * s.kv_heads * num_kv_tiles, [&](int64_t item) {
+    const int64_t kv_tile = item % num_kv_tiles;
+    const int64_t kv_h = (item / num_kv_tiles) % s.kv_heads;
+    const int64_t b = item / (num_kv_tiles * s.kv_heads);
+    const int64_t k0 = kv_tile * tile_kv;
+    const int64_t keys = std::min(tile_kv, s.kv_len - k0);
+    Scratch& scratch = thread_scratch();
+    float* k_t = scratch.get(2, padded_dim * tile_kv);
+    float* v_t = scratch.get(3, padded_dim * tile_kv);
+    TileGradients t{scratch.get(4, tile_q * tile_kv), scratch.get(5, tile_q * tile_kv)};
+    float* d_k = scratch.get(6, tile_kv * padded_dim);
+    float* d_v = scratch.get(7, tile_kv * padded_dim);
+    bool valid_keys[4096];
+    const bool* valid = nullptr;
+    if (mask.kv_segment != nullptr) {
+      mark_valid_keys(valid_keys, mask, s, b, k0, keys);
+      valid = valid_keys;
+    }
+    pack_transposed(k_t, tile_kv, padded_dim, k + kv_offset(b, kv_h, k0), kv_row_stride, keys,
+                    s.head_dim, valid);
+    pack_transposed(v_t, tile_kv, padded_dim, v + kv_offset(b, kv_h, k0), kv_row_stride, keys,
+                    s.head_dim, valid);
+    std::fill(d_k, d_k + tile_kv * padded_dim, 0.f);
+    std::fill(d_v, d_v + tile_kv * padded_dim, 0.f);
+    for (int64_t h = kv_h * s.group(); h < (kv_h + 1) * s.group(); ++h) {
+      for (int64_t q_tile = 0; q_tile < num_q_tiles; ++q_tile) {
+        const int8_t cls = tile_class_at(mask, b, h, q_tile, kv_tile, num_q_tiles, num_kv_tiles);
+        if (cls == kEmpty) continue;
+        const int64_t q0 = q_tile * tile_q;
+        const int64_t rows = std::min(tile_q, s.q_len - q0);
+        float *q_scaled, *d_out_tile;
+        pack_q_side(scratch, b, h, q0, rows, &q_scaled, &d_out_tile);
+        const int64_t row0 = (b * s.q_heads + h) * s.q_len + q0;
+        tile_gradients(t, q_scaled, d_out_tile, k_t, v_t, p.lse + row0, delta.data() + row0,
+                       rows, tile_kv, padded_dim, p, b, h, q0, k0, keys, cls == kPartial);
+        // dV += P^T dO ; dK += dS^T (scale * Q)
+        gemm_accumulate(d_v, padded_dim, t.probs, 1, tile_kv, d_out_tile, padded_dim, keys,
+                        padded_dim, rows);
+        gemm_accumulate(d_k, padded_dim, t.d_logits, 1, tile_kv, q_scaled, padded_dim, keys,
+                        padded_dim, rows);
+      }
+    }
+    T* d_k_out = static_cast<T*>(p.d_k) + kv_offset(b, kv_h, k0);
+    T* d_v_out = static_cast<T*>(p.d_v) + kv_offset(b, kv_h, k0);
+    for (int64_t j = 0; j < keys; ++j) {
+      for (int64_t d = 0; d < s.head_dim; ++d) {
+        from_float(d_k[j * padded_dim + d], &d_k_out[j * kv_row_stride + d]);
+        from_float(d_v[j * padded_dim + d], &d_v_out[j * kv_row_stride + d]);
+      }
+    }
+  });
+
+  // Pass 2: dQ and dBias.
+  parallel_for(s.batch * s.q_heads * num_q_tiles, [&](int64_t item) {
+    const int64_t q_tile = num_q_tiles - 1 - item % num_q_tiles;
+    const int64_t h = (item / num_q_tiles) % s.q_heads;
+    const int64_t b = item / (num_q_tiles * s.q_heads);
+    const int64_t kv_h = h / s.group();
+    const int64_t q0 = q_tile * tile_q;
+    const int64_t rows = std::min(tile_q, s.q_len - q0);
+    Scratch& scratch = thread_scratch();
+    float *q_scaled, *d_out_tile;
+    pack_q_side(scratch, b, h, q0, rows, &q_scaled, &d_out_tile);
+    float* k_t = scratch.get(2, padded_dim * tile_kv);
+    float* v_t = scratch.get(3, padded_dim * tile_kv);
+    TileGradients t{scratch.get(4, tile_q * tile_kv), scratch.get(5, tile_q * tile_kv)};
+    float* k_rows = scratch.get(6, tile_kv * padded_dim);
+    float* d_q = scratch.get(7, tile_q * padded_dim);
+    std::fill(d_q, d_q + rows * padded_dim, 0.f);
+    const int64_t row0 = (b * s.q_heads + h) * s.q_len + q0;
+    bool valid_keys[4096];
+    for (int64_t kv_tile = 0; kv_tile < num_kv_tiles; ++kv_tile) {
+      const int8_t cls = tile_class_at(mask, b, h, q_tile, kv_tile, num_q_tiles, num_kv_tiles);
+      const int64_t k0 = kv_tile * tile_kv;
+      const int64_t keys = std::min(tile_kv, s.kv_len - k0);
+      float* d_bias_tile =
+          p.d_bias == nullptr ? nullptr : p.d_bias + (row0 * s.kv_len) + k0;
+      if (cls == kEmpty) {
+        if (d_bias_tile != nullptr) {
+          for (int64_t i = 0; i < rows; ++i) {
+            std::fill(d_bias_tile + i * s.kv_len, d_bias_tile + i * s.kv_len + keys, 0.f);
+          }
+        }
+        continue;
+      }
+      const bool* valid = nullptr;
+      if (mask.kv_segment != nullptr) {
+        mark_valid_keys(valid_keys, mask, s, b, k0, keys);
+        valid = valid_keys;
+      }
+      const T* k_src = k + kv_offset(b, kv_h, k0);
+      pack_transposed(k_t, tile_kv, padded_dim, k_src, kv_row_stride, keys, s.head_dim, valid);
+      pack_transposed(v_t, tile_kv, padded_dim, v + kv_offset(b, kv_h, k0), kv_row_stride, keys,
+                      s.head_dim, valid);
+      pack_rows(k_rows, padded_dim, k_src, kv_row_stride, keys, s.head_dim, 1.f, valid);
+      tile_gradients(t, q_scaled, d_out_tile, k_t, v_t, p.lse + row0, delta.data() + row0,
+                     rows, tile_kv, padded_dim, p, b, h, q0, k0, keys, cls == kPartial);
+      // dQ += dS K (times scale at the end)
+      gemm_accumulate(d_q, padded_dim, t.d_logits, tile_kv, 1, k_rows, padded_dim, rows,
+                      padded_dim, keys);
+      if (d_bias_tile != nullptr) {
+        for (int64_t i = 0; i < rows; ++i) {
+          std::copy(t.d_logits + i * tile_kv, t.d_logits + i * tile_kv + keys,
+                    d_bias_tile + i * s.kv_len);
+        }
+      }
+    }
+    T* d_q_out = static_cast<T*>(p.d_q) + q_offset(b, h, q0);
+    for (int64_t i = 0; i < rows; ++i) {
+      for (int64_t d = 0; d < s.head_dim; ++d) {
+        from_float(p.softmax_scale * d_q[i * padded_dim + d], &d_q_out[i * q_row_stride + d]);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void flash_backward(const BackwardParams& params) {
+  switch (params.dtype) {
+    case ElementType::kF32: return backward_typed<float>(params);
+    case ElementType::kBF16: return backward_typed<bf16_t>(params);
+    case ElementType::kF16: return backward_typed<f16_t>(params);
+  }
+}
+
+}  // namespace cpu
+}  // namespace fastattn

@@ -1,0 +1,139 @@
+#include "flash_forward.h"
+
+#include <cmath>
+
+#include "../common/thread_pool.h"
+#include "gemm.h"
+#include "tile_ops.h"
+#include "vec_math.h"
+
+namespace fastattn {
+namespace cpu {
+namespace {
+
+// Online softmax over one logits row (FlashAttention-2, Algorithm 1):
+// turns the row into probabilities relative to the running max and rescales
+// the running sum and output row. While nothing in the row has been visible
+// yet, the probabilities are all zero and the running state stays empty.
+inline void online_softmax_row(float* logits, int64_t cols, float* row_max, float* row_sum,
+                               float* out_row, int64_t padded_dim) {
+  vfloat best = splat(kNegInf);
+  for (int64_t j = 0; j < cols; j += kLanes) best = vmax(best, load(logits + j));
+  const float tile_max = reduce_max(best);
+  const float new_max = std::max(*row_max, tile_max);
+  if (new_max == kNegInf) {
+    for (int64_t j = 0; j < cols; j += kLanes) store(logits + j, splat(0.f));
+    return;
+  }
+  const float correction = scalar_exp(*row_max - new_max);
+  vfloat total = splat(0.f);
+  for (int64_t j = 0; j < cols; j += kLanes) {
+    const vfloat p = vexp(load(logits + j) - new_max);
+    store(logits + j, p);
+    total += p;
+  }
+  *row_sum = *row_sum * correction + reduce_sum(total);
+  *row_max = new_max;
+  if (correction != 1.f) {
+    for (int64_t d = 0; d < padded_dim; d += kLanes) {
+      store(out_row + d, load(out_row + d) * correction);
+    }
+  }
+}
+
+template <typename T>
+void forward_typed(const ForwardParams& p) {
+  const AttentionShape& s = p.shape;
+  const MaskParams& mask = p.mask;
+  const int64_t tile_q = mask.tile_q, tile_kv = mask.tile_kv;
+  const int64_t padded_dim = round_up(s.head_dim, kGemmCols);
+  const int64_t num_q_tiles = s.num_q_tiles(tile_q);
+  const int64_t num_kv_tiles = s.num_kv_tiles(tile_kv);
+  const int64_t q_row_stride = s.q_heads * s.head_dim;
+  const int64_t kv_row_stride = s.kv_heads * s.head_dim;
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  T* out = static_cast<T*>(p.out);
+
+  parallel_for(s.batch * s.q_heads * num_q_tiles, [&](int64_t item) {
+    // Heaviest q tiles (the last ones under a causal mask) go out first.
+    const int64_t q_tile = num_q_tiles - 1 - item % num_q_tiles;
+    const int64_t h = (item / num_q_tiles) % s.q_heads;
+    const int64_t b = item / (num_q_tiles * s.q_heads);
+    const int64_t kv_h = h / s.group();
+    const int64_t q0 = q_tile * tile_q;
+    const int64_t rows = std::min(tile_q, s.q_len - q0);
+
+    Scratch& scratch = thread_scratch();
+    float* q_tile_buf = scratch.get(0, tile_q * padded_dim);
+    float* k_t = scratch.get(1, padded_dim * tile_kv);
+    float* v_tile = scratch.get(2, tile_kv * padded_dim);
+    float* logits = scratch.get(3, tile_q * tile_kv);
+    float* acc = scratch.get(4, tile_q * padded_dim);
+    float* row_max = scratch.get(5, tile_q);
+    float* row_sum = scratch.get(6, tile_q);
+    bool valid_keys[4096];
+
+    // Pre-scaling q makes q k^T the scaled logits directly.
+    pack_rows(q_tile_buf, padded_dim, q + ((b * s.q_len + q0) * s.q_heads + h) * s.head_dim,
+              q_row_stride, rows, s.head_dim, p.softmax_scale, nullptr);
+    std::fill(acc, acc + rows * padded_dim, 0.f);
+    std::fill(row_max, row_max + rows, kNegInf);
+    std::fill(row_sum, row_sum + rows, 0.f);
+
+    for (int64_t kv_tile = 0; kv_tile < num_kv_tiles; ++kv_tile) {
+      const int8_t cls = tile_class_at(mask, b, h, q_tile, kv_tile, num_q_tiles, num_kv_tiles);
+      if (cls == kEmpty) continue;
+      const int64_t k0 = kv_tile * tile_kv;
+      const int64_t keys = std::min(tile_kv, s.kv_len - k0);
+      const int64_t kv_offset = ((b * s.kv_len + k0) * s.kv_heads + kv_h) * s.head_dim;
+      const bool* valid = nullptr;
+      if (mask.kv_segment != nullptr) {
+        mark_valid_keys(valid_keys, mask, s, b, k0, keys);
+        valid = valid_keys;
+      }
+      pack_transposed(k_t, tile_kv, padded_dim, k + kv_offset, kv_row_stride, keys, s.head_dim,
+                      valid);
+      pack_rows(v_tile, padded_dim, v + kv_offset, kv_row_stride, keys, s.head_dim, 1.f, valid);
+
+      std::fill(logits, logits + rows * tile_kv, 0.f);
+      gemm_accumulate(logits, tile_kv, q_tile_buf, padded_dim, 1, k_t, tile_kv, rows, tile_kv,
+                      padded_dim);
+      if (p.bias.data != nullptr) {
+        add_bias_tile(logits, tile_kv, p.bias, s, b, h, q0, rows, k0, keys);
+      }
+      mask_tile(logits, tile_kv, mask, s, b, h, q0, rows, k0, keys, cls == kPartial);
+      for (int64_t i = 0; i < rows; ++i) {
+        online_softmax_row(logits + i * tile_kv, tile_kv, row_max + i, row_sum + i,
+                           acc + i * padded_dim, padded_dim);
+      }
+      gemm_accumulate(acc, padded_dim, logits, tile_kv, 1, v_tile, padded_dim, rows, padded_dim,
+                      keys);
+    }
+
+    T* out_base = out + ((b * s.q_len + q0) * s.q_heads + h) * s.head_dim;
+    float* lse = p.lse + (b * s.q_heads + h) * s.q_len + q0;
+    for (int64_t i = 0; i < rows; ++i) {
+      // A row that saw no key returns zeros and lse = -inf (never NaN).
+      const bool seen = row_sum[i] > 0.f;
+      const float inv_sum = seen ? 1.f / row_sum[i] : 0.f;
+      T* o = out_base + i * q_row_stride;
+      for (int64_t d = 0; d < s.head_dim; ++d) from_float(acc[i * padded_dim + d] * inv_sum, &o[d]);
+      lse[i] = seen ? row_max[i] + std::log(row_sum[i]) : kNegInf;
+    }
+  });
+}
+
+}  // namespace
+
+void flash_forward(const ForwardParams& params) {
+  switch (params.dtype) {
+    case ElementType::kF32: return forward_typed<float>(params);
+    case ElementType::kBF16: return forward_typed<bf16_t>(params);
+    case ElementType::kF16: return forward_typed<f16_t>(params);
+  }
+}
+
+}  // namespace cpu
+}  // namespace fastattn

@@ -1,0 +1,19 @@
+// FlashAttention-2 forward pass on the CPU: output and log-sum-exp.
+#pragma once
+
+#include "../common/attention_params.h"
+
+namespace fastattn {
+namespace cpu {
+
+// Two-level tiling. Outer level: one work item is (batch, q head, q tile of
+// mask.tile_q rows); work items are spread over the thread pool, heaviest
+// (last, under a causal mask) first. For each work item the loop runs over
+// key tiles of mask.tile_kv keys, skipping tiles the mask plan marks empty;
+// the q tile, the packed K^T and V tiles and the logits tile stay in L2.
+// Inner level: gemm.h's 4 x 32 register blocks, vectorised over keys (for
+// q k^T) and over the head dim (for P V). Requires tile_kv % 32 == 0.
+void flash_forward(const ForwardParams& params);
+
+}  // namespace cpu
+}  // namespace fastattn

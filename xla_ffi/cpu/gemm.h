@@ -1,0 +1,67 @@
+// The inner (register) level of the two-level tiling: a small matrix
+// multiply-accumulate on float tiles already packed in L1/L2.
+//
+//   C[m][n] += sum_k A(m, k) * B[k][n]     for m < M, n < N, k < K
+//
+// A(m, k) = A[m * a_row_stride + k * a_k_stride], so the same routine takes A
+// or A transposed (P^T dO, dS^T Q in the backward pass) without a copy. B is
+// row-major with N contiguous, N a multiple of 32. The register block is
+// 4 rows x 32 columns: 8 vector accumulators, 2 B loads and 4 broadcasts per
+// k for 8 FMAs, which keeps the FMA units, not the load ports, the limit
+// (16 of 32 zmm registers on AVX-512; spills nothing on AVX2 either).
+#pragma once
+
+#include <cstdint>
+
+#include "vec_math.h"
+
+namespace fastattn {
+namespace cpu {
+
+constexpr int kGemmCols = 2 * kLanes;  // N must be a multiple of this
+
+template <int kRows>
+inline void gemm_register_block(float* C, int64_t ldc, const float* A, int64_t a_row_stride,
+                                int64_t a_k_stride, const float* B, int64_t ldb, int64_t K) {
+  vfloat acc_lo[kRows], acc_hi[kRows];
+  for (int r = 0; r < kRows; ++r) {
+    acc_lo[r] = load(C + r * ldc);
+    acc_hi[r] = load(C + r * ldc + kLanes);
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const vfloat b_lo = load(B + k * ldb);
+    const vfloat b_hi = load(B + k * ldb + kLanes);
+    for (int r = 0; r < kRows; ++r) {
+      const float a = A[r * a_row_stride + k * a_k_stride];
+      acc_lo[r] += a * b_lo;
+      acc_hi[r] += a * b_hi;
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    store(C + r * ldc, acc_lo[r]);
+    store(C + r * ldc + kLanes, acc_hi[r]);
+  }
+}
+
+inline void gemm_accumulate(float* C, int64_t ldc, const float* A, int64_t a_row_stride,
+                            int64_t a_k_stride, const float* B, int64_t ldb, int64_t M,
+                            int64_t N, int64_t K) {
+  // Column panels outermost: the K x 32 panel of B stays in L1 while every
+  // row block of A streams past it.
+  for (int64_t n0 = 0; n0 < N; n0 += kGemmCols) {
+    int64_t m0 = 0;
+    for (; m0 + 4 <= M; m0 += 4) {
+      gemm_register_block<4>(C + m0 * ldc + n0, ldc, A + m0 * a_row_stride, a_row_stride,
+                             a_k_stride, B + n0, ldb, K);
+    }
+    const int64_t left = M - m0;
+    float* c = C + m0 * ldc + n0;
+    const float* a = A + m0 * a_row_stride;
+    if (left == 3) gemm_register_block<3>(c, ldc, a, a_row_stride, a_k_stride, B + n0, ldb, K);
+    if (left == 2) gemm_register_block<2>(c, ldc, a, a_row_stride, a_k_stride, B + n0, ldb, K);
+    if (left == 1) gemm_register_block<1>(c, ldc, a, a_row_stride, a_k_stride, B + n0, ldb, K);
+  }
+}
+
+}  // namespace cpu
+}  // namespace fastattn

@@ -1,0 +1,20 @@
+// XLA FFI handler symbols of the CPU (Host platform) custom calls.
+#pragma once
+
+#include "xla/ffi/api/api.h"
+
+namespace fastattn {
+namespace cpu {
+
+// fastattn_forward_cpu: (q, k, v, bias, q_segment_ids, kv_segment_ids, dense,
+// tile_class) -> (out, lse); attrs softmax_scale, band_lo, band_hi, tile_q,
+// tile_kv.
+XLA_FFI_DECLARE_HANDLER_SYMBOL(FastattnForwardCpu);
+
+// fastattn_backward_cpu: (q, k, v, out, lse, d_out, d_lse, bias,
+// q_segment_ids, kv_segment_ids, dense, tile_class) -> (dq, dk, dv, dbias);
+// same attrs.
+XLA_FFI_DECLARE_HANDLER_SYMBOL(FastattnBackwardCpu);
+
+}  // namespace cpu
+}  // namespace fastattn

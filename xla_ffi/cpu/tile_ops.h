@@ -1,0 +1,136 @@
+// Per-tile steps shared by the CPU forward and backward kernels: packing
+// tiles of q/k/v (any storage dtype) into float32 scratch, adding bias and
+// applying the element-wise mask inside partial tiles.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "../common/attention_params.h"
+#include "../common/dtypes.h"
+
+namespace fastattn {
+namespace cpu {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline int64_t round_up(int64_t x, int64_t multiple) {
+  return (x + multiple - 1) / multiple * multiple;
+}
+
+// dst[r][d] = scale * src[r * src_row_stride + d] for r < rows, d < head_dim;
+// zero for d in [head_dim, padded_dim). Rows whose key is padding
+// (row_valid[r] == false) are zeroed, so garbage there (a KV cache past its
+// length) can never reach the result, not even as 0 * NaN.
+template <typename T>
+void pack_rows(float* dst, int64_t padded_dim, const T* src, int64_t src_row_stride,
+               int64_t rows, int64_t head_dim, float scale, const bool* row_valid) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* out = dst + r * padded_dim;
+    if (row_valid != nullptr && !row_valid[r]) {
+      std::fill(out, out + padded_dim, 0.f);
+      continue;
+    }
+    const T* in = src + r * src_row_stride;
+    for (int64_t d = 0; d < head_dim; ++d) out[d] = scale * to_float(in[d]);
+    std::fill(out + head_dim, out + padded_dim, 0.f);
+  }
+}
+
+// dst[d][r] = src[r][d] for r < rows; columns [rows, padded_rows) and rows
+// [head_dim, padded_dim) zero. Builds K^T / V^T so that the logits tile is a
+// row-major product with the key index contiguous (vectorised over keys).
+template <typename T>
+void pack_transposed(float* dst, int64_t padded_rows, int64_t padded_dim, const T* src,
+                     int64_t src_row_stride, int64_t rows, int64_t head_dim,
+                     const bool* row_valid) {
+  std::fill(dst, dst + padded_rows * padded_dim, 0.f);
+  for (int64_t r = 0; r < rows; ++r) {
+    if (row_valid != nullptr && !row_valid[r]) continue;
+    const T* in = src + r * src_row_stride;
+    for (int64_t d = 0; d < head_dim; ++d) dst[d * padded_rows + r] = to_float(in[d]);
+  }
+}
+
+// Which keys of a tile may be read at all: inside Skv and, with segments, not
+// padding (negative id).
+inline void mark_valid_keys(bool* valid, const MaskParams& mask, const AttentionShape& shape,
+                            int64_t b, int64_t k0, int64_t keys) {
+  for (int64_t j = 0; j < keys; ++j) {
+    valid[j] = mask.kv_segment == nullptr || mask.kv_segment[b * shape.kv_len + k0 + j] >= 0;
+  }
+}
+
+// logits[i][j] += bias[b|0, h|0, q0 + i, k0 + j] for the valid rows/keys.
+inline void add_bias_tile(float* logits, int64_t ld, const BiasParams& bias,
+                          const AttentionShape& shape, int64_t b, int64_t h, int64_t q0,
+                          int64_t rows, int64_t k0, int64_t keys) {
+  const int64_t bb = bias.batch == 1 ? 0 : b;
+  const int64_t bh = bias.heads == 1 ? 0 : h;
+  const float* base =
+      bias.data + ((bb * bias.heads + bh) * shape.q_len + q0) * shape.kv_len + k0;
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* in = base + i * shape.kv_len;
+    float* out = logits + i * ld;
+    for (int64_t j = 0; j < keys; ++j) out[j] += in[j];
+  }
+}
+
+// Sets logits of invisible (query, key) pairs of a partial tile to -inf, and
+// every padded key column (keys..ld) to -inf.
+inline void mask_tile(float* logits, int64_t ld, const MaskParams& mask,
+                      const AttentionShape& shape, int64_t b, int64_t h, int64_t q0,
+                      int64_t rows, int64_t k0, int64_t keys, bool partial) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* row = logits + i * ld;
+    std::fill(row + keys, row + ld, kNegInf);
+  }
+  if (!partial) return;
+  const int64_t db = mask.dense_batch == 1 ? 0 : b;
+  const int64_t dh = mask.dense_heads == 1 ? 0 : h;
+  for (int64_t i = 0; i < rows; ++i) {
+    float* row = logits + i * ld;
+    const int64_t qi = q0 + i;
+    int64_t j_begin = 0, j_end = keys;  // band as a contiguous key range
+    if (mask.has_band()) {
+      j_begin = std::clamp<int64_t>(qi + mask.band_lo - k0, 0, keys);
+      j_end = std::clamp<int64_t>(qi + mask.band_hi - k0 + 1, j_begin, keys);
+    }
+    std::fill(row, row + j_begin, kNegInf);
+    std::fill(row + j_end, row + keys, kNegInf);
+    if (mask.q_segment != nullptr) {
+      const int32_t q_id = mask.q_segment[b * shape.q_len + qi];
+      const int32_t* kv_ids = mask.kv_segment + b * shape.kv_len + k0;
+      for (int64_t j = j_begin; j < j_end; ++j) {
+        if (q_id < 0 || kv_ids[j] != q_id) row[j] = kNegInf;
+      }
+    }
+    if (mask.dense != nullptr) {
+      const uint8_t* allowed =
+          mask.dense + ((db * mask.dense_heads + dh) * shape.q_len + qi) * shape.kv_len + k0;
+      for (int64_t j = j_begin; j < j_end; ++j) {
+        if (!allowed[j]) row[j] = kNegInf;
+      }
+    }
+  }
+}
+
+// Thread-private scratch, grown on demand and reused across calls.
+struct Scratch {
+  std::vector<float> buffers[8];
+  float* get(int slot, int64_t count) {
+    if (int64_t(buffers[slot].size()) < count) buffers[slot].resize(count);
+    return buffers[slot].data();
+  }
+};
+
+inline Scratch& thread_scratch() {
+  thread_local Scratch scratch;
+  return scratch;
+}
+
+}  // namespace cpu
+}  // namespace fastattn
