@@ -74,6 +74,10 @@ void backward_typed(const BackwardParams& p) {
     return ((b * s.kv_len + k0) * s.kv_heads + kv_h) * s.head_dim;
   };
 
+  const PackedKv k_t_tiles = pack_kv_tiles(k, s, mask, padded_dim, KvLayout::kTransposed);
+  const PackedKv v_t_tiles = pack_kv_tiles(v, s, mask, padded_dim, KvLayout::kTransposed);
+  const PackedKv k_tiles = pack_kv_tiles(k, s, mask, padded_dim, KvLayout::kRows);
+
   // delta = rowsum(dO * O) - dlse, [B, Hq, Sq].
   std::vector<float> delta(s.batch * s.q_heads * s.q_len);
   parallel_for(s.batch * s.q_heads, [&](int64_t bh) {
@@ -108,21 +112,11 @@ void backward_typed(const BackwardParams& p) {
     const int64_t k0 = kv_tile * tile_kv;
     const int64_t keys = std::min(tile_kv, s.kv_len - k0);
     Scratch& scratch = thread_scratch();
-    float* k_t = scratch.get(2, padded_dim * tile_kv);
-    float* v_t = scratch.get(3, padded_dim * tile_kv);
+    const float* k_t = k_t_tiles.tile(b, kv_h, kv_tile);
+    const float* v_t = v_t_tiles.tile(b, kv_h, kv_tile);
     TileGradients t{scratch.get(4, tile_q * tile_kv), scratch.get(5, tile_q * tile_kv)};
     float* d_k = scratch.get(6, tile_kv * padded_dim);
     float* d_v = scratch.get(7, tile_kv * padded_dim);
-    bool valid_keys[4096];
-    const bool* valid = nullptr;
-    if (mask.kv_segment != nullptr) {
-      mark_valid_keys(valid_keys, mask, s, b, k0, keys);
-      valid = valid_keys;
-    }
-    pack_transposed(k_t, tile_kv, padded_dim, k + kv_offset(b, kv_h, k0), kv_row_stride, keys,
-                    s.head_dim, valid);
-    pack_transposed(v_t, tile_kv, padded_dim, v + kv_offset(b, kv_h, k0), kv_row_stride, keys,
-                    s.head_dim, valid);
     std::fill(d_k, d_k + tile_kv * padded_dim, 0.f);
     std::fill(d_v, d_v + tile_kv * padded_dim, 0.f);
     for (int64_t h = kv_h * s.group(); h < (kv_h + 1) * s.group(); ++h) {
@@ -164,14 +158,10 @@ void backward_typed(const BackwardParams& p) {
     Scratch& scratch = thread_scratch();
     float *q_scaled, *d_out_tile;
     pack_q_side(scratch, b, h, q0, rows, &q_scaled, &d_out_tile);
-    float* k_t = scratch.get(2, padded_dim * tile_kv);
-    float* v_t = scratch.get(3, padded_dim * tile_kv);
     TileGradients t{scratch.get(4, tile_q * tile_kv), scratch.get(5, tile_q * tile_kv)};
-    float* k_rows = scratch.get(6, tile_kv * padded_dim);
     float* d_q = scratch.get(7, tile_q * padded_dim);
     std::fill(d_q, d_q + rows * padded_dim, 0.f);
     const int64_t row0 = (b * s.q_heads + h) * s.q_len + q0;
-    bool valid_keys[4096];
     for (int64_t kv_tile = 0; kv_tile < num_kv_tiles; ++kv_tile) {
       const int8_t cls = tile_class_at(mask, b, h, q_tile, kv_tile, num_q_tiles, num_kv_tiles);
       const int64_t k0 = kv_tile * tile_kv;
@@ -186,16 +176,9 @@ void backward_typed(const BackwardParams& p) {
         }
         continue;
       }
-      const bool* valid = nullptr;
-      if (mask.kv_segment != nullptr) {
-        mark_valid_keys(valid_keys, mask, s, b, k0, keys);
-        valid = valid_keys;
-      }
-      const T* k_src = k + kv_offset(b, kv_h, k0);
-      pack_transposed(k_t, tile_kv, padded_dim, k_src, kv_row_stride, keys, s.head_dim, valid);
-      pack_transposed(v_t, tile_kv, padded_dim, v + kv_offset(b, kv_h, k0), kv_row_stride, keys,
-                      s.head_dim, valid);
-      pack_rows(k_rows, padded_dim, k_src, kv_row_stride, keys, s.head_dim, 1.f, valid);
+      const float* k_t = k_t_tiles.tile(b, kv_h, kv_tile);
+      const float* v_t = v_t_tiles.tile(b, kv_h, kv_tile);
+      const float* k_rows = k_tiles.tile(b, kv_h, kv_tile);
       tile_gradients(t, q_scaled, d_out_tile, k_t, v_t, p.lse + row0, delta.data() + row0,
                      rows, tile_kv, padded_dim, p, b, h, q0, k0, keys, cls == kPartial);
       // dQ += dS K (times scale at the end)

@@ -50,11 +50,12 @@ void forward_typed(const ForwardParams& p) {
   const int64_t num_q_tiles = s.num_q_tiles(tile_q);
   const int64_t num_kv_tiles = s.num_kv_tiles(tile_kv);
   const int64_t q_row_stride = s.q_heads * s.head_dim;
-  const int64_t kv_row_stride = s.kv_heads * s.head_dim;
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   T* out = static_cast<T*>(p.out);
+  const PackedKv k_t_tiles = pack_kv_tiles(k, s, mask, padded_dim, KvLayout::kTransposed);
+  const PackedKv v_tiles = pack_kv_tiles(v, s, mask, padded_dim, KvLayout::kRows);
 
   parallel_for(s.batch * s.q_heads * num_q_tiles, [&](int64_t item) {
     // Heaviest q tiles (the last ones under a causal mask) go out first.
@@ -67,13 +68,10 @@ void forward_typed(const ForwardParams& p) {
 
     Scratch& scratch = thread_scratch();
     float* q_tile_buf = scratch.get(0, tile_q * padded_dim);
-    float* k_t = scratch.get(1, padded_dim * tile_kv);
-    float* v_tile = scratch.get(2, tile_kv * padded_dim);
     float* logits = scratch.get(3, tile_q * tile_kv);
     float* acc = scratch.get(4, tile_q * padded_dim);
     float* row_max = scratch.get(5, tile_q);
     float* row_sum = scratch.get(6, tile_q);
-    bool valid_keys[4096];
 
     // Pre-scaling q makes q k^T the scaled logits directly.
     pack_rows(q_tile_buf, padded_dim, q + ((b * s.q_len + q0) * s.q_heads + h) * s.head_dim,
@@ -87,15 +85,8 @@ void forward_typed(const ForwardParams& p) {
       if (cls == kEmpty) continue;
       const int64_t k0 = kv_tile * tile_kv;
       const int64_t keys = std::min(tile_kv, s.kv_len - k0);
-      const int64_t kv_offset = ((b * s.kv_len + k0) * s.kv_heads + kv_h) * s.head_dim;
-      const bool* valid = nullptr;
-      if (mask.kv_segment != nullptr) {
-        mark_valid_keys(valid_keys, mask, s, b, k0, keys);
-        valid = valid_keys;
-      }
-      pack_transposed(k_t, tile_kv, padded_dim, k + kv_offset, kv_row_stride, keys, s.head_dim,
-                      valid);
-      pack_rows(v_tile, padded_dim, v + kv_offset, kv_row_stride, keys, s.head_dim, 1.f, valid);
+      const float* k_t = k_t_tiles.tile(b, kv_h, kv_tile);
+      const float* v_tile = v_tiles.tile(b, kv_h, kv_tile);
 
       std::fill(logits, logits + rows * tile_kv, 0.f);
       gemm_accumulate(logits, tile_kv, q_tile_buf, padded_dim, 1, k_t, tile_kv, rows, tile_kv,

@@ -11,6 +11,7 @@
 
 #include "../common/attention_params.h"
 #include "../common/dtypes.h"
+#include "../common/thread_pool.h"
 
 namespace fastattn {
 namespace cpu {
@@ -118,6 +119,27 @@ inline void mask_tile(float* logits, int64_t ld, const MaskParams& mask,
   }
 }
 
+// Every kv tile of one k or v array, converted to float32 and packed once per
+// call (not once per q tile): [B][Hkv][num_kv_tiles][tile], each tile either
+// row-major [tile_kv][padded_dim] or transposed [padded_dim][tile_kv]. Keys
+// past Skv and padding keys (negative segment id) are zero. Costs
+// O(Skv * D) memory, like the input itself, and turns the per-q-tile
+// transpose (as many instructions as a third of the tile's FMAs) into a
+// plain read.
+enum class KvLayout { kRows, kTransposed };
+
+struct PackedKv {
+  std::vector<float> data;
+  int64_t tile_floats = 0, num_kv_tiles = 0, kv_heads = 0;
+  const float* tile(int64_t b, int64_t kv_h, int64_t kv_tile) const {
+    return data.data() + ((b * kv_heads + kv_h) * num_kv_tiles + kv_tile) * tile_floats;
+  }
+};
+
+template <typename T>
+PackedKv pack_kv_tiles(const T* src, const AttentionShape& s, const MaskParams& mask,
+                       int64_t padded_dim, KvLayout layout);
+
 // Thread-private scratch, grown on demand and reused across calls.
 struct Scratch {
   std::vector<float> buffers[8];
@@ -130,6 +152,46 @@ struct Scratch {
 inline Scratch& thread_scratch() {
   thread_local Scratch scratch;
   return scratch;
+}
+
+}  // namespace cpu
+}  // namespace fastattn
+
+namespace fastattn {
+namespace cpu {
+
+template <typename T>
+PackedKv pack_kv_tiles(const T* src, const AttentionShape& s, const MaskParams& mask,
+                       int64_t padded_dim, KvLayout layout) {
+  PackedKv packed;
+  const int64_t tile_kv = mask.tile_kv;
+  packed.tile_floats = tile_kv * padded_dim;
+  packed.num_kv_tiles = s.num_kv_tiles(tile_kv);
+  packed.kv_heads = s.kv_heads;
+  packed.data.resize(s.batch * s.kv_heads * packed.num_kv_tiles * packed.tile_floats);
+  const int64_t row_stride = s.kv_heads * s.head_dim;
+  parallel_for(s.batch * s.kv_heads * packed.num_kv_tiles, [&](int64_t item) {
+    const int64_t kv_tile = item % packed.num_kv_tiles;
+    const int64_t kv_h = (item / packed.num_kv_tiles) % s.kv_heads;
+    const int64_t b = item / (packed.num_kv_tiles * s.kv_heads);
+    const int64_t k0 = kv_tile * tile_kv;
+    const int64_t keys = std::min(tile_kv, s.kv_len - k0);
+    bool valid_keys[4096];
+    const bool* valid = nullptr;
+    if (mask.kv_segment != nullptr) {
+      mark_valid_keys(valid_keys, mask, s, b, k0, keys);
+      valid = valid_keys;
+    }
+    float* dst = packed.data.data() + item * packed.tile_floats;
+    const T* in = src + ((b * s.kv_len + k0) * s.kv_heads + kv_h) * s.head_dim;
+    if (layout == KvLayout::kTransposed) {
+      pack_transposed(dst, tile_kv, padded_dim, in, row_stride, keys, s.head_dim, valid);
+    } else {
+      pack_rows(dst, padded_dim, in, row_stride, keys, s.head_dim, 1.f, valid);
+      std::fill(dst + keys * padded_dim, dst + tile_kv * padded_dim, 0.f);
+    }
+  });
+  return packed;
 }
 
 }  // namespace cpu

@@ -9,6 +9,10 @@
 #include <cstring>
 #include <limits>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace fastattn {
 namespace cpu {
 
@@ -34,22 +38,32 @@ inline float reduce_sum(vfloat x) {
   return total;
 }
 
-inline vfloat vmax(vfloat a, vfloat b) {
-  const vint a_greater = a > b;
-  vint bits_a, bits_b;
-  std::memcpy(&bits_a, &a, sizeof(a));
-  std::memcpy(&bits_b, &b, sizeof(b));
-  const vint chosen = (bits_a & a_greater) | (bits_b & ~a_greater);
-  vfloat result;
-  std::memcpy(&result, &chosen, sizeof(result));
-  return result;
-}
+inline vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
 
 // e^x for a vector, relative error < 2e-7 over the float range; exactly 0
-// for x < -87.3 (and for -inf, which masked logits are), so masked keys add
+// for very negative x (and for -inf, which masked logits are), so masked keys add
 // nothing. Cephes-style: x = n ln2 + r with |r| <= ln2/2, e^r by a degree-6
 // polynomial, 2^n built in the exponent bits.
 inline vfloat vexp(vfloat x) {
+#if defined(__AVX512F__)
+  // 12 instructions instead of 18: hardware rounding (vrndscaleps) and
+  // 2^n scaling with underflow to exactly 0 (vscalefps). Inputs below -104
+  // (masked logits are -inf) give 2^-150 * p -> 0.
+  const __m512 clamped = _mm512_max_ps((__m512)x, _mm512_set1_ps(-104.f));
+  const __m512 xc = _mm512_min_ps(clamped, _mm512_set1_ps(88.37626f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 poly = _mm512_set1_ps(1.9875691500e-4f);
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.3981999507e-3f));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(8.3334519073e-3f));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(4.1665795894e-2f));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.6666665459e-1f));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(5.0000001201e-1f));
+  poly = _mm512_fmadd_ps(_mm512_mul_ps(poly, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return (vfloat)_mm512_scalef_ps(poly, n);
+#else
   const vfloat lower = splat(-87.33654f), upper = splat(88.37626f);
   const vint in_range = x >= lower;
   x = vmax(x, lower);
@@ -76,6 +90,7 @@ inline vfloat vexp(vfloat x) {
   vfloat masked;
   std::memcpy(&masked, &bits, sizeof(masked));
   return masked;
+#endif
 }
 
 inline float scalar_exp(float x) {
