@@ -31,10 +31,12 @@ arch = os.environ.get("FASTATTN_CPU_ARCH", "native")
 extension = Pybind11Extension(
     "jax_fastattn._xla_ffi",
     relative(cpu_sources()),
-    include_dirs=[jax.ffi.include_dir(), os.path.join(ROOT, "xla_ffi"), pybind11.get_include()],
+    include_dirs=[os.path.join(ROOT, "xla_ffi"), pybind11.get_include()],
     cxx_std=17,
-    extra_compile_args=["-O3", f"-march={arch}", "-fno-math-errno", "-Wall", "-Wno-unused-function"],
+    extra_compile_args=["-isystem", jax.ffi.include_dir(), "-O3", f"-march={arch}", "-fno-math-errno", "-Wall", "-Wno-unused-function"],
     extra_link_args=["-pthread"],
+    # Rebuild when any header changes, not only the .cc files.
+    depends=sorted(glob.glob(os.path.join(ROOT, "xla_ffi", "**", "*.h"), recursive=True)),
 )
 
 setup(ext_modules=[extension], cmdclass={"build_ext": build_ext})

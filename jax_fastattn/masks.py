@@ -200,7 +200,7 @@ def _band_tiles(plan: MaskPlan, tile_q: int, tile_kv: int) -> np.ndarray:
     k_first = np.arange(nk)[None, :] * tile_kv
     k_last = np.minimum(k_first + tile_kv, plan.kv_len) - 1
     # Row i sees [i + lo, i + hi]; both ends grow with i.
-    empty = (q_last + plan.band_hi < k_first) | (q_first + plan.band_lo > k_last)
+    empty = (q_last + plan.band_hi < k_first) | (q_first + plan.band_lo > k_last) | (plan.band_lo > plan.band_hi)
     full = (q_last + plan.band_lo <= k_first) & (q_first + plan.band_hi >= k_last)
     return np.where(empty, EMPTY, np.where(full, FULL, PARTIAL)).astype(np.int8)
 
