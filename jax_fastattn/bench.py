@@ -1,0 +1,251 @@
+"""`python -m jax_fastattn.bench`: side-by-side attention benchmarks.
+
+Every implementation runs in its own subprocess, one after another on the
+same machine in the same invocation, so that its peak memory is its own:
+the growth of the process's peak RSS (VmHWM, reset after compilation) over
+the resident set holding inputs and executable; outputs count. Time
+is the median of --repeats runs of the compiled function after a warm-up
+(`block_until_ready`). Prints a table, writes JSON and a PNG plot.
+
+FLOPs: forward 4·B·Hq·Sq·Skv·D, halved for causal; forward+backward 3.5x
+that (the FlashAttention convention).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List
+
+PEERS: Dict[str, List[str]] = {
+    "cpu": ["fastattn-cpu", "fastattn-xla", "jax.nn-xla", "reference"],
+}
+# Implementations that build the full [B, H, Sq, Skv] logits.
+QUADRATIC = {"jax.nn-xla", "reference"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    batch: int
+    seq: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    causal: bool
+    dtype: str
+    mode: str  # "fwd" or "fwd_bwd"
+
+    @property
+    def flops(self) -> float:
+        forward = 4.0 * self.batch * self.heads * self.seq * self.seq * self.head_dim
+        forward *= 0.5 if self.causal else 1.0
+        return forward * (3.5 if self.mode == "fwd_bwd" else 1.0)
+
+    @property
+    def logits_bytes(self) -> int:
+        return 4 * self.batch * self.heads * self.seq * self.seq
+
+    def label(self) -> str:
+        causal = "causal" if self.causal else "full"
+        return (f"B{self.batch} S{self.seq} H{self.heads}/{self.kv_heads} D{self.head_dim} "
+                f"{self.dtype} {causal} {self.mode}")
+
+
+def _build(name: str, case: Case) -> Callable:
+    import jax
+    import jax.numpy as jnp
+
+    from jax_fastattn import flash_attention
+
+    if name.startswith("fastattn-"):
+        backend = name.split("-", 1)[1]
+        attend = lambda q, k, v: flash_attention(q, k, v, causal=case.causal, backend=backend)
+    elif name == "reference":
+        attend = lambda q, k, v: flash_attention(q, k, v, causal=case.causal, backend="reference")
+    elif name.startswith("jax.nn-"):
+        implementation = name.split("-", 1)[1]
+
+        def attend(q, k, v):  # jax.nn takes GQA k/v directly
+            return jax.nn.dot_product_attention(q, k, v, is_causal=case.causal, implementation=implementation)
+    else:
+        raise ValueError(f"unknown implementation {name!r}")
+    if case.mode == "fwd":
+        return jax.jit(attend)
+    loss = lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32))
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    raise KeyError(field)
+
+
+def _reset_peak_rss() -> bool:
+    """Resets the kernel's peak-RSS mark (VmHWM) of this process (Linux)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float:
+    try:
+        return _status_mb("VmHWM")
+    except (OSError, KeyError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_worker(name: str, case: Case, repeats: int) -> dict:
+    """Times one implementation on one case in this process."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    dtype = jnp.dtype(case.dtype)
+    q = jax.random.normal(keys[0], (case.batch, case.seq, case.heads, case.head_dim), dtype)
+    k = jax.random.normal(keys[1], (case.batch, case.seq, case.kv_heads, case.head_dim), dtype)
+    v = jax.random.normal(keys[2], (case.batch, case.seq, case.kv_heads, case.head_dim), dtype)
+    jax.block_until_ready((q, k, v))
+    fn = _build(name, case)
+    compiled = fn.lower(q, k, v).compile()
+    # Peak memory of running (not compiling): growth of the peak RSS over the
+    # resident set once inputs and the executable exist. Outputs count.
+    baseline = _status_mb("VmRSS") if _reset_peak_rss() else _peak_rss_mb()
+    jax.block_until_ready(compiled(q, k, v))  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(q, k, v))
+        times.append(time.perf_counter() - start)
+    temp_mb = None
+    try:
+        temp_mb = compiled.memory_analysis().temp_size_in_bytes / 2**20
+    except Exception:  # not every backend reports it
+        pass
+    median = float(np.median(times))
+    return {"impl": name, "case": dataclasses.asdict(case), "times_s": times, "median_s": median,
+            "tflops": case.flops / median / 1e12, "peak_mb": _peak_rss_mb() - baseline,
+            "xla_temp_mb": temp_mb, "device": str(jax.devices()[0].device_kind),
+            "jax": jax.__version__}
+
+
+def _measure(name: str, case: Case, repeats: int, timeout: float) -> dict:
+    spec = json.dumps({"impl": name, "case": dataclasses.asdict(case), "repeats": repeats})
+    try:
+        proc = subprocess.run([sys.executable, "-m", "jax_fastattn.bench", "--worker", spec],
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"impl": name, "case": dataclasses.asdict(case), "error": f"timeout after {timeout:.0f}s"}
+    for line in proc.stdout.splitlines()[::-1]:
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+    return {"impl": name, "case": dataclasses.asdict(case), "error": tail[0][:200]}
+
+
+def _table(results: List[dict]) -> str:
+    header = f"{'case':<44} {'implementation':<16} {'median ms':>10} {'GFLOP/s':>9} {'peak MB':>9} {'vs ours':>8}"
+    lines = [header, "-" * len(header)]
+    ours = {}
+    for r in results:
+        if r["impl"].startswith("fastattn-cpu") or r["impl"] == "fastattn-cuda":
+            ours[Case(**r["case"]).label()] = r.get("median_s")
+    for r in results:
+        label = Case(**r["case"]).label()
+        if "error" in r:
+            lines.append(f"{label:<44} {r['impl']:<16} {'-':>10} {'-':>9} {'-':>9} {r['error']}")
+            continue
+        base = ours.get(label)
+        ratio = f"{r['median_s'] / base:7.2f}x" if base else "-"
+        lines.append(f"{label:<44} {r['impl']:<16} {r['median_s'] * 1e3:10.2f} {r['tflops'] * 1e3:9.1f} "
+                     f"{r['peak_mb']:9.0f} {ratio:>8}")
+    return "\n".join(lines)
+
+
+def _plot(results: List[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(Case(**r["case"]).label() for r in results))
+    impls = list(dict.fromkeys(r["impl"] for r in results))
+    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(labels)), 4.5))
+    width = 0.8 / max(1, len(impls))
+    for i, impl in enumerate(impls):
+        values = []
+        for label in labels:
+            match = [r for r in results if r["impl"] == impl and Case(**r["case"]).label() == label]
+            values.append(match[0]["tflops"] * 1e3 if match and "error" not in match[0] else 0.0)
+        ax.bar([x + i * width for x in range(len(labels))], values, width, label=impl)
+    ax.set_xticks([x + width * (len(impls) - 1) / 2 for x in range(len(labels))])
+    ax.set_xticklabels(labels, rotation=15, ha="right", fontsize=7)
+    ax.set_ylabel("GFLOP/s (causal counts half)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m jax_fastattn.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", default="cpu", choices=sorted(PEERS))
+    parser.add_argument("--quick", action="store_true", help="one small case, 5 repeats (a demo)")
+    parser.add_argument("--seq", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=None)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--no-causal", action="store_true")
+    parser.add_argument("--mode", choices=["fwd", "fwd_bwd"], default="fwd")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--impls", nargs="+", default=None, help="subset of the backend's peers")
+    parser.add_argument("--max-quadratic-gb", type=float, default=4.0,
+                        help="skip O(S^2)-memory peers whose logits alone exceed this")
+    parser.add_argument("--timeout", type=float, default=900.0)
+    parser.add_argument("--out", default="bench_out", help="folder for results.json and plot.png")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        spec = json.loads(args.worker)
+        print("RESULT " + json.dumps(run_worker(spec["impl"], Case(**spec["case"]), spec["repeats"])), flush=True)
+        return
+
+    seqs = [1024] if args.quick else args.seq
+    repeats = max(5, args.repeats)
+    cases = [Case(args.batch, s, args.heads, args.kv_heads or args.heads, args.head_dim, not args.no_causal,
+                  args.dtype, args.mode) for s in seqs]
+    impls = args.impls or PEERS[args.backend]
+    results = []
+    for case in cases:
+        for impl in impls:
+            if impl in QUADRATIC and case.logits_bytes > args.max_quadratic_gb * 2**30:
+                results.append({"impl": impl, "case": dataclasses.asdict(case),
+                                "error": f"skipped: logits need {case.logits_bytes / 2**30:.1f} GiB"})
+                continue
+            print(f"running {impl:<14} {case.label()}", file=sys.stderr, flush=True)
+            results.append(_measure(impl, case, repeats, args.timeout))
+    print(_table(results))
+    os.makedirs(args.out, exist_ok=True)
+    meta = next((r for r in results if "device" in r), {})
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"command": " ".join(sys.argv), "device": meta.get("device"), "jax": meta.get("jax"),
+                   "cpu_count": os.cpu_count(), "results": results}, f, indent=1)
+    _plot(results, os.path.join(args.out, "plot.png"))
+    print(f"\nwrote {args.out}/results.json and {args.out}/plot.png")
+
+
+if __name__ == "__main__":
+    main()
