@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import blockwise, ffi, masks, reference
+from . import blockwise, ffi, masks, reference, sharding
 from .config import CPU_TILES, XLA_TILES, TileConfig
 
 BACKENDS = ("auto", "cuda", "volta", "cpu", "xla", "reference")
@@ -122,7 +122,7 @@ def _forward(static: _Static, q, k, v, bias, q_ids, kv_ids, dense):
     if static.backend == "reference":
         return reference.attention_reference(q, k, v, plan, bias, static.softmax_scale)
     tile_class = masks.classify_tiles(plan, static.tiles.tile_q, static.tiles.tile_kv)
-    call = ffi.forward_call(static.backend, static.attrs())
+    call = sharding.forward_call(static.backend, static.attrs())
     bias = None if bias is None else bias.astype(jnp.float32)
     return call(q, k, v, _or_absent(bias, jnp.float32), _or_absent(q_ids, jnp.int32),
                 _or_absent(kv_ids, jnp.int32), _or_absent(dense, jnp.bool_), tile_class)
@@ -140,7 +140,7 @@ def _backward(static: _Static, q, k, v, bias, q_ids, kv_ids, dense, out, lse, d_
         d_q, d_k, d_v, d_bias = vjp((d_out, d_lse))
         return d_q, d_k, d_v, d_bias
     tile_class = masks.classify_tiles(plan, static.tiles.tile_q, static.tiles.tile_kv)
-    call = ffi.backward_call(static.backend, static.attrs())
+    call = sharding.backward_call(static.backend, static.attrs())
     bias = None if bias is None else bias.astype(jnp.float32)
     d_q, d_k, d_v, d_bias = call(q, k, v, out, lse, d_out, d_lse, _or_absent(bias, jnp.float32),
                                  _or_absent(q_ids, jnp.int32), _or_absent(kv_ids, jnp.int32),

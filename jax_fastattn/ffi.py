@@ -3,15 +3,12 @@
 
 Every wrapper takes the same arrays in the same order; an absent optional
 input (bias, segment ids, dense mask, d_lse) is an empty rank-1 array, which
-the C++ side reads as "absent". `vmap` is handled here by `custom_vmap`: the
-vmapped axis is folded into the batch axis, so the kernels only ever see
-rank-4 [B, S, H, D] arrays (arrays whose batch dim is 1 for broadcasting stay
-unbroadcast when not vmapped).
+the C++ side reads as "absent". These are the raw calls on one device's
+arrays; sharding.py wraps them for vmap and for partitioning.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -71,52 +68,7 @@ class CallAttrs:
                     tile_kv=np.int64(self.tile_kv))
 
 
-# Which inputs may keep a batch dim of 1 (broadcast) instead of B.
-_FORWARD_BROADCASTABLE = (False, False, False, True, False, False, True, True)
-_BACKWARD_BROADCASTABLE = (False,) * 7 + (True, False, False, True, True)
-
-
-def _fold_vmap_axis(args, batched, broadcastable, axis_size):
-    """Moves a vmapped leading axis into the batch axis of every input."""
-    full_batch = next(x.shape[1] if b else x.shape[0]
-                      for x, b, bc in zip(args, batched, broadcastable) if not bc)
-    folded = []
-    for x, is_batched, can_broadcast in zip(args, batched, broadcastable):
-        if is_absent(x) and not is_batched:
-            folded.append(x)
-            continue
-        if is_batched:
-            if x.shape[1] != full_batch:
-                x = jnp.broadcast_to(x, (axis_size, full_batch) + x.shape[2:])
-        else:
-            if can_broadcast and x.shape[0] == 1:
-                folded.append(x)
-                continue
-            x = jnp.broadcast_to(x[None], (axis_size,) + x.shape)
-        folded.append(x.reshape((axis_size * x.shape[1],) + x.shape[2:]))
-    return folded
-
-
-def _unfold(x, axis_size):
-    return x.reshape((axis_size, x.shape[0] // axis_size) + x.shape[1:])
-
-
-def _batched_call(call, broadcastable):
-    """Wraps `call(*arrays) -> tuple` with a vmap rule that folds the vmapped
-    axis into the batch axis."""
-    wrapped = jax.custom_batching.custom_vmap(call)
-
-    @wrapped.def_vmap
-    def rule(axis_size, in_batched, *args):
-        results = wrapped(*_fold_vmap_axis(args, in_batched, broadcastable, axis_size))
-        outs = tuple(r if is_absent(r) else _unfold(r, axis_size) for r in results)
-        return outs, tuple(not is_absent(r) for r in results)
-
-    return wrapped
-
-
-@functools.lru_cache(maxsize=None)
-def forward_call(platform: str, attrs: CallAttrs):
+def forward_ffi(platform: str, attrs: CallAttrs):
     """fn(q, k, v, bias, q_ids, kv_ids, dense, tile_class) -> (out, lse)."""
     register()
 
@@ -127,11 +79,10 @@ def forward_call(platform: str, attrs: CallAttrs):
         fn = jax.ffi.ffi_call(f"fastattn_forward_{platform}", result_types, vmap_method="broadcast_all")
         return tuple(fn(q, k, v, bias, q_ids, kv_ids, dense, tile_class, **attrs.as_ffi()))
 
-    return _batched_call(call, _FORWARD_BROADCASTABLE)
+    return call
 
 
-@functools.lru_cache(maxsize=None)
-def backward_call(platform: str, attrs: CallAttrs):
+def backward_ffi(platform: str, attrs: CallAttrs):
     """fn(q, k, v, out, lse, d_out, d_lse, bias, q_ids, kv_ids, dense,
     tile_class) -> (dq, dk, dv, dbias)."""
     register()
@@ -146,4 +97,4 @@ def backward_call(platform: str, attrs: CallAttrs):
         return tuple(fn(q, k, v, out, lse, d_out, d_lse, bias, q_ids, kv_ids, dense, tile_class,
                         **attrs.as_ffi()))
 
-    return _batched_call(call, _BACKWARD_BROADCASTABLE)
+    return call

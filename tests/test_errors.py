@@ -71,9 +71,9 @@ def test_decode_errors(args, error, pattern):
 
 def test_kernel_checks_shapes_at_ffi_boundary():
     """The C++ handler rejects inconsistent buffers with a message naming them."""
-    from jax_fastattn import ffi
+    from jax_fastattn import ffi, sharding
     attrs = ffi.CallAttrs(1.0, -ffi_unbounded(), ffi_unbounded(), 64, 128)
-    call = ffi.forward_call("cpu", attrs)
+    call = sharding.forward_call("cpu", attrs)
     bad_tiles = jnp.zeros((1, 1, 5, 5), jnp.int8)  # wrong tile count
     with pytest.raises(Exception, match="tile_class must have shape"):
         call(q, k, v, ffi.absent(), ffi.absent(jnp.int32), ffi.absent(jnp.int32), ffi.absent(jnp.bool_),

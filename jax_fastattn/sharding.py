@@ -1,0 +1,277 @@
+"""How the custom calls partition across devices and batch under vmap.
+
+Layering (as jax's own cuDNN attention wrapper): the public custom_vjp calls
+`forward_call` / `backward_call`, which are
+
+    custom_vmap (fold a vmapped axis into the batch axis)
+      -> custom_partitioning (Shardy rule + partition callback)
+        -> jax.ffi.ffi_call (ffi.py)
+
+Partitioning: batch and head axes split with no communication; the head
+sharding of q and k/v must agree on kv heads (q head h reads kv head
+h // group, so q's head axis is the compound factor (kv_heads, group), kv
+major). The group factor, both sequence axes and the head dim are
+need-replication factors: a sharded q/k/v sequence axis is gathered before
+the call (never computed on a shard of the keys), and a head sharding that
+does not divide the kv heads falls back to fewer head shards (XLA reshards).
+Per-shard calls see local shapes; the band mask is expressed relative to
+positions, which a replicated sequence axis leaves unchanged.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.custom_partitioning import (ArrayMapping, CompoundFactor, SdyShardingRule,
+                                                  custom_partitioning)
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from . import ffi
+
+# Which inputs may keep a batch dim of 1 (broadcast) instead of B; the rest
+# of the layout is fixed by the argument order of ffi.py.
+FORWARD_ARGS = ("q", "k", "v", "bias", "q_ids", "kv_ids", "dense", "tile_class")
+BACKWARD_ARGS = ("q", "k", "v", "out", "lse", "d_out", "d_lse", "bias", "q_ids", "kv_ids", "dense",
+                 "tile_class")
+_BROADCASTABLE = {"bias", "dense", "tile_class"}
+_REPLICATED_FACTORS = ("s", "t", "g", "d", "nq", "nk")
+
+
+# ----------------------------------------------------------------------------
+# Shardy rule
+
+
+def _shape(value_type) -> tuple:
+    return tuple(value_type.shape)
+
+
+def _head_factor(q_heads: int, kv_heads: int):
+    """q's head dim: (k g) kv-major; a size-1 part cannot be in a compound."""
+    if q_heads == kv_heads:
+        return "k"
+    if kv_heads == 1:
+        return "g"
+    return CompoundFactor("k", "g")
+
+
+def _mapping(name: str, shape: tuple, batch: int, q_heads: int, heads, unique: str) -> ArrayMapping:
+    """Factor names of one argument, by its role. Size-1 broadcast dims and
+    absent (empty) inputs get factors of their own, never sharded."""
+    if len(shape) == 1 and shape[0] == 0:
+        return ArrayMapping(f"{unique}0")
+    if name in ("q", "out", "d_out"):
+        return ArrayMapping("b", "s", heads, "d")
+    if name in ("k", "v"):
+        return ArrayMapping("b", "t", "k", "d")
+    if name in ("lse", "d_lse"):
+        return ArrayMapping("b", heads, "s")
+    if name == "q_ids":
+        return ArrayMapping("b", "s")
+    if name == "kv_ids":
+        return ArrayMapping("b", "t")
+    if name in ("bias", "dense", "d_bias"):
+        b = "b" if shape[0] == batch else f"{unique}b"
+        h = heads if shape[1] == q_heads else f"{unique}h"
+        return ArrayMapping(b, h, "s", "t")
+    if name == "tile_class":
+        b = "b" if shape[0] == batch else f"{unique}b"
+        h = heads if shape[1] == q_heads else f"{unique}h"
+        return ArrayMapping(b, h, "nq", "nk")
+    raise ValueError(name)
+
+
+def _splits_evenly(mesh, size: int) -> bool:
+    """True if every mesh axis divides `size`. Otherwise Shardy may shard the
+    dim over a sub-axis, which custom_partitioning cannot express as a
+    PartitionSpec; such dims are kept replicated (XLA reshards)."""
+    axis_sizes = dict(mesh.shape).values() if mesh is not None else ()
+    return all(size % n == 0 for n in axis_sizes)
+
+
+def sharding_rule(arg_names: Sequence[str], result_names: Sequence[str], value_types, result_types,
+                  mesh=None):
+    """SdyShardingRule for a call whose arguments are named by arg_names."""
+    shapes = [_shape(t) for t in value_types]
+    q_shape, k_shape = shapes[0], shapes[1]
+    batch, q_heads, kv_heads = q_shape[0], q_shape[2], k_shape[2]
+    heads_split = _splits_evenly(mesh, kv_heads)
+    # A head count some mesh axis does not divide: q heads get a factor of
+    # their own ("h"), unlinked from k/v, so that no sub-axis sharding of the
+    # kv heads can propagate through a compound factor; both stay replicated.
+    heads = _head_factor(q_heads, kv_heads) if heads_split else "h"
+    operands = tuple(_mapping(n, s, batch, q_heads, heads, f"x{i}_")
+                     for i, (n, s) in enumerate(zip(arg_names, shapes)))
+    results = tuple(_mapping(n, _shape(t), batch, q_heads, heads, f"y{i}_")
+                    for i, (n, t) in enumerate(zip(result_names, result_types)))
+    # Factors in order of first appearance: Shardy wants special factors
+    # listed in that (index) order.
+    order = list(dict.fromkeys(f for m in operands + results for dim in m
+                               for f in ((dim,) if isinstance(dim, str) else dim)))
+    replicated = set(_REPLICATED_FACTORS)
+    if not _splits_evenly(mesh, batch):
+        replicated.add("b")
+    if not heads_split:
+        replicated.update(("k", "h"))
+    sizes = {"g": q_heads // kv_heads} if isinstance(heads, CompoundFactor) else {}
+    return SdyShardingRule(operands, results,
+                           need_replication_factors=tuple(f for f in order if f in replicated),
+                           **sizes)
+
+
+# ----------------------------------------------------------------------------
+# Partition callback (shared by Shardy and GSPMD)
+
+
+def _axes_size(mesh, axes) -> int:
+    if axes is None:
+        return 1
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def _spec_entry(spec, i):
+    return spec[i] if i < len(spec) else None
+
+
+def choose_axes(mesh, q_sharding, batch: int, kv_heads: int):
+    """Mesh axes for the batch and head dims, taken from q's sharding and
+    dropped where they do not divide the sizes (then XLA reshards)."""
+    spec = q_sharding.spec if isinstance(q_sharding, NamedSharding) else P()
+    batch_axes, head_axes = _spec_entry(spec, 0), _spec_entry(spec, 2)
+    if batch % _axes_size(mesh, batch_axes) != 0:
+        batch_axes = None
+    if kv_heads % _axes_size(mesh, head_axes) != 0:
+        head_axes = None
+    return batch_axes, head_axes
+
+
+def _spec_for(name: str, shape: tuple, batch: int, q_heads: int, batch_axes, head_axes) -> P:
+    if len(shape) == 1 and shape[0] == 0:
+        return P(None)
+    b = batch_axes if shape[0] == batch else None
+    if name in ("q", "out", "d_out", "k", "v"):
+        return P(batch_axes, None, head_axes, None)
+    if name in ("lse", "d_lse"):
+        return P(batch_axes, head_axes, None)
+    if name in ("q_ids", "kv_ids"):
+        return P(batch_axes, None)
+    if name in ("bias", "dense", "tile_class", "d_bias"):
+        return P(b, head_axes if shape[1] == q_heads else None, None, None)
+    raise ValueError(name)
+
+
+def _shardings(mesh, names, shapes, batch, q_heads, batch_axes, head_axes):
+    return tuple(NamedSharding(mesh, _spec_for(n, s, batch, q_heads, batch_axes, head_axes))
+                 for n, s in zip(names, shapes))
+
+
+def _partitioned(raw_call, arg_names, result_names):
+    """custom_partitioning around raw_call(*arrays) -> tuple of arrays."""
+
+    @custom_partitioning
+    def call(*args):
+        return raw_call(*args)
+
+    def plan(mesh, arg_shapes, result_shapes):
+        shapes = [tuple(a.shape) for a in arg_shapes]
+        batch, q_heads, kv_heads = shapes[0][0], shapes[0][2], shapes[1][2]
+        batch_axes, head_axes = choose_axes(mesh, arg_shapes[0].sharding, batch, kv_heads)
+        args = _shardings(mesh, arg_names, shapes, batch, q_heads, batch_axes, head_axes)
+        results = _shardings(mesh, result_names, [tuple(r.shape) for r in result_shapes], batch, q_heads,
+                             batch_axes, head_axes)
+        return args, results
+
+    def infer_sharding_from_operands(mesh, arg_shapes, result_shapes):
+        return plan(mesh, arg_shapes, result_shapes)[1]
+
+    def partition(mesh, arg_shapes, result_shapes):
+        args, results = plan(mesh, arg_shapes, result_shapes)
+        return mesh, raw_call, results, args
+
+    call.def_partition(
+        partition=partition,
+        infer_sharding_from_operands=infer_sharding_from_operands,
+        sharding_rule=lambda mesh, value_types, result_types: sharding_rule(
+            arg_names, result_names, value_types, result_types, mesh))
+    return call
+
+
+# ----------------------------------------------------------------------------
+# vmap: fold the vmapped axis into the batch axis
+
+
+def _fold_vmap_axis(args, batched, names, axis_size):
+    full_batch = next(x.shape[1] if b else x.shape[0]
+                      for x, b, n in zip(args, batched, names) if n not in _BROADCASTABLE)
+    folded = []
+    for x, is_batched, name in zip(args, batched, names):
+        if ffi.is_absent(x) and not is_batched:
+            folded.append(x)
+            continue
+        if is_batched:
+            if x.shape[1] != full_batch:
+                x = jnp.broadcast_to(x, (axis_size, full_batch) + x.shape[2:])
+        else:
+            if name in _BROADCASTABLE and x.shape[0] == 1:
+                folded.append(x)
+                continue
+            x = jnp.broadcast_to(x[None], (axis_size,) + x.shape)
+        folded.append(x.reshape((axis_size * x.shape[1],) + x.shape[2:]))
+    return folded
+
+
+def _batched(call, names):
+    wrapped = jax.custom_batching.custom_vmap(call)
+
+    @wrapped.def_vmap
+    def rule(axis_size, in_batched, *args):
+        results = wrapped(*_fold_vmap_axis(args, in_batched, names, axis_size))
+        unfold = lambda r: r.reshape((axis_size, r.shape[0] // axis_size) + r.shape[1:])
+        outs = tuple(r if ffi.is_absent(r) else unfold(r) for r in results)
+        return outs, tuple(not ffi.is_absent(r) for r in results)
+
+    return wrapped
+
+
+def _varying_axes(x) -> frozenset:
+    """Manual mesh axes x varies over inside shard_map (jax >= 0.10 keeps
+    them in `manual_axis_type.varying`, older releases in `vma`)."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)
+    if manual is not None:
+        return frozenset(manual.varying)
+    return frozenset(getattr(aval, "vma", ()))
+
+
+def _varying_like(call):
+    """Inside shard_map, results vary over the manual mesh axes that any
+    input varies over (the custom call itself carries no such type)."""
+
+    def wrapped(*args):
+        results = call(*args)
+        axes = frozenset().union(*(_varying_axes(a) for a in args))
+        if not axes:
+            return results
+        cast = lambda r: (jax.lax.pcast(r, tuple(sorted(axes - _varying_axes(r))), to="varying")
+                          if axes - _varying_axes(r) else r)
+        return tuple(cast(r) for r in results)
+
+    return wrapped
+
+
+@functools.lru_cache(maxsize=None)
+def forward_call(platform: str, attrs: ffi.CallAttrs):
+    """fn(q, k, v, bias, q_ids, kv_ids, dense, tile_class) -> (out, lse)."""
+    raw = ffi.forward_ffi(platform, attrs)
+    return _varying_like(_batched(_partitioned(raw, FORWARD_ARGS, ("out", "lse")), FORWARD_ARGS))
+
+
+@functools.lru_cache(maxsize=None)
+def backward_call(platform: str, attrs: ffi.CallAttrs):
+    """fn(q, k, v, out, lse, d_out, d_lse, bias, q_ids, kv_ids, dense,
+    tile_class) -> (dq, dk, dv, dbias)."""
+    raw = ffi.backward_ffi(platform, attrs)
+    return _varying_like(_batched(_partitioned(raw, BACKWARD_ARGS, ("q", "k", "v", "d_bias")), BACKWARD_ARGS))
