@@ -1,43 +1,79 @@
-"""decode_attention(): one new query token per sequence against a KV cache."""
+"""decode_attention(): one new query token per sequence against a KV cache,
+contiguous or paged."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import jax.numpy as jnp
 import numpy as np
 
-from . import masks
-from .attention import check_inputs, flash_attention
+from . import ffi, masks, sharding
+from .attention import check_inputs, flash_attention, resolve_backend
 
 
-def decode_attention(q, k_cache, v_cache, lengths, *, softmax_scale: Optional[float] = None,
-                     backend: str = "auto"):
-    """Attention of q [B, Hq, D] over the first lengths[b] rows of
-    k_cache/v_cache [B, Smax, Hkv, D]. Returns [B, Hq, D] in q's dtype.
-
-    A row with length 0 returns zeros; cache rows at or past the length never
-    reach the result (they may hold garbage, NaN included). Equals
-    `flash_attention` with Sq = 1 over the valid prefix.
-
-    The valid prefix is expressed as a segment mask (cache rows past the
-    length are padding), so kernels skip whole tiles past the length and zero
-    the padding rows they touch.
-    """
+def _check(q, k_cache, v_cache, lengths, page_table, softmax_scale):
     if not hasattr(q, "ndim") or q.ndim != 3:
         raise ValueError(f"q must have rank 3 [B, Hq, D] (one new token per row), got shape {np.shape(q)}")
+    layout = "[num_pages, page_size, Hkv, D]" if page_table is not None else "[B, Smax, Hkv, D]"
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         if not hasattr(cache, "ndim") or cache.ndim != 4:
-            raise ValueError(f"{name} must have rank 4 [B, Smax, Hkv, D], got shape {np.shape(cache)}")
-    batch, s_max = k_cache.shape[0], k_cache.shape[1]
+            raise ValueError(f"{name} must have rank 4 {layout}, got shape {np.shape(cache)}")
+    batch = q.shape[0]
     if np.shape(lengths) != (batch,):
         raise ValueError(f"lengths must have shape [B] = ({batch},), got {np.shape(lengths)}")
     if not jnp.issubdtype(jnp.result_type(lengths), jnp.integer):
         raise TypeError(f"lengths must be an integer array, got dtype {jnp.result_type(lengths)}")
-    q4 = q[:, None]
-    check_inputs(q4, k_cache, v_cache, None, softmax_scale)
-    valid = jnp.arange(s_max, dtype=jnp.int32)[None, :] < jnp.asarray(lengths, jnp.int32)[:, None]
+    if page_table is not None:
+        if np.ndim(page_table) != 2 or np.shape(page_table)[0] != batch:
+            raise ValueError(f"page_table must have shape [B, max_pages] with B={batch}, got {np.shape(page_table)}")
+        if not jnp.issubdtype(jnp.result_type(page_table), jnp.integer):
+            raise TypeError(f"page_table must be an integer array, got dtype {jnp.result_type(page_table)}")
+        # Checked as attention over the pages' rows: same dtype, D and heads.
+        check_inputs(q[:1, None], k_cache[:1], v_cache[:1], None, softmax_scale)
+    else:
+        if k_cache.shape[0] != batch:
+            raise ValueError(f"k_cache batch ({k_cache.shape[0]}) must equal q batch ({batch})")
+        check_inputs(q[:, None], k_cache, v_cache, None, softmax_scale)
+
+
+def _gather_pages(cache, page_table):
+    """[num_pages, page, H, D] pages -> [B, max_pages * page, H, D] rows."""
+    rows = cache[page_table]  # [B, max_pages, page, H, D]
+    return rows.reshape(rows.shape[0], -1, *rows.shape[3:])
+
+
+def decode_attention(q, k_cache, v_cache, lengths, *, page_table=None, softmax_scale: Optional[float] = None,
+                     backend: str = "auto"):
+    """Attention of q [B, Hq, D] over the first lengths[b] cached positions.
+
+    Caches are contiguous, k_cache/v_cache [B, Smax, Hkv, D], or paged:
+    k_cache/v_cache [num_pages, page_size, Hkv, D] with page_table int32
+    [B, max_pages] naming the page that holds positions
+    [i * page_size, (i + 1) * page_size) of row b. Returns [B, Hq, D] in q's
+    dtype. A row with length 0 returns zeros; cache rows at or past the
+    length are never read (they may hold garbage, NaN included). Equals
+    `flash_attention` with Sq = 1 over the valid prefix.
+
+    backend "cpu" (and "cuda" on GPUs) run split-KV (flash-decoding)
+    kernels; "xla" and "reference" express the valid prefix as a segment mask
+    of flash_attention (pages gathered first).
+    """
+    _check(q, k_cache, v_cache, lengths, page_table, softmax_scale)
+    concrete = resolve_backend(backend)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    lengths = jnp.asarray(lengths, jnp.int32)
+    if concrete in ("cpu", "cuda"):
+        table = ffi.absent(jnp.int32) if page_table is None else jnp.asarray(page_table, jnp.int32)
+        call = sharding.decode_call(concrete, scale, page_table is not None)
+        (out,) = call(q, k_cache, v_cache, lengths, table)
+        return out
+    if page_table is not None:
+        k_cache, v_cache = _gather_pages(k_cache, page_table), _gather_pages(v_cache, page_table)
+    batch, s_max = q.shape[0], k_cache.shape[1]
+    valid = jnp.arange(s_max, dtype=jnp.int32)[None, :] < lengths[:, None]
     kv_ids = jnp.where(valid, 0, -1).astype(jnp.int32)
     q_ids = jnp.zeros((batch, 1), jnp.int32)
-    out = flash_attention(q4, k_cache, v_cache, mask=masks.Segments(q_ids, kv_ids),
-                          softmax_scale=softmax_scale, backend=backend)
+    out = flash_attention(q[:, None], k_cache, v_cache, mask=masks.Segments(q_ids, kv_ids),
+                          softmax_scale=scale, backend=concrete)
     return out[:, 0]

@@ -98,3 +98,16 @@ def backward_ffi(platform: str, attrs: CallAttrs):
                         **attrs.as_ffi()))
 
     return call
+
+
+def decode_ffi(platform: str, softmax_scale: float):
+    """fn(q, k, v, lengths, page_table) -> (out,); page_table empty means a
+    contiguous cache."""
+    register()
+
+    def call(q, k, v, lengths, page_table):
+        fn = jax.ffi.ffi_call(f"fastattn_decode_{platform}", (jax.ShapeDtypeStruct(q.shape, q.dtype),),
+                              vmap_method="broadcast_all")
+        return tuple(fn(q, k, v, lengths, page_table, softmax_scale=np.float32(softmax_scale)))
+
+    return call

@@ -37,7 +37,8 @@ FORWARD_ARGS = ("q", "k", "v", "bias", "q_ids", "kv_ids", "dense", "tile_class")
 BACKWARD_ARGS = ("q", "k", "v", "out", "lse", "d_out", "d_lse", "bias", "q_ids", "kv_ids", "dense",
                  "tile_class")
 _BROADCASTABLE = {"bias", "dense", "tile_class"}
-_REPLICATED_FACTORS = ("s", "t", "g", "d", "nq", "nk")
+_REPLICATED_FACTORS = ("s", "t", "g", "d", "nq", "nk", "p", "mp")
+DECODE_ARGS = ("dq", "dk", "dv", "lengths", "page_table")
 
 
 # ----------------------------------------------------------------------------
@@ -57,13 +58,22 @@ def _head_factor(q_heads: int, kv_heads: int):
     return CompoundFactor("k", "g")
 
 
-def _mapping(name: str, shape: tuple, batch: int, q_heads: int, heads, unique: str) -> ArrayMapping:
+def _mapping(name: str, shape: tuple, batch: int, q_heads: int, heads, unique: str,
+             paged: bool = False) -> ArrayMapping:
     """Factor names of one argument, by its role. Size-1 broadcast dims and
     absent (empty) inputs get factors of their own, never sharded."""
     if len(shape) == 1 and shape[0] == 0:
         return ArrayMapping(f"{unique}0")
     if name in ("q", "out", "d_out"):
         return ArrayMapping("b", "s", heads, "d")
+    if name in ("dq", "dout"):  # decode: one token, [B, Hq, D]
+        return ArrayMapping("b", heads, "d")
+    if name in ("dk", "dv"):  # decode cache: contiguous [B, ...] or a pool of pages
+        return ArrayMapping("p" if paged else "b", "t", "k", "d")
+    if name == "lengths":
+        return ArrayMapping("b")
+    if name == "page_table":
+        return ArrayMapping("b", "mp")
     if name in ("k", "v"):
         return ArrayMapping("b", "t", "k", "d")
     if name in ("lse", "d_lse"):
@@ -83,6 +93,17 @@ def _mapping(name: str, shape: tuple, batch: int, q_heads: int, heads, unique: s
     raise ValueError(name)
 
 
+def _sizes(arg_names, shapes):
+    """(batch, q heads, kv heads) of a call, from its q and k arguments."""
+    q_shape, k_shape = shapes[0], shapes[1]
+    q_heads = q_shape[1] if arg_names[0] == "dq" else q_shape[2]
+    return q_shape[0], q_heads, k_shape[2]
+
+
+def _is_paged(arg_names, shapes) -> bool:
+    return any(n == "page_table" and s != (0,) for n, s in zip(arg_names, shapes))
+
+
 def _splits_evenly(mesh, size: int) -> bool:
     """True if every mesh axis divides `size`. Otherwise Shardy may shard the
     dim over a sub-axis, which custom_partitioning cannot express as a
@@ -95,16 +116,16 @@ def sharding_rule(arg_names: Sequence[str], result_names: Sequence[str], value_t
                   mesh=None):
     """SdyShardingRule for a call whose arguments are named by arg_names."""
     shapes = [_shape(t) for t in value_types]
-    q_shape, k_shape = shapes[0], shapes[1]
-    batch, q_heads, kv_heads = q_shape[0], q_shape[2], k_shape[2]
+    batch, q_heads, kv_heads = _sizes(arg_names, shapes)
+    paged = _is_paged(arg_names, shapes)
     heads_split = _splits_evenly(mesh, kv_heads)
     # A head count some mesh axis does not divide: q heads get a factor of
     # their own ("h"), unlinked from k/v, so that no sub-axis sharding of the
     # kv heads can propagate through a compound factor; both stay replicated.
     heads = _head_factor(q_heads, kv_heads) if heads_split else "h"
-    operands = tuple(_mapping(n, s, batch, q_heads, heads, f"x{i}_")
+    operands = tuple(_mapping(n, s, batch, q_heads, heads, f"x{i}_", paged)
                      for i, (n, s) in enumerate(zip(arg_names, shapes)))
-    results = tuple(_mapping(n, _shape(t), batch, q_heads, heads, f"y{i}_")
+    results = tuple(_mapping(n, _shape(t), batch, q_heads, heads, f"y{i}_", paged)
                     for i, (n, t) in enumerate(zip(result_names, result_types)))
     # Factors in order of first appearance: Shardy wants special factors
     # listed in that (index) order.
@@ -136,11 +157,11 @@ def _spec_entry(spec, i):
     return spec[i] if i < len(spec) else None
 
 
-def choose_axes(mesh, q_sharding, batch: int, kv_heads: int):
+def choose_axes(mesh, q_sharding, batch: int, kv_heads: int, head_dim_index: int = 2):
     """Mesh axes for the batch and head dims, taken from q's sharding and
     dropped where they do not divide the sizes (then XLA reshards)."""
     spec = q_sharding.spec if isinstance(q_sharding, NamedSharding) else P()
-    batch_axes, head_axes = _spec_entry(spec, 0), _spec_entry(spec, 2)
+    batch_axes, head_axes = _spec_entry(spec, 0), _spec_entry(spec, head_dim_index)
     if batch % _axes_size(mesh, batch_axes) != 0:
         batch_axes = None
     if kv_heads % _axes_size(mesh, head_axes) != 0:
@@ -148,10 +169,19 @@ def choose_axes(mesh, q_sharding, batch: int, kv_heads: int):
     return batch_axes, head_axes
 
 
-def _spec_for(name: str, shape: tuple, batch: int, q_heads: int, batch_axes, head_axes) -> P:
+def _spec_for(name: str, shape: tuple, batch: int, q_heads: int, batch_axes, head_axes,
+              paged: bool = False) -> P:
     if len(shape) == 1 and shape[0] == 0:
         return P(None)
     b = batch_axes if shape[0] == batch else None
+    if name in ("dq", "dout"):
+        return P(batch_axes, head_axes, None)
+    if name in ("dk", "dv"):
+        return P(None if paged else batch_axes, None, head_axes, None)
+    if name == "lengths":
+        return P(batch_axes)
+    if name == "page_table":
+        return P(batch_axes, None)
     if name in ("q", "out", "d_out", "k", "v"):
         return P(batch_axes, None, head_axes, None)
     if name in ("lse", "d_lse"):
@@ -163,8 +193,8 @@ def _spec_for(name: str, shape: tuple, batch: int, q_heads: int, batch_axes, hea
     raise ValueError(name)
 
 
-def _shardings(mesh, names, shapes, batch, q_heads, batch_axes, head_axes):
-    return tuple(NamedSharding(mesh, _spec_for(n, s, batch, q_heads, batch_axes, head_axes))
+def _shardings(mesh, names, shapes, batch, q_heads, batch_axes, head_axes, paged):
+    return tuple(NamedSharding(mesh, _spec_for(n, s, batch, q_heads, batch_axes, head_axes, paged))
                  for n, s in zip(names, shapes))
 
 
@@ -177,11 +207,13 @@ def _partitioned(raw_call, arg_names, result_names):
 
     def plan(mesh, arg_shapes, result_shapes):
         shapes = [tuple(a.shape) for a in arg_shapes]
-        batch, q_heads, kv_heads = shapes[0][0], shapes[0][2], shapes[1][2]
-        batch_axes, head_axes = choose_axes(mesh, arg_shapes[0].sharding, batch, kv_heads)
-        args = _shardings(mesh, arg_names, shapes, batch, q_heads, batch_axes, head_axes)
+        batch, q_heads, kv_heads = _sizes(arg_names, shapes)
+        paged = _is_paged(arg_names, shapes)
+        head_dim = 1 if arg_names[0] == "dq" else 2
+        batch_axes, head_axes = choose_axes(mesh, arg_shapes[0].sharding, batch, kv_heads, head_dim)
+        args = _shardings(mesh, arg_names, shapes, batch, q_heads, batch_axes, head_axes, paged)
         results = _shardings(mesh, result_names, [tuple(r.shape) for r in result_shapes], batch, q_heads,
-                             batch_axes, head_axes)
+                             batch_axes, head_axes, paged)
         return args, results
 
     def infer_sharding_from_operands(mesh, arg_shapes, result_shapes):
@@ -275,3 +307,33 @@ def backward_call(platform: str, attrs: ffi.CallAttrs):
     tile_class) -> (dq, dk, dv, dbias)."""
     raw = ffi.backward_ffi(platform, attrs)
     return _varying_like(_batched(_partitioned(raw, BACKWARD_ARGS, ("q", "k", "v", "d_bias")), BACKWARD_ARGS))
+
+
+@functools.lru_cache(maxsize=None)
+def decode_call(platform: str, softmax_scale: float, paged: bool):
+    """fn(q [B, Hq, D], k, v, lengths [B], page_table) -> (out,)."""
+    raw = ffi.decode_ffi(platform, softmax_scale)
+    call = _partitioned(raw, DECODE_ARGS, ("dout",))
+    if paged:
+        return _varying_like(_batched_paged(call))
+    return _varying_like(_batched(call, DECODE_ARGS))
+
+
+def _batched_paged(call):
+    """vmap of a paged decode: each vmapped instance has its own page pool,
+    so pools are concatenated and page tables offset into the joint pool."""
+    wrapped = jax.custom_batching.custom_vmap(call)
+
+    @wrapped.def_vmap
+    def rule(axis_size, in_batched, q, k, v, lengths, page_table):
+        def lead(x, batched):
+            return x if batched else jnp.broadcast_to(x[None], (axis_size,) + x.shape)
+        q, k, v, lengths, page_table = (lead(x, b) for x, b in zip((q, k, v, lengths, page_table), in_batched))
+        pages = k.shape[1]
+        offsets = (jnp.arange(axis_size, dtype=jnp.int32) * pages)[:, None, None]
+        table = (page_table + offsets).reshape((-1,) + page_table.shape[2:])
+        merge = lambda x: x.reshape((-1,) + x.shape[2:])
+        (out,) = wrapped(merge(q), merge(k), merge(v), merge(lengths), table)
+        return (out.reshape((axis_size, -1) + out.shape[1:]),), (True,)
+
+    return wrapped

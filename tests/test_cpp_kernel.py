@@ -43,5 +43,5 @@ def test_bazel_builds_extension_and_runs_cpp_test(tmp_path):
     loader = importlib.machinery.ExtensionFileLoader("_xla_ffi", library)
     module = importlib.util.module_from_spec(importlib.util.spec_from_loader("_xla_ffi", loader))
     loader.exec_module(module)
-    assert set(module.cpu_targets()) == {"fastattn_forward_cpu", "fastattn_backward_cpu"}
+    assert set(module.cpu_targets()) == {"fastattn_forward_cpu", "fastattn_backward_cpu", "fastattn_decode_cpu"}
     subprocess.run(["bazel", f"--output_user_root={output_base}", "shutdown"], cwd=ROOT, env=env)

@@ -52,3 +52,83 @@ def test_decode_vmap(backend):
     out = jax.vmap(lambda *a: decode_attention(*a, backend=backend))(q, k_cache, v_cache, lengths)
     for i in range(3):
         assert_close(out[i], reference_decode(q[i], k_cache[i], v_cache[i], lengths[i]), jnp.float32)
+
+
+def _paged(k_cache, v_cache, page_size, seed):
+    """Scatter contiguous caches into a shuffled pool of pages (plus spare
+    garbage pages) and return (k_pages, v_pages, page_table)."""
+    batch, s_max = k_cache.shape[:2]
+    per_row = -(-s_max // page_size)
+    pad = per_row * page_size - s_max
+    widths = ((0, 0), (0, pad), (0, 0), (0, 0))
+    k_rows = jnp.pad(k_cache, widths).reshape(batch * per_row, page_size, *k_cache.shape[2:])
+    v_rows = jnp.pad(v_cache, widths).reshape(batch * per_row, page_size, *v_cache.shape[2:])
+    spare = 3
+    garbage = jnp.full((spare, page_size) + k_cache.shape[2:], jnp.nan, k_cache.dtype)
+    k_pool = jnp.concatenate([k_rows, garbage])
+    v_pool = jnp.concatenate([v_rows, garbage])
+    order = np.random.default_rng(seed).permutation(batch * per_row + spare)
+    where = np.argsort(order)  # pool index of each original page
+    table = jnp.asarray(where[:batch * per_row].reshape(batch, per_row), jnp.int32)
+    return k_pool[order], v_pool[order], table
+
+
+@pytest.mark.parametrize("page_size", [16, 256])
+@pytest.mark.parametrize("heads", [(32, 8), (4, 1)], ids=["gqa-32/8", "mqa"])
+def test_paged_cache(backend, page_size, heads):
+    batch, s_max, d = 4, 600, 64
+    keys = jax.random.split(jax.random.PRNGKey(2), 3)
+    q = jax.random.normal(keys[0], (batch, heads[0], d), jnp.bfloat16)
+    k_cache = jax.random.normal(keys[1], (batch, s_max, heads[1], d), jnp.bfloat16)
+    v_cache = jax.random.normal(keys[2], (batch, s_max, heads[1], d), jnp.bfloat16)
+    lengths = jnp.array([1, s_max, 255, 257], jnp.int32)
+    k_pages, v_pages, table = _paged(k_cache, v_cache, page_size, seed=page_size)
+    fn = jax.jit(lambda q, k, v, n, t: decode_attention(q, k, v, n, page_table=t, backend=backend))
+    out = fn(q, k_pages, v_pages, lengths, table)
+    assert_close(out, reference_decode(q, k_cache, v_cache, lengths), jnp.bfloat16)
+
+
+def test_paged_vmap(backend):
+    keys = jax.random.split(jax.random.PRNGKey(3), 3)
+    q = jax.random.normal(keys[0], (2, 3, 4, 16))
+    k_cache = jax.random.normal(keys[1], (2, 3, 50, 2, 16))
+    v_cache = jax.random.normal(keys[2], (2, 3, 50, 2, 16))
+    lengths = jnp.array([[3, 50, 0], [17, 1, 49]], jnp.int32)
+    pools = [_paged(k_cache[i], v_cache[i], 16, seed=i) for i in range(2)]
+    k_pages, v_pages, tables = (jnp.stack([p[j] for p in pools]) for j in range(3))
+    out = jax.vmap(lambda *a: decode_attention(*a[:4], page_table=a[4], backend=backend))(
+        q, k_pages, v_pages, lengths, tables)
+    for i in range(2):
+        assert_close(out[i], reference_decode(q[i], k_cache[i], v_cache[i], lengths[i]), jnp.float32)
+
+
+@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 host devices")
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_decode_sharded_over_batch_and_heads(paged):
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    import re
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("batch", "heads"))
+    keys = jax.random.split(jax.random.PRNGKey(4), 3)
+    batch, s_max = 4, 96
+    q = jax.random.normal(keys[0], (batch, 8, 32))
+    k_cache = jax.random.normal(keys[1], (batch, s_max, 4, 32))
+    v_cache = jax.random.normal(keys[2], (batch, s_max, 4, 32))
+    lengths = jnp.array([5, 96, 0, 40], jnp.int32)
+    expected = reference_decode(q, k_cache, v_cache, lengths)
+    put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+    args = [put(q, P("batch", "heads", None))]
+    if paged:
+        k_pages, v_pages, table = _paged(k_cache, v_cache, 16, seed=5)
+        args += [put(k_pages, P(None, None, "heads", None)), put(v_pages, P(None, None, "heads", None)),
+                 put(lengths, P("batch")), put(table, P("batch", None))]
+        fn = jax.jit(lambda q, k, v, n, t: decode_attention(q, k, v, n, page_table=t, backend="cpu"))
+    else:
+        args += [put(k_cache, P("batch", None, "heads", None)), put(v_cache, P("batch", None, "heads", None)),
+                 put(lengths, P("batch"))]
+        fn = jax.jit(lambda q, k, v, n: decode_attention(q, k, v, n, backend="cpu"))
+    compiled = fn.lower(*args).compile()
+    out = compiled(*args)
+    assert_close(out, expected, jnp.float32)
+    hlo = compiled.as_text()
+    assert not re.search(r"\b(all-gather|all-to-all|collective-permute)\b", hlo)
+    assert out.sharding.is_equivalent_to(NamedSharding(mesh, P("batch", "heads", None)), 3)

@@ -21,6 +21,7 @@ PYBIND11_MODULE(_xla_ffi, m) {
     py::dict targets;
     targets["fastattn_forward_cpu"] = capsule(fastattn::cpu::FastattnForwardCpu);
     targets["fastattn_backward_cpu"] = capsule(fastattn::cpu::FastattnBackwardCpu);
+    targets["fastattn_decode_cpu"] = capsule(fastattn::cpu::FastattnDecodeCpu);
     return targets;
   });
 }

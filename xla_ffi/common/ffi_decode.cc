@@ -140,4 +140,57 @@ ffi::Error decode_mask(const ffi::AnyBuffer& q_segment, const ffi::AnyBuffer& kv
   return ffi::Error::Success();
 }
 
+ffi::Error decode_decode_args(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
+                              const ffi::AnyBuffer& v, const ffi::AnyBuffer& lengths,
+                              const ffi::AnyBuffer& page_table, const ffi::AnyBuffer& out,
+                              DecodeParams* p) {
+  auto qd = q.dimensions();
+  auto kd = k.dimensions();
+  FFI_CHECK(qd.size() == 3, "q must have rank 3 [B, Hq, D], got " << dims_string(qd));
+  FFI_CHECK(kd.size() == 4, "k cache must have rank 4, got " << dims_string(kd));
+  p->batch = qd[0];
+  p->q_heads = qd[1];
+  p->head_dim = qd[2];
+  p->kv_heads = kd[2];
+  p->num_pages = kd[0];
+  p->page_size = kd[1];
+  FFI_CHECK(kd[3] == p->head_dim, "k cache head dim " << kd[3] << " must equal q's " << p->head_dim);
+  FFI_CHECK(p->kv_heads > 0 && p->q_heads % p->kv_heads == 0,
+            "q heads (" << p->q_heads << ") must be a multiple of k/v heads (" << p->kv_heads << ")");
+  FFI_CHECK(p->head_dim >= 1 && p->head_dim <= 256, "head dim must be in [1, 256]");
+  switch (q.element_type()) {
+    case ffi::DataType::F32: p->dtype = ElementType::kF32; break;
+    case ffi::DataType::BF16: p->dtype = ElementType::kBF16; break;
+    case ffi::DataType::F16: p->dtype = ElementType::kF16; break;
+    default: FFI_CHECK(false, "q must be float32, bfloat16 or float16");
+  }
+  FFI_CHECK(k.element_type() == q.element_type(), "k cache must have q's dtype");
+  if (auto e = expect_shape(v, "v cache", {kd[0], kd[1], kd[2], kd[3]}, q.element_type()); e.failure())
+    return e;
+  if (auto e = expect_shape(lengths, "lengths", {p->batch}, ffi::DataType::S32); e.failure()) return e;
+  if (is_absent(page_table)) {
+    FFI_CHECK(p->num_pages == p->batch,
+              "contiguous k cache must have batch " << p->batch << ", got " << p->num_pages);
+    p->max_pages = 1;
+    p->page_table = nullptr;
+  } else {
+    auto td = page_table.dimensions();
+    FFI_CHECK(td.size() == 2 && td[0] == p->batch,
+              "page_table must have shape [B, max_pages] with B=" << p->batch << ", got "
+                                                                    << dims_string(td));
+    FFI_CHECK(page_table.element_type() == ffi::DataType::S32, "page_table must be int32");
+    p->max_pages = td[1];
+    p->page_table = static_cast<const int32_t*>(page_table.untyped_data());
+  }
+  if (auto e = expect_shape(out, "out", {p->batch, p->q_heads, p->head_dim}, q.element_type());
+      e.failure())
+    return e;
+  p->q = q.untyped_data();
+  p->k = k.untyped_data();
+  p->v = v.untyped_data();
+  p->lengths = static_cast<const int32_t*>(lengths.untyped_data());
+  p->out = out.untyped_data();
+  return ffi::Error::Success();
+}
+
 }  // namespace fastattn

@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "attention_params.h"
+#include "decode_params.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace fastattn {
@@ -24,6 +25,14 @@ ffi::Error decode_mask(const ffi::AnyBuffer& q_segment, const ffi::AnyBuffer& kv
                        const ffi::AnyBuffer& dense, const ffi::AnyBuffer& tile_class,
                        const AttentionShape& shape, int64_t band_lo, int64_t band_hi,
                        int64_t tile_q, int64_t tile_kv, MaskParams* mask);
+
+// q [B, Hq, D]; k, v [B, Smax, Hkv, D] (page_table absent) or
+// [num_pages, page_size, Hkv, D] with page_table int32 [B, max_pages];
+// lengths int32 [B]; out [B, Hq, D].
+ffi::Error decode_decode_args(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
+                              const ffi::AnyBuffer& v, const ffi::AnyBuffer& lengths,
+                              const ffi::AnyBuffer& page_table, const ffi::AnyBuffer& out,
+                              DecodeParams* params);
 
 // Checks that `buffer` has exactly `dims` and the given dtype.
 ffi::Error expect_shape(const ffi::AnyBuffer& buffer, const char* name,

@@ -16,5 +16,9 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(FastattnForwardCpu);
 // same attrs.
 XLA_FFI_DECLARE_HANDLER_SYMBOL(FastattnBackwardCpu);
 
+// fastattn_decode_cpu: (q, k, v, lengths, page_table) -> out; attr
+// softmax_scale. page_table empty = contiguous cache.
+XLA_FFI_DECLARE_HANDLER_SYMBOL(FastattnDecodeCpu);
+
 }  // namespace cpu
 }  // namespace fastattn

@@ -1,0 +1,18 @@
+// Split-KV (flash-decoding) attention of one query token per sequence on the
+// CPU. Bandwidth-bound: every K/V byte of the valid prefix is read once.
+#pragma once
+
+#include "../common/decode_params.h"
+
+namespace fastattn {
+namespace cpu {
+
+// Work items are (batch, kv head, key split of kSplitKeys positions); each
+// computes all Hq/Hkv query heads of its GQA group at once (one pass over
+// its K/V rows), keeping a running max, sum and output per head. A second
+// step merges the splits of each (batch, kv head) through their
+// log-sum-exps. Rows at or past lengths[b] are never read.
+void decode_attention(const DecodeParams& params);
+
+}  // namespace cpu
+}  // namespace fastattn
