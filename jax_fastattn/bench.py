@@ -25,6 +25,9 @@ from typing import Callable, Dict, List
 PEERS: Dict[str, List[str]] = {
     "cpu": ["fastattn-cpu", "fastattn-xla", "jax.nn-xla", "reference"],
 }
+DECODE_PEERS: Dict[str, List[str]] = {
+    "cpu": ["memcpy-numpy", "fastattn-cpu", "fastattn-xla", "jax.nn-xla"],
+}
 # Implementations that build the full [B, H, Sq, Skv] logits.
 QUADRATIC = {"jax.nn-xla", "reference"}
 
@@ -38,7 +41,13 @@ class Case:
     head_dim: int
     causal: bool
     dtype: str
-    mode: str  # "fwd" or "fwd_bwd"
+    mode: str  # "fwd", "fwd_bwd" or "decode" (one query token against a cache of `seq`)
+
+    @property
+    def kv_bytes(self) -> int:
+        """K and V bytes a decode step must read (the whole valid cache)."""
+        import numpy as np
+        return 2 * self.batch * self.seq * self.kv_heads * self.head_dim * np.dtype(self.dtype).itemsize
 
     @property
     def flops(self) -> float:
@@ -54,6 +63,40 @@ class Case:
         causal = "causal" if self.causal else "full"
         return (f"B{self.batch} S{self.seq} H{self.heads}/{self.kv_heads} D{self.head_dim} "
                 f"{self.dtype} {causal} {self.mode}")
+
+
+def _build_decode(name: str, case: Case) -> Callable:
+    """fn(q [B, Hq, D], k, v, lengths) for decode peers."""
+    import jax
+
+    from jax_fastattn import decode_attention
+
+    if name.startswith("fastattn-"):
+        backend = name.split("-", 1)[1]
+        return jax.jit(lambda q, k, v, n: decode_attention(q, k, v, n, backend=backend))
+    if name.startswith("jax.nn-"):
+        implementation = name.split("-", 1)[1]
+        return jax.jit(lambda q, k, v, n: jax.nn.dot_product_attention(
+            q[:, None], k, v, key_value_seq_lengths=n, implementation=implementation)[:, 0])
+    raise ValueError(f"unknown decode implementation {name!r}")
+
+
+def _memcpy_bandwidth(case: Case, repeats: int) -> dict:
+    """The machine's copy bandwidth with numpy (bytes read + written / s),
+    on an array as large as the case's K/V cache (at least 1 GiB)."""
+    import numpy as np
+    n = max(case.kv_bytes, 2**30) // 4
+    src = np.random.default_rng(0).random(n, dtype=np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - start)
+    median = float(np.median(times))
+    return {"impl": "memcpy-numpy", "case": dataclasses.asdict(case), "times_s": times, "median_s": median,
+            "gbps": 2 * src.nbytes / median / 1e9, "peak_mb": 0.0, "tflops": 0.0}
 
 
 def _build(name: str, case: Case) -> Callable:
@@ -107,26 +150,32 @@ def _peak_rss_mb() -> float:
 
 def run_worker(name: str, case: Case, repeats: int) -> dict:
     """Times one implementation on one case in this process."""
+    if name == "memcpy-numpy":
+        return _memcpy_bandwidth(case, repeats)
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
     dtype = jnp.dtype(case.dtype)
-    q = jax.random.normal(keys[0], (case.batch, case.seq, case.heads, case.head_dim), dtype)
+    q_len = 1 if case.mode == "decode" else case.seq
+    q = jax.random.normal(keys[0], (case.batch, q_len, case.heads, case.head_dim), dtype)
     k = jax.random.normal(keys[1], (case.batch, case.seq, case.kv_heads, case.head_dim), dtype)
     v = jax.random.normal(keys[2], (case.batch, case.seq, case.kv_heads, case.head_dim), dtype)
-    jax.block_until_ready((q, k, v))
-    fn = _build(name, case)
-    compiled = fn.lower(q, k, v).compile()
+    args = (q, k, v)
+    if case.mode == "decode":
+        args = (q[:, 0], k, v, jnp.full((case.batch,), case.seq, jnp.int32))
+    jax.block_until_ready(args)
+    fn = _build_decode(name, case) if case.mode == "decode" else _build(name, case)
+    compiled = fn.lower(*args).compile()
     # Peak memory of running (not compiling): growth of the peak RSS over the
     # resident set once inputs and the executable exist. Outputs count.
     baseline = _status_mb("VmRSS") if _reset_peak_rss() else _peak_rss_mb()
-    jax.block_until_ready(compiled(q, k, v))  # warm-up
+    jax.block_until_ready(compiled(*args))  # warm-up
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(compiled(q, k, v))
+        jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - start)
     temp_mb = None
     try:
@@ -135,7 +184,8 @@ def run_worker(name: str, case: Case, repeats: int) -> dict:
         pass
     median = float(np.median(times))
     return {"impl": name, "case": dataclasses.asdict(case), "times_s": times, "median_s": median,
-            "tflops": case.flops / median / 1e12, "peak_mb": _peak_rss_mb() - baseline,
+            "tflops": case.flops / median / 1e12, "gbps": case.kv_bytes / median / 1e9,
+            "peak_mb": _peak_rss_mb() - baseline,
             "xla_temp_mb": temp_mb, "device": str(jax.devices()[0].device_kind),
             "jax": jax.__version__}
 
@@ -155,6 +205,8 @@ def _measure(name: str, case: Case, repeats: int, timeout: float) -> dict:
 
 
 def _table(results: List[dict]) -> str:
+    if results and results[0]["case"]["mode"] == "decode":
+        return _decode_table(results)
     header = f"{'case':<44} {'implementation':<16} {'median ms':>10} {'GFLOP/s':>9} {'peak MB':>9} {'vs ours':>8}"
     lines = [header, "-" * len(header)]
     ours = {}
@@ -173,6 +225,20 @@ def _table(results: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def _decode_table(results: List[dict]) -> str:
+    header = f"{'case':<44} {'implementation':<16} {'median ms':>10} {'K/V GB/s':>9} {'of memcpy':>9}"
+    lines = [header, "-" * len(header)]
+    copy = {Case(**r["case"]).label(): r["gbps"] for r in results if r["impl"] == "memcpy-numpy" and "gbps" in r}
+    for r in results:
+        label = Case(**r["case"]).label()
+        if "error" in r:
+            lines.append(f"{label:<44} {r['impl']:<16} {'-':>10} {'-':>9} {r['error']}")
+            continue
+        share = f"{100 * r['gbps'] / copy[label]:8.0f}%" if label in copy and r["impl"] != "memcpy-numpy" else "-"
+        lines.append(f"{label:<44} {r['impl']:<16} {r['median_s'] * 1e3:10.3f} {r['gbps']:9.1f} {share:>9}")
+    return "\n".join(lines)
+
+
 def _plot(results: List[dict], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -182,15 +248,17 @@ def _plot(results: List[dict], path: str) -> None:
     impls = list(dict.fromkeys(r["impl"] for r in results))
     fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(labels)), 4.5))
     width = 0.8 / max(1, len(impls))
+    decode = results[0]["case"]["mode"] == "decode"
     for i, impl in enumerate(impls):
         values = []
         for label in labels:
             match = [r for r in results if r["impl"] == impl and Case(**r["case"]).label() == label]
-            values.append(match[0]["tflops"] * 1e3 if match and "error" not in match[0] else 0.0)
+            ok = match and "error" not in match[0]
+            values.append((match[0]["gbps"] if decode else match[0]["tflops"] * 1e3) if ok else 0.0)
         ax.bar([x + i * width for x in range(len(labels))], values, width, label=impl)
     ax.set_xticks([x + width * (len(impls) - 1) / 2 for x in range(len(labels))])
     ax.set_xticklabels(labels, rotation=15, ha="right", fontsize=7)
-    ax.set_ylabel("GFLOP/s (causal counts half)")
+    ax.set_ylabel("K/V GB/s read" if decode else "GFLOP/s (causal counts half)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -208,7 +276,8 @@ def main(argv=None) -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--no-causal", action="store_true")
-    parser.add_argument("--mode", choices=["fwd", "fwd_bwd"], default="fwd")
+    parser.add_argument("--mode", choices=["fwd", "fwd_bwd", "decode"], default="fwd",
+                        help="decode: one query token per row against a full cache of --seq positions")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--impls", nargs="+", default=None, help="subset of the backend's peers")
     parser.add_argument("--max-quadratic-gb", type=float, default=4.0,
@@ -227,11 +296,11 @@ def main(argv=None) -> None:
     repeats = max(5, args.repeats)
     cases = [Case(args.batch, s, args.heads, args.kv_heads or args.heads, args.head_dim, not args.no_causal,
                   args.dtype, args.mode) for s in seqs]
-    impls = args.impls or PEERS[args.backend]
+    impls = args.impls or (DECODE_PEERS if args.mode == "decode" else PEERS)[args.backend]
     results = []
     for case in cases:
         for impl in impls:
-            if impl in QUADRATIC and case.logits_bytes > args.max_quadratic_gb * 2**30:
+            if impl in QUADRATIC and case.mode != "decode" and case.logits_bytes > args.max_quadratic_gb * 2**30:
                 results.append({"impl": impl, "case": dataclasses.asdict(case),
                                 "error": f"skipped: logits need {case.logits_bytes / 2**30:.1f} GiB"})
                 continue

@@ -14,6 +14,11 @@ namespace {
 
 constexpr int64_t kSplitKeys = 512;  // keys per work item
 constexpr int64_t kKeyBlock = 16;    // keys whose logits are computed together
+constexpr int64_t kMaxChunks = 256 / kLanes;  // vectors in a row of the largest head dim
+#ifndef FASTATTN_PREFETCH_KEYS
+#define FASTATTN_PREFETCH_KEYS 8
+#endif
+constexpr int64_t kPrefetchKeys = FASTATTN_PREFETCH_KEYS;  // how far ahead rows are prefetched
 
 // One split's partial result for one query head.
 struct Partial {
@@ -22,14 +27,18 @@ struct Partial {
 
 template <typename T>
 inline void load_row(float* dst, const T* src, int64_t head_dim, int64_t padded_dim) {
-  for (int64_t d = 0; d < head_dim; ++d) dst[d] = to_float(src[d]);
-  for (int64_t d = head_dim; d < padded_dim; ++d) dst[d] = 0.f;
+  int64_t d = 0;
+  for (; d + kLanes <= head_dim; d += kLanes) store(dst + d, load_as_float(src + d));
+  for (; d < head_dim; ++d) dst[d] = to_float(src[d]);
+  for (; d < padded_dim; ++d) dst[d] = 0.f;
 }
 
 template <typename T>
 void decode_typed(const DecodeParams& p) {
   const int64_t group = p.group();
   const int64_t padded_dim = round_up(p.head_dim, kLanes);
+  const bool direct = padded_dim == p.head_dim;
+  const int64_t chunks = padded_dim / kLanes;
   const int64_t splits = std::max<int64_t>(1, (p.max_len() + kSplitKeys - 1) / kSplitKeys);
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
@@ -39,65 +48,122 @@ void decode_typed(const DecodeParams& p) {
   std::vector<float> partial_out(p.batch * p.kv_heads * splits * group * padded_dim);
   std::vector<Partial> partial_stats(p.batch * p.kv_heads * splits * group);
 
-  parallel_for(p.batch * p.kv_heads * splits, [&](int64_t item) {
+  // Work item (batch, split) walks its keys in blocks of 16. Both passes
+  // over a block (logits from K, then the weighted sum of V) go through the
+  // cache in memory order, key by key and, within a key, kv head by kv head
+  // ([j][kv head][d] is one contiguous stretch), so the hardware prefetchers
+  // see two plain streams. (Walking one kv head's rows, 2 KiB apart, left
+  // the kernel waiting on memory at a third of the copy bandwidth.)
+  parallel_for(p.batch * splits, [&](int64_t item) {
     const int64_t split = item % splits;
-    const int64_t kv_h = (item / splits) % p.kv_heads;
-    const int64_t b = item / (splits * p.kv_heads);
+    const int64_t b = item / splits;
     const int64_t length = std::clamp<int64_t>(p.lengths[b], 0, p.max_len());
     const int64_t begin = split * kSplitKeys, end = std::min(length, begin + kSplitKeys);
-    Partial* stats = partial_stats.data() + item * group;
-    float* acc = partial_out.data() + item * group * padded_dim;
-    for (int64_t g = 0; g < group; ++g) stats[g] = {kNegInf, 0.f};
-    std::fill(acc, acc + group * padded_dim, 0.f);
-    if (begin >= end) return;
 
     Scratch& scratch = thread_scratch();
-    float* q_rows = scratch.get(0, group * padded_dim);       // scale * q
-    float* k_rows = scratch.get(1, kKeyBlock * padded_dim);
-    float* v_rows = scratch.get(2, kKeyBlock * padded_dim);
-    float* logits = scratch.get(3, group * kKeyBlock);
-    for (int64_t g = 0; g < group; ++g) {
-      const T* src = q + (b * p.q_heads + kv_h * group + g) * p.head_dim;
+    float* q_rows = scratch.get(0, p.q_heads * padded_dim);  // scale * q, all heads
+    float* acc = scratch.get(1, p.q_heads * padded_dim);     // running output per head
+    float* logits = scratch.get(2, p.q_heads * kKeyBlock);   // weights per head, one block
+    // Per-lane partial dots, [q_heads][16 keys] vectors (aligned for vfloat).
+    float* dots_storage = scratch.get(7, p.q_heads * kKeyBlock * kLanes + kLanes);
+    vfloat* dots = reinterpret_cast<vfloat*>(
+        (reinterpret_cast<uintptr_t>(dots_storage) + 63) & ~uintptr_t(63));
+    float* row_max = scratch.get(3, p.q_heads);
+    float* row_sum = scratch.get(4, p.q_heads);
+    float* k_row = scratch.get(5, padded_dim);               // converted row when D is ragged
+    float* v_block = scratch.get(6, kKeyBlock * padded_dim);  // one kv head's V rows of a block
+    std::fill(acc, acc + p.q_heads * padded_dim, 0.f);
+    std::fill(row_max, row_max + p.q_heads, kNegInf);
+    std::fill(row_sum, row_sum + p.q_heads, 0.f);
+    for (int64_t h = 0; h < p.q_heads; ++h) {
+      const T* src = q + (b * p.q_heads + h) * p.head_dim;
       for (int64_t d = 0; d < padded_dim; ++d) {
-        q_rows[g * padded_dim + d] = d < p.head_dim ? p.softmax_scale * to_float(src[d]) : 0.f;
+        q_rows[h * padded_dim + d] = d < p.head_dim ? p.softmax_scale * to_float(src[d]) : 0.f;
       }
     }
-    auto row_pointer = [&](const T* cache, int64_t j) {
+    auto row_pointer = [&](const T* cache, int64_t j, int64_t kv_h) {
       const int64_t page = p.page_table ? p.page_table[b * p.max_pages + j / p.page_size] : b;
       return cache + ((page * p.page_size + j % p.page_size) * p.kv_heads + kv_h) * p.head_dim;
     };
+    // A row as float chunks: read in place when D fills whole vectors.
+    auto chunk = [&](const T* src, float* converted, int64_t d) {
+      return direct ? load_as_float(src + d) : load(converted + d);
+    };
+
+    // Software prefetch of the K/V rows kPrefetchKeys positions ahead (every
+    // kv head): the demand loads alone left the loop stalled on memory.
+    const int64_t key_bytes = p.kv_heads * p.head_dim * int64_t(sizeof(T));
+    auto prefetch_key = [&](const T* cache, int64_t j) {
+      if (j >= end) return;
+      const char* row = reinterpret_cast<const char*>(row_pointer(cache, j, 0));
+      for (int64_t offset = 0; offset < key_bytes; offset += 64) __builtin_prefetch(row + offset);
+    };
     for (int64_t j0 = begin; j0 < end; j0 += kKeyBlock) {
       const int64_t keys = std::min(kKeyBlock, end - j0);
+      // Pass 1: per-lane partial dots of scale * q_h . k_j, one vector per
+      // (head, key), summed across lanes for all 16 keys at once afterwards.
       for (int64_t j = 0; j < keys; ++j) {
-        load_row(k_rows + j * padded_dim, row_pointer(k, j0 + j), p.head_dim, padded_dim);
-        load_row(v_rows + j * padded_dim, row_pointer(v, j0 + j), p.head_dim, padded_dim);
-      }
-      for (int64_t g = 0; g < group; ++g) {
-        const float* q_row = q_rows + g * padded_dim;
-        float* s = logits + g * kKeyBlock;
-        float block_max = kNegInf;
-        for (int64_t j = 0; j < keys; ++j) {
-          vfloat dot = splat(0.f);
-          for (int64_t d = 0; d < padded_dim; d += kLanes) {
-            dot += load(q_row + d) * load(k_rows + j * padded_dim + d);
-          }
-          s[j] = reduce_sum(dot);
-          block_max = std::max(block_max, s[j]);
-        }
-        const float new_max = std::max(stats[g].row_max, block_max);
-        const float correction = scalar_exp(stats[g].row_max - new_max);
-        float* out_row = acc + g * padded_dim;
-        float block_sum = 0.f;
-        for (int64_t d = 0; d < padded_dim; d += kLanes) store(out_row + d, load(out_row + d) * correction);
-        for (int64_t j = 0; j < keys; ++j) {
-          const float weight = std::exp(s[j] - new_max);
-          block_sum += weight;
-          for (int64_t d = 0; d < padded_dim; d += kLanes) {
-            store(out_row + d, load(out_row + d) + weight * load(v_rows + j * padded_dim + d));
+        prefetch_key(k, j0 + j + kPrefetchKeys);
+        const int slot = transpose_sum_slot(int(j));
+        for (int64_t kv_h = 0; kv_h < p.kv_heads; ++kv_h) {
+          const T* src = row_pointer(k, j0 + j, kv_h);
+          if (!direct) load_row(k_row, src, p.head_dim, padded_dim);
+          vfloat row[kMaxChunks];  // the key row, converted once for all g
+          for (int64_t c = 0; c < chunks; ++c) row[c] = chunk(src, k_row, c * kLanes);
+          for (int64_t g = 0; g < group; ++g) {
+            const int64_t h = kv_h * group + g;
+            const float* q_row = q_rows + h * padded_dim;
+            vfloat dot = splat(0.f);
+            for (int64_t c = 0; c < chunks; ++c) dot += load(q_row + c * kLanes) * row[c];
+            dots[h * kKeyBlock + slot] = dot;
           }
         }
-        stats[g] = {new_max, stats[g].row_sum * correction + block_sum};
       }
+      // Online softmax per head over the block: logits become weights.
+      static_assert(kKeyBlock == kLanes, "one vector of logits per key block");
+      vfloat beyond = splat(0.f);  // -inf for key slots past the valid ones
+      for (int64_t j = keys; j < kKeyBlock; ++j) beyond[j] = kNegInf;
+      for (int64_t h = 0; h < p.q_heads; ++h) {
+        vfloat* head_dots = dots + h * kKeyBlock;
+        for (int64_t j = keys; j < kKeyBlock; ++j) head_dots[transpose_sum_slot(int(j))] = splat(0.f);
+        const vfloat block_logits = transpose_sum16(head_dots) + beyond;
+        const float new_max = std::max(row_max[h], reduce_max(block_logits));
+        const float correction = scalar_exp(row_max[h] - new_max);
+        const vfloat weights = vexp(block_logits - new_max);
+        store(logits + h * kKeyBlock, weights);
+        row_sum[h] = row_sum[h] * correction + reduce_sum(weights);
+        row_max[h] = new_max;
+        float* out_row = acc + h * padded_dim;
+        if (correction != 1.f) {
+          for (int64_t d = 0; d < padded_dim; d += kLanes) store(out_row + d, load(out_row + d) * correction);
+        }
+      }
+      // Pass 2: acc[h] += weight[h][j] * v_j. Per kv head, the block's V rows
+      // are converted once into L1 and each output chunk of each head stays
+      // in a register across the 16 keys.
+      for (int64_t j = 0; j < keys; ++j) prefetch_key(v, j0 + j + kPrefetchKeys);
+      for (int64_t kv_h = 0; kv_h < p.kv_heads; ++kv_h) {
+        for (int64_t j = 0; j < keys; ++j) {
+          load_row(v_block + j * padded_dim, row_pointer(v, j0 + j, kv_h), p.head_dim, padded_dim);
+        }
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t h = kv_h * group + g;
+          const float* weights = logits + h * kKeyBlock;
+          float* out = acc + h * padded_dim;
+          for (int64_t d = 0; d < padded_dim; d += kLanes) {
+            vfloat out_chunk = load(out + d);
+            for (int64_t j = 0; j < keys; ++j) out_chunk += weights[j] * load(v_block + j * padded_dim + d);
+            store(out + d, out_chunk);
+          }
+        }
+      }
+    }
+    // Hand the partials of this split to the merge step.
+    for (int64_t h = 0; h < p.q_heads; ++h) {
+      const int64_t kv_h = h / group, g = h % group;
+      const int64_t slot = ((b * p.kv_heads + kv_h) * splits + split) * group + g;
+      partial_stats[slot] = {row_max[h], row_sum[h]};
+      std::copy(acc + h * padded_dim, acc + (h + 1) * padded_dim, partial_out.data() + slot * padded_dim);
     }
   });
 

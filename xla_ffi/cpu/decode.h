@@ -7,9 +7,10 @@
 namespace fastattn {
 namespace cpu {
 
-// Work items are (batch, kv head, key split of kSplitKeys positions); each
-// computes all Hq/Hkv query heads of its GQA group at once (one pass over
-// its K/V rows), keeping a running max, sum and output per head. A second
+// Work items are (batch, split of the keys); for each block of keys and
+// each kv head an item computes all Hq/Hkv query heads of the GQA group at
+// once (every K/V byte read once), keeping a running max, sum and output per
+// query head. A second
 // step merges the splits of each (batch, kv head) through their
 // log-sum-exps. Rows at or past lengths[b] are never read.
 void decode_attention(const DecodeParams& params);
