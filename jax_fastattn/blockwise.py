@@ -43,6 +43,8 @@ class _Tiles:
 
     def __init__(self, q, k, v, bias, plan, tile_q, tile_kv):
         self.batch, self.q_len, self.q_heads, self.head_dim = q.shape
+        # Short queries (decode: Sq = 1) get a short q tile, not 256 rows of padding.
+        tile_q = min(tile_q, -(-self.q_len // 8) * 8)
         self.kv_len, self.kv_heads = k.shape[1], k.shape[2]
         self.group = self.q_heads // self.kv_heads
         self.tile_q, self.tile_kv = tile_q, tile_kv
@@ -111,7 +113,7 @@ class _Tiles:
 def forward(q, k, v, bias, plan: masks.MaskPlan, softmax_scale: float, tile_q: int = 256, tile_kv: int = 512):
     """out [B, Sq, Hq, D] in q's dtype, lse float32 [B, Hq, Sq]."""
     t = _Tiles(q, k, v, bias, plan, tile_q, tile_kv)
-    b, hk, g, tq, d = t.batch, t.kv_heads, t.group, tile_q, t.head_dim
+    b, hk, g, tq, d = t.batch, t.kv_heads, t.group, t.tile_q, t.head_dim
     q_all = _pad_to(q.astype(jnp.float32) * softmax_scale, 1, t.q_pad).reshape(b, t.q_pad, hk, g, d)
 
     def q_tile_step(qt):
@@ -150,7 +152,7 @@ def backward(q, k, v, bias, plan: masks.MaskPlan, softmax_scale: float, out, lse
              tile_q: int = 256, tile_kv: int = 512):
     """(dq, dk, dv, dbias) with dbias float32 [B, Hq, Sq, Skv] (or None)."""
     t = _Tiles(q, k, v, bias, plan, tile_q, tile_kv)
-    b, hk, g, tq, d = t.batch, t.kv_heads, t.group, tile_q, t.head_dim
+    b, hk, g, tq, d = t.batch, t.kv_heads, t.group, t.tile_q, t.head_dim
     f32 = jnp.float32
     q_all = _pad_to(q.astype(f32) * softmax_scale, 1, t.q_pad).reshape(b, t.q_pad, hk, g, d)
     do_all = _pad_to(d_out.astype(f32), 1, t.q_pad).reshape(b, t.q_pad, hk, g, d)
