@@ -73,22 +73,32 @@ def check_inputs(q, k, v, bias, softmax_scale) -> None:
             raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
 
 
-def resolve_backend(backend: str) -> str:
+# CUDA kernels this release has, per operation.
+_CUDA_TARGETS = {"attention": "fastattn_forward_cuda", "decode": "fastattn_decode_cuda"}
+
+
+def resolve_backend(backend: str, op: str = "attention") -> str:
     """'auto' -> the concrete backend for the default device; checks others."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    has_cuda_kernel = _CUDA_TARGETS[op] in ffi.cuda_targets()
     if backend in ("cuda", "volta"):
         if not _has_gpu():
             raise ValueError(f"backend={backend!r} needs a CUDA GPU, but JAX sees none "
                              f"(devices: {[d.platform for d in jax.devices()]}); use 'cpu' or 'xla'")
-        raise ValueError(f"backend={backend!r}: this build has no CUDA kernels yet; use 'xla'")
+        if backend == "volta" or not has_cuda_kernel:
+            raise ValueError(f"backend={backend!r}: this build has no CUDA kernel for {op} yet "
+                             "(built without nvcc, or not implemented); use 'xla'")
+        return "cuda"
     if backend == "cpu" and not ffi.library_available():
         raise ValueError("backend='cpu' needs the compiled library; build it with `pip install -e .`")
     if backend == "auto":
         platform = jax.devices()[0].platform
         if platform == "cpu" and ffi.library_available():
             return "cpu"
-        return "xla"  # documented: GPUs use the pure-JAX backend until CUDA kernels land
+        if platform == "gpu" and has_cuda_kernel:
+            return "cuda"
+        return "xla"  # documented: GPU attention uses the pure-JAX backend until its CUDA kernels land
     return backend
 
 

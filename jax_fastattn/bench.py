@@ -27,7 +27,12 @@ PEERS: Dict[str, List[str]] = {
 }
 DECODE_PEERS: Dict[str, List[str]] = {
     "cpu": ["memcpy-numpy", "fastattn-cpu", "fastattn-xla", "jax.nn-xla"],
+    "cuda": ["memcpy-device", "fastattn-cuda", "jax.nn-cudnn", "jax.nn-xla"],
 }
+# On a GPU each timed sample dispatches this many calls back to back and
+# waits once, so that host dispatch time (tens of microseconds) does not
+# count against a sub-millisecond kernel.
+GPU_CALLS_PER_SAMPLE = 10
 # Implementations that build the full [B, H, Sq, Skv] logits.
 QUADRATIC = {"jax.nn-xla", "reference"}
 
@@ -99,6 +104,29 @@ def _memcpy_bandwidth(case: Case, repeats: int) -> dict:
             "gbps": 2 * src.nbytes / median / 1e9, "peak_mb": 0.0, "tflops": 0.0}
 
 
+def _device_copy_bandwidth(case: Case, repeats: int) -> dict:
+    """Device memory bandwidth: an elementwise op over an array as large as
+    the case's K/V cache (bytes read + written per second)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    n = max(case.kv_bytes, 2**30) // 2
+    x = jnp.ones((n,), jnp.bfloat16)
+    fn = jax.jit(lambda x: x * 2).lower(x).compile()
+    jax.block_until_ready(fn(x))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        outs = [fn(x) for _ in range(GPU_CALLS_PER_SAMPLE)]
+        jax.block_until_ready(outs)
+        times.append((time.perf_counter() - start) / GPU_CALLS_PER_SAMPLE)
+        del outs
+    median = float(np.median(times))
+    return {"impl": "memcpy-device", "case": dataclasses.asdict(case), "times_s": times, "median_s": median,
+            "gbps": 2 * x.nbytes / median / 1e9, "peak_mb": 0.0, "tflops": 0.0,
+            "device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
+
+
 def _build(name: str, case: Case) -> Callable:
     import jax
     import jax.numpy as jnp
@@ -152,6 +180,8 @@ def run_worker(name: str, case: Case, repeats: int) -> dict:
     """Times one implementation on one case in this process."""
     if name == "memcpy-numpy":
         return _memcpy_bandwidth(case, repeats)
+    if name == "memcpy-device":
+        return _device_copy_bandwidth(case, repeats)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -172,11 +202,12 @@ def run_worker(name: str, case: Case, repeats: int) -> dict:
     # resident set once inputs and the executable exist. Outputs count.
     baseline = _status_mb("VmRSS") if _reset_peak_rss() else _peak_rss_mb()
     jax.block_until_ready(compiled(*args))  # warm-up
+    calls = GPU_CALLS_PER_SAMPLE if jax.devices()[0].platform == "gpu" else 1
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
+        jax.block_until_ready([compiled(*args) for _ in range(calls)])
+        times.append((time.perf_counter() - start) / calls)
     temp_mb = None
     try:
         temp_mb = compiled.memory_analysis().temp_size_in_bytes / 2**20
@@ -267,7 +298,7 @@ def _plot(results: List[dict], path: str) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m jax_fastattn.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backend", default="cpu", choices=sorted(PEERS))
+    parser.add_argument("--backend", default="cpu", choices=sorted(set(PEERS) | set(DECODE_PEERS)))
     parser.add_argument("--quick", action="store_true", help="one small case, 5 repeats (a demo)")
     parser.add_argument("--seq", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--batch", type=int, default=1)
@@ -296,7 +327,10 @@ def main(argv=None) -> None:
     repeats = max(5, args.repeats)
     cases = [Case(args.batch, s, args.heads, args.kv_heads or args.heads, args.head_dim, not args.no_causal,
                   args.dtype, args.mode) for s in seqs]
-    impls = args.impls or (DECODE_PEERS if args.mode == "decode" else PEERS)[args.backend]
+    peers = DECODE_PEERS if args.mode == "decode" else PEERS
+    if args.impls is None and args.backend not in peers:
+        parser.error(f"--backend {args.backend} has no peers for --mode {args.mode} yet")
+    impls = args.impls or peers[args.backend]
     results = []
     for case in cases:
         for impl in impls:

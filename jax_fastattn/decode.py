@@ -37,6 +37,17 @@ def _check(q, k_cache, v_cache, lengths, page_table, softmax_scale):
         check_inputs(q[:, None], k_cache, v_cache, None, softmax_scale)
 
 
+# Enough CTAs to fill an H100 (132 SMs) several times over, even for B = 1.
+_TARGET_CTAS = 8 * 132
+
+
+def decode_num_splits(batch: int, kv_heads: int, group: int, max_len: int) -> int:
+    """Key splits of the CUDA decode kernel (static: it shapes the workspace)."""
+    head_groups = 1 if group == 1 else -(-group // 8)
+    ctas = batch * kv_heads * head_groups
+    return max(1, min(-(-max_len // 256), -(-_TARGET_CTAS // ctas)))
+
+
 def _gather_pages(cache, page_table):
     """[num_pages, page, H, D] pages -> [B, max_pages * page, H, D] rows."""
     rows = cache[page_table]  # [B, max_pages, page, H, D]
@@ -60,14 +71,21 @@ def decode_attention(q, k_cache, v_cache, lengths, *, page_table=None, softmax_s
     of flash_attention (pages gathered first).
     """
     _check(q, k_cache, v_cache, lengths, page_table, softmax_scale)
-    concrete = resolve_backend(backend)
+    concrete = resolve_backend(backend, op="decode")
+    if concrete == "cuda":
+        itemsize = jnp.dtype(q.dtype).itemsize
+        if q.shape[-1] * itemsize % 16 != 0:
+            raise ValueError(f"backend='cuda' decode needs rows of whole 16-byte vectors: head dim D must be a "
+                             f"multiple of {16 // itemsize} for {q.dtype}, got D={q.shape[-1]}; use backend='xla'")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     lengths = jnp.asarray(lengths, jnp.int32)
     if concrete in ("cpu", "cuda"):
         table = ffi.absent(jnp.int32) if page_table is None else jnp.asarray(page_table, jnp.int32)
-        call = sharding.decode_call(concrete, scale, page_table is not None)
-        (out,) = call(q, k_cache, v_cache, lengths, table)
-        return out
+        max_len = k_cache.shape[1] * (1 if page_table is None else table.shape[1])
+        splits = decode_num_splits(q.shape[0], k_cache.shape[2], q.shape[1] // k_cache.shape[2], max_len) \
+            if concrete == "cuda" else 1
+        call = sharding.decode_call(concrete, scale, page_table is not None, splits)
+        return call(q, k_cache, v_cache, lengths, table)[0]
     if page_table is not None:
         k_cache, v_cache = _gather_pages(k_cache, page_table), _gather_pages(v_cache, page_table)
     batch, s_max = q.shape[0], k_cache.shape[1]

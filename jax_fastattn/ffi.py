@@ -40,7 +40,22 @@ def register() -> None:
             f"{_IMPORT_ERROR}")
     for name, capsule in _xla_ffi.cpu_targets().items():
         jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+    if gpu_available():
+        for name, capsule in _xla_ffi.cuda_targets().items():
+            jax.ffi.register_ffi_target(name, capsule, platform="CUDA")
     _REGISTERED = True
+
+
+def gpu_available() -> bool:
+    try:
+        return len(jax.devices("gpu")) > 0
+    except RuntimeError:
+        return False
+
+
+def cuda_targets() -> frozenset:
+    """Names of the CUDA custom calls this build has (empty without nvcc)."""
+    return frozenset(_xla_ffi.cuda_targets()) if _xla_ffi is not None else frozenset()
 
 
 def absent(dtype=jnp.float32):
@@ -100,14 +115,21 @@ def backward_ffi(platform: str, attrs: CallAttrs):
     return call
 
 
-def decode_ffi(platform: str, softmax_scale: float):
-    """fn(q, k, v, lengths, page_table) -> (out,); page_table empty means a
-    contiguous cache."""
+def decode_ffi(platform: str, softmax_scale: float, num_splits: int = 1):
+    """fn(q, k, v, lengths, page_table) -> (out,) on the CPU, (out,
+    workspace) on CUDA; page_table empty means a contiguous cache. The CUDA
+    workspace [B, Hq, num_splits * (D + 2)] float32 holds the split partials
+    (an output, not FFI scratch: XLA keeps it alive until the kernels ran)."""
     register()
 
     def call(q, k, v, lengths, page_table):
-        fn = jax.ffi.ffi_call(f"fastattn_decode_{platform}", (jax.ShapeDtypeStruct(q.shape, q.dtype),),
-                              vmap_method="broadcast_all")
-        return tuple(fn(q, k, v, lengths, page_table, softmax_scale=np.float32(softmax_scale)))
+        results = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+        attrs = dict(softmax_scale=np.float32(softmax_scale))
+        if platform == "cuda":
+            b, hq, d = q.shape
+            results.append(jax.ShapeDtypeStruct((b, hq, num_splits * (d + 2)), jnp.float32))
+            attrs["num_splits"] = np.int64(num_splits)
+        fn = jax.ffi.ffi_call(f"fastattn_decode_{platform}", tuple(results), vmap_method="broadcast_all")
+        return tuple(fn(q, k, v, lengths, page_table, **attrs))
 
     return call

@@ -37,7 +37,7 @@ FORWARD_ARGS = ("q", "k", "v", "bias", "q_ids", "kv_ids", "dense", "tile_class")
 BACKWARD_ARGS = ("q", "k", "v", "out", "lse", "d_out", "d_lse", "bias", "q_ids", "kv_ids", "dense",
                  "tile_class")
 _BROADCASTABLE = {"bias", "dense", "tile_class"}
-_REPLICATED_FACTORS = ("s", "t", "g", "d", "nq", "nk", "p", "mp")
+_REPLICATED_FACTORS = ("s", "t", "g", "d", "nq", "nk", "p", "mp", "w")
 DECODE_ARGS = ("dq", "dk", "dv", "lengths", "page_table")
 
 
@@ -72,6 +72,8 @@ def _mapping(name: str, shape: tuple, batch: int, q_heads: int, heads, unique: s
         return ArrayMapping("p" if paged else "b", "t", "k", "d")
     if name == "lengths":
         return ArrayMapping("b")
+    if name == "workspace":
+        return ArrayMapping("b", heads, "w")
     if name == "page_table":
         return ArrayMapping("b", "mp")
     if name in ("k", "v"):
@@ -174,7 +176,7 @@ def _spec_for(name: str, shape: tuple, batch: int, q_heads: int, batch_axes, hea
     if len(shape) == 1 and shape[0] == 0:
         return P(None)
     b = batch_axes if shape[0] == batch else None
-    if name in ("dq", "dout"):
+    if name in ("dq", "dout", "workspace"):
         return P(batch_axes, head_axes, None)
     if name in ("dk", "dv"):
         return P(None if paged else batch_axes, None, head_axes, None)
@@ -310,10 +312,12 @@ def backward_call(platform: str, attrs: ffi.CallAttrs):
 
 
 @functools.lru_cache(maxsize=None)
-def decode_call(platform: str, softmax_scale: float, paged: bool):
-    """fn(q [B, Hq, D], k, v, lengths [B], page_table) -> (out,)."""
-    raw = ffi.decode_ffi(platform, softmax_scale)
-    call = _partitioned(raw, DECODE_ARGS, ("dout",))
+def decode_call(platform: str, softmax_scale: float, paged: bool, num_splits: int = 1):
+    """fn(q [B, Hq, D], k, v, lengths [B], page_table) -> (out,) or (out,
+    workspace) on CUDA."""
+    raw = ffi.decode_ffi(platform, softmax_scale, num_splits)
+    names = ("dout", "workspace") if platform == "cuda" else ("dout",)
+    call = _partitioned(raw, DECODE_ARGS, names)
     if paged:
         return _varying_like(_batched_paged(call))
     return _varying_like(_batched(call, DECODE_ARGS))
@@ -333,7 +337,7 @@ def _batched_paged(call):
         offsets = (jnp.arange(axis_size, dtype=jnp.int32) * pages)[:, None, None]
         table = (page_table + offsets).reshape((-1,) + page_table.shape[2:])
         merge = lambda x: x.reshape((-1,) + x.shape[2:])
-        (out,) = wrapped(merge(q), merge(k), merge(v), merge(lengths), table)
-        return (out.reshape((axis_size, -1) + out.shape[1:]),), (True,)
+        results = wrapped(merge(q), merge(k), merge(v), merge(lengths), table)
+        return tuple(r.reshape((axis_size, -1) + r.shape[1:]) for r in results), (True,) * len(results)
 
     return wrapped

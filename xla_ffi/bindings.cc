@@ -3,6 +3,9 @@
 #include <pybind11/pybind11.h>
 
 #include "cpu/handlers.h"
+#ifdef FASTATTN_WITH_CUDA
+#include "cuda/handlers.h"
+#endif
 
 namespace py = pybind11;
 
@@ -22,6 +25,14 @@ PYBIND11_MODULE(_xla_ffi, m) {
     targets["fastattn_forward_cpu"] = capsule(fastattn::cpu::FastattnForwardCpu);
     targets["fastattn_backward_cpu"] = capsule(fastattn::cpu::FastattnBackwardCpu);
     targets["fastattn_decode_cpu"] = capsule(fastattn::cpu::FastattnDecodeCpu);
+    return targets;
+  });
+  // Empty when the library was built without nvcc.
+  m.def("cuda_targets", [] {
+    py::dict targets;
+#ifdef FASTATTN_WITH_CUDA
+    targets["fastattn_decode_cuda"] = capsule(fastattn::cuda::FastattnDecodeCuda);
+#endif
     return targets;
   });
 }

@@ -1,0 +1,73 @@
+"""CUDA decode kernel against the reference (run on a GPU: pytest -m gpu)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_fastattn import decode_attention
+from helpers import assert_close
+from test_decode import _paged, reference_decode
+
+pytestmark = pytest.mark.gpu
+
+
+def _gpu():
+    try:
+        return jax.devices("gpu")
+    except RuntimeError:
+        return []
+
+
+requires_gpu = pytest.mark.skipif(not _gpu(), reason="needs a CUDA GPU")
+
+
+def _inputs(seed, batch, s_max, heads, kv_heads, d, dtype):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+    q = jax.random.normal(keys[0], (batch, heads, d)).astype(dtype)
+    k = jax.random.normal(keys[1], (batch, s_max, kv_heads, d)).astype(dtype)
+    v = jax.random.normal(keys[2], (batch, s_max, kv_heads, d)).astype(dtype)
+    return q, k, v
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize("heads", [(32, 8), (8, 1), (4, 4), (12, 4)], ids=["gqa-32/8", "mqa", "mha", "group-3"])
+@pytest.mark.parametrize("d", [64, 128, 256, 80, 32])
+def test_cuda_decode_matches_reference(dtype, heads, d):
+    batch, s_max = 5, 777
+    q, k, v = _inputs(0, batch, s_max, heads[0], heads[1], d, dtype)
+    lengths = jnp.array([1, s_max, 0, 300, 511], jnp.int32)
+    past = jnp.arange(s_max)[None, :, None, None] >= lengths[:, None, None, None]
+    k_dirty = jnp.where(past, jnp.nan, k).astype(dtype)
+    v_dirty = jnp.where(past, jnp.inf, v).astype(dtype)
+    out = jax.jit(lambda *a: decode_attention(*a, backend="cuda"))(q, k_dirty, v_dirty, lengths)
+    assert out.dtype == q.dtype
+    assert_close(out, reference_decode(q, k, v, lengths), dtype)
+    assert np.all(np.asarray(out, np.float32)[2] == 0)
+
+
+@requires_gpu
+@pytest.mark.parametrize("page_size", [16, 256])
+def test_cuda_decode_paged(page_size):
+    q, k, v = _inputs(1, 4, 1000, 32, 8, 128, jnp.bfloat16)
+    lengths = jnp.array([1, 1000, 255, 513], jnp.int32)
+    k_pages, v_pages, table = _paged(k, v, page_size, seed=page_size)
+    out = jax.jit(lambda *a: decode_attention(*a[:4], page_table=a[4], backend="cuda"))(
+        q, k_pages, v_pages, lengths, table)
+    assert_close(out, reference_decode(q, k, v, lengths), jnp.bfloat16)
+
+
+@requires_gpu
+def test_cuda_decode_vmap_and_auto_backend():
+    q, k, v = _inputs(2, 6, 130, 8, 2, 64, jnp.bfloat16)
+    lengths = jnp.array([3, 130, 0, 64, 65, 1], jnp.int32)
+    split = lambda x: x.reshape(2, 3, *x.shape[1:])
+    out = jax.vmap(lambda *a: decode_attention(*a))(split(q), split(k), split(v), split(lengths))
+    assert_close(out.reshape(q.shape), reference_decode(q, k, v, lengths), jnp.bfloat16)
+
+
+@requires_gpu
+def test_cuda_decode_rejects_unaligned_head_dim():
+    q, k, v = _inputs(3, 1, 10, 2, 2, 12, jnp.bfloat16)
+    with pytest.raises(ValueError, match="head dim D must be a multiple of 8"):
+        decode_attention(q, k, v, jnp.array([5], jnp.int32), backend="cuda")

@@ -1,0 +1,355 @@
+// Split-KV decode kernels. See decode.h.
+//
+// Grid of the split kernel: (split, kv head x head group, batch). A CTA of
+// 4 warps walks its keys; each key row (D elements) is spread over L lanes
+// holding E elements each (16-byte loads, E = 8 for bf16/f16), so a warp
+// handles 32 / L keys at once. Every lane keeps, for each of the CTA's q
+// heads, a running max, sum and its E-element slice of the output (online
+// softmax). Keys are loaded kUnroll at a time before any arithmetic, to keep
+// enough bytes in flight for HBM. The partial results of the lanes, warps and
+// then splits are merged through their log-sum-exps.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "decode.h"
+
+namespace fastattn {
+namespace cuda {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kUnroll = 4;
+
+struct DecodeArgs {
+  const void* q;
+  const void* k;
+  const void* v;
+  const int32_t* lengths;
+  const int32_t* page_table;
+  int32_t batch, q_heads, kv_heads, head_dim, page_size, max_pages, head_groups;
+  int64_t max_len, keys_per_split, num_splits;
+  float softmax_scale;
+  float* partial_out;    // [B, Hq, splits, D]
+  float* partial_stats;  // [B, Hq, splits, 2] (max, sum)
+  void* out;             // [B, Hq, D]
+};
+
+template <typename T>
+__device__ __forceinline__ void unpack16(const uint4& raw, float* out);
+
+template <>
+__device__ __forceinline__ void unpack16<float>(const uint4& raw, float* out) {
+  out[0] = __uint_as_float(raw.x);
+  out[1] = __uint_as_float(raw.y);
+  out[2] = __uint_as_float(raw.z);
+  out[3] = __uint_as_float(raw.w);
+}
+
+template <>
+__device__ __forceinline__ void unpack16<__nv_bfloat16>(const uint4& raw, float* out) {
+  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    out[2 * i] = __uint_as_float(words[i] << 16);
+    out[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
+  }
+}
+
+template <>
+__device__ __forceinline__ void unpack16<__half>(const uint4& raw, float* out) {
+  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 pair = __half22float2(*reinterpret_cast<const __half2*>(&words[i]));
+    out[2 * i] = pair.x;
+    out[2 * i + 1] = pair.y;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ float to_f32(T x);
+template <>
+__device__ __forceinline__ float to_f32<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <>
+__device__ __forceinline__ float to_f32<__half>(__half x) { return __half2float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_f32(float x);
+template <>
+__device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+template <>
+__device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half(x); }
+
+// Merges running softmax state (m, l, acc) with another one.
+template <int E>
+__device__ __forceinline__ void merge_state(float& m, float& l, float* acc, float m_other,
+                                            float l_other, const float* acc_other) {
+  const float m_new = fmaxf(m, m_other);
+  if (m_new == -INFINITY) return;  // both empty
+  const float a = __expf(m - m_new), b = __expf(m_other - m_new);
+  l = l * a + l_other * b;
+#pragma unroll
+  for (int e = 0; e < E; ++e) acc[e] = acc[e] * a + acc_other[e] * b;
+  m = m_new;
+}
+
+template <typename T, int D, int HEADS>
+__global__ void __launch_bounds__(kThreads) decode_split_kernel(DecodeArgs args) {
+  constexpr int kPer16B = 16 / int(sizeof(T));
+  constexpr int E = (D / 32 > kPer16B) ? D / 32 : kPer16B;  // elements per lane
+  constexpr int L = D / E;                                  // lanes per key
+  constexpr int kVecs = E / kPer16B;                        // 16-byte loads per lane
+  constexpr int kKeysPerWarp = 32 / L;
+  static_assert(L >= 1 && L <= 32 && (L & (L - 1)) == 0, "lanes per key: power of two");
+
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int slot = lane / L, part = lane % L;
+  const int split = blockIdx.x;
+  const int kv_h = blockIdx.y / args.head_groups;
+  const int head_group = blockIdx.y % args.head_groups;
+  const int b = blockIdx.z;
+  const int group = args.q_heads / args.kv_heads;
+  const int h0 = kv_h * group + head_group * HEADS;
+  const int heads = min(HEADS, group - head_group * HEADS);
+  const bool lane_has_dims = part * E < args.head_dim;  // D padded up to a power of two
+
+  float q[HEADS][E];
+#pragma unroll
+  for (int h = 0; h < HEADS; ++h) {
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+      const int d = part * E + e;
+      q[h][e] = (h < heads && d < args.head_dim)
+                    ? args.softmax_scale *
+                          to_f32(static_cast<const T*>(args.q)[(int64_t(b) * args.q_heads + h0 + h) *
+                                                                   args.head_dim + d])
+                    : 0.f;
+    }
+  }
+  float m[HEADS], l[HEADS], acc[HEADS][E];
+#pragma unroll
+  for (int h = 0; h < HEADS; ++h) {
+    m[h] = -INFINITY;
+    l[h] = 0.f;
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[h][e] = 0.f;
+  }
+
+  const int64_t length = min(int64_t(max(args.lengths[b], 0)), args.max_len);
+  const int64_t begin = int64_t(split) * args.keys_per_split;
+  const int64_t end = min(length, begin + args.keys_per_split);
+  const T* k = static_cast<const T*>(args.k);
+  const T* v = static_cast<const T*>(args.v);
+  auto row_offset = [&](int64_t j) {
+    const int64_t page = args.page_table ? args.page_table[int64_t(b) * args.max_pages + j / args.page_size] : b;
+    return ((page * args.page_size + j % args.page_size) * args.kv_heads + kv_h) * args.head_dim + part * E;
+  };
+
+  constexpr int kStep = kWarps * kKeysPerWarp;
+  for (int64_t j0 = begin + warp * kKeysPerWarp + slot; j0 < end; j0 += kStep * kUnroll) {
+    uint4 k_raw[kUnroll][kVecs], v_raw[kUnroll][kVecs];
+    bool valid[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {  // all loads first: bytes in flight
+      const int64_t j = j0 + int64_t(u) * kStep;
+      valid[u] = j < end;
+      if (valid[u] && lane_has_dims) {
+        const int64_t offset = row_offset(j);
+#pragma unroll
+        for (int c = 0; c < kVecs; ++c) {
+          k_raw[u][c] = __ldg(reinterpret_cast<const uint4*>(k + offset) + c);
+          v_raw[u][c] = __ldg(reinterpret_cast<const uint4*>(v + offset) + c);
+        }
+      } else {
+#pragma unroll
+        for (int c = 0; c < kVecs; ++c) k_raw[u][c] = v_raw[u][c] = make_uint4(0, 0, 0, 0);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      float key[E], value[E];
+#pragma unroll
+      for (int c = 0; c < kVecs; ++c) {
+        unpack16<T>(k_raw[u][c], key + c * kPer16B);
+        unpack16<T>(v_raw[u][c], value + c * kPer16B);
+      }
+#pragma unroll
+      for (int h = 0; h < HEADS; ++h) {
+        float dot = 0.f;
+#pragma unroll
+        for (int e = 0; e < E; ++e) dot = fmaf(q[h][e], key[e], dot);
+#pragma unroll
+        for (int offset = L / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+        if (valid[u]) {
+          const float m_new = fmaxf(m[h], dot);
+          const float correction = __expf(m[h] - m_new);
+          const float p = __expf(dot - m_new);
+          l[h] = l[h] * correction + p;
+#pragma unroll
+          for (int e = 0; e < E; ++e) acc[h][e] = fmaf(p, value[e], acc[h][e] * correction);
+          m[h] = m_new;
+        }
+      }
+    }
+  }
+
+  // Merge the key slots of the warp (lanes with the same `part`).
+#pragma unroll
+  for (int offset = L; offset < 32; offset *= 2) {
+#pragma unroll
+    for (int h = 0; h < HEADS; ++h) {
+      float acc_other[E];
+      const float m_other = __shfl_xor_sync(0xffffffffu, m[h], offset);
+      const float l_other = __shfl_xor_sync(0xffffffffu, l[h], offset);
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc_other[e] = __shfl_xor_sync(0xffffffffu, acc[h][e], offset);
+      merge_state<E>(m[h], l[h], acc[h], m_other, l_other, acc_other);
+    }
+  }
+  // Merge the warps through shared memory; warp 0 writes the split's partials.
+  __shared__ float shared_acc[kWarps][HEADS][D];
+  __shared__ float shared_ml[kWarps][HEADS][2];
+  if (slot == 0) {
+#pragma unroll
+    for (int h = 0; h < HEADS; ++h) {
+#pragma unroll
+      for (int e = 0; e < E; ++e) shared_acc[warp][h][part * E + e] = acc[h][e];
+      if (part == 0) {
+        shared_ml[warp][h][0] = m[h];
+        shared_ml[warp][h][1] = l[h];
+      }
+    }
+  }
+  __syncthreads();
+  if (warp == 0 && slot == 0) {
+#pragma unroll
+    for (int h = 0; h < HEADS; ++h) {
+      for (int w = 1; w < kWarps; ++w) {
+        float acc_other[E];
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc_other[e] = shared_acc[w][h][part * E + e];
+        merge_state<E>(m[h], l[h], acc[h], shared_ml[w][h][0], shared_ml[w][h][1], acc_other);
+      }
+      if (h < heads) {
+        const int64_t row = (int64_t(b) * args.q_heads + h0 + h) * args.num_splits + split;
+        if (lane_has_dims) {
+#pragma unroll
+          for (int e = 0; e < E; ++e) {
+            if (part * E + e < args.head_dim) args.partial_out[row * args.head_dim + part * E + e] = acc[h][e];
+          }
+        }
+        if (part == 0) {
+          args.partial_stats[row * 2] = m[h];
+          args.partial_stats[row * 2 + 1] = l[h];
+        }
+      }
+    }
+  }
+}
+
+// One CTA per (batch, q head): merges the splits and writes the output.
+template <typename T>
+__global__ void decode_combine_kernel(DecodeArgs args) {
+  const int64_t row = blockIdx.x;  // b * Hq + h
+  const float* stats = args.partial_stats + row * args.num_splits * 2;
+  float best = -INFINITY;
+  for (int64_t s = 0; s < args.num_splits; ++s) best = fmaxf(best, stats[2 * s]);
+  float total = 0.f;
+  if (best != -INFINITY) {
+    for (int64_t s = 0; s < args.num_splits; ++s) total += stats[2 * s + 1] * __expf(stats[2 * s] - best);
+  }
+  const float inv = total > 0.f ? 1.f / total : 0.f;  // length 0: zeros
+  for (int d = threadIdx.x; d < args.head_dim; d += blockDim.x) {
+    float value = 0.f;
+    if (total > 0.f) {
+      for (int64_t s = 0; s < args.num_splits; ++s) {
+        if (stats[2 * s + 1] == 0.f) continue;
+        value += args.partial_out[(row * args.num_splits + s) * args.head_dim + d] * __expf(stats[2 * s] - best);
+      }
+    }
+    static_cast<T*>(args.out)[row * args.head_dim + d] = from_f32<T>(value * inv);
+  }
+}
+
+template <typename T, int D, int HEADS>
+cudaError_t launch_typed(const DecodeArgs& args, cudaStream_t stream) {
+  const dim3 grid(unsigned(args.num_splits), unsigned(args.kv_heads * args.head_groups), unsigned(args.batch));
+  decode_split_kernel<T, D, HEADS><<<grid, kThreads, 0, stream>>>(args);
+  if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+  decode_combine_kernel<T><<<unsigned(args.batch * args.q_heads), 128, 0, stream>>>(args);
+  return cudaGetLastError();
+}
+
+template <typename T, int HEADS>
+cudaError_t launch_dim(const DecodeArgs& args, cudaStream_t stream) {
+  // Head dims round up to the next supported power of two; lanes past D idle.
+  if (args.head_dim <= 32) return launch_typed<T, 32, HEADS>(args, stream);
+  if (args.head_dim <= 64) return launch_typed<T, 64, HEADS>(args, stream);
+  if (args.head_dim <= 128) return launch_typed<T, 128, HEADS>(args, stream);
+  return launch_typed<T, 256, HEADS>(args, stream);
+}
+
+template <typename T>
+cudaError_t launch_heads(const DecodeArgs& args, int group, cudaStream_t stream) {
+  if (group == 1) return launch_dim<T, 1>(args, stream);
+  return launch_dim<T, kDecodeMaxHeadsPerCta>(args, stream);
+}
+
+}  // namespace
+
+int64_t decode_keys_per_split(const DecodeParams& p, int64_t num_splits) {
+  const int64_t keys = (p.max_len() + num_splits - 1) / num_splits;
+  return std::max<int64_t>(64, (keys + 63) / 64 * 64);
+}
+
+int64_t decode_workspace_floats(const DecodeParams& p, int64_t num_splits) {
+  return p.batch * p.q_heads * num_splits * (p.head_dim + 2);
+}
+
+bool decode_supported(const DecodeParams& p) {
+  const int64_t bytes = p.dtype == ElementType::kF32 ? 4 : 2;
+  return p.head_dim <= 256 && (p.head_dim * bytes) % 16 == 0;
+}
+
+cudaError_t decode_attention(const DecodeParams& p, int64_t num_splits, float* workspace,
+                             cudaStream_t stream) {
+  const int group = int(p.group());
+  DecodeArgs args;
+  args.q = p.q;
+  args.k = p.k;
+  args.v = p.v;
+  args.lengths = p.lengths;
+  args.page_table = p.page_table;
+  args.batch = int32_t(p.batch);
+  args.q_heads = int32_t(p.q_heads);
+  args.kv_heads = int32_t(p.kv_heads);
+  args.head_dim = int32_t(p.head_dim);
+  args.page_size = int32_t(p.page_size);
+  args.max_pages = int32_t(p.max_pages);
+  const int heads_per_cta = group == 1 ? 1 : kDecodeMaxHeadsPerCta;
+  args.head_groups = (group + heads_per_cta - 1) / heads_per_cta;
+  args.max_len = p.max_len();
+  args.keys_per_split = decode_keys_per_split(p, num_splits);
+  args.num_splits = num_splits;
+  args.softmax_scale = p.softmax_scale;
+  args.partial_out = workspace;
+  args.partial_stats = workspace + p.batch * p.q_heads * num_splits * p.head_dim;
+  args.out = p.out;
+  switch (p.dtype) {
+    case ElementType::kF32: return launch_heads<float>(args, group, stream);
+    case ElementType::kBF16: return launch_heads<__nv_bfloat16>(args, group, stream);
+    case ElementType::kF16: return launch_heads<__half>(args, group, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace fastattn
