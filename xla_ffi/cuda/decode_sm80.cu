@@ -154,12 +154,14 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(DecodeArgs args)
   };
 
   constexpr int kStep = kWarps * kKeysPerWarp;
-  for (int64_t j0 = begin + warp * kKeysPerWarp + slot; j0 < end; j0 += kStep * kUnroll) {
+  // The loop bound is warp-uniform (every lane runs every iteration): the
+  // shuffles below need all 32 lanes. Lanes past `end` only mask themselves.
+  for (int64_t base = begin + warp * kKeysPerWarp; base < end; base += kStep * kUnroll) {
     uint4 k_raw[kUnroll][kVecs], v_raw[kUnroll][kVecs];
     bool valid[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {  // all loads first: bytes in flight
-      const int64_t j = j0 + int64_t(u) * kStep;
+      const int64_t j = base + slot + int64_t(u) * kStep;
       valid[u] = j < end;
       if (valid[u] && lane_has_dims) {
         const int64_t offset = row_offset(j);
