@@ -1,6 +1,5 @@
 #include "ffi_decode.h"
 
-#include <sstream>
 #include <string>
 
 #include "check.h"
@@ -9,7 +8,7 @@ namespace fastattn {
 namespace {
 
 std::string dims_string(ffi::AnyBuffer::Dimensions dims) {
-  std::ostringstream out;
+  Message out;
   out << "[";
   for (size_t i = 0; i < dims.size(); ++i) out << (i ? ", " : "") << dims[i];
   out << "]";
@@ -24,13 +23,14 @@ ffi::Error expect_shape(const ffi::AnyBuffer& buffer, const char* name,
   bool same = actual.size() == dims.size();
   size_t i = 0;
   for (int64_t d : dims) same = same && actual[i++] == d;
-  std::ostringstream expected;
-  expected << "[";
-  i = 0;
-  for (int64_t d : dims) expected << (i++ ? ", " : "") << d;
-  expected << "]";
-  FFI_CHECK(same, name << " must have shape " << expected.str() << ", got "
-                       << dims_string(actual));
+  if (!same) {
+    Message expected;
+    expected << "[";
+    i = 0;
+    for (int64_t d : dims) expected << (i++ ? ", " : "") << d;
+    expected << "]";
+    FFI_CHECK(false, name << " must have shape " << expected.str() << ", got " << dims_string(actual));
+  }
   FFI_CHECK(buffer.element_type() == dtype,
             name << " has dtype code " << int(buffer.element_type()) << ", expected code "
                  << int(dtype));
