@@ -22,7 +22,6 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kUnroll = 4;
 
 struct DecodeArgs {
   const void* q;
@@ -104,9 +103,16 @@ __device__ __forceinline__ void merge_state(float& m, float& l, float* acc, floa
 template <typename T, int D, int HEADS>
 __global__ void __launch_bounds__(kThreads) decode_split_kernel(DecodeArgs args) {
   constexpr int kPer16B = 16 / int(sizeof(T));
-  constexpr int E = (D / 32 > kPer16B) ? D / 32 : kPer16B;  // elements per lane
-  constexpr int L = D / E;                                  // lanes per key
-  constexpr int kVecs = E / kPer16B;                        // 16-byte loads per lane
+  // Registers decide the shape: q and the output slice take 2 * HEADS * E
+  // per lane and the loads in flight 2 * kUnroll * E * sizeof(T) / 4. Few
+  // heads: two 16-byte vectors per lane (fewer shuffles per dot) and 8 keys
+  // in flight per lane; 8 heads: one vector and 4 keys, to stay near 128
+  // registers (no spills, 3-4 CTAs per SM).
+  constexpr int kUnroll = HEADS <= 2 ? 8 : 4;
+  constexpr int kMinE = HEADS <= 2 ? 2 * kPer16B : kPer16B;
+  constexpr int E = (D / 32 > kMinE) ? D / 32 : kMinE;  // elements per lane
+  constexpr int L = (D / E > 0) ? D / E : 1;                        // lanes per key
+  constexpr int kVecs = E / kPer16B;                                // 16-byte loads per lane
   constexpr int kKeysPerWarp = 32 / L;
   static_assert(L >= 1 && L <= 32 && (L & (L - 1)) == 0, "lanes per key: power of two");
 
@@ -119,7 +125,11 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(DecodeArgs args)
   const int group = args.q_heads / args.kv_heads;
   const int h0 = kv_h * group + head_group * HEADS;
   const int heads = min(HEADS, group - head_group * HEADS);
-  const bool lane_has_dims = part * E < args.head_dim;  // D padded up to a power of two
+  // Which of this lane's 16-byte vectors lie inside the row (D may be
+  // smaller than the padded D of the template).
+  bool vec_in_row[kVecs];
+#pragma unroll
+  for (int c = 0; c < kVecs; ++c) vec_in_row[c] = part * E + c * kPer16B < args.head_dim;
 
   float q[HEADS][E];
 #pragma unroll
@@ -163,26 +173,25 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(DecodeArgs args)
     for (int u = 0; u < kUnroll; ++u) {  // all loads first: bytes in flight
       const int64_t j = base + slot + int64_t(u) * kStep;
       valid[u] = j < end;
-      if (valid[u] && lane_has_dims) {
-        const int64_t offset = row_offset(j);
-#pragma unroll
-        for (int c = 0; c < kVecs; ++c) {
-          k_raw[u][c] = __ldg(reinterpret_cast<const uint4*>(k + offset) + c);
-          v_raw[u][c] = __ldg(reinterpret_cast<const uint4*>(v + offset) + c);
-        }
-      } else {
-#pragma unroll
-        for (int c = 0; c < kVecs; ++c) k_raw[u][c] = v_raw[u][c] = make_uint4(0, 0, 0, 0);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      float key[E], value[E];
+      const int64_t offset = valid[u] ? row_offset(j) : 0;
 #pragma unroll
       for (int c = 0; c < kVecs; ++c) {
-        unpack16<T>(k_raw[u][c], key + c * kPer16B);
-        unpack16<T>(v_raw[u][c], value + c * kPer16B);
+        if (valid[u] && vec_in_row[c]) {
+          k_raw[u][c] = __ldg(reinterpret_cast<const uint4*>(k + offset) + c);
+          v_raw[u][c] = __ldg(reinterpret_cast<const uint4*>(v + offset) + c);
+        } else {
+          k_raw[u][c] = v_raw[u][c] = make_uint4(0, 0, 0, 0);
+        }
       }
+    }
+    // Logits of the kUnroll keys for every head, then one softmax update
+    // per head for the whole chunk (one rescale instead of one per key).
+    float dots[kUnroll][HEADS];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      float key[E];
+#pragma unroll
+      for (int c = 0; c < kVecs; ++c) unpack16<T>(k_raw[u][c], key + c * kPer16B);
 #pragma unroll
       for (int h = 0; h < HEADS; ++h) {
         float dot = 0.f;
@@ -190,15 +199,36 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(DecodeArgs args)
         for (int e = 0; e < E; ++e) dot = fmaf(q[h][e], key[e], dot);
 #pragma unroll
         for (int offset = L / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
-        if (valid[u]) {
-          const float m_new = fmaxf(m[h], dot);
-          const float correction = __expf(m[h] - m_new);
-          const float p = __expf(dot - m_new);
-          l[h] = l[h] * correction + p;
+        dots[u][h] = valid[u] ? dot : -INFINITY;
+      }
+    }
 #pragma unroll
-          for (int e = 0; e < E; ++e) acc[h][e] = fmaf(p, value[e], acc[h][e] * correction);
-          m[h] = m_new;
-        }
+    for (int h = 0; h < HEADS; ++h) {
+      float chunk_max = dots[0][h];
+#pragma unroll
+      for (int u = 1; u < kUnroll; ++u) chunk_max = fmaxf(chunk_max, dots[u][h]);
+      const float m_new = fmaxf(m[h], chunk_max);
+      if (m_new == -INFINITY) continue;  // nothing visible yet in this slot
+      const float correction = __expf(m[h] - m_new);
+      l[h] *= correction;
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[h][e] *= correction;
+      m[h] = m_new;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) dots[u][h] = __expf(dots[u][h] - m_new);  // -inf -> 0
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      float value[E];
+#pragma unroll
+      for (int c = 0; c < kVecs; ++c) unpack16<T>(v_raw[u][c], value + c * kPer16B);
+#pragma unroll
+      for (int h = 0; h < HEADS; ++h) {
+        if (m[h] == -INFINITY) continue;
+        const float p = dots[u][h];
+        l[h] += p;
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[h][e] = fmaf(p, value[e], acc[h][e]);
       }
     }
   }
@@ -242,7 +272,7 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(DecodeArgs args)
       }
       if (h < heads) {
         const int64_t row = (int64_t(b) * args.q_heads + h0 + h) * args.num_splits + split;
-        if (lane_has_dims) {
+        if (part * E < args.head_dim) {
 #pragma unroll
           for (int e = 0; e < E; ++e) {
             if (part * E + e < args.head_dim) args.partial_out[row * args.head_dim + part * E + e] = acc[h][e];
@@ -299,10 +329,24 @@ cudaError_t launch_dim(const DecodeArgs& args, cudaStream_t stream) {
   return launch_typed<T, 256, HEADS>(args, stream);
 }
 
+// q heads per CTA: the group size rounded up to 1, 2, 4 or 8 (so no CTA
+// computes more than twice the heads it needs); larger groups are split
+// over several CTAs of 8.
+inline int heads_per_cta(int group) {
+  if (group >= kDecodeMaxHeadsPerCta) return kDecodeMaxHeadsPerCta;
+  int heads = 1;
+  while (heads < group) heads *= 2;
+  return heads;
+}
+
 template <typename T>
 cudaError_t launch_heads(const DecodeArgs& args, int group, cudaStream_t stream) {
-  if (group == 1) return launch_dim<T, 1>(args, stream);
-  return launch_dim<T, kDecodeMaxHeadsPerCta>(args, stream);
+  switch (heads_per_cta(group)) {
+    case 1: return launch_dim<T, 1>(args, stream);
+    case 2: return launch_dim<T, 2>(args, stream);
+    case 4: return launch_dim<T, 4>(args, stream);
+    default: return launch_dim<T, kDecodeMaxHeadsPerCta>(args, stream);
+  }
 }
 
 }  // namespace
@@ -336,8 +380,8 @@ cudaError_t decode_attention(const DecodeParams& p, int64_t num_splits, float* w
   args.head_dim = int32_t(p.head_dim);
   args.page_size = int32_t(p.page_size);
   args.max_pages = int32_t(p.max_pages);
-  const int heads_per_cta = group == 1 ? 1 : kDecodeMaxHeadsPerCta;
-  args.head_groups = (group + heads_per_cta - 1) / heads_per_cta;
+  const int cta_heads = heads_per_cta(group);
+  args.head_groups = (group + cta_heads - 1) / cta_heads;
   args.max_len = p.max_len();
   args.keys_per_split = decode_keys_per_split(p, num_splits);
   args.num_splits = num_splits;
