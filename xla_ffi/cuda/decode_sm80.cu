@@ -1,13 +1,14 @@
 // Split-KV decode kernels. See decode.h.
 //
 // Grid of the split kernel: (split, kv head x head group, batch). A CTA of
-// 4 warps walks its keys; each key row (D elements) is spread over L lanes
-// holding E elements each (16-byte loads, E = 8 for bf16/f16), so a warp
-// handles 32 / L keys at once. Every lane keeps, for each of the CTA's q
-// heads, a running max, sum and its E-element slice of the output (online
-// softmax). Keys are loaded kUnroll at a time before any arithmetic, to keep
-// enough bytes in flight for HBM. The partial results of the lanes, warps and
-// then splits are merged through their log-sum-exps.
+// 4 warps streams its keys through shared memory in tiles (cp.async, 4
+// stages: 64 KiB in flight per CTA, what HBM needs to stay busy); each key
+// row (D elements) is spread over L lanes holding E elements each, so a
+// warp handles 32 / L keys at once. Every lane keeps, for each of the CTA's
+// q heads (all heads of a GQA group share each K/V byte), a running max,
+// sum and its E-element slice of the output (online softmax, one update per
+// tile). The partial results of the lanes, warps and then splits are merged
+// through their log-sum-exps.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -100,21 +101,48 @@ __device__ __forceinline__ void merge_state(float& m, float& l, float* acc, floa
   m = m_new;
 }
 
+__device__ __forceinline__ void copy16_async(void* shared, const void* global, bool valid) {
+  // cp.async with a source size of 0 writes 16 zero bytes and reads nothing.
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void commit_async() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void wait_async() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+// Shape of the kernel for one (dtype, padded head dim).
+template <typename T, int D>
+struct DecodeShape {
+  static constexpr int kPer16B = 16 / int(sizeof(T));
+  static constexpr int E = (D / 32 > kPer16B) ? D / 32 : kPer16B;  // elements per lane
+  static constexpr int L = D / E;                                   // lanes per key
+  static constexpr int kVecs = E / kPer16B;                         // 16-byte pieces per lane
+  static constexpr int kKeysPerWarp = 32 / L;                       // keys a warp does at once
+  static constexpr int kTileKeys = 8192 / (D * int(sizeof(T)));     // 8 KiB of K (+8 of V) per stage
+  static constexpr int kSteps = kTileKeys / (kWarps * kKeysPerWarp);
+  static constexpr int kStages = 4;                                 // 64 KiB of tiles in flight per CTA
+  static constexpr int kChunksPerRow = D / kPer16B;
+  static constexpr size_t kSharedBytes = size_t(kStages) * 2 * kTileKeys * D * sizeof(T);
+  static_assert(L >= 1 && L <= 32 && (L & (L - 1)) == 0, "lanes per key: power of two");
+  static_assert(kSteps >= 1, "each warp takes at least one step per tile");
+};
+
+// Keys stream HBM -> shared memory through a kStages-deep cp.async pipeline
+// (tiles of kTileKeys rows of K and V), which keeps ~64 KiB per CTA in
+// flight without spending registers on it; compute reads the tiles from
+// shared memory (each key slot reads one contiguous row: no bank conflicts).
 template <typename T, int D, int HEADS>
 __global__ void __launch_bounds__(kThreads) decode_split_kernel(DecodeArgs args) {
-  constexpr int kPer16B = 16 / int(sizeof(T));
-  // Registers decide the shape: q and the output slice take 2 * HEADS * E
-  // per lane and the loads in flight 2 * kUnroll * E * sizeof(T) / 4. Few
-  // heads: two 16-byte vectors per lane (fewer shuffles per dot) and 8 keys
-  // in flight per lane; 8 heads: one vector and 4 keys, to stay near 128
-  // registers (no spills, 3-4 CTAs per SM).
-  constexpr int kUnroll = HEADS <= 2 ? 8 : 4;
-  constexpr int kMinE = HEADS <= 2 ? 2 * kPer16B : kPer16B;
-  constexpr int E = (D / 32 > kMinE) ? D / 32 : kMinE;  // elements per lane
-  constexpr int L = (D / E > 0) ? D / E : 1;                        // lanes per key
-  constexpr int kVecs = E / kPer16B;                                // 16-byte loads per lane
-  constexpr int kKeysPerWarp = 32 / L;
-  static_assert(L >= 1 && L <= 32 && (L & (L - 1)) == 0, "lanes per key: power of two");
+  using S = DecodeShape<T, D>;
+  constexpr int E = S::E, L = S::L, kVecs = S::kVecs, kPer16B = S::kPer16B;
+  constexpr int kKeysPerWarp = S::kKeysPerWarp, kTileKeys = S::kTileKeys, kSteps = S::kSteps;
+  constexpr int kStages = S::kStages;
+  extern __shared__ __align__(16) unsigned char tile_storage[];
+  T* k_tiles = reinterpret_cast<T*>(tile_storage);             // [kStages][kTileKeys][D]
+  T* v_tiles = k_tiles + size_t(kStages) * kTileKeys * D;       // [kStages][kTileKeys][D]
 
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int slot = lane / L, part = lane % L;
@@ -125,11 +153,6 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(DecodeArgs args)
   const int group = args.q_heads / args.kv_heads;
   const int h0 = kv_h * group + head_group * HEADS;
   const int heads = min(HEADS, group - head_group * HEADS);
-  // Which of this lane's 16-byte vectors lie inside the row (D may be
-  // smaller than the padded D of the template).
-  bool vec_in_row[kVecs];
-#pragma unroll
-  for (int c = 0; c < kVecs; ++c) vec_in_row[c] = part * E + c * kPer16B < args.head_dim;
 
   float q[HEADS][E];
 #pragma unroll
@@ -156,42 +179,55 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(DecodeArgs args)
   const int64_t length = min(int64_t(max(args.lengths[b], 0)), args.max_len);
   const int64_t begin = int64_t(split) * args.keys_per_split;
   const int64_t end = min(length, begin + args.keys_per_split);
+  const int num_tiles = end > begin ? int((end - begin + kTileKeys - 1) / kTileKeys) : 0;
   const T* k = static_cast<const T*>(args.k);
   const T* v = static_cast<const T*>(args.v);
-  auto row_offset = [&](int64_t j) {
-    const int64_t page = args.page_table ? args.page_table[int64_t(b) * args.max_pages + j / args.page_size] : b;
-    return ((page * args.page_size + j % args.page_size) * args.kv_heads + kv_h) * args.head_dim + part * E;
-  };
+  const int row_chunks = (args.head_dim + kPer16B - 1) / kPer16B;  // real 16-byte pieces of a row
 
-  constexpr int kStep = kWarps * kKeysPerWarp;
-  // The loop bound is warp-uniform (every lane runs every iteration): the
-  // shuffles below need all 32 lanes. Lanes past `end` only mask themselves.
-  for (int64_t base = begin + warp * kKeysPerWarp; base < end; base += kStep * kUnroll) {
-    uint4 k_raw[kUnroll][kVecs], v_raw[kUnroll][kVecs];
-    bool valid[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {  // all loads first: bytes in flight
-      const int64_t j = base + slot + int64_t(u) * kStep;
-      valid[u] = j < end;
-      const int64_t offset = valid[u] ? row_offset(j) : 0;
-#pragma unroll
-      for (int c = 0; c < kVecs; ++c) {
-        if (valid[u] && vec_in_row[c]) {
-          k_raw[u][c] = __ldg(reinterpret_cast<const uint4*>(k + offset) + c);
-          v_raw[u][c] = __ldg(reinterpret_cast<const uint4*>(v + offset) + c);
-        } else {
-          k_raw[u][c] = v_raw[u][c] = make_uint4(0, 0, 0, 0);
+  auto load_tile = [&](int tile) {
+    if (tile < num_tiles) {
+      const int stage = tile % kStages;
+      T* k_dst = k_tiles + size_t(stage) * kTileKeys * D;
+      T* v_dst = v_tiles + size_t(stage) * kTileKeys * D;
+      for (int i = threadIdx.x; i < kTileKeys * S::kChunksPerRow; i += kThreads) {
+        const int row = i / S::kChunksPerRow, chunk = i % S::kChunksPerRow;
+        const int64_t j = begin + int64_t(tile) * kTileKeys + row;
+        const bool valid = j < end && chunk < row_chunks;
+        int64_t offset = 0;
+        if (valid) {
+          const int64_t page =
+              args.page_table ? args.page_table[int64_t(b) * args.max_pages + j / args.page_size] : b;
+          offset = ((page * args.page_size + j % args.page_size) * args.kv_heads + kv_h) * args.head_dim +
+                   chunk * kPer16B;
         }
+        copy16_async(k_dst + row * D + chunk * kPer16B, k + offset, valid);
+        copy16_async(v_dst + row * D + chunk * kPer16B, v + offset, valid);
       }
     }
-    // Logits of the kUnroll keys for every head, then one softmax update
-    // per head for the whole chunk (one rescale instead of one per key).
-    float dots[kUnroll][HEADS];
+    commit_async();  // an empty group past the last tile keeps the counting simple
+  };
+
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+  for (int tile = 0; tile < kStages - 1; ++tile) load_tile(tile);
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    load_tile(tile + kStages - 1);
+    wait_async<kStages - 1>();  // this thread's copies of `tile` have landed
+    __syncthreads();            // ... and everyone else's
+    const int stage = tile % kStages;
+    const T* k_tile = k_tiles + size_t(stage) * kTileKeys * D;
+    const T* v_tile = v_tiles + size_t(stage) * kTileKeys * D;
+    const int64_t tile_start = begin + int64_t(tile) * kTileKeys;
+
+    float dots[kSteps][HEADS];
+#pragma unroll
+    for (int step = 0; step < kSteps; ++step) {
+      const int row = (warp * kSteps + step) * kKeysPerWarp + slot;
+      const bool valid = tile_start + row < end;
       float key[E];
 #pragma unroll
-      for (int c = 0; c < kVecs; ++c) unpack16<T>(k_raw[u][c], key + c * kPer16B);
+      for (int c = 0; c < kVecs; ++c) {
+        unpack16<T>(reinterpret_cast<const uint4*>(k_tile + row * D + part * E)[c], key + c * kPer16B);
+      }
 #pragma unroll
       for (int h = 0; h < HEADS; ++h) {
         float dot = 0.f;
@@ -199,14 +235,15 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(DecodeArgs args)
         for (int e = 0; e < E; ++e) dot = fmaf(q[h][e], key[e], dot);
 #pragma unroll
         for (int offset = L / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, offset);
-        dots[u][h] = valid[u] ? dot : -INFINITY;
+        dots[step][h] = valid ? dot : -INFINITY;
       }
     }
+    // One softmax update per head for the warp's keys of this tile.
 #pragma unroll
     for (int h = 0; h < HEADS; ++h) {
       float chunk_max = dots[0][h];
 #pragma unroll
-      for (int u = 1; u < kUnroll; ++u) chunk_max = fmaxf(chunk_max, dots[u][h]);
+      for (int step = 1; step < kSteps; ++step) chunk_max = fmaxf(chunk_max, dots[step][h]);
       const float m_new = fmaxf(m[h], chunk_max);
       if (m_new == -INFINITY) continue;  // nothing visible yet in this slot
       const float correction = __expf(m[h] - m_new);
@@ -215,23 +252,28 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(DecodeArgs args)
       for (int e = 0; e < E; ++e) acc[h][e] *= correction;
       m[h] = m_new;
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) dots[u][h] = __expf(dots[u][h] - m_new);  // -inf -> 0
+      for (int step = 0; step < kSteps; ++step) dots[step][h] = __expf(dots[step][h] - m_new);  // -inf -> 0
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int step = 0; step < kSteps; ++step) {
+      const int row = (warp * kSteps + step) * kKeysPerWarp + slot;
       float value[E];
 #pragma unroll
-      for (int c = 0; c < kVecs; ++c) unpack16<T>(v_raw[u][c], value + c * kPer16B);
+      for (int c = 0; c < kVecs; ++c) {
+        unpack16<T>(reinterpret_cast<const uint4*>(v_tile + row * D + part * E)[c], value + c * kPer16B);
+      }
 #pragma unroll
       for (int h = 0; h < HEADS; ++h) {
         if (m[h] == -INFINITY) continue;
-        const float p = dots[u][h];
+        const float p = dots[step][h];
         l[h] += p;
 #pragma unroll
         for (int e = 0; e < E; ++e) acc[h][e] = fmaf(p, value[e], acc[h][e]);
       }
     }
+    __syncthreads();  // the stage is refilled by the next iteration's load
   }
+  wait_async<0>();
 
   // Merge the key slots of the warp (lanes with the same `part`).
 #pragma unroll
@@ -314,7 +356,11 @@ __global__ void decode_combine_kernel(DecodeArgs args) {
 template <typename T, int D, int HEADS>
 cudaError_t launch_typed(const DecodeArgs& args, cudaStream_t stream) {
   const dim3 grid(unsigned(args.num_splits), unsigned(args.kv_heads * args.head_groups), unsigned(args.batch));
-  decode_split_kernel<T, D, HEADS><<<grid, kThreads, 0, stream>>>(args);
+  constexpr size_t shared = DecodeShape<T, D>::kSharedBytes;
+  static const cudaError_t attribute = cudaFuncSetAttribute(
+      decode_split_kernel<T, D, HEADS>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared));
+  if (attribute != cudaSuccess) return attribute;
+  decode_split_kernel<T, D, HEADS><<<grid, kThreads, shared, stream>>>(args);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   decode_combine_kernel<T><<<unsigned(args.batch * args.q_heads), 128, 0, stream>>>(args);
   return cudaGetLastError();
