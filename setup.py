@@ -7,6 +7,7 @@ The CPU kernels are always built. Compiler flags:
 CUDA kernels (xla_ffi/cuda) are added when nvcc is found:
   FASTATTN_CUDA        "0" never, "1" always (fail without nvcc), unset: auto.
   FASTATTN_CUDA_ARCHS  ";"-separated SM list (default "80;90a").
+  FASTATTN_NVCC_FLAGS  extra nvcc flags (e.g. "-DFASTATTN_DECODE_STAGES=3").
 The CUDA runtime is linked statically (libcudart_static); the driver comes
 from the machine, as for JAX itself.
 """
@@ -97,7 +98,8 @@ class BuildWithCuda(build_ext):
                 if self.force or not os.path.exists(obj) or \
                         os.path.getmtime(obj) < max(os.path.getmtime(p) for p in inputs):
                     command = [NVCC, "-std=c++17", "-O3", "-Xcompiler", "-fPIC", "--use_fast_math",
-                               "-I" + os.path.join(ROOT, "xla_ffi"), *gencode, "-c", source, "-o", obj]
+                               "-I" + os.path.join(ROOT, "xla_ffi"), *gencode,
+                               *os.environ.get("FASTATTN_NVCC_FLAGS", "").split(), "-c", source, "-o", obj]
                     print(" ".join(command))
                     subprocess.check_call(command, cwd=ROOT)
                 objects.append(obj)

@@ -21,6 +21,10 @@ namespace fastattn {
 namespace cuda {
 namespace {
 
+#ifndef FASTATTN_DECODE_STAGES
+#define FASTATTN_DECODE_STAGES 4
+#endif
+
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 
@@ -123,7 +127,7 @@ struct DecodeShape {
   static constexpr int kKeysPerWarp = 32 / L;                       // keys a warp does at once
   static constexpr int kTileKeys = 8192 / (D * int(sizeof(T)));     // 8 KiB of K (+8 of V) per stage
   static constexpr int kSteps = kTileKeys / (kWarps * kKeysPerWarp);
-  static constexpr int kStages = 4;                                 // 64 KiB of tiles in flight per CTA
+  static constexpr int kStages = FASTATTN_DECODE_STAGES;            // 16 KiB of K+V tiles per stage
   static constexpr int kChunksPerRow = D / kPer16B;
   static constexpr size_t kSharedBytes = size_t(kStages) * 2 * kTileKeys * D * sizeof(T);
   static_assert(L >= 1 && L <= 32 && (L & (L - 1)) == 0, "lanes per key: power of two");
