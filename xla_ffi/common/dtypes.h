@@ -13,6 +13,11 @@ enum class ElementType { kF32 = 0, kBF16 = 1, kF16 = 2 };
 struct bf16_t { uint16_t bits; };
 struct f16_t { uint16_t bits; };
 
+// Calls fn(T{}) with the storage type of `type`: the one place a runtime
+// dtype becomes a template parameter.
+template <typename Fn>
+void dispatch_element_type(ElementType type, Fn&& fn);
+
 inline float bits_to_float(uint32_t bits) {
   float f;
   std::memcpy(&f, &bits, sizeof(f));
@@ -81,6 +86,15 @@ inline void from_float(float x, f16_t* out) {
   uint32_t half = bits - (112u << 23);
   half += 0xfffu + ((half >> 13) & 1u);
   out->bits = sign | uint16_t(half >> 13);
+}
+
+template <typename Fn>
+void dispatch_element_type(ElementType type, Fn&& fn) {
+  switch (type) {
+    case ElementType::kF32: return fn(float{});
+    case ElementType::kBF16: return fn(bf16_t{});
+    case ElementType::kF16: return fn(f16_t{});
+  }
 }
 
 }  // namespace fastattn

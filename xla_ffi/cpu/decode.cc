@@ -198,11 +198,7 @@ void decode_typed(const DecodeParams& p) {
 }  // namespace
 
 void decode_attention(const DecodeParams& params) {
-  switch (params.dtype) {
-    case ElementType::kF32: return decode_typed<float>(params);
-    case ElementType::kBF16: return decode_typed<bf16_t>(params);
-    case ElementType::kF16: return decode_typed<f16_t>(params);
-  }
+  dispatch_element_type(params.dtype, [&](auto tag) { decode_typed<decltype(tag)>(params); });
 }
 
 }  // namespace cpu

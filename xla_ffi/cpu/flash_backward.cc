@@ -203,11 +203,7 @@ void backward_typed(const BackwardParams& p) {
 }  // namespace
 
 void flash_backward(const BackwardParams& params) {
-  switch (params.dtype) {
-    case ElementType::kF32: return backward_typed<float>(params);
-    case ElementType::kBF16: return backward_typed<bf16_t>(params);
-    case ElementType::kF16: return backward_typed<f16_t>(params);
-  }
+  dispatch_element_type(params.dtype, [&](auto tag) { backward_typed<decltype(tag)>(params); });
 }
 
 }  // namespace cpu

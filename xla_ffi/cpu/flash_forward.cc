@@ -119,11 +119,7 @@ void forward_typed(const ForwardParams& p) {
 }  // namespace
 
 void flash_forward(const ForwardParams& params) {
-  switch (params.dtype) {
-    case ElementType::kF32: return forward_typed<float>(params);
-    case ElementType::kBF16: return forward_typed<bf16_t>(params);
-    case ElementType::kF16: return forward_typed<f16_t>(params);
-  }
+  dispatch_element_type(params.dtype, [&](auto tag) { forward_typed<decltype(tag)>(params); });
 }
 
 }  // namespace cpu
