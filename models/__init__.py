@@ -1,0 +1,1 @@
+"""Models and research systems built on jax_fastattn (see DESIGN.md)."""
