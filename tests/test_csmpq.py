@@ -68,3 +68,29 @@ def test_allocation_is_fast_and_bops():
     allocate_bits(scores, params, model_size_mb(params, [6] * 60))
     assert time.perf_counter() - start < 1.0
     assert bops([10.0, 20.0], [4, 8], [8, 8]) == 10 * 4 * 8 + 20 * 8 * 8
+
+
+def test_resnet18_scores_all_layers_fast():
+    """Scoring every quantizable layer of ResNet-18 with 32 images < 10 s
+    on the CPU (compilation included)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from models.resnet import ResNet18, layer_costs
+
+    model = ResNet18(num_classes=10, rngs=nnx.Rngs(0))
+    images = jax.random.normal(jax.random.PRNGKey(0), (32, 32, 32, 3))
+    start = time.perf_counter()
+
+    @nnx.jit
+    def scores(model, images):
+        _, outputs = model(images, collect=True)
+        return jnp.stack([layer_score(pooled_features(o)) for o in outputs])
+
+    values = np.asarray(scores(model, images))
+    elapsed = time.perf_counter() - start
+    params, flops = layer_costs(model, (32, 32))
+    assert len(values) == len(model.quantizable_layers()) == len(params) == 21
+    assert np.all(np.isfinite(values))
+    assert elapsed < 10.0, elapsed
+    assert params[0] == 3 * 3 * 3 * 64 and params[-1] == 512 * 10

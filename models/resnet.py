@@ -1,0 +1,94 @@
+"""ResNet-18 with a small-input stem (3x3 conv, no max-pool), Flax NNX.
+
+`__call__(x, collect=True)` also returns every quantizable layer's output
+(before its ReLU), in the order of `quantizable_layers`, which CSMPQ scores.
+"""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class ConvBN(nnx.Module):
+    """conv -> batch norm (the ReLU, if any, is the caller's)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, *, rngs: nnx.Rngs):
+        self.conv = nnx.Conv(cin, cout, (kernel, kernel), strides=(stride, stride), padding="SAME",
+                             use_bias=False, rngs=rngs)
+        self.norm = nnx.BatchNorm(cout, use_running_average=True, rngs=rngs)
+        self.kernel, self.cin, self.cout, self.stride = kernel, cin, cout, stride
+
+    def __call__(self, x):
+        return self.norm(self.conv(x))
+
+
+class BasicBlock(nnx.Module):
+    def __init__(self, cin: int, cout: int, stride: int, *, rngs: nnx.Rngs):
+        self.first = ConvBN(cin, cout, 3, stride, rngs=rngs)
+        self.second = ConvBN(cout, cout, 3, 1, rngs=rngs)
+        self.shortcut = ConvBN(cin, cout, 1, stride, rngs=rngs) if (stride != 1 or cin != cout) else None
+
+    def layers(self) -> List[ConvBN]:
+        return [self.first, self.second] + ([self.shortcut] if self.shortcut is not None else [])
+
+    def __call__(self, x, outputs: list):
+        y = self.first(x)
+        outputs.append(y)
+        y = self.second(jax.nn.relu(y))
+        outputs.append(y)
+        skip = x
+        if self.shortcut is not None:
+            skip = self.shortcut(x)
+            outputs.append(skip)
+        return jax.nn.relu(y + skip)
+
+
+class ResNet18(nnx.Module):
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, *, rngs: nnx.Rngs):
+        self.stem = ConvBN(in_channels, 64, 3, 1, rngs=rngs)
+        widths, strides = (64, 128, 256, 512), (1, 2, 2, 2)
+        blocks, cin = [], 64
+        for width, stride in zip(widths, strides):
+            blocks += [BasicBlock(cin, width, stride, rngs=rngs), BasicBlock(width, width, 1, rngs=rngs)]
+            cin = width
+        self.blocks = nnx.List(blocks) if hasattr(nnx, "List") else blocks
+        self.head = nnx.Linear(512, num_classes, rngs=rngs)
+
+    def quantizable_layers(self) -> list:
+        """Stem, every conv of every block (shortcuts included), the head."""
+        layers = [self.stem]
+        for block in self.blocks:
+            layers += block.layers()
+        return layers + [self.head]
+
+    def __call__(self, x, collect: bool = False):
+        outputs = []
+        y = self.stem(x)
+        outputs.append(y)
+        y = jax.nn.relu(y)
+        for block in self.blocks:
+            y = block(y, outputs)
+        logits = self.head(jnp.mean(y, axis=(1, 2)))
+        outputs.append(logits[:, None, None, :])
+        return (logits, outputs) if collect else logits
+
+
+def layer_costs(model: ResNet18, image_hw: Tuple[int, int]) -> Tuple[list, list]:
+    """(params, FLOPs per image) of each quantizable layer, in order."""
+    params, flops = [], []
+    h, w = image_hw
+    for layer in model.quantizable_layers():
+        if isinstance(layer, ConvBN):
+            count = layer.kernel * layer.kernel * layer.cin * layer.cout
+            if layer.stride > 1:
+                h, w = -(-h // layer.stride), -(-w // layer.stride)
+            params.append(count)
+            flops.append(2.0 * count * h * w)
+        else:  # the linear head
+            count = layer.in_features * layer.out_features
+            params.append(count)
+            flops.append(2.0 * count)
+    return params, flops
