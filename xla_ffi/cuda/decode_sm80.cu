@@ -343,25 +343,57 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(DecodeArgs args)
 }
 
 // One CTA per (batch, q head): merges the splits and writes the output.
+// The split weights exp(m_s - max) / total are computed once, in parallel,
+// into shared memory; then each thread sums its output element over the
+// splits with independent loads in flight (a serial chain of loads over 132
+// splits cost tens of microseconds at B = 1).
+constexpr int kCombineThreads = 256;
+constexpr int kMaxSplitsInShared = 4096;
+
 template <typename T>
-__global__ void decode_combine_kernel(DecodeArgs args) {
+__global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(DecodeArgs args) {
+  __shared__ float weights[kMaxSplitsInShared];
+  __shared__ float reduce[kCombineThreads / 32];
+  __shared__ float row_max, row_total;
   const int64_t row = blockIdx.x;  // b * Hq + h
-  const float* stats = args.partial_stats + row * args.num_splits * 2;
+  const int splits = int(args.num_splits);
+  const float* stats = args.partial_stats + row * splits * 2;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+
   float best = -INFINITY;
-  for (int64_t s = 0; s < args.num_splits; ++s) best = fmaxf(best, stats[2 * s]);
-  float total = 0.f;
-  if (best != -INFINITY) {
-    for (int64_t s = 0; s < args.num_splits; ++s) total += stats[2 * s + 1] * __expf(stats[2 * s] - best);
+  for (int s = threadIdx.x; s < splits; s += kCombineThreads) best = fmaxf(best, stats[2 * s]);
+  for (int offset = 16; offset > 0; offset /= 2) best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, offset));
+  if (lane == 0) reduce[warp] = best;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float m = -INFINITY;
+    for (int w = 0; w < kCombineThreads / 32; ++w) m = fmaxf(m, reduce[w]);
+    row_max = m;
   }
-  const float inv = total > 0.f ? 1.f / total : 0.f;  // length 0: zeros
-  for (int d = threadIdx.x; d < args.head_dim; d += blockDim.x) {
+  __syncthreads();
+  float total = 0.f;
+  for (int s = threadIdx.x; s < splits; s += kCombineThreads) {
+    const float l = stats[2 * s + 1];
+    const float w = (row_max == -INFINITY || l == 0.f) ? 0.f : __expf(stats[2 * s] - row_max);
+    weights[s] = w;
+    total += l * w;
+  }
+  for (int offset = 16; offset > 0; offset /= 2) total += __shfl_xor_sync(0xffffffffu, total, offset);
+  __syncthreads();
+  if (lane == 0) reduce[warp] = total;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float sum = 0.f;
+    for (int w = 0; w < kCombineThreads / 32; ++w) sum += reduce[w];
+    row_total = sum;
+  }
+  __syncthreads();
+  const float inv = row_total > 0.f ? 1.f / row_total : 0.f;  // length 0: zeros
+  const float* partial = args.partial_out + row * splits * args.head_dim;
+  for (int d = threadIdx.x; d < args.head_dim; d += kCombineThreads) {
     float value = 0.f;
-    if (total > 0.f) {
-      for (int64_t s = 0; s < args.num_splits; ++s) {
-        if (stats[2 * s + 1] == 0.f) continue;
-        value += args.partial_out[(row * args.num_splits + s) * args.head_dim + d] * __expf(stats[2 * s] - best);
-      }
-    }
+#pragma unroll 8
+    for (int s = 0; s < splits; ++s) value = fmaf(weights[s], partial[int64_t(s) * args.head_dim + d], value);
     static_cast<T*>(args.out)[row * args.head_dim + d] = from_f32<T>(value * inv);
   }
 }
@@ -375,7 +407,7 @@ cudaError_t launch_typed(const DecodeArgs& args, cudaStream_t stream) {
   if (attribute != cudaSuccess) return attribute;
   decode_split_kernel<T, D, HEADS><<<grid, kThreads, shared, stream>>>(args);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
-  decode_combine_kernel<T><<<unsigned(args.batch * args.q_heads), 128, 0, stream>>>(args);
+  decode_combine_kernel<T><<<unsigned(args.batch * args.q_heads), kCombineThreads, 0, stream>>>(args);
   return cudaGetLastError();
 }
 
@@ -426,6 +458,7 @@ bool decode_supported(const DecodeParams& p) {
 
 cudaError_t decode_attention(const DecodeParams& p, int64_t num_splits, float* workspace,
                              cudaStream_t stream) {
+  if (num_splits > kMaxSplitsInShared) return cudaErrorInvalidValue;
   const int group = int(p.group());
   DecodeArgs args;
   args.q = p.q;
