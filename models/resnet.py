@@ -11,25 +11,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-
-class ConvBN(nnx.Module):
-    """conv -> batch norm (the ReLU, if any, is the caller's)."""
-
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int, *, rngs: nnx.Rngs):
-        self.conv = nnx.Conv(cin, cout, (kernel, kernel), strides=(stride, stride), padding="SAME",
-                             use_bias=False, rngs=rngs)
-        self.norm = nnx.BatchNorm(cout, use_running_average=True, rngs=rngs)
-        self.kernel, self.cin, self.cout, self.stride = kernel, cin, cout, stride
-
-    def __call__(self, x):
-        return self.norm(self.conv(x))
+from .layers import ConvBN, layer_costs as _layer_costs
 
 
 class BasicBlock(nnx.Module):
     def __init__(self, cin: int, cout: int, stride: int, *, rngs: nnx.Rngs):
         self.first = ConvBN(cin, cout, 3, stride, rngs=rngs)
         self.second = ConvBN(cout, cout, 3, 1, rngs=rngs)
-        self.shortcut = ConvBN(cin, cout, 1, stride, rngs=rngs) if (stride != 1 or cin != cout) else None
+        needs_projection = stride != 1 or cin != cout
+        self.shortcut = ConvBN(cin, cout, 1, stride, is_shortcut=True, rngs=rngs) if needs_projection else None
 
     def layers(self) -> List[ConvBN]:
         return [self.first, self.second] + ([self.shortcut] if self.shortcut is not None else [])
@@ -78,17 +68,4 @@ class ResNet18(nnx.Module):
 
 def layer_costs(model: ResNet18, image_hw: Tuple[int, int]) -> Tuple[list, list]:
     """(params, FLOPs per image) of each quantizable layer, in order."""
-    params, flops = [], []
-    h, w = image_hw
-    for layer in model.quantizable_layers():
-        if isinstance(layer, ConvBN):
-            count = layer.kernel * layer.kernel * layer.cin * layer.cout
-            if layer.stride > 1:
-                h, w = -(-h // layer.stride), -(-w // layer.stride)
-            params.append(count)
-            flops.append(2.0 * count * h * w)
-        else:  # the linear head
-            count = layer.in_features * layer.out_features
-            params.append(count)
-            flops.append(2.0 * count)
-    return params, flops
+    return _layer_costs(model.quantizable_layers(), image_hw)

@@ -94,3 +94,23 @@ def test_resnet18_scores_all_layers_fast():
     assert np.all(np.isfinite(values))
     assert elapsed < 10.0, elapsed
     assert params[0] == 3 * 3 * 3 * 64 and params[-1] == 512 * 10
+    _, outputs = nnx.jit(lambda m, x: m(x, collect=True))(model, images[:2])
+    assert all(o.shape[1] * o.shape[2] * 2 * p == f for o, p, f in zip(outputs[:-1], params[:-1], flops[:-1]))
+
+
+def test_mobilenet_v2_layers_and_costs():
+    import jax
+    from flax import nnx
+    from models.mobilenet_v2 import MobileNetV2, layer_costs
+
+    model = MobileNetV2(num_classes=10, rngs=nnx.Rngs(0))
+    images = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3))
+    logits, outputs = nnx.jit(lambda m, x: m(x, collect=True))(model, images)
+    layers = model.quantizable_layers()
+    assert logits.shape == (4, 10)
+    assert len(outputs) == len(layers) == 53  # stem, 17 blocks (2 + 16 * 3 convs), last conv, head
+    params, flops = layer_costs(model, (32, 32))
+    assert params[0] == 3 * 3 * 3 * 32 and params[1] == 3 * 3 * 1 * 32  # stem; first depthwise
+    # FLOPs follow the spatial size: a 1x1 conv's FLOPs = 2 * params * H * W of its output.
+    assert all(o.shape[1] * o.shape[2] * 2 * p == f for o, p, f in zip(outputs[:-1], params[:-1], flops[:-1]))
+    assert 2.0e6 < sum(params) < 2.4e6  # MobileNetV2 1.0 has ~2.2M weights (+ head)
