@@ -23,13 +23,6 @@ def _dtype_name(x) -> str:
     return str(jnp.result_type(x))
 
 
-def _has_gpu() -> bool:
-    try:
-        return len(jax.devices("gpu")) > 0
-    except RuntimeError:
-        return False
-
-
 def check_inputs(q, k, v, bias, softmax_scale) -> None:
     """Raises ValueError/TypeError naming the bad argument."""
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -83,7 +76,7 @@ def resolve_backend(backend: str, op: str = "attention") -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     has_cuda_kernel = _CUDA_TARGETS[op] in ffi.cuda_targets()
     if backend in ("cuda", "volta"):
-        if not _has_gpu():
+        if not ffi.gpu_available():
             raise ValueError(f"backend={backend!r} needs a CUDA GPU, but JAX sees none "
                              f"(devices: {[d.platform for d in jax.devices()]}); use 'cpu' or 'xla'")
         if backend == "volta" or not has_cuda_kernel:

@@ -86,6 +86,18 @@ def _build_decode(name: str, case: Case) -> Callable:
     raise ValueError(f"unknown decode implementation {name!r}")
 
 
+def _sample_seconds(dispatch: Callable, repeats: int, calls: int = 1, wait: Callable = lambda x: x):
+    """`repeats` samples of the time per call: each sample dispatches `calls`
+    calls back to back and waits once. Returns (samples, median)."""
+    import numpy as np
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        wait([dispatch() for _ in range(calls)])
+        times.append((time.perf_counter() - start) / calls)
+    return times, float(np.median(times))
+
+
 def _memcpy_bandwidth(case: Case, repeats: int) -> dict:
     """The machine's copy bandwidth with numpy (bytes read + written / s),
     on an array as large as the case's K/V cache (at least 1 GiB)."""
@@ -94,12 +106,7 @@ def _memcpy_bandwidth(case: Case, repeats: int) -> dict:
     src = np.random.default_rng(0).random(n, dtype=np.float32)
     dst = np.empty_like(src)
     np.copyto(dst, src)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        np.copyto(dst, src)
-        times.append(time.perf_counter() - start)
-    median = float(np.median(times))
+    times, median = _sample_seconds(lambda: np.copyto(dst, src), repeats)
     return {"impl": "memcpy-numpy", "case": dataclasses.asdict(case), "times_s": times, "median_s": median,
             "gbps": 2 * src.nbytes / median / 1e9, "peak_mb": 0.0, "tflops": 0.0}
 
@@ -109,19 +116,11 @@ def _device_copy_bandwidth(case: Case, repeats: int) -> dict:
     the case's K/V cache (bytes read + written per second)."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
     n = max(case.kv_bytes, 2**30) // 2
     x = jnp.ones((n,), jnp.bfloat16)
     fn = jax.jit(lambda x: x * 2).lower(x).compile()
     jax.block_until_ready(fn(x))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        outs = [fn(x) for _ in range(GPU_CALLS_PER_SAMPLE)]
-        jax.block_until_ready(outs)
-        times.append((time.perf_counter() - start) / GPU_CALLS_PER_SAMPLE)
-        del outs
-    median = float(np.median(times))
+    times, median = _sample_seconds(lambda: fn(x), repeats, GPU_CALLS_PER_SAMPLE, jax.block_until_ready)
     return {"impl": "memcpy-device", "case": dataclasses.asdict(case), "times_s": times, "median_s": median,
             "gbps": 2 * x.nbytes / median / 1e9, "peak_mb": 0.0, "tflops": 0.0,
             "device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
@@ -184,7 +183,6 @@ def run_worker(name: str, case: Case, repeats: int) -> dict:
         return _device_copy_bandwidth(case, repeats)
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
     dtype = jnp.dtype(case.dtype)
@@ -203,17 +201,12 @@ def run_worker(name: str, case: Case, repeats: int) -> dict:
     baseline = _status_mb("VmRSS") if _reset_peak_rss() else _peak_rss_mb()
     jax.block_until_ready(compiled(*args))  # warm-up
     calls = GPU_CALLS_PER_SAMPLE if jax.devices()[0].platform == "gpu" else 1
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready([compiled(*args) for _ in range(calls)])
-        times.append((time.perf_counter() - start) / calls)
+    times, median = _sample_seconds(lambda: compiled(*args), repeats, calls, jax.block_until_ready)
     temp_mb = None
     try:
         temp_mb = compiled.memory_analysis().temp_size_in_bytes / 2**20
     except Exception:  # not every backend reports it
         pass
-    median = float(np.median(times))
     return {"impl": name, "case": dataclasses.asdict(case), "times_s": times, "median_s": median,
             "tflops": case.flops / median / 1e12, "gbps": case.kv_bytes / median / 1e9,
             "peak_mb": _peak_rss_mb() - baseline,

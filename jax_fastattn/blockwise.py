@@ -11,7 +11,6 @@ for the kernels' structure.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 

@@ -9,6 +9,7 @@ arrays; sharding.py wraps them for vmap and for partitioning.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +54,7 @@ def gpu_available() -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=None)
 def cuda_targets() -> frozenset:
     """Names of the CUDA custom calls this build has (empty without nvcc)."""
     return frozenset(_xla_ffi.cuda_targets()) if _xla_ffi is not None else frozenset()

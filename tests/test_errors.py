@@ -1,7 +1,6 @@
 """Bad input raises a clear error naming the argument, before any jax error."""
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from jax_fastattn import decode_attention, flash_attention, masks
@@ -72,13 +71,9 @@ def test_decode_errors(args, error, pattern):
 def test_kernel_checks_shapes_at_ffi_boundary():
     """The C++ handler rejects inconsistent buffers with a message naming them."""
     from jax_fastattn import ffi, sharding
-    attrs = ffi.CallAttrs(1.0, -ffi_unbounded(), ffi_unbounded(), 64, 128)
+    attrs = ffi.CallAttrs(1.0, -masks.UNBOUNDED, masks.UNBOUNDED, 64, 128)
     call = sharding.forward_call("cpu", attrs)
     bad_tiles = jnp.zeros((1, 1, 5, 5), jnp.int8)  # wrong tile count
     with pytest.raises(Exception, match="tile_class must have shape"):
         call(q, k, v, ffi.absent(), ffi.absent(jnp.int32), ffi.absent(jnp.int32), ffi.absent(jnp.bool_),
              bad_tiles)[0].block_until_ready()
-
-
-def ffi_unbounded():
-    return masks.UNBOUNDED

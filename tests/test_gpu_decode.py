@@ -4,21 +4,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_fastattn import decode_attention
+from jax_fastattn import decode_attention, ffi
 from helpers import assert_close
 from test_decode import _paged, reference_decode
 
 pytestmark = pytest.mark.gpu
 
 
-def _gpu():
-    try:
-        return jax.devices("gpu")
-    except RuntimeError:
-        return []
-
-
-requires_gpu = pytest.mark.skipif(not _gpu(), reason="needs a CUDA GPU")
+requires_gpu = pytest.mark.skipif(not ffi.gpu_available(), reason="needs a CUDA GPU")
 
 
 def _inputs(seed, batch, s_max, heads, kv_heads, d, dtype):

@@ -17,6 +17,16 @@ std::string dims_string(ffi::AnyBuffer::Dimensions dims) {
 
 }  // namespace
 
+ffi::Error element_type_of(const ffi::AnyBuffer& buffer, const char* name, ElementType* type) {
+  switch (buffer.element_type()) {
+    case ffi::DataType::F32: *type = ElementType::kF32; break;
+    case ffi::DataType::BF16: *type = ElementType::kBF16; break;
+    case ffi::DataType::F16: *type = ElementType::kF16; break;
+    default: FFI_CHECK(false, name << " must be float32, bfloat16 or float16");
+  }
+  return ffi::Error::Success();
+}
+
 ffi::Error expect_shape(const ffi::AnyBuffer& buffer, const char* name,
                         std::initializer_list<int64_t> dims, ffi::DataType dtype) {
   auto actual = buffer.dimensions();
@@ -60,12 +70,7 @@ ffi::Error decode_shape(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
   FFI_CHECK(shape->head_dim >= 1 && shape->head_dim <= 256,
             "head dim must be in [1, 256], got " << shape->head_dim);
   FFI_CHECK(shape->q_len >= 1 && shape->kv_len >= 1, "sequence lengths must be >= 1");
-  switch (q.element_type()) {
-    case ffi::DataType::F32: *dtype = ElementType::kF32; break;
-    case ffi::DataType::BF16: *dtype = ElementType::kBF16; break;
-    case ffi::DataType::F16: *dtype = ElementType::kF16; break;
-    default: FFI_CHECK(false, "q must be float32, bfloat16 or float16");
-  }
+  if (auto e = element_type_of(q, "q", dtype); e.failure()) return e;
   if (auto e = expect_shape(v, "v", {kd[0], kd[1], kd[2], kd[3]}, q.element_type()); e.failure())
     return e;
   FFI_CHECK(k.element_type() == q.element_type(), "k must have q's dtype");
@@ -158,12 +163,7 @@ ffi::Error decode_decode_args(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
   FFI_CHECK(p->kv_heads > 0 && p->q_heads % p->kv_heads == 0,
             "q heads (" << p->q_heads << ") must be a multiple of k/v heads (" << p->kv_heads << ")");
   FFI_CHECK(p->head_dim >= 1 && p->head_dim <= 256, "head dim must be in [1, 256]");
-  switch (q.element_type()) {
-    case ffi::DataType::F32: p->dtype = ElementType::kF32; break;
-    case ffi::DataType::BF16: p->dtype = ElementType::kBF16; break;
-    case ffi::DataType::F16: p->dtype = ElementType::kF16; break;
-    default: FFI_CHECK(false, "q must be float32, bfloat16 or float16");
-  }
+  if (auto e = element_type_of(q, "q", &p->dtype); e.failure()) return e;
   FFI_CHECK(k.element_type() == q.element_type(), "k cache must have q's dtype");
   if (auto e = expect_shape(v, "v cache", {kd[0], kd[1], kd[2], kd[3]}, q.element_type()); e.failure())
     return e;

@@ -34,6 +34,9 @@ ffi::Error decode_decode_args(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
                               const ffi::AnyBuffer& page_table, const ffi::AnyBuffer& out,
                               DecodeParams* params);
 
+// The kernels' ElementType of a float32/bfloat16/float16 buffer.
+ffi::Error element_type_of(const ffi::AnyBuffer& buffer, const char* name, ElementType* type);
+
 // Checks that `buffer` has exactly `dims` and the given dtype.
 ffi::Error expect_shape(const ffi::AnyBuffer& buffer, const char* name,
                         std::initializer_list<int64_t> dims, ffi::DataType dtype);

@@ -31,19 +31,21 @@ inline vfloat splat(float x) { return vfloat{} + x; }
 inline float reduce_max(vfloat x) {
 #if defined(__AVX512F__)
   return _mm512_reduce_max_ps((__m512)x);
-#endif
+#else
   float best = x[0];
   for (int i = 1; i < kLanes; ++i) best = x[i] > best ? x[i] : best;
   return best;
+#endif
 }
 
 inline float reduce_sum(vfloat x) {
 #if defined(__AVX512F__)
   return _mm512_reduce_add_ps((__m512)x);
-#endif
+#else
   float total = 0.f;
   for (int i = 0; i < kLanes; ++i) total += x[i];
   return total;
+#endif
 }
 
 inline vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
@@ -142,11 +144,12 @@ inline vfloat load_as_float(const bf16_t* src) {
   __m256i halves;
   std::memcpy(&halves, src, sizeof(halves));
   return (vfloat)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
-#endif
+#else
   const vint bits = __builtin_convertvector(*reinterpret_cast<const vhalf_bits*>(src), vint) << 16;
   vfloat result;
   std::memcpy(&result, &bits, sizeof(result));
   return result;
+#endif
 }
 
 inline vfloat load_as_float(const f16_t* src) {
