@@ -14,7 +14,9 @@ class ConvBN(nnx.Module):
                  is_shortcut: bool = False, rngs: nnx.Rngs):
         self.conv = nnx.Conv(cin, cout, (kernel, kernel), strides=(stride, stride), padding="SAME",
                              feature_group_count=groups, use_bias=False, rngs=rngs)
-        self.norm = nnx.BatchNorm(cout, use_running_average=True, rngs=rngs)
+        # momentum 0.9: the running statistics must settle within a few
+        # hundred steps (the CPU training runs are short).
+        self.norm = nnx.BatchNorm(cout, use_running_average=True, momentum=0.9, rngs=rngs)
         self.kernel, self.cin, self.cout, self.stride, self.groups = kernel, cin, cout, stride, groups
         # A shortcut runs beside the main path: it does not move the
         # running spatial size in layer_costs.

@@ -37,15 +37,18 @@ class BasicBlock(nnx.Module):
 
 
 class ResNet18(nnx.Module):
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, *, rngs: nnx.Rngs):
-        self.stem = ConvBN(in_channels, 64, 3, 1, rngs=rngs)
-        widths, strides = (64, 128, 256, 512), (1, 2, 2, 2)
-        blocks, cin = [], 64
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0, *, rngs: nnx.Rngs):
+        # width scales every stage (0.25 -> 16..128 channels) so that the
+        # CSMPQ experiments train on a 2-core CPU; 1.0 is the paper's net.
+        widths = tuple(max(8, int(c * width)) for c in (64, 128, 256, 512))
+        strides = (1, 2, 2, 2)
+        self.stem = ConvBN(in_channels, widths[0], 3, 1, rngs=rngs)
+        blocks, cin = [], widths[0]
         for width, stride in zip(widths, strides):
             blocks += [BasicBlock(cin, width, stride, rngs=rngs), BasicBlock(width, width, 1, rngs=rngs)]
             cin = width
         self.blocks = nnx.List(blocks) if hasattr(nnx, "List") else blocks
-        self.head = nnx.Linear(512, num_classes, rngs=rngs)
+        self.head = nnx.Linear(widths[-1], num_classes, rngs=rngs)
 
     def quantizable_layers(self) -> list:
         """Stem, every conv of every block (shortcuts included), the head."""

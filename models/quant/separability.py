@@ -40,3 +40,19 @@ def layer_score(features):
     idf = jnp.log(n / (document_count + 1.0))
     strength = jnp.sum(tf * present, axis=1) / (document_count + 1e-11)
     return jnp.mean(strength * idf)
+
+
+def model_scores(model, images):
+    """γ of every quantizable layer of `model` (a models/ CNN whose
+    `__call__(x, collect=True)` returns the layers' outputs), from one batch
+    of calibration images, batch norm in inference mode."""
+    from flax import nnx
+
+    model.eval()
+
+    @nnx.jit
+    def scores(model, images):
+        _, outputs = model(images, collect=True)
+        return jnp.stack([layer_score(pooled_features(o)) for o in outputs])
+
+    return scores(model, jnp.asarray(images))
