@@ -15,6 +15,7 @@ import glob
 import os
 import shutil
 import subprocess
+import sys
 
 import jax.ffi
 import pybind11
@@ -58,8 +59,40 @@ arch = os.environ.get("FASTATTN_CPU_ARCH", "native")
 include_dirs = [os.path.join(ROOT, "xla_ffi"), pybind11.get_include()]
 cxx_sources = sources("xla_ffi/bindings.cc", "xla_ffi/common/*.cc", "xla_ffi/cpu/*.cc")
 macros, libraries, library_dirs = [], [], []
+
+
+def volta_ptx_header():
+    """Folder of the generated volta_ptx.h (the Volta kernel's compute_70 PTX,
+    from NVRTC 12), or None when neither NVRTC nor an earlier header is
+    there. FASTATTN_VOLTA=0 leaves the Volta kernel out."""
+    if os.environ.get("FASTATTN_VOLTA", "") == "0":
+        return None
+    folder = os.path.join(ROOT, "build", "volta")
+    header = os.path.join(folder, "volta_ptx.h")
+    sys.path.insert(0, ROOT)
+    from build_tools import volta_ptx
+
+    inputs = glob.glob(os.path.join(volta_ptx.KERNEL_DIR, "*.cu")) + \
+        glob.glob(os.path.join(volta_ptx.KERNEL_DIR, "*.h")) + [volta_ptx.__file__]
+    fresh = os.path.exists(header) and os.path.getmtime(header) >= max(map(os.path.getmtime, inputs))
+    if not fresh:
+        try:
+            volta_ptx.write_header(header)
+        except RuntimeError as error:
+            if not os.path.exists(header):
+                print(f"jax_fastattn: Volta kernel left out ({error})")
+                return None
+            print(f"jax_fastattn: using the existing {header} ({error})")
+    return folder
+
+
 if NVCC:
     cxx_sources += sources("xla_ffi/cuda/*.cc")
+    volta_folder = volta_ptx_header()
+    if volta_folder:
+        cxx_sources += sources("xla_ffi/cuda/sm70/*.cc")
+        include_dirs.append(volta_folder)
+        macros.append(("FASTATTN_WITH_VOLTA", "1"))
     include_dirs.append(os.path.join(CUDA_HOME, "include"))
     macros.append(("FASTATTN_WITH_CUDA", "1"))
     libraries += ["cudart_static", "dl", "rt"]

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import blockwise, ffi, masks, reference, sharding
-from .config import CPU_TILES, XLA_TILES, TileConfig
+from .config import CPU_TILES, VOLTA_TILES, XLA_TILES, TileConfig
 
 BACKENDS = ("auto", "cuda", "volta", "cpu", "xla", "reference")
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -68,6 +68,12 @@ def check_inputs(q, k, v, bias, softmax_scale) -> None:
 
 # CUDA kernels this release has, per operation.
 _CUDA_TARGETS = {"attention": "fastattn_forward_cuda", "decode": "fastattn_decode_cuda"}
+_VOLTA_TARGET = "fastattn_forward_volta"
+VOLTA_HEAD_DIMS = (64, 128)  # the kernel's head dims; smaller ones are zero-padded up
+
+
+def _is_volta(device) -> bool:
+    return getattr(device, "compute_capability", None) == "7.0"
 
 
 def resolve_backend(backend: str, op: str = "attention") -> str:
@@ -75,11 +81,17 @@ def resolve_backend(backend: str, op: str = "attention") -> str:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     has_cuda_kernel = _CUDA_TARGETS[op] in ffi.cuda_targets()
+    has_volta_kernel = op == "attention" and _VOLTA_TARGET in ffi.cuda_targets()
     if backend in ("cuda", "volta"):
         if not ffi.gpu_available():
             raise ValueError(f"backend={backend!r} needs a CUDA GPU, but JAX sees none "
                              f"(devices: {[d.platform for d in jax.devices()]}); use 'cpu' or 'xla'")
-        if backend == "volta" or not has_cuda_kernel:
+        if backend == "volta":
+            if not has_volta_kernel:
+                raise ValueError(f"backend='volta' has no kernel for {op} in this build (the Volta kernel "
+                                 "is the attention forward; it is built with nvcc and NVRTC 12 present)")
+            return "volta"
+        if not has_cuda_kernel:
             raise ValueError(f"backend={backend!r}: this build has no CUDA kernel for {op} yet "
                              "(built without nvcc, or not implemented); use 'xla'")
         return "cuda"
@@ -89,6 +101,8 @@ def resolve_backend(backend: str, op: str = "attention") -> str:
         platform = jax.devices()[0].platform
         if platform == "cpu" and ffi.library_available():
             return "cpu"
+        if platform == "gpu" and has_volta_kernel and _is_volta(jax.devices()[0]):
+            return "volta"
         if platform == "gpu" and has_cuda_kernel:
             return "cuda"
         return "xla"  # documented: GPU attention uses the pure-JAX backend until its CUDA kernels land
@@ -127,15 +141,21 @@ def _forward(static: _Static, q, k, v, bias, q_ids, kv_ids, dense):
     tile_class = masks.classify_tiles(plan, static.tiles.tile_q, static.tiles.tile_kv)
     call = sharding.forward_call(static.backend, static.attrs())
     bias = None if bias is None else bias.astype(jnp.float32)
-    return call(q, k, v, _or_absent(bias, jnp.float32), _or_absent(q_ids, jnp.int32),
-                _or_absent(kv_ids, jnp.int32), _or_absent(dense, jnp.bool_), tile_class)
+    head_dim = q.shape[-1]
+    if static.backend == "volta":  # zero-padding q, k, v to the kernel's head dim changes no score
+        padded = next(d for d in VOLTA_HEAD_DIMS if d >= head_dim)
+        q, k, v = (jnp.pad(x, ((0, 0),) * 3 + ((0, padded - head_dim),)) for x in (q, k, v))
+    out, lse = call(q, k, v, _or_absent(bias, jnp.float32), _or_absent(q_ids, jnp.int32),
+                    _or_absent(kv_ids, jnp.int32), _or_absent(dense, jnp.bool_), tile_class)
+    return out[..., :head_dim], lse
 
 
 def _backward(static: _Static, q, k, v, bias, q_ids, kv_ids, dense, out, lse, d_out, d_lse):
     plan = static.plan(q_ids, kv_ids, dense)
-    if static.backend == "xla":
+    if static.backend in ("xla", "volta"):  # volta: forward kernel only; the backward is blockwise JAX
         return blockwise.backward(q, k, v, bias, plan, static.softmax_scale, out, lse, d_out, d_lse,
-                                  static.tiles.tile_q, static.tiles.tile_kv)
+                                  XLA_TILES.tile_q if static.backend == "volta" else static.tiles.tile_q,
+                                  XLA_TILES.tile_kv if static.backend == "volta" else static.tiles.tile_kv)
     if static.backend == "reference":
         def fn(q, k, v, bias):
             return reference.attention_reference(q, k, v, plan, bias, static.softmax_scale)
@@ -207,8 +227,14 @@ def flash_attention(q, k, v, *, mask: Optional[masks.Mask] = None, causal: bool 
     skv = k.shape[1]
     plan = masks.make_plan(mask, bool(causal), b, hq, sq, skv)
     concrete = resolve_backend(backend)
+    if concrete == "volta":
+        if q.dtype != jnp.float16:
+            raise TypeError(f"backend='volta' takes float16 q, k, v (Volta's mma.m8n8k4 has no bfloat16/float32 "
+                            f"inputs), got {_dtype_name(q)}")
+        if d > VOLTA_HEAD_DIMS[-1]:
+            raise ValueError(f"backend='volta' supports head dim D <= {VOLTA_HEAD_DIMS[-1]}, got {d}")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
-    tiles = CPU_TILES if concrete == "cpu" else XLA_TILES
+    tiles = {"cpu": CPU_TILES, "volta": VOLTA_TILES}.get(concrete, XLA_TILES)
     static = _Static(concrete, scale, sq, skv, int(plan.band_lo), int(plan.band_hi), tiles)
     out, lse = _attention(static, q, k, v, bias, plan.q_segment_ids, plan.kv_segment_ids, plan.dense)
     return (out, lse) if return_lse else out

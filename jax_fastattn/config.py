@@ -24,3 +24,7 @@ CPU_TILES = TileConfig(tile_q=64, tile_kv=128)
 
 # Pure-JAX backend: large tiles amortise XLA's per-iteration loop cost.
 XLA_TILES = TileConfig(tile_q=256, tile_kv=512)
+
+# Volta kernel (xla_ffi/cuda/sm70): 4 warps x 32 query rows, 32 keys per
+# step; fixed in the kernel (volta_params.h kTileQ / kTileKv).
+VOLTA_TILES = TileConfig(tile_q=128, tile_kv=32)

@@ -33,6 +33,9 @@ PYBIND11_MODULE(_xla_ffi, m) {
 #ifdef FASTATTN_WITH_CUDA
     targets["fastattn_decode_cuda"] = capsule(fastattn::cuda::FastattnDecodeCuda);
 #endif
+#ifdef FASTATTN_WITH_VOLTA
+    targets["fastattn_forward_volta"] = capsule(fastattn::cuda::FastattnForwardVolta);
+#endif
     return targets;
   });
 }

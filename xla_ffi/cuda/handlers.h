@@ -11,5 +11,9 @@ namespace cuda {
 // scratch, which is freed when the handler returns, before the kernels run).
 XLA_FFI_DECLARE_HANDLER_SYMBOL(FastattnDecodeCuda);
 
+// fastattn_forward_volta: the forward custom call's arguments (as the CPU
+// one), float16, head_dim 64/128; runs the compute_70 PTX of sm70/.
+XLA_FFI_DECLARE_HANDLER_SYMBOL(FastattnForwardVolta);
+
 }  // namespace cuda
 }  // namespace fastattn

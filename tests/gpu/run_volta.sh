@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The Volta kernel's GPU checks in one call: build (the PTX header comes from
+# build_tools/volta_ptx.py; carry build/volta if NVRTC 12 is not installed
+# there), the m8n8k4 layout probe, pytest -m gpu, compute-sanitizer, ncu
+# bank conflicts and timing of both shared-memory layouts. Log: $OUT/volta.txt.
+set -uo pipefail
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+LOG="$OUT/volta.txt"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
+FASTATTN_CUDA_ARCHS=90a python3 setup.py build_ext --inplace > /tmp/build.log 2>&1 || { tail -40 /tmp/build.log | tee -a "$LOG"; exit 1; }
+grep -i "volta" /tmp/build.log | grep -v "^g++\|^gcc" | tee -a "$LOG"
+python3 -c "from jax_fastattn import ffi; print('targets', sorted(ffi.cuda_targets()))" 2>&1 | tee -a "$LOG"
+nvcc -arch=sm_90a -o /tmp/probe tests/gpu/mma_m8n8k4_probe.cu && /tmp/probe 2>&1 | tee -a "$LOG"
+timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_volta.py 2>&1 | tail -25 | tee -a "$LOG"
+SMALL="tests/gpu/volta_case.py --batch 1 --seq 300 --heads 2 --dim 64 --causal --repeat 1"
+for tool in memcheck racecheck; do
+  timeout 200 compute-sanitizer --tool $tool --error-exitcode 9 python3 $SMALL > /tmp/sanitizer_$tool.txt 2>&1
+  echo "compute-sanitizer $tool: exit $?; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' /tmp/sanitizer_$tool.txt | tail -1)" | tee -a "$LOG"
+done
+METRICS=l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,gpu__time_duration.sum
+for dim in 64 128; do
+  for layout in swizzled naive; do
+    echo "== ncu layout=$layout dim=$dim" | tee -a "$LOG"
+    FASTATTN_VOLTA_LAYOUT=$layout timeout 200 ncu --kernel-name regex:fastattn_volta --launch-count 1 --metrics $METRICS \
+      python3 tests/gpu/volta_case.py --batch 4 --seq 2048 --heads 16 --dim $dim --repeat 1 2>&1 \
+      | grep -E "l1tex__|gpu__time|fastattn_volta|==ERR" | tee -a "$LOG"
+  done
+done
+for dim in 64 128; do
+  for layout in swizzled naive; do
+    for causal in "" "--causal"; do
+      FASTATTN_VOLTA_LAYOUT=$layout timeout 120 python3 tests/gpu/volta_case.py --batch 4 --seq 4096 --heads 16 \
+        --dim $dim --repeat 30 $causal 2>&1 | tail -1 | tee -a "$LOG"
+    done
+  done
+done
