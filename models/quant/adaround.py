@@ -72,7 +72,7 @@ def _with_kernels(graphdef, state, kernels):
 
 
 def adaround(model: nnx.Module, weight_bits: Sequence[int], calibration: np.ndarray, *, steps: int = 200,
-             batch_size: int = 32, learning_rate: float = 1e-2, regularisation: float = 0.01,
+             batch_size: int = 32, learning_rate: float = 3e-2, regularisation: float = 3.0,
              warmup: float = 0.2, seed: int = 0, progress: Optional[Callable] = None) -> nnx.Module:
     """A copy of `model` (inference mode) whose quantizable layers' kernels
     are rounded onto their `weight_bits` grids by AdaRound."""
