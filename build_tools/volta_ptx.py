@@ -29,7 +29,10 @@ LAYOUTS = {"swizzled": 1, "naive": 0}  # FASTATTN_VOLTA_SWIZZLE per layout
 
 
 def _nvidia_path(*parts):
-    import nvidia  # namespace package of the nvidia-* wheels
+    try:
+        import nvidia  # namespace package of the nvidia-* wheels
+    except ImportError:
+        return None
 
     for base in nvidia.__path__:
         matches = glob.glob(os.path.join(base, *parts))
