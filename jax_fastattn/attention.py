@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import blockwise, ffi, masks, reference, sharding
-from .config import CPU_TILES, VOLTA_TILES, XLA_TILES, TileConfig
+from .config import CPU_TILES, CUDA_TILES, VOLTA_TILES, XLA_TILES, TileConfig
 
 BACKENDS = ("auto", "cuda", "volta", "cpu", "xla", "reference")
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -69,7 +69,9 @@ def check_inputs(q, k, v, bias, softmax_scale) -> None:
 # CUDA kernels this release has, per operation.
 _CUDA_TARGETS = {"attention": "fastattn_forward_cuda", "decode": "fastattn_decode_cuda"}
 _VOLTA_TARGET = "fastattn_forward_volta"
-VOLTA_HEAD_DIMS = (64, 128)  # the kernel's head dims; smaller ones are zero-padded up
+# Head dims the GPU attention kernels are built for; smaller ones are zero-padded up.
+KERNEL_HEAD_DIMS = {"volta": (64, 128), "cuda": (64, 128)}
+KERNEL_DTYPES = {"volta": (jnp.float16,), "cuda": (jnp.bfloat16, jnp.float16)}
 
 
 def _is_volta(device) -> bool:
@@ -142,8 +144,8 @@ def _forward(static: _Static, q, k, v, bias, q_ids, kv_ids, dense):
     call = sharding.forward_call(static.backend, static.attrs())
     bias = None if bias is None else bias.astype(jnp.float32)
     head_dim = q.shape[-1]
-    if static.backend == "volta":  # zero-padding q, k, v to the kernel's head dim changes no score
-        padded = next(d for d in VOLTA_HEAD_DIMS if d >= head_dim)
+    if static.backend in KERNEL_HEAD_DIMS:  # zero-padding q, k, v to the kernel's head dim changes no score
+        padded = next(d for d in KERNEL_HEAD_DIMS[static.backend] if d >= head_dim)
         q, k, v = (jnp.pad(x, ((0, 0),) * 3 + ((0, padded - head_dim),)) for x in (q, k, v))
     out, lse = call(q, k, v, _or_absent(bias, jnp.float32), _or_absent(q_ids, jnp.int32),
                     _or_absent(kv_ids, jnp.int32), _or_absent(dense, jnp.bool_), tile_class)
@@ -152,10 +154,11 @@ def _forward(static: _Static, q, k, v, bias, q_ids, kv_ids, dense):
 
 def _backward(static: _Static, q, k, v, bias, q_ids, kv_ids, dense, out, lse, d_out, d_lse):
     plan = static.plan(q_ids, kv_ids, dense)
-    if static.backend in ("xla", "volta"):  # volta: forward kernel only; the backward is blockwise JAX
+    if static.backend in ("xla", "volta", "cuda"):
+        # volta/cuda: forward kernels only so far; the backward is blockwise JAX on the kernel's lse.
+        tiles = static.tiles if static.backend == "xla" else XLA_TILES
         return blockwise.backward(q, k, v, bias, plan, static.softmax_scale, out, lse, d_out, d_lse,
-                                  XLA_TILES.tile_q if static.backend == "volta" else static.tiles.tile_q,
-                                  XLA_TILES.tile_kv if static.backend == "volta" else static.tiles.tile_kv)
+                                  tiles.tile_q, tiles.tile_kv)
     if static.backend == "reference":
         def fn(q, k, v, bias):
             return reference.attention_reference(q, k, v, plan, bias, static.softmax_scale)
@@ -227,14 +230,19 @@ def flash_attention(q, k, v, *, mask: Optional[masks.Mask] = None, causal: bool 
     skv = k.shape[1]
     plan = masks.make_plan(mask, bool(causal), b, hq, sq, skv)
     concrete = resolve_backend(backend)
-    if concrete == "volta":
-        if q.dtype != jnp.float16:
-            raise TypeError(f"backend='volta' takes float16 q, k, v (Volta's mma.m8n8k4 has no bfloat16/float32 "
-                            f"inputs), got {_dtype_name(q)}")
-        if d > VOLTA_HEAD_DIMS[-1]:
-            raise ValueError(f"backend='volta' supports head dim D <= {VOLTA_HEAD_DIMS[-1]}, got {d}")
+    if concrete in KERNEL_HEAD_DIMS:
+        fits = q.dtype in KERNEL_DTYPES[concrete] and d <= KERNEL_HEAD_DIMS[concrete][-1]
+        if backend == "auto" and not fits:
+            concrete = "xla"  # documented: float32 or D > 128 on GPU take the pure-JAX backend
+        elif q.dtype not in KERNEL_DTYPES[concrete]:
+            names = " or ".join(jnp.dtype(t).name for t in KERNEL_DTYPES[concrete])
+            raise TypeError(f"backend={concrete!r} takes {names} q, k, v, got {_dtype_name(q)} "
+                            "(use backend='xla' for other dtypes)")
+        elif d > KERNEL_HEAD_DIMS[concrete][-1]:
+            raise ValueError(f"backend={concrete!r} supports head dim D <= {KERNEL_HEAD_DIMS[concrete][-1]}, "
+                             f"got {d}")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
-    tiles = {"cpu": CPU_TILES, "volta": VOLTA_TILES}.get(concrete, XLA_TILES)
+    tiles = {"cpu": CPU_TILES, "volta": VOLTA_TILES, "cuda": CUDA_TILES}.get(concrete, XLA_TILES)
     static = _Static(concrete, scale, sq, skv, int(plan.band_lo), int(plan.band_hi), tiles)
     out, lse = _attention(static, q, k, v, bias, plan.q_segment_ids, plan.kv_segment_ids, plan.dense)
     return (out, lse) if return_lse else out

@@ -24,6 +24,9 @@ from typing import Callable, Dict, List
 
 PEERS: Dict[str, List[str]] = {
     "cpu": ["fastattn-cpu", "fastattn-xla", "jax.nn-xla", "reference"],
+    # torch-*: torch.nn.functional.scaled_dot_product_attention pinned to one
+    # SDPBackend (FlashAttention-2 / cuDNN); pallas-mha: jax's Pallas GPU op.
+    "cuda": ["fastattn-cuda", "jax.nn-cudnn", "torch-cudnn", "torch-flash", "pallas-mha", "jax.nn-xla"],
 }
 DECODE_PEERS: Dict[str, List[str]] = {
     "cpu": ["memcpy-numpy", "fastattn-cpu", "fastattn-xla", "jax.nn-xla"],
@@ -35,6 +38,7 @@ DECODE_PEERS: Dict[str, List[str]] = {
 GPU_CALLS_PER_SAMPLE = 10
 # Implementations that build the full [B, H, Sq, Skv] logits.
 QUADRATIC = {"jax.nn-xla", "reference"}
+TORCH_BACKENDS = {"torch-flash": "FLASH_ATTENTION", "torch-cudnn": "CUDNN_ATTENTION"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +146,13 @@ def _build(name: str, case: Case) -> Callable:
 
         def attend(q, k, v):  # jax.nn takes GQA k/v directly
             return jax.nn.dot_product_attention(q, k, v, is_causal=case.causal, implementation=implementation)
+    elif name == "pallas-mha":
+        from jax.experimental.pallas.ops.gpu.attention import mha
+
+        def attend(q, k, v):  # the Pallas op has no GQA: K/V heads are repeated
+            group = q.shape[2] // k.shape[2]
+            k, v = (jnp.repeat(x, group, axis=2) for x in (k, v))
+            return mha(q, k, v, None, sm_scale=q.shape[-1] ** -0.5, causal=case.causal)
     else:
         raise ValueError(f"unknown implementation {name!r}")
     if case.mode == "fwd":
@@ -175,8 +186,50 @@ def _peak_rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _torch_worker(name: str, case: Case, repeats: int) -> dict:
+    """torch SDPA pinned to one backend; CUDA-event timing of `calls` calls."""
+    import numpy as np
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dtype = getattr(torch, case.dtype)
+    shape_q = (case.batch, case.heads, case.seq, case.head_dim)
+    shape_kv = (case.batch, case.kv_heads, case.seq, case.head_dim)
+    grad = case.mode == "fwd_bwd"
+    q = torch.randn(shape_q, device="cuda", dtype=dtype, requires_grad=grad)
+    k = torch.randn(shape_kv, device="cuda", dtype=dtype, requires_grad=grad)
+    v = torch.randn(shape_kv, device="cuda", dtype=dtype, requires_grad=grad)
+    gqa = case.heads != case.kv_heads
+    backend = getattr(SDPBackend, TORCH_BACKENDS[name])
+
+    def step():
+        with sdpa_kernel(backend):
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=case.causal, enable_gqa=gqa)
+        if grad:
+            out.float().sum().backward()
+        return out
+
+    step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(GPU_CALLS_PER_SAMPLE):
+            step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / GPU_CALLS_PER_SAMPLE)
+    median = float(np.median(times))
+    return {"impl": name, "case": dataclasses.asdict(case), "times_s": times, "median_s": median,
+            "tflops": case.flops / median / 1e12, "gbps": 0.0, "peak_mb": 0.0,
+            "device": torch.cuda.get_device_name(), "torch": torch.__version__}
+
+
 def run_worker(name: str, case: Case, repeats: int) -> dict:
     """Times one implementation on one case in this process."""
+    if name in TORCH_BACKENDS:
+        return _torch_worker(name, case, repeats)
     if name == "memcpy-numpy":
         return _memcpy_bandwidth(case, repeats)
     if name == "memcpy-device":
@@ -295,6 +348,8 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="one small case, 5 repeats (a demo)")
     parser.add_argument("--seq", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="batch = tokens // seq for each --seq (e.g. 16384 for B*S = 16K)")
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=None)
     parser.add_argument("--head-dim", type=int, default=64)
@@ -318,8 +373,9 @@ def main(argv=None) -> None:
 
     seqs = [1024] if args.quick else args.seq
     repeats = max(5, args.repeats)
-    cases = [Case(args.batch, s, args.heads, args.kv_heads or args.heads, args.head_dim, not args.no_causal,
-                  args.dtype, args.mode) for s in seqs]
+    cases = [Case(max(1, args.tokens // s) if args.tokens else args.batch, s, args.heads,
+                  args.kv_heads or args.heads, args.head_dim, not args.no_causal, args.dtype, args.mode)
+             for s in seqs]
     peers = DECODE_PEERS if args.mode == "decode" else PEERS
     if args.impls is None and args.backend not in peers:
         parser.error(f"--backend {args.backend} has no peers for --mode {args.mode} yet")

@@ -28,3 +28,7 @@ XLA_TILES = TileConfig(tile_q=256, tile_kv=512)
 # Volta kernel (xla_ffi/cuda/sm70): 4 warps x 32 query rows, 32 keys per
 # step; fixed in the kernel (volta_params.h kTileQ / kTileKv).
 VOLTA_TILES = TileConfig(tile_q=128, tile_kv=32)
+
+# CUDA sm80+ forward kernel (xla_ffi/cuda/attention_sm80.cu): 4 warps x 16
+# query rows, 64 keys per step (attention.h kForwardTileQ / kForwardTileKv).
+CUDA_TILES = TileConfig(tile_q=64, tile_kv=64)

@@ -32,6 +32,7 @@ PYBIND11_MODULE(_xla_ffi, m) {
     py::dict targets;
 #ifdef FASTATTN_WITH_CUDA
     targets["fastattn_decode_cuda"] = capsule(fastattn::cuda::FastattnDecodeCuda);
+    targets["fastattn_forward_cuda"] = capsule(fastattn::cuda::FastattnForwardCuda);
 #endif
 #ifdef FASTATTN_WITH_VOLTA
     targets["fastattn_forward_volta"] = capsule(fastattn::cuda::FastattnForwardVolta);

@@ -145,6 +145,36 @@ ffi::Error decode_mask(const ffi::AnyBuffer& q_segment, const ffi::AnyBuffer& kv
   return ffi::Error::Success();
 }
 
+ffi::Error decode_forward_args(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
+                               const ffi::AnyBuffer& v, const ffi::AnyBuffer& bias,
+                               const ffi::AnyBuffer& q_segment, const ffi::AnyBuffer& kv_segment,
+                               const ffi::AnyBuffer& dense, const ffi::AnyBuffer& tile_class,
+                               ffi::AnyBuffer& out, ffi::AnyBuffer& lse, float softmax_scale,
+                               int64_t band_lo, int64_t band_hi, int64_t tile_q, int64_t tile_kv,
+                               ForwardParams* params) {
+  if (auto e = decode_shape(q, k, v, &params->shape, &params->dtype); e.failure()) return e;
+  const AttentionShape& s = params->shape;
+  if (auto e = decode_bias(bias, s, &params->bias); e.failure()) return e;
+  if (auto e = decode_mask(q_segment, kv_segment, dense, tile_class, s, band_lo, band_hi, tile_q,
+                           tile_kv, &params->mask);
+      e.failure())
+    return e;
+  if (auto e = expect_shape(out, "out", {s.batch, s.q_len, s.q_heads, s.head_dim},
+                            q.element_type());
+      e.failure())
+    return e;
+  if (auto e = expect_shape(lse, "lse", {s.batch, s.q_heads, s.q_len}, ffi::DataType::F32);
+      e.failure())
+    return e;
+  params->q = q.untyped_data();
+  params->k = k.untyped_data();
+  params->v = v.untyped_data();
+  params->softmax_scale = softmax_scale;
+  params->out = out.untyped_data();
+  params->lse = static_cast<float*>(lse.untyped_data());
+  return ffi::Error::Success();
+}
+
 ffi::Error decode_decode_args(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
                               const ffi::AnyBuffer& v, const ffi::AnyBuffer& lengths,
                               const ffi::AnyBuffer& page_table, const ffi::AnyBuffer& out,

@@ -26,6 +26,16 @@ ffi::Error decode_mask(const ffi::AnyBuffer& q_segment, const ffi::AnyBuffer& kv
                        const AttentionShape& shape, int64_t band_lo, int64_t band_hi,
                        int64_t tile_q, int64_t tile_kv, MaskParams* mask);
 
+// All arguments of a forward custom call (q, k, v, bias, segment ids, dense
+// mask, tile classes; out, lse) into `params`, every shape checked.
+ffi::Error decode_forward_args(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
+                               const ffi::AnyBuffer& v, const ffi::AnyBuffer& bias,
+                               const ffi::AnyBuffer& q_segment, const ffi::AnyBuffer& kv_segment,
+                               const ffi::AnyBuffer& dense, const ffi::AnyBuffer& tile_class,
+                               ffi::AnyBuffer& out, ffi::AnyBuffer& lse, float softmax_scale,
+                               int64_t band_lo, int64_t band_hi, int64_t tile_q, int64_t tile_kv,
+                               ForwardParams* params);
+
 // q [B, Hq, D]; k, v [B, Smax, Hkv, D] (page_table absent) or
 // [num_pages, page_size, Hkv, D] with page_table int32 [B, max_pages];
 // lengths int32 [B]; out [B, Hq, D].

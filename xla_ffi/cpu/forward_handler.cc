@@ -15,26 +15,11 @@ ffi::Error forward_cpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                        ffi::Result<ffi::AnyBuffer> lse, float softmax_scale, int64_t band_lo,
                        int64_t band_hi, int64_t tile_q, int64_t tile_kv) {
   ForwardParams params;
-  if (auto e = decode_shape(q, k, v, &params.shape, &params.dtype); e.failure()) return e;
-  const AttentionShape& s = params.shape;
-  if (auto e = decode_bias(bias, s, &params.bias); e.failure()) return e;
-  if (auto e = decode_mask(q_segment, kv_segment, dense, tile_class, s, band_lo, band_hi,
-                           tile_q, tile_kv, &params.mask);
+  if (auto e = decode_forward_args(q, k, v, bias, q_segment, kv_segment, dense, tile_class, *out,
+                                   *lse, softmax_scale, band_lo, band_hi, tile_q, tile_kv,
+                                   &params);
       e.failure())
     return e;
-  if (auto e = expect_shape(*out, "out", {s.batch, s.q_len, s.q_heads, s.head_dim},
-                            q.element_type());
-      e.failure())
-    return e;
-  if (auto e = expect_shape(*lse, "lse", {s.batch, s.q_heads, s.q_len}, ffi::DataType::F32);
-      e.failure())
-    return e;
-  params.q = q.untyped_data();
-  params.k = k.untyped_data();
-  params.v = v.untyped_data();
-  params.softmax_scale = softmax_scale;
-  params.out = out->untyped_data();
-  params.lse = static_cast<float*>(lse->untyped_data());
   flash_forward(params);
   return ffi::Error::Success();
 }

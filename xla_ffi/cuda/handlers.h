@@ -11,6 +11,10 @@ namespace cuda {
 // scratch, which is freed when the handler returns, before the kernels run).
 XLA_FFI_DECLARE_HANDLER_SYMBOL(FastattnDecodeCuda);
 
+// fastattn_forward_cuda: the forward custom call's arguments (as the CPU
+// one), bfloat16/float16, head_dim 64/128, sm80+ (attention_sm80.cu).
+XLA_FFI_DECLARE_HANDLER_SYMBOL(FastattnForwardCuda);
+
 // fastattn_forward_volta: the forward custom call's arguments (as the CPU
 // one), float16, head_dim 64/128; runs the compute_70 PTX of sm70/.
 XLA_FFI_DECLARE_HANDLER_SYMBOL(FastattnForwardVolta);

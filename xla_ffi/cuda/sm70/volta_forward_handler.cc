@@ -17,10 +17,15 @@ ffi::Error forward_volta(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
                          ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
                          float softmax_scale, int64_t band_lo, int64_t band_hi, int64_t tile_q,
                          int64_t tile_kv) {
-  AttentionShape s;
-  ElementType dtype;
-  if (auto e = decode_shape(q, k, v, &s, &dtype); e.failure()) return e;
-  FFI_CHECK(dtype == ElementType::kF16,
+  ForwardParams f;
+  if (auto e = decode_forward_args(q, k, v, bias, q_segment, kv_segment, dense, tile_class, *out,
+                                   *lse, softmax_scale, band_lo, band_hi, tile_q, tile_kv, &f);
+      e.failure())
+    return e;
+  const AttentionShape& s = f.shape;
+  const MaskParams& mask = f.mask;
+  const BiasParams& bias_params = f.bias;
+  FFI_CHECK(f.dtype == ElementType::kF16,
             "the Volta kernel takes float16 q, k, v (mma.m8n8k4 has no bfloat16)");
   FFI_CHECK(s.head_dim == 64 || s.head_dim == 128,
             "the Volta kernel needs head_dim 64 or 128 (flash_attention pads others), got "
@@ -31,27 +36,13 @@ ffi::Error forward_volta(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
                                                           << "x" << tile_kv);
   FFI_CHECK(s.batch <= 65535 && s.q_heads <= 65535,
             "the Volta kernel needs batch and q heads <= 65535 (grid limits)");
-  BiasParams bias_params;
-  if (auto e = decode_bias(bias, s, &bias_params); e.failure()) return e;
-  MaskParams mask;
-  if (auto e = decode_mask(q_segment, kv_segment, dense, tile_class, s, band_lo, band_hi, tile_q,
-                           tile_kv, &mask);
-      e.failure())
-    return e;
-  if (auto e = expect_shape(*out, "out", {s.batch, s.q_len, s.q_heads, s.head_dim},
-                            q.element_type());
-      e.failure())
-    return e;
-  if (auto e = expect_shape(*lse, "lse", {s.batch, s.q_heads, s.q_len}, ffi::DataType::F32);
-      e.failure())
-    return e;
 
   volta::VoltaForwardParams p{};
-  p.q = q.untyped_data();
-  p.k = k.untyped_data();
-  p.v = v.untyped_data();
-  p.out = out->untyped_data();
-  p.lse = static_cast<float*>(lse->untyped_data());
+  p.q = f.q;
+  p.k = f.k;
+  p.v = f.v;
+  p.out = f.out;
+  p.lse = f.lse;
   p.bias = bias_params.data;
   p.q_segment = mask.q_segment;
   p.kv_segment = mask.kv_segment;

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# GPU checks of the attention kernels ("cuda" sm80+ and "volta") in one call:
+# build, pytest -m gpu tests/test_gpu_attention.py, compute-sanitizer on a
+# small case, then a side-by-side benchmark (arguments go to the bench).
+# Log: $OUT/attention.txt; bench JSON/PNG under $OUT/bench.
+set -uo pipefail
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+LOG="$OUT/attention.txt"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
+python3 -c "import jax, torch; print('jax', jax.__version__, 'torch', torch.__version__)" 2>&1 | tee -a "$LOG"
+FASTATTN_CUDA_ARCHS=90a python3 setup.py build_ext --inplace > /tmp/build.log 2>&1 || { tail -40 /tmp/build.log | tee -a "$LOG"; exit 1; }
+python3 -c "from jax_fastattn import ffi; print('targets', sorted(ffi.cuda_targets()))" 2>&1 | tee -a "$LOG"
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  timeout 360 python3 -m pytest -m gpu -q -p no:cacheprovider -x tests/test_gpu_attention.py -k "${TESTS:-cuda}" 2>&1 | tail -25 | tee -a "$LOG"
+  cat > /tmp/small_cuda.py <<'PY'
+import jax, jax.numpy as jnp
+from jax_fastattn import flash_attention
+q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (1, 200, 2, 128), jnp.bfloat16) for i in range(3))
+print(flash_attention(q, k, v, causal=True, backend="cuda").block_until_ready().shape)
+PY
+  for tool in memcheck racecheck; do
+    timeout 200 compute-sanitizer --tool $tool --error-exitcode 9 python3 /tmp/small_cuda.py > /tmp/sanitizer_$tool.txt 2>&1
+    echo "compute-sanitizer $tool (cuda kernel): exit $?; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' /tmp/sanitizer_$tool.txt | tail -1)" | tee -a "$LOG"
+  done
+fi
+if [ $# -gt 0 ]; then
+  timeout 420 python3 -m jax_fastattn.bench --backend cuda --out "$OUT/bench" "$@" 2>&1 | grep -v "^running" | tail -40 | tee -a "$LOG"
+fi

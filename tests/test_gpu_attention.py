@@ -1,0 +1,110 @@
+"""The GPU attention kernels against the reference, on the GPU at hand
+(pytest -m gpu tests/test_gpu_attention.py): "cuda" (sm80+ mma.m16n8k16,
+bfloat16 and float16) and "volta" (mma.m8n8k4 as compute_70 PTX run by the
+driver JIT, float16)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_fastattn import ffi, flash_attention, masks
+from helpers import random_qkv
+from test_attention import check_forward, check_gradients
+
+pytestmark = pytest.mark.gpu
+
+
+KERNELS = {"cuda": "fastattn_forward_cuda", "volta": "fastattn_forward_volta"}
+CASES = [("cuda", jnp.bfloat16), ("cuda", jnp.float16), ("volta", jnp.float16)]
+
+
+@pytest.fixture(params=CASES, ids=["cuda-bf16", "cuda-f16", "volta-f16"])
+def kernel(request):
+    backend, dtype = request.param
+    if not (ffi.gpu_available() and KERNELS[backend] in ffi.cuda_targets()):
+        pytest.skip(f"needs a GPU and the {backend} kernel")
+    return backend, dtype
+
+
+@pytest.mark.parametrize("q_len,kv_len", [(1, 1), (7, 7), (63, 129), (129, 63), (300, 257), (128, 32)])
+@pytest.mark.parametrize("head_dim", [64, 128, 40, 96, 8])
+def test_shapes(kernel, q_len, kv_len, head_dim):
+    backend, dtype = kernel
+    q, k, v = random_qkv(0, 2, q_len, kv_len, 4, 2, head_dim, dtype)
+    check_forward(backend, q, k, v)
+    check_forward(backend, q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2), (6, 1)], ids=["mha", "gqa", "mqa"])
+def test_head_groups(kernel, heads):
+    backend, dtype = kernel
+    q, k, v = random_qkv(1, 3, 200, 333, heads[0], heads[1], 64, dtype)
+    check_forward(backend, q, k, v)
+
+
+@pytest.mark.parametrize("mask", [
+    masks.Causal(align="top_left"),
+    masks.SlidingWindow(50, 10),
+    masks.SlidingWindow(None, 0, align="top_left"),
+    masks.SlidingWindow(0, 0),
+], ids=["causal-top-left", "window-50-10", "window-causal", "diagonal"])
+def test_band_masks(kernel, mask):
+    backend, dtype = kernel
+    q, k, v = random_qkv(2, 2, 259, 301, 4, 2, 128, dtype)
+    check_forward(backend, q, k, v, mask=mask)
+
+
+def test_segments_dense_bias_and_fully_masked_rows(kernel):
+    backend, dtype = kernel
+    batch, q_len, kv_len = 2, 190, 210
+    q, k, v = random_qkv(3, batch, q_len, kv_len, 4, 4, 64, dtype)
+    q_ids = jnp.asarray(np.repeat(np.arange(5), 38)[None].repeat(batch, 0), jnp.int32)
+    kv_ids = jnp.asarray(np.repeat(np.arange(6), 35)[None].repeat(batch, 0), jnp.int32)
+    q_ids = q_ids.at[:, :10].set(-1)  # padding queries: see nothing
+    out, lse = check_forward(backend, q, k, v, mask=masks.Segments(q_ids, kv_ids))
+    assert np.all(np.asarray(out, np.float32)[:, :10] == 0)
+    assert np.all(np.isneginf(np.asarray(lse)[:, :, :10]))
+    dense = jax.random.bernoulli(jax.random.PRNGKey(4), 0.3, (1, 4, q_len, kv_len))
+    check_forward(backend, q, k, v, mask=masks.Dense(dense) & masks.Causal())
+    bias = jax.random.normal(jax.random.PRNGKey(5), (batch, 1, q_len, kv_len), jnp.float32)
+    check_forward(backend, q, k, v, bias=bias, causal=True)
+
+
+def test_gradients_jit_and_vmap(kernel):
+    backend, dtype = kernel
+    q, k, v = random_qkv(6, 2, 150, 170, 4, 2, 64, dtype)
+    check_gradients(backend, q, k, v, causal=True)
+    fn = jax.jit(lambda q, k, v: flash_attention(q, k, v, causal=True, backend=backend))
+    ref = flash_attention(q, k, v, causal=True, backend=backend)
+    np.testing.assert_array_equal(np.asarray(fn(q, k, v), np.float32), np.asarray(ref, np.float32))
+    stacked = [jnp.stack([x, x * 0.5]) for x in (q, k, v)]
+    batched = jax.vmap(lambda q, k, v: flash_attention(q, k, v, causal=True, backend=backend))(*stacked)
+    np.testing.assert_array_equal(np.asarray(batched[0], np.float32), np.asarray(ref, np.float32))
+
+
+def test_sharded_over_the_device_mesh(kernel):
+    backend, dtype = kernel
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    devices = np.array(jax.devices("gpu"))
+    mesh = Mesh(devices.reshape(len(devices), 1), ("data", "model"))
+    q, k, v = random_qkv(7, 2 * len(devices), 130, 130, 4, 2, 64, dtype)
+    spec = NamedSharding(mesh, P("data", None, "model", None))
+    placed = [jax.device_put(x, spec) for x in (q, k, v)]
+    out = jax.jit(lambda q, k, v: flash_attention(q, k, v, causal=True, backend=backend))(*placed)
+    ref = flash_attention(q, k, v, causal=True, backend=backend)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(ref, np.float32))
+
+
+def test_rejects_what_it_cannot_run(kernel):
+    backend, dtype = kernel
+    wrong = jnp.float32 if backend == "cuda" else jnp.bfloat16
+    q, k, v = random_qkv(8, 1, 16, 16, 2, 2, 64, wrong)
+    with pytest.raises(TypeError, match=f"backend='{backend}' takes"):
+        flash_attention(q, k, v, backend=backend)
+    q, k, v = random_qkv(8, 1, 16, 16, 2, 2, 256, dtype)
+    with pytest.raises(ValueError, match="head dim D <= 128"):
+        flash_attention(q, k, v, backend=backend)
+    # auto takes the documented pure-JAX path for what the kernels do not cover
+    out = flash_attention(q, k, v)
+    assert out.shape == q.shape

@@ -1,0 +1,358 @@
+// FlashAttention-2 style forward on sm80+: mma.sync m16n8k16 (bf16/f16 in,
+// f32 accumulate), ldmatrix, cp.async double buffering. See attention.h.
+//
+// A CTA owns 64 query rows of one (batch, q head): 4 warps x 16 rows, the
+// warp's Q fragments in registers for the whole kernel. It walks the key
+// tiles of 64 keys that the mask plan did not classify empty (tiling-mask);
+// the element-wise mask runs only in partial tiles and at the sequence end.
+// K and V tiles stream through two shared-memory buffers: tile j + 1 loads
+// (cp.async) while tile j is computed. S = Q K^T stays in registers; its C
+// fragments are, two n8 tiles at a time, exactly the A fragments of P V
+// (the m16n8k16 C and A layouts agree), so P never leaves registers.
+//
+// Shared-memory tiles are rows of D halves in 16-byte chunks; chunk c of row
+// r is stored at c ^ (r & 7), so the 8 rows an ldmatrix phase reads hit 8
+// different 16-byte bank groups (no bank conflicts), for K (ldmatrix) and V
+// (ldmatrix.trans) alike.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "attention.h"
+
+namespace fastattn {
+namespace cuda {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kBr = kForwardTileQ;
+constexpr int kBc = kForwardTileKv;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+__device__ __forceinline__ uint32_t shared_address(const void* pointer) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
+}
+
+__device__ __forceinline__ void copy16_async(uint32_t shared, const void* global, bool valid) {
+  // A source size of 0 writes 16 zero bytes and reads nothing.
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared), "l"(global),
+               "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void commit_async() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int kPending>
+__device__ __forceinline__ void wait_async() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, uint32_t address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, uint32_t address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+}
+
+template <typename T>
+struct Mma;
+
+template <>
+struct Mma<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float* d, const uint32_t* a, uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    uint32_t r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+  }
+};
+
+template <>
+struct Mma<__half> {
+  static __device__ __forceinline__ void run(float* d, const uint32_t* a, uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    uint32_t r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+  }
+};
+
+__device__ __forceinline__ float exp2_fast(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// 16-byte chunk `chunk` of tile row `row` (D / 8 chunks per row), swizzled.
+template <int D>
+__device__ __forceinline__ int chunk_of(int row, int chunk) {
+  return row * (D / 8) + (chunk ^ (row & 7));
+}
+
+// rows x D elements, row stride in elements, into a swizzled tile; rows at
+// or past valid_rows are zero-filled.
+template <int D, int kRows, typename T>
+__device__ __forceinline__ void load_tile_async(uint4* tile, const T* src, int64_t row_stride,
+                                                int64_t valid_rows) {
+  constexpr int kChunks = D / 8;
+#pragma unroll
+  for (int index = threadIdx.x; index < kRows * kChunks; index += kThreads) {
+    const int row = index / kChunks, chunk = index % kChunks;
+    const bool valid = row < valid_rows;
+    const T* from = valid ? src + row * row_stride + chunk * 8 : src;
+    copy16_async(shared_address(tile + chunk_of<D>(row, chunk)), from, valid);
+  }
+}
+
+__device__ __forceinline__ bool visible(const ForwardParams& p, int64_t batch, int64_t head,
+                                        int64_t i, int64_t j) {
+  const MaskParams& m = p.mask;
+  if (i >= p.shape.q_len || j >= p.shape.kv_len) return false;
+  if (j < i + m.band_lo || j > i + m.band_hi) return false;
+  if (m.q_segment != nullptr) {
+    const int32_t a = m.q_segment[batch * p.shape.q_len + i];
+    const int32_t b = m.kv_segment[batch * p.shape.kv_len + j];
+    if (a != b || a < 0) return false;
+  }
+  if (m.dense != nullptr) {
+    const int64_t db = m.dense_batch == 1 ? 0 : batch, dh = m.dense_heads == 1 ? 0 : head;
+    if (m.dense[((db * m.dense_heads + dh) * p.shape.q_len + i) * p.shape.kv_len + j] == 0) {
+      return false;
+    }
+  }
+  return true;
+}
+
+template <int D, typename T>
+__global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardParams p) {
+  extern __shared__ uint4 shared[];
+  uint4* q_tile = shared;                       // [kBr][D]
+  uint4* k_tiles = q_tile + kBr * D / 8;        // [2][kBc][D]
+  uint4* v_tiles = k_tiles + 2 * kBc * D / 8;   // [2][kBc][D]
+
+  const AttentionShape& s = p.shape;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  // Heavier (later, under a causal mask) query tiles first.
+  const int64_t q_block = gridDim.x - 1 - blockIdx.x;
+  const int64_t head = blockIdx.y, batch = blockIdx.z;
+  const int64_t kv_head = head / (s.q_heads / s.kv_heads);
+  const int64_t q_stride = s.q_heads * D, kv_stride = s.kv_heads * D;
+  const int64_t q0 = q_block * kBr;
+  const T* q = static_cast<const T*>(p.q) + (batch * s.q_len * s.q_heads + head) * D;
+  const T* k = static_cast<const T*>(p.k) + (batch * s.kv_len * s.kv_heads + kv_head) * D;
+  const T* v = static_cast<const T*>(p.v) + (batch * s.kv_len * s.kv_heads + kv_head) * D;
+
+  const int64_t num_kv = (s.kv_len + kBc - 1) / kBc;
+  const int8_t* classes = p.mask.tile_class +
+                          (((p.mask.tile_batch == 1 ? 0 : batch) * p.mask.tile_heads +
+                            (p.mask.tile_heads == 1 ? 0 : head)) *
+                               gridDim.x +
+                           q_block) *
+                              num_kv;
+  auto next_tile = [&](int64_t from) {
+    while (from < num_kv && classes[from] == kEmpty) ++from;
+    return from;
+  };
+  auto load_kv = [&](int64_t tile, int stage) {
+    const int64_t kv0 = tile * kBc;
+    load_tile_async<D, kBc>(k_tiles + stage * kBc * D / 8, k + kv0 * kv_stride, kv_stride,
+                            s.kv_len - kv0);
+    load_tile_async<D, kBc>(v_tiles + stage * kBc * D / 8, v + kv0 * kv_stride, kv_stride,
+                            s.kv_len - kv0);
+  };
+
+  load_tile_async<D, kBr>(q_tile, q + q0 * q_stride, q_stride, s.q_len - q0);
+  int64_t tile = next_tile(0);
+  if (tile < num_kv) load_kv(tile, 0);
+  commit_async();
+  wait_async<0>();
+  __syncthreads();
+
+  // The warp's 16 rows of Q as A fragments, one per 16 columns of D.
+  uint32_t q_frag[D / 16][4];
+#pragma unroll
+  for (int kb = 0; kb < D / 16; ++kb) {
+    ldmatrix_x4(q_frag[kb],
+                shared_address(q_tile + chunk_of<D>(warp * 16 + (lane & 15), 2 * kb + (lane >> 4))));
+  }
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.f, 0.f};  // this thread's columns; reduced over t at the end
+  const float scale_log2 = p.softmax_scale * kLog2e;
+  int stage = 0;
+
+  while (tile < num_kv) {
+    const int64_t next = next_tile(tile + 1);
+    if (next < num_kv) load_kv(next, stage ^ 1);
+    commit_async();
+    wait_async<1>();
+    __syncthreads();
+    const uint4* k_tile = k_tiles + stage * kBc * D / 8;
+    const uint4* v_tile = v_tiles + stage * kBc * D / 8;
+    const int64_t kv0 = tile * kBc;
+
+    float sc[kBc / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < kBc / 8; ++nt) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
+#pragma unroll
+    for (int kb = 0; kb < D / 16; ++kb) {
+#pragma unroll
+      for (int np = 0; np < kBc / 16; ++np) {
+        uint32_t b[4];
+        const int key = np * 16 + (lane & 7) + ((lane >> 4) << 3);
+        ldmatrix_x4(b, shared_address(k_tile + chunk_of<D>(key, 2 * kb + ((lane >> 3) & 1))));
+        Mma<T>::run(sc[2 * np], q_frag[kb], b[0], b[1]);
+        Mma<T>::run(sc[2 * np + 1], q_frag[kb], b[2], b[3]);
+      }
+    }
+
+    const bool masked = classes[tile] != kFull || kv0 + kBc > s.kv_len;
+    const bool has_bias = p.bias.data != nullptr;
+#pragma unroll
+    for (int nt = 0; nt < kBc / 8; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        float x = sc[nt][i] * scale_log2;
+        if (masked || has_bias) {
+          const int64_t qi = q0 + warp * 16 + g + 8 * (i >> 1);
+          const int64_t kj = kv0 + nt * 8 + 2 * t + (i & 1);
+          if (has_bias && qi < s.q_len && kj < s.kv_len) {
+            const int64_t bb = p.bias.batch == 1 ? 0 : batch, bh = p.bias.heads == 1 ? 0 : head;
+            x += p.bias.data[((bb * p.bias.heads + bh) * s.q_len + qi) * s.kv_len + kj] * kLog2e;
+          }
+          if (masked && !visible(p, batch, head, qi, kj)) x = -INFINITY;
+        }
+        sc[nt][i] = x;
+      }
+    }
+
+    // Online softmax for rows g (r = 0) and g + 8 (r = 1); a row's keys are
+    // spread over the 4 lanes of a quad.
+    float reference[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float m = row_max[r];
+#pragma unroll
+      for (int nt = 0; nt < kBc / 8; ++nt) m = fmaxf(m, fmaxf(sc[nt][2 * r], sc[nt][2 * r + 1]));
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+      reference[r] = m == -INFINITY ? 0.f : m;  // nothing visible yet: avoid inf - inf
+      const float rescale = exp2_fast(row_max[r] - reference[r]);
+      row_max[r] = m;
+      row_sum[r] *= rescale;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        o[dt][2 * r] *= rescale;
+        o[dt][2 * r + 1] *= rescale;
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < kBc / 8; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        sc[nt][i] = exp2_fast(sc[nt][i] - reference[i >> 1]);
+        row_sum[i >> 1] += sc[nt][i];
+      }
+    }
+
+    // O += P V: two n8 tiles of S form one k16 A fragment of P.
+#pragma unroll
+    for (int kb = 0; kb < kBc / 16; ++kb) {
+      const uint32_t a[4] = {Mma<T>::pack(sc[2 * kb][0], sc[2 * kb][1]),
+                             Mma<T>::pack(sc[2 * kb][2], sc[2 * kb][3]),
+                             Mma<T>::pack(sc[2 * kb + 1][0], sc[2 * kb + 1][1]),
+                             Mma<T>::pack(sc[2 * kb + 1][2], sc[2 * kb + 1][3])};
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        uint32_t b[4];
+        const int key = kb * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+        ldmatrix_x4_trans(b, shared_address(v_tile + chunk_of<D>(key, 2 * dp + (lane >> 4))));
+        Mma<T>::run(o[2 * dp], a, b[0], b[1]);
+        Mma<T>::run(o[2 * dp + 1], a, b[2], b[3]);
+      }
+    }
+    __syncthreads();  // this stage's buffers may be refilled next iteration
+    stage ^= 1;
+    tile = next;
+  }
+
+  T* out = static_cast<T*>(p.out) + (batch * s.q_len * s.q_heads + head) * D;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float total = row_sum[r];
+    total += __shfl_xor_sync(0xffffffffu, total, 1);
+    total += __shfl_xor_sync(0xffffffffu, total, 2);
+    const int64_t qi = q0 + warp * 16 + g + 8 * r;
+    if (qi >= s.q_len) continue;
+    const float inverse = total > 0.f ? 1.f / total : 0.f;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      *reinterpret_cast<uint32_t*>(out + qi * q_stride + dt * 8 + 2 * t) =
+          Mma<T>::pack(o[dt][2 * r] * inverse, o[dt][2 * r + 1] * inverse);
+    }
+    if (t == 0) {
+      p.lse[(batch * s.q_heads + head) * s.q_len + qi] =
+          total > 0.f ? (row_max[r] + log2f(total)) * kLn2 : -INFINITY;
+    }
+  }
+}
+
+template <int D, typename T>
+cudaError_t launch(const ForwardParams& p, cudaStream_t stream) {
+  const int shared_bytes = (kBr + 4 * kBc) * D * 2;
+  auto kernel = forward_kernel<D, T>;
+  if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           shared_bytes);
+      e != cudaSuccess) {
+    return e;
+  }
+  const dim3 grid(static_cast<unsigned>(p.shape.num_q_tiles(kBr)),
+                  static_cast<unsigned>(p.shape.q_heads), static_cast<unsigned>(p.shape.batch));
+  kernel<<<grid, kThreads, shared_bytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t dispatch_dim(const ForwardParams& p, cudaStream_t stream) {
+  return p.shape.head_dim == 64 ? launch<64, T>(p, stream) : launch<128, T>(p, stream);
+}
+
+}  // namespace
+
+bool forward_supported(const ForwardParams& params) {
+  return (params.dtype == ElementType::kBF16 || params.dtype == ElementType::kF16) &&
+         (params.shape.head_dim == 64 || params.shape.head_dim == 128);
+}
+
+cudaError_t attention_forward(const ForwardParams& params, cudaStream_t stream) {
+  if (params.dtype == ElementType::kBF16) return dispatch_dim<__nv_bfloat16>(params, stream);
+  return dispatch_dim<__half>(params, stream);
+}
+
+}  // namespace cuda
+}  // namespace fastattn

@@ -1,0 +1,66 @@
+// Thin FFI handler: decode and check buffers, then enqueue
+// cuda::attention_forward on XLA's stream (no synchronisation).
+#include <cuda_runtime.h>
+
+#include "../common/check.h"
+#include "../common/ffi_decode.h"
+#include "attention.h"
+#include "handlers.h"
+
+namespace fastattn {
+namespace cuda {
+namespace {
+
+ffi::Error forward_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                        ffi::AnyBuffer bias, ffi::AnyBuffer q_segment, ffi::AnyBuffer kv_segment,
+                        ffi::AnyBuffer dense, ffi::AnyBuffer tile_class,
+                        ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
+                        float softmax_scale, int64_t band_lo, int64_t band_hi, int64_t tile_q,
+                        int64_t tile_kv) {
+  ForwardParams params;
+  if (auto e = decode_forward_args(q, k, v, bias, q_segment, kv_segment, dense, tile_class, *out,
+                                   *lse, softmax_scale, band_lo, band_hi, tile_q, tile_kv,
+                                   &params);
+      e.failure())
+    return e;
+  FFI_CHECK(forward_supported(params),
+            "the CUDA attention kernel takes bfloat16/float16 with head_dim 64 or 128 "
+            "(flash_attention pads smaller head dims); got head_dim "
+                << params.shape.head_dim);
+  FFI_CHECK(tile_q == kForwardTileQ && tile_kv == kForwardTileKv,
+            "the CUDA kernel's mask plan must use tiles " << kForwardTileQ << "x" << kForwardTileKv
+                                                         << ", got " << tile_q << "x" << tile_kv);
+  FFI_CHECK(params.shape.batch <= 65535 && params.shape.q_heads <= 65535,
+            "batch and q heads must be <= 65535 (grid limits)");
+  const cudaError_t status = attention_forward(params, stream);
+  if (status != cudaSuccess) {
+    return ffi::Error(ffi::ErrorCode::kInternal,
+                      std::string("jax_fastattn: attention kernel launch failed: ") +
+                          cudaGetErrorString(status));
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FastattnForwardCuda, forward_cuda,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // q
+                                  .Arg<ffi::AnyBuffer>()  // k
+                                  .Arg<ffi::AnyBuffer>()  // v
+                                  .Arg<ffi::AnyBuffer>()  // bias
+                                  .Arg<ffi::AnyBuffer>()  // q_segment_ids
+                                  .Arg<ffi::AnyBuffer>()  // kv_segment_ids
+                                  .Arg<ffi::AnyBuffer>()  // dense
+                                  .Arg<ffi::AnyBuffer>()  // tile_class
+                                  .Ret<ffi::AnyBuffer>()  // out
+                                  .Ret<ffi::AnyBuffer>()  // lse
+                                  .Attr<float>("softmax_scale")
+                                  .Attr<int64_t>("band_lo")
+                                  .Attr<int64_t>("band_hi")
+                                  .Attr<int64_t>("tile_q")
+                                  .Attr<int64_t>("tile_kv"));
+
+}  // namespace cuda
+}  // namespace fastattn
