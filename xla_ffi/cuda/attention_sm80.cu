@@ -1,7 +1,8 @@
 // FlashAttention-2 style forward on sm80+: mma.sync m16n8k16 (bf16/f16 in,
 // f32 accumulate), ldmatrix, cp.async double buffering. See attention.h.
 //
-// A CTA owns 64 query rows of one (batch, q head): 4 warps x 16 rows, the
+// A CTA owns 64 or 128 query rows of one (batch, q head): 4 or 8 warps x 16
+// rows (the mask plan's tile_q picks the variant), the
 // warp's Q fragments in registers for the whole kernel. It walks the key
 // tiles of 64 keys that the mask plan did not classify empty (tiling-mask);
 // the element-wise mask runs only in partial tiles and at the sequence end.
@@ -25,9 +26,6 @@ namespace fastattn {
 namespace cuda {
 namespace {
 
-constexpr int kWarps = 4;
-constexpr int kThreads = 32 * kWarps;
-constexpr int kBr = kForwardTileQ;
 constexpr int kBc = kForwardTileKv;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
@@ -112,7 +110,7 @@ __device__ __forceinline__ int chunk_of(int row, int chunk) {
 
 // rows x D elements, row stride in elements, into a swizzled tile; rows at
 // or past valid_rows are zero-filled.
-template <int D, int kRows, typename T>
+template <int D, int kRows, int kThreads, typename T>
 __device__ __forceinline__ void load_tile_async(uint4* tile, const T* src, int64_t row_stride,
                                                 int64_t valid_rows) {
   constexpr int kChunks = D / 8;
@@ -144,8 +142,11 @@ __device__ __forceinline__ bool visible(const ForwardParams& p, int64_t batch, i
   return true;
 }
 
-template <int D, typename T>
-__global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardParams p) {
+// kWarps warps of 16 query rows each: the CTA's query tile is 16 * kWarps.
+template <int D, int kWarps, typename T>
+__global__ void __launch_bounds__(32 * kWarps) forward_kernel(const ForwardParams p) {
+  constexpr int kThreads = 32 * kWarps;
+  constexpr int kBr = 16 * kWarps;
   extern __shared__ uint4 shared[];
   uint4* q_tile = shared;                       // [kBr][D]
   uint4* k_tiles = q_tile + kBr * D / 8;        // [2][kBc][D]
@@ -177,13 +178,13 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardParams p
   };
   auto load_kv = [&](int64_t tile, int stage) {
     const int64_t kv0 = tile * kBc;
-    load_tile_async<D, kBc>(k_tiles + stage * kBc * D / 8, k + kv0 * kv_stride, kv_stride,
+    load_tile_async<D, kBc, kThreads>(k_tiles + stage * kBc * D / 8, k + kv0 * kv_stride, kv_stride,
                             s.kv_len - kv0);
-    load_tile_async<D, kBc>(v_tiles + stage * kBc * D / 8, v + kv0 * kv_stride, kv_stride,
+    load_tile_async<D, kBc, kThreads>(v_tiles + stage * kBc * D / 8, v + kv0 * kv_stride, kv_stride,
                             s.kv_len - kv0);
   };
 
-  load_tile_async<D, kBr>(q_tile, q + q0 * q_stride, q_stride, s.q_len - q0);
+  load_tile_async<D, kBr, kThreads>(q_tile, q + q0 * q_stride, q_stride, s.q_len - q0);
   int64_t tile = next_tile(0);
   if (tile < num_kv) load_kv(tile, 0);
   commit_async();
@@ -322,10 +323,11 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardParams p
   }
 }
 
-template <int D, typename T>
+template <int D, int kWarps, typename T>
 cudaError_t launch(const ForwardParams& p, cudaStream_t stream) {
+  constexpr int kBr = 16 * kWarps;
   const int shared_bytes = (kBr + 4 * kBc) * D * 2;
-  auto kernel = forward_kernel<D, T>;
+  auto kernel = forward_kernel<D, kWarps, T>;
   if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            shared_bytes);
       e != cudaSuccess) {
@@ -333,25 +335,33 @@ cudaError_t launch(const ForwardParams& p, cudaStream_t stream) {
   }
   const dim3 grid(static_cast<unsigned>(p.shape.num_q_tiles(kBr)),
                   static_cast<unsigned>(p.shape.q_heads), static_cast<unsigned>(p.shape.batch));
-  kernel<<<grid, kThreads, shared_bytes, stream>>>(p);
+  kernel<<<grid, 32 * kWarps, shared_bytes, stream>>>(p);
   return cudaGetLastError();
 }
 
-template <typename T>
+template <int kWarps, typename T>
 cudaError_t dispatch_dim(const ForwardParams& p, cudaStream_t stream) {
-  return p.shape.head_dim == 64 ? launch<64, T>(p, stream) : launch<128, T>(p, stream);
+  return p.shape.head_dim == 64 ? launch<64, kWarps, T>(p, stream)
+                                : launch<128, kWarps, T>(p, stream);
+}
+
+template <typename T>
+cudaError_t dispatch_tile(const ForwardParams& p, cudaStream_t stream) {
+  return p.mask.tile_q == 128 ? dispatch_dim<8, T>(p, stream) : dispatch_dim<4, T>(p, stream);
 }
 
 }  // namespace
 
 bool forward_supported(const ForwardParams& params) {
   return (params.dtype == ElementType::kBF16 || params.dtype == ElementType::kF16) &&
-         (params.shape.head_dim == 64 || params.shape.head_dim == 128);
+         (params.shape.head_dim == 64 || params.shape.head_dim == 128) &&
+         (params.mask.tile_q == 64 || params.mask.tile_q == 128) &&
+         params.mask.tile_kv == kForwardTileKv;
 }
 
 cudaError_t attention_forward(const ForwardParams& params, cudaStream_t stream) {
-  if (params.dtype == ElementType::kBF16) return dispatch_dim<__nv_bfloat16>(params, stream);
-  return dispatch_dim<__half>(params, stream);
+  if (params.dtype == ElementType::kBF16) return dispatch_tile<__nv_bfloat16>(params, stream);
+  return dispatch_tile<__half>(params, stream);
 }
 
 }  // namespace cuda
