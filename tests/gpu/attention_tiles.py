@@ -22,11 +22,13 @@ args = parser.parse_args()
 batch = args.tokens // args.seq
 keys = jax.random.split(jax.random.PRNGKey(0), 3)
 q, k, v = (jax.random.normal(key, (batch, args.seq, args.heads, args.dim), jnp.bfloat16) for key in keys)
+reference = {c: flash_attention(q, k, v, causal=c, backend="xla").astype(jnp.float32) for c in (False, True)}
 for tile_q in args.tile_q:
     attention.CUDA_TILES = TileConfig(tile_q, 64)
     for causal in (False, True):
         fn = jax.jit(lambda q, k, v: flash_attention(q, k, v, causal=causal, backend="cuda"))
-        fn(q, k, v).block_until_ready()
+        error = float(jnp.max(jnp.abs(fn(q, k, v).astype(jnp.float32) - reference[causal])))
+        assert error < 2e-2, (tile_q, causal, error)
         times = []
         for _ in range(20):
             start = time.perf_counter()
