@@ -8,8 +8,8 @@
 namespace fastattn {
 namespace cuda {
 
-// Tiles of the forward kernel: 64 keys per step; 64 or 128 query rows (4 or
-// 8 warps of 16 rows), chosen by the mask plan's tile_q, with which the tile
+// Tiles of the forward kernel: 64 keys per step; 64 or 128 query rows (4
+// warps of 16 or 32 rows), chosen by the mask plan's tile_q, with which the tile
 // classes were computed.
 constexpr int kForwardTileKv = 64;
 

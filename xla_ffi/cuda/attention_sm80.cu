@@ -1,9 +1,9 @@
 // FlashAttention-2 style forward on sm80+: mma.sync m16n8k16 (bf16/f16 in,
 // f32 accumulate), ldmatrix, cp.async double buffering. See attention.h.
 //
-// A CTA owns 64 or 128 query rows of one (batch, q head): 4 or 8 warps x 16
-// rows (the mask plan's tile_q picks the variant), the
-// warp's Q fragments in registers for the whole kernel. It walks the key
+// A CTA owns 64 or 128 query rows of one (batch, q head): 4 warps x 16 or
+// 32 rows (the mask plan's tile_q picks the variant; with 16 rows the
+// warp's Q fragments stay in registers for the whole kernel). It walks the key
 // tiles of 64 keys that the mask plan did not classify empty (tiling-mask);
 // the element-wise mask runs only in partial tiles and at the sequence end.
 // K and V tiles stream through two shared-memory buffers: tile j + 1 loads
@@ -142,11 +142,16 @@ __device__ __forceinline__ bool visible(const ForwardParams& p, int64_t batch, i
   return true;
 }
 
-// kWarps warps of 16 query rows each: the CTA's query tile is 16 * kWarps.
-template <int D, int kWarps, typename T>
-__global__ void __launch_bounds__(32 * kWarps) forward_kernel(const ForwardParams p) {
-  constexpr int kThreads = 32 * kWarps;
-  constexpr int kBr = 16 * kWarps;
+// 4 warps of kMTiles x 16 query rows: the CTA's query tile is 64 * kMTiles.
+// With two m-tiles per warp every K/V fragment read from shared memory feeds
+// two mmas (half the shared-memory traffic per flop); Q is then re-read
+// from shared memory per 16 columns instead of living in registers.
+template <int D, int kMTiles, typename T>
+__global__ void __launch_bounds__(128) forward_kernel(const ForwardParams p) {
+  constexpr int kThreads = 128;
+  constexpr int kRowsPerWarp = 16 * kMTiles;
+  constexpr int kBr = 4 * kRowsPerWarp;
+  constexpr bool kQInRegisters = kMTiles == 1;
   extern __shared__ uint4 shared[];
   uint4* q_tile = shared;                       // [kBr][D]
   uint4* k_tiles = q_tile + kBr * D / 8;        // [2][kBc][D]
@@ -161,6 +166,7 @@ __global__ void __launch_bounds__(32 * kWarps) forward_kernel(const ForwardParam
   const int64_t kv_head = head / (s.q_heads / s.kv_heads);
   const int64_t q_stride = s.q_heads * D, kv_stride = s.kv_heads * D;
   const int64_t q0 = q_block * kBr;
+  const int warp_row = warp * kRowsPerWarp;
   const T* q = static_cast<const T*>(p.q) + (batch * s.q_len * s.q_heads + head) * D;
   const T* k = static_cast<const T*>(p.k) + (batch * s.kv_len * s.kv_heads + kv_head) * D;
   const T* v = static_cast<const T*>(p.v) + (batch * s.kv_len * s.kv_heads + kv_head) * D;
@@ -178,10 +184,14 @@ __global__ void __launch_bounds__(32 * kWarps) forward_kernel(const ForwardParam
   };
   auto load_kv = [&](int64_t tile, int stage) {
     const int64_t kv0 = tile * kBc;
-    load_tile_async<D, kBc, kThreads>(k_tiles + stage * kBc * D / 8, k + kv0 * kv_stride, kv_stride,
-                            s.kv_len - kv0);
-    load_tile_async<D, kBc, kThreads>(v_tiles + stage * kBc * D / 8, v + kv0 * kv_stride, kv_stride,
-                            s.kv_len - kv0);
+    load_tile_async<D, kBc, kThreads>(k_tiles + stage * kBc * D / 8, k + kv0 * kv_stride,
+                                      kv_stride, s.kv_len - kv0);
+    load_tile_async<D, kBc, kThreads>(v_tiles + stage * kBc * D / 8, v + kv0 * kv_stride,
+                                      kv_stride, s.kv_len - kv0);
+  };
+  auto q_fragment = [&](uint32_t* a, int mt, int kb) {
+    ldmatrix_x4(a, shared_address(q_tile + chunk_of<D>(warp_row + mt * 16 + (lane & 15),
+                                                       2 * kb + (lane >> 4))));
   };
 
   load_tile_async<D, kBr, kThreads>(q_tile, q + q0 * q_stride, q_stride, s.q_len - q0);
@@ -191,19 +201,22 @@ __global__ void __launch_bounds__(32 * kWarps) forward_kernel(const ForwardParam
   wait_async<0>();
   __syncthreads();
 
-  // The warp's 16 rows of Q as A fragments, one per 16 columns of D.
-  uint32_t q_frag[D / 16][4];
+  // One 16-row warp keeps its Q fragments in registers for the whole kernel.
+  uint32_t q_frag[kQInRegisters ? D / 16 : 1][4];
+  if constexpr (kQInRegisters) {
 #pragma unroll
-  for (int kb = 0; kb < D / 16; ++kb) {
-    ldmatrix_x4(q_frag[kb],
-                shared_address(q_tile + chunk_of<D>(warp * 16 + (lane & 15), 2 * kb + (lane >> 4))));
+    for (int kb = 0; kb < D / 16; ++kb) q_fragment(q_frag[kb], 0, kb);
   }
 
-  float o[D / 8][4];
+  float o[kMTiles][D / 8][4];
+  float row_max[kMTiles][2], row_sum[kMTiles][2];  // row_sum: this thread's columns
 #pragma unroll
-  for (int dt = 0; dt < D / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
-  float row_max[2] = {-INFINITY, -INFINITY};
-  float row_sum[2] = {0.f, 0.f};  // this thread's columns; reduced over t at the end
+  for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) o[mt][dt][0] = o[mt][dt][1] = o[mt][dt][2] = o[mt][dt][3] = 0.f;
+    row_max[mt][0] = row_max[mt][1] = -INFINITY;
+    row_sum[mt][0] = row_sum[mt][1] = 0.f;
+  }
   const float scale_log2 = p.softmax_scale * kLog2e;
   int stage = 0;
 
@@ -217,84 +230,112 @@ __global__ void __launch_bounds__(32 * kWarps) forward_kernel(const ForwardParam
     const uint4* v_tile = v_tiles + stage * kBc * D / 8;
     const int64_t kv0 = tile * kBc;
 
-    float sc[kBc / 8][4];
+    float sc[kMTiles][kBc / 8][4];
 #pragma unroll
-    for (int nt = 0; nt < kBc / 8; ++nt) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < kBc / 8; ++nt)
+        sc[mt][nt][0] = sc[mt][nt][1] = sc[mt][nt][2] = sc[mt][nt][3] = 0.f;
 #pragma unroll
     for (int kb = 0; kb < D / 16; ++kb) {
+      uint32_t a[kMTiles][4];
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        if constexpr (kQInRegisters) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) a[mt][i] = q_frag[kb][i];
+        } else {
+          q_fragment(a[mt], mt, kb);
+        }
+      }
 #pragma unroll
       for (int np = 0; np < kBc / 16; ++np) {
         uint32_t b[4];
         const int key = np * 16 + (lane & 7) + ((lane >> 4) << 3);
         ldmatrix_x4(b, shared_address(k_tile + chunk_of<D>(key, 2 * kb + ((lane >> 3) & 1))));
-        Mma<T>::run(sc[2 * np], q_frag[kb], b[0], b[1]);
-        Mma<T>::run(sc[2 * np + 1], q_frag[kb], b[2], b[3]);
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          Mma<T>::run(sc[mt][2 * np], a[mt], b[0], b[1]);
+          Mma<T>::run(sc[mt][2 * np + 1], a[mt], b[2], b[3]);
+        }
       }
     }
 
     const bool masked = classes[tile] != kFull || kv0 + kBc > s.kv_len;
     const bool has_bias = p.bias.data != nullptr;
 #pragma unroll
-    for (int nt = 0; nt < kBc / 8; ++nt) {
+    for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        float x = sc[nt][i] * scale_log2;
-        if (masked || has_bias) {
-          const int64_t qi = q0 + warp * 16 + g + 8 * (i >> 1);
-          const int64_t kj = kv0 + nt * 8 + 2 * t + (i & 1);
-          if (has_bias && qi < s.q_len && kj < s.kv_len) {
-            const int64_t bb = p.bias.batch == 1 ? 0 : batch, bh = p.bias.heads == 1 ? 0 : head;
-            x += p.bias.data[((bb * p.bias.heads + bh) * s.q_len + qi) * s.kv_len + kj] * kLog2e;
+      for (int nt = 0; nt < kBc / 8; ++nt) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          float x = sc[mt][nt][i] * scale_log2;
+          if (masked || has_bias) {
+            const int64_t qi = q0 + warp_row + mt * 16 + g + 8 * (i >> 1);
+            const int64_t kj = kv0 + nt * 8 + 2 * t + (i & 1);
+            if (has_bias && qi < s.q_len && kj < s.kv_len) {
+              const int64_t bb = p.bias.batch == 1 ? 0 : batch, bh = p.bias.heads == 1 ? 0 : head;
+              x += p.bias.data[((bb * p.bias.heads + bh) * s.q_len + qi) * s.kv_len + kj] * kLog2e;
+            }
+            if (masked && !visible(p, batch, head, qi, kj)) x = -INFINITY;
           }
-          if (masked && !visible(p, batch, head, qi, kj)) x = -INFINITY;
+          sc[mt][nt][i] = x;
         }
-        sc[nt][i] = x;
       }
-    }
 
-    // Online softmax for rows g (r = 0) and g + 8 (r = 1); a row's keys are
-    // spread over the 4 lanes of a quad.
-    float reference[2];
+      // Online softmax for rows g (r = 0) and g + 8 (r = 1) of this m-tile;
+      // a row's keys are spread over the 4 lanes of a quad.
+      float reference[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float m = row_max[r];
+      for (int r = 0; r < 2; ++r) {
+        float m = row_max[mt][r];
 #pragma unroll
-      for (int nt = 0; nt < kBc / 8; ++nt) m = fmaxf(m, fmaxf(sc[nt][2 * r], sc[nt][2 * r + 1]));
-      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-      reference[r] = m == -INFINITY ? 0.f : m;  // nothing visible yet: avoid inf - inf
-      const float rescale = exp2_fast(row_max[r] - reference[r]);
-      row_max[r] = m;
-      row_sum[r] *= rescale;
+        for (int nt = 0; nt < kBc / 8; ++nt) {
+          m = fmaxf(m, fmaxf(sc[mt][nt][2 * r], sc[mt][nt][2 * r + 1]));
+        }
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+        reference[r] = m == -INFINITY ? 0.f : m;  // nothing visible yet: avoid inf - inf
+        const float rescale = exp2_fast(row_max[mt][r] - reference[r]);
+        row_max[mt][r] = m;
+        row_sum[mt][r] *= rescale;
 #pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        o[dt][2 * r] *= rescale;
-        o[dt][2 * r + 1] *= rescale;
+        for (int dt = 0; dt < D / 8; ++dt) {
+          o[mt][dt][2 * r] *= rescale;
+          o[mt][dt][2 * r + 1] *= rescale;
+        }
       }
-    }
 #pragma unroll
-    for (int nt = 0; nt < kBc / 8; ++nt) {
+      for (int nt = 0; nt < kBc / 8; ++nt) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        sc[nt][i] = exp2_fast(sc[nt][i] - reference[i >> 1]);
-        row_sum[i >> 1] += sc[nt][i];
+        for (int i = 0; i < 4; ++i) {
+          sc[mt][nt][i] = exp2_fast(sc[mt][nt][i] - reference[i >> 1]);
+          row_sum[mt][i >> 1] += sc[mt][nt][i];
+        }
       }
     }
 
     // O += P V: two n8 tiles of S form one k16 A fragment of P.
 #pragma unroll
     for (int kb = 0; kb < kBc / 16; ++kb) {
-      const uint32_t a[4] = {Mma<T>::pack(sc[2 * kb][0], sc[2 * kb][1]),
-                             Mma<T>::pack(sc[2 * kb][2], sc[2 * kb][3]),
-                             Mma<T>::pack(sc[2 * kb + 1][0], sc[2 * kb + 1][1]),
-                             Mma<T>::pack(sc[2 * kb + 1][2], sc[2 * kb + 1][3])};
+      uint32_t a[kMTiles][4];
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        a[mt][0] = Mma<T>::pack(sc[mt][2 * kb][0], sc[mt][2 * kb][1]);
+        a[mt][1] = Mma<T>::pack(sc[mt][2 * kb][2], sc[mt][2 * kb][3]);
+        a[mt][2] = Mma<T>::pack(sc[mt][2 * kb + 1][0], sc[mt][2 * kb + 1][1]);
+        a[mt][3] = Mma<T>::pack(sc[mt][2 * kb + 1][2], sc[mt][2 * kb + 1][3]);
+      }
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
         uint32_t b[4];
         const int key = kb * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
         ldmatrix_x4_trans(b, shared_address(v_tile + chunk_of<D>(key, 2 * dp + (lane >> 4))));
-        Mma<T>::run(o[2 * dp], a, b[0], b[1]);
-        Mma<T>::run(o[2 * dp + 1], a, b[2], b[3]);
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          Mma<T>::run(o[mt][2 * dp], a[mt], b[0], b[1]);
+          Mma<T>::run(o[mt][2 * dp + 1], a[mt], b[2], b[3]);
+        }
       }
     }
     __syncthreads();  // this stage's buffers may be refilled next iteration
@@ -304,30 +345,33 @@ __global__ void __launch_bounds__(32 * kWarps) forward_kernel(const ForwardParam
 
   T* out = static_cast<T*>(p.out) + (batch * s.q_len * s.q_heads + head) * D;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float total = row_sum[r];
-    total += __shfl_xor_sync(0xffffffffu, total, 1);
-    total += __shfl_xor_sync(0xffffffffu, total, 2);
-    const int64_t qi = q0 + warp * 16 + g + 8 * r;
-    if (qi >= s.q_len) continue;
-    const float inverse = total > 0.f ? 1.f / total : 0.f;
+  for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      *reinterpret_cast<uint32_t*>(out + qi * q_stride + dt * 8 + 2 * t) =
-          Mma<T>::pack(o[dt][2 * r] * inverse, o[dt][2 * r + 1] * inverse);
-    }
-    if (t == 0) {
-      p.lse[(batch * s.q_heads + head) * s.q_len + qi] =
-          total > 0.f ? (row_max[r] + log2f(total)) * kLn2 : -INFINITY;
+    for (int r = 0; r < 2; ++r) {
+      float total = row_sum[mt][r];
+      total += __shfl_xor_sync(0xffffffffu, total, 1);
+      total += __shfl_xor_sync(0xffffffffu, total, 2);
+      const int64_t qi = q0 + warp_row + mt * 16 + g + 8 * r;
+      if (qi >= s.q_len) continue;
+      const float inverse = total > 0.f ? 1.f / total : 0.f;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        *reinterpret_cast<uint32_t*>(out + qi * q_stride + dt * 8 + 2 * t) =
+            Mma<T>::pack(o[mt][dt][2 * r] * inverse, o[mt][dt][2 * r + 1] * inverse);
+      }
+      if (t == 0) {
+        p.lse[(batch * s.q_heads + head) * s.q_len + qi] =
+            total > 0.f ? (row_max[mt][r] + log2f(total)) * kLn2 : -INFINITY;
+      }
     }
   }
 }
 
-template <int D, int kWarps, typename T>
+template <int D, int kMTiles, typename T>
 cudaError_t launch(const ForwardParams& p, cudaStream_t stream) {
-  constexpr int kBr = 16 * kWarps;
+  constexpr int kBr = 64 * kMTiles;
   const int shared_bytes = (kBr + 4 * kBc) * D * 2;
-  auto kernel = forward_kernel<D, kWarps, T>;
+  auto kernel = forward_kernel<D, kMTiles, T>;
   if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            shared_bytes);
       e != cudaSuccess) {
@@ -335,19 +379,19 @@ cudaError_t launch(const ForwardParams& p, cudaStream_t stream) {
   }
   const dim3 grid(static_cast<unsigned>(p.shape.num_q_tiles(kBr)),
                   static_cast<unsigned>(p.shape.q_heads), static_cast<unsigned>(p.shape.batch));
-  kernel<<<grid, 32 * kWarps, shared_bytes, stream>>>(p);
+  kernel<<<grid, 128, shared_bytes, stream>>>(p);
   return cudaGetLastError();
 }
 
-template <int kWarps, typename T>
+template <int kMTiles, typename T>
 cudaError_t dispatch_dim(const ForwardParams& p, cudaStream_t stream) {
-  return p.shape.head_dim == 64 ? launch<64, kWarps, T>(p, stream)
-                                : launch<128, kWarps, T>(p, stream);
+  return p.shape.head_dim == 64 ? launch<64, kMTiles, T>(p, stream)
+                                : launch<128, kMTiles, T>(p, stream);
 }
 
 template <typename T>
 cudaError_t dispatch_tile(const ForwardParams& p, cudaStream_t stream) {
-  return p.mask.tile_q == 128 ? dispatch_dim<8, T>(p, stream) : dispatch_dim<4, T>(p, stream);
+  return p.mask.tile_q == 128 ? dispatch_dim<2, T>(p, stream) : dispatch_dim<1, T>(p, stream);
 }
 
 }  // namespace

@@ -1,0 +1,82 @@
+// Times cuda::attention_forward alone (no JAX), for ncu and quick A/B runs:
+//   cuda_attention_bench [batch seq heads dim causal tile_q]
+// Prints the median of 20 launches and TFLOP/s (causal counts half).
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#include "cuda/attention.h"
+
+int main(int argc, char** argv) {
+  const long batch = argc > 1 ? atol(argv[1]) : 4, seq = argc > 2 ? atol(argv[2]) : 4096;
+  const long heads = argc > 3 ? atol(argv[3]) : 32, dim = argc > 4 ? atol(argv[4]) : 128;
+  const bool causal = argc > 5 && atoi(argv[5]) != 0;
+  const long tile_q = argc > 6 ? atol(argv[6]) : 64;
+  const long tile_kv = fastattn::cuda::kForwardTileKv;
+  const size_t elements = size_t(batch) * seq * heads * dim;
+  std::vector<__nv_bfloat16> host(elements);
+  for (size_t i = 0; i < elements; ++i) host[i] = __float2bfloat16(float(rand()) / RAND_MAX - 0.5f);
+  void *q, *k, *v, *out;
+  float* lse;
+  int8_t* classes;
+  const long nq = (seq + tile_q - 1) / tile_q, nk = (seq + tile_kv - 1) / tile_kv;
+  std::vector<int8_t> host_classes(nq * nk, fastattn::kFull);
+  if (causal) {  // bottom-right = top-left for Sq == Skv
+    for (long i = 0; i < nq; ++i)
+      for (long j = 0; j < nk; ++j) {
+        const long q_lo = i * tile_q, q_hi = std::min(seq, q_lo + tile_q) - 1;
+        const long k_lo = j * tile_kv, k_hi = std::min(seq, k_lo + tile_kv) - 1;
+        host_classes[i * nk + j] = k_lo > q_hi ? fastattn::kEmpty
+                                   : k_hi <= q_lo ? fastattn::kFull
+                                                  : fastattn::kPartial;
+      }
+  }
+  for (void** p : {&q, &k, &v, &out}) cudaMalloc(p, elements * 2);
+  cudaMalloc(&lse, batch * heads * seq * 4);
+  cudaMalloc(&classes, host_classes.size());
+  for (void* p : {q, k, v}) cudaMemcpy(p, host.data(), elements * 2, cudaMemcpyHostToDevice);
+  cudaMemcpy(classes, host_classes.data(), host_classes.size(), cudaMemcpyHostToDevice);
+
+  fastattn::ForwardParams params;
+  params.shape = {batch, seq, seq, heads, heads, dim};
+  params.dtype = fastattn::ElementType::kBF16;
+  params.q = q;
+  params.k = k;
+  params.v = v;
+  params.out = out;
+  params.lse = lse;
+  params.softmax_scale = 1.0f / sqrtf(float(dim));
+  params.mask.tile_class = classes;
+  params.mask.tile_q = tile_q;
+  params.mask.tile_kv = tile_kv;
+  if (causal) params.mask.band_hi = 0;
+  if (!fastattn::cuda::forward_supported(params)) {
+    printf("unsupported configuration\n");
+    return 1;
+  }
+  cudaEvent_t start, stop;
+  cudaEventCreate(&start);
+  cudaEventCreate(&stop);
+  std::vector<float> ms;
+  for (int i = 0; i < 22; ++i) {
+    cudaEventRecord(start);
+    if (cudaError_t e = fastattn::cuda::attention_forward(params, nullptr); e != cudaSuccess) {
+      printf("launch failed: %s\n", cudaGetErrorString(e));
+      return 1;
+    }
+    cudaEventRecord(stop);
+    cudaEventSynchronize(stop);
+    float elapsed = 0;
+    cudaEventElapsedTime(&elapsed, start, stop);
+    if (i >= 2) ms.push_back(elapsed);
+  }
+  std::sort(ms.begin(), ms.end());
+  const double flops = 4.0 * batch * heads * seq * seq * dim * (causal ? 0.5 : 1.0);
+  printf("B%ld S%ld H%ld D%ld causal=%d tile_q=%ld: median %.3f ms, %.1f TFLOP/s\n", batch, seq, heads,
+         dim, int(causal), tile_q, ms[ms.size() / 2], flops / (ms[ms.size() / 2] * 1e-3) / 1e12);
+  return 0;
+}
