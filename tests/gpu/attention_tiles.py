@@ -17,7 +17,7 @@ parser.add_argument("--dim", type=int, default=128)
 parser.add_argument("--seq", type=int, default=4096)
 parser.add_argument("--tokens", type=int, default=16384)
 parser.add_argument("--heads", type=int, default=32)
-parser.add_argument("--tile-q", type=int, nargs="+", default=[64, 128])
+parser.add_argument("--tile-q", type=int, nargs="+", default=[64])
 args = parser.parse_args()
 batch = args.tokens // args.seq
 keys = jax.random.split(jax.random.PRNGKey(0), 3)

@@ -8,13 +8,13 @@
 namespace fastattn {
 namespace cuda {
 
-// Tiles of the forward kernel: 64 keys per step; 64 or 128 query rows (4
-// warps of 16 or 32 rows), chosen by the mask plan's tile_q, with which the tile
-// classes were computed.
+// Tiles of the forward kernel: 4 warps x 16 query rows, 64 keys per step.
+// The mask plan's tile classes must be computed with these sizes.
+constexpr int kForwardTileQ = 64;
 constexpr int kForwardTileKv = 64;
 
 // True if the kernel runs this call: bfloat16/float16, head_dim 64 or 128,
-// plan tiles (64 or 128) x 64.
+// plan tiles 64 x 64.
 bool forward_supported(const ForwardParams& params);
 
 // Enqueues the forward kernel on `stream`; no synchronisation.

@@ -1,9 +1,9 @@
 // FlashAttention-2 style forward on sm80+: mma.sync m16n8k16 (bf16/f16 in,
 // f32 accumulate), ldmatrix, cp.async double buffering. See attention.h.
 //
-// A CTA owns 64 or 128 query rows of one (batch, q head): 4 warps x 16 or
-// 32 rows (the mask plan's tile_q picks the variant; with 16 rows the
-// warp's Q fragments stay in registers for the whole kernel). It walks the key
+// A CTA owns 64 query rows of one (batch, q head): 4 warps x 16 rows, the
+// warp's Q fragments in registers for the whole kernel (a 32-rows-per-warp
+// variant, kMTiles = 2, is kept for experiments but not dispatched). It walks the key
 // tiles of 64 keys that the mask plan did not classify empty (tiling-mask);
 // the element-wise mask runs only in partial tiles and at the sequence end.
 // K and V tiles stream through two shared-memory buffers: tile j + 1 loads
@@ -389,9 +389,12 @@ cudaError_t dispatch_dim(const ForwardParams& p, cudaStream_t stream) {
                                 : launch<128, kMTiles, T>(p, stream);
 }
 
+// Only the 16-rows-per-warp variant is dispatched: on an H200 the 32-row
+// one (kMTiles = 2) measured slower (D=128: 165 vs 172 TFLOP/s, with spills;
+// D=64: 103 vs 162), see docs/BENCHMARKS.md.
 template <typename T>
 cudaError_t dispatch_tile(const ForwardParams& p, cudaStream_t stream) {
-  return p.mask.tile_q == 128 ? dispatch_dim<2, T>(p, stream) : dispatch_dim<1, T>(p, stream);
+  return dispatch_dim<1, T>(p, stream);
 }
 
 }  // namespace
@@ -399,7 +402,7 @@ cudaError_t dispatch_tile(const ForwardParams& p, cudaStream_t stream) {
 bool forward_supported(const ForwardParams& params) {
   return (params.dtype == ElementType::kBF16 || params.dtype == ElementType::kF16) &&
          (params.shape.head_dim == 64 || params.shape.head_dim == 128) &&
-         (params.mask.tile_q == 64 || params.mask.tile_q == 128) &&
+         params.mask.tile_q == kForwardTileQ &&
          params.mask.tile_kv == kForwardTileKv;
 }
 

@@ -25,7 +25,7 @@ ffi::Error forward_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
     return e;
   FFI_CHECK(forward_supported(params),
             "the CUDA attention kernel takes bfloat16/float16 with head_dim 64 or 128 "
-            "(flash_attention pads smaller head dims) and plan tiles 64x64 or 128x64; got head_dim "
+            "(flash_attention pads smaller head dims) and plan tiles 64x64; got head_dim "
                 << params.shape.head_dim << ", tiles " << tile_q << "x" << tile_kv);
   FFI_CHECK(params.shape.batch <= 65535 && params.shape.q_heads <= 65535,
             "batch and q heads must be <= 65535 (grid limits)");
