@@ -40,6 +40,10 @@ __device__ __forceinline__ void copy16_async(uint32_t shared, const void* global
                "r"(valid ? 16 : 0));
 }
 
+__device__ __forceinline__ void copy16_async(uint32_t shared, const void* global) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared), "l"(global));
+}
+
 __device__ __forceinline__ void commit_async() { asm volatile("cp.async.commit_group;\n" ::); }
 
 template <int kPending>
@@ -113,13 +117,31 @@ __device__ __forceinline__ int chunk_of(int row, int chunk) {
 template <int D, int kRows, int kThreads, typename T>
 __device__ __forceinline__ void load_tile_async(uint4* tile, const T* src, int64_t row_stride,
                                                 int64_t valid_rows) {
+  // A thread copies the same chunk of rows first_row, first_row + kStep, ...;
+  // with kStep a multiple of 8 its swizzled column is the same in all of them,
+  // so addresses advance by constant strides (no per-row index arithmetic).
   constexpr int kChunks = D / 8;
+  constexpr int kStep = kThreads / kChunks;
+  static_assert(kThreads % kChunks == 0 && kStep % 8 == 0 && kRows % kStep == 0, "tile shape");
+  const int first_row = threadIdx.x / kChunks, chunk = threadIdx.x % kChunks;
+  uint32_t to = shared_address(tile + chunk_of<D>(first_row, chunk));
+  const T* from = src + first_row * row_stride + chunk * 8;
+  const int64_t from_step = kStep * row_stride;
+  if (valid_rows >= kRows) {  // the common case: no bounds to check
 #pragma unroll
-  for (int index = threadIdx.x; index < kRows * kChunks; index += kThreads) {
-    const int row = index / kChunks, chunk = index % kChunks;
+    for (int row = first_row; row < kRows; row += kStep) {
+      copy16_async(to, from);
+      to += kStep * kChunks * 16;
+      from += from_step;
+    }
+    return;
+  }
+#pragma unroll
+  for (int row = first_row; row < kRows; row += kStep) {
     const bool valid = row < valid_rows;
-    const T* from = valid ? src + row * row_stride + chunk * 8 : src;
-    copy16_async(shared_address(tile + chunk_of<D>(row, chunk)), from, valid);
+    copy16_async(to, valid ? from : src, valid);
+    to += kStep * kChunks * 16;
+    from += from_step;
   }
 }
 
@@ -266,20 +288,26 @@ __global__ void __launch_bounds__(128) forward_kernel(const ForwardParams p) {
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
-      for (int nt = 0; nt < kBc / 8; ++nt) {
+      for (int nt = 0; nt < kBc / 8; ++nt)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          float x = sc[mt][nt][i] * scale_log2;
-          if (masked || has_bias) {
+        for (int i = 0; i < 4; ++i) sc[mt][nt][i] *= scale_log2;
+      // One uniform branch around the element-wise work: full tiles without
+      // bias (most of them) skip it entirely.
+      if (masked || has_bias) {
+#pragma unroll
+        for (int nt = 0; nt < kBc / 8; ++nt) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
             const int64_t qi = q0 + warp_row + mt * 16 + g + 8 * (i >> 1);
             const int64_t kj = kv0 + nt * 8 + 2 * t + (i & 1);
+            float x = sc[mt][nt][i];
             if (has_bias && qi < s.q_len && kj < s.kv_len) {
               const int64_t bb = p.bias.batch == 1 ? 0 : batch, bh = p.bias.heads == 1 ? 0 : head;
               x += p.bias.data[((bb * p.bias.heads + bh) * s.q_len + qi) * s.kv_len + kj] * kLog2e;
             }
             if (masked && !visible(p, batch, head, qi, kj)) x = -INFINITY;
+            sc[mt][nt][i] = x;
           }
-          sc[mt][nt][i] = x;
         }
       }
 
