@@ -124,24 +124,20 @@ __device__ __forceinline__ void load_tile_async(uint4* tile, const T* src, int64
   constexpr int kStep = kThreads / kChunks;
   static_assert(kThreads % kChunks == 0 && kStep % 8 == 0 && kRows % kStep == 0, "tile shape");
   const int first_row = threadIdx.x / kChunks, chunk = threadIdx.x % kChunks;
-  uint32_t to = shared_address(tile + chunk_of<D>(first_row, chunk));
-  const T* from = src + first_row * row_stride + chunk * 8;
+  const uint32_t to = shared_address(tile + chunk_of<D>(first_row, chunk));
+  const T* const from = src + first_row * row_stride + chunk * 8;
   const int64_t from_step = kStep * row_stride;
   if (valid_rows >= kRows) {  // the common case: no bounds to check
 #pragma unroll
-    for (int row = first_row; row < kRows; row += kStep) {
-      copy16_async(to, from);
-      to += kStep * kChunks * 16;
-      from += from_step;
+    for (int i = 0; i < kRows / kStep; ++i) {
+      copy16_async(to + i * kStep * kChunks * 16, from + i * from_step);
     }
     return;
   }
 #pragma unroll
-  for (int row = first_row; row < kRows; row += kStep) {
-    const bool valid = row < valid_rows;
-    copy16_async(to, valid ? from : src, valid);
-    to += kStep * kChunks * 16;
-    from += from_step;
+  for (int i = 0; i < kRows / kStep; ++i) {
+    const bool valid = first_row + i * kStep < valid_rows;
+    copy16_async(to + i * kStep * kChunks * 16, valid ? from + i * from_step : src, valid);
   }
 }
 
@@ -293,7 +289,23 @@ __global__ void __launch_bounds__(128) forward_kernel(const ForwardParams p) {
         for (int i = 0; i < 4; ++i) sc[mt][nt][i] *= scale_log2;
       // One uniform branch around the element-wise work: full tiles without
       // bias (most of them) skip it entirely.
-      if (masked || has_bias) {
+      const bool band_only = p.mask.q_segment == nullptr && p.mask.dense == nullptr && !has_bias;
+      if (masked && band_only) {
+        // Causal / sliding-window tiles: 32-bit offsets from the tile corner.
+        const int64_t corner = kv0 - (q0 + warp_row + mt * 16);
+        const int64_t kv_left = s.kv_len - kv0, q_left = s.q_len - (q0 + warp_row + mt * 16);
+#pragma unroll
+        for (int nt = 0; nt < kBc / 8; ++nt) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int row = g + 8 * (i >> 1), col = nt * 8 + 2 * t + (i & 1);
+            const int64_t offset = corner + col - row;  // j - i
+            const bool seen = col < kv_left && row < q_left && offset >= p.mask.band_lo &&
+                              offset <= p.mask.band_hi;
+            if (!seen) sc[mt][nt][i] = -INFINITY;
+          }
+        }
+      } else if (masked || has_bias) {
 #pragma unroll
         for (int nt = 0; nt < kBc / 8; ++nt) {
 #pragma unroll
