@@ -3,18 +3,11 @@
 # build, pytest -m gpu tests/test_gpu_attention.py, compute-sanitizer on a
 # small case, then a side-by-side benchmark (arguments go to the bench).
 # Log: $OUT/attention.txt; bench JSON/PNG under $OUT/bench.
-set -uo pipefail
-OUT=${OUT:-gpu_out}
-mkdir -p "$OUT"
+source "$(dirname "$0")/common.sh"
 LOG="$OUT/attention.txt"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
 python3 -c "import jax, torch; print('jax', jax.__version__, 'torch', torch.__version__)" 2>&1 | tee -a "$LOG"
-FASTATTN_CUDA_ARCHS=90a python3 setup.py build_ext --inplace > /tmp/build.log 2>&1 || { tail -40 /tmp/build.log | tee -a "$LOG"; exit 1; }
+build_extension "$LOG"
 python3 -c "from jax_fastattn import ffi; print('targets', sorted(ffi.cuda_targets()))" 2>&1 | tee -a "$LOG"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   timeout 360 python3 -m pytest -m gpu -q -p no:cacheprovider -x tests/test_gpu_attention.py -k "${TESTS:-cuda}" 2>&1 | tail -25 | tee -a "$LOG"

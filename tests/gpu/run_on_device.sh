@@ -3,20 +3,13 @@
 # build with nvcc, the plain CUDA kernel test (also under compute-sanitizer
 # memcheck and racecheck), `pytest -m gpu`. Log: $OUT/log.txt (or
 # ./gpu_out). Wheels missing there travel in .whl/ (see the device tool).
-set -uo pipefail
-OUT=${OUT:-gpu_out}
-mkdir -p "$OUT"
+source "$(dirname "$0")/common.sh"
 LOG="$OUT/log.txt"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee -a "$LOG"
 python3 -c "import jax, torch; print('jax', jax.__version__, jax.devices()); print('torch', torch.__version__)" 2>&1 | tee -a "$LOG"
 nvcc --version | tail -1 | tee -a "$LOG"
 
-FASTATTN_CUDA_ARCHS=90a python3 setup.py build_ext --inplace > /tmp/build.log 2>&1 || { tail -40 /tmp/build.log | tee -a "$LOG"; exit 1; }
+build_extension "$LOG"
 echo "build ok" | tee -a "$LOG"
 nvcc -std=c++17 -O2 -gencode arch=compute_90a,code=sm_90a -Ixla_ffi -Xcompiler -march=native \
   xla_ffi/tests/cuda_decode_test.cu xla_ffi/cuda/decode_sm80.cu xla_ffi/cpu/decode.cc xla_ffi/common/thread_pool.cc \

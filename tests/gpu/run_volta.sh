@@ -3,17 +3,10 @@
 # build_tools/volta_ptx.py; carry build/volta if NVRTC 12 is not installed
 # there), the m8n8k4 layout probe, pytest -m gpu, compute-sanitizer, ncu
 # bank conflicts and timing of both shared-memory layouts. Log: $OUT/volta.txt.
-set -uo pipefail
-OUT=${OUT:-gpu_out}
-mkdir -p "$OUT"
+source "$(dirname "$0")/common.sh"
 LOG="$OUT/volta.txt"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
-FASTATTN_CUDA_ARCHS=90a python3 setup.py build_ext --inplace > /tmp/build.log 2>&1 || { tail -40 /tmp/build.log | tee -a "$LOG"; exit 1; }
+build_extension "$LOG"
 grep -i "volta" /tmp/build.log | grep -v "^g++\|^gcc" | tee -a "$LOG"
 python3 -c "from jax_fastattn import ffi; print('targets', sorted(ffi.cuda_targets()))" 2>&1 | tee -a "$LOG"
 nvcc -arch=sm_90a -o /tmp/probe tests/gpu/mma_m8n8k4_probe.cu && /tmp/probe 2>&1 | tee -a "$LOG"

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 
 #include "attention_params.h"
 #include "decode_params.h"
@@ -35,6 +36,27 @@ ffi::Error decode_forward_args(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
                                ffi::AnyBuffer& out, ffi::AnyBuffer& lse, float softmax_scale,
                                int64_t band_lo, int64_t band_hi, int64_t tile_q, int64_t tile_kv,
                                ForwardParams* params);
+
+// The forward custom call's buffers and attributes, appended to a binding
+// (after any context): one signature for the CPU, CUDA and Volta handlers.
+template <typename Binding>
+auto bind_forward_args(Binding binding) {
+  return std::move(binding).template Arg<ffi::AnyBuffer>()  // q
+      .template Arg<ffi::AnyBuffer>()            // k
+      .template Arg<ffi::AnyBuffer>()            // v
+      .template Arg<ffi::AnyBuffer>()            // bias
+      .template Arg<ffi::AnyBuffer>()            // q_segment_ids
+      .template Arg<ffi::AnyBuffer>()            // kv_segment_ids
+      .template Arg<ffi::AnyBuffer>()            // dense
+      .template Arg<ffi::AnyBuffer>()            // tile_class
+      .template Ret<ffi::AnyBuffer>()            // out
+      .template Ret<ffi::AnyBuffer>()            // lse
+      .template Attr<float>("softmax_scale")
+      .template Attr<int64_t>("band_lo")
+      .template Attr<int64_t>("band_hi")
+      .template Attr<int64_t>("tile_q")
+      .template Attr<int64_t>("tile_kv");
+}
 
 // q [B, Hq, D]; k, v [B, Smax, Hkv, D] (page_table absent) or
 // [num_pages, page_size, Hkv, D] with page_table int32 [B, max_pages];

@@ -26,23 +26,7 @@ ffi::Error forward_cpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FastattnForwardCpu, forward_cpu,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // k
-                                  .Arg<ffi::AnyBuffer>()  // v
-                                  .Arg<ffi::AnyBuffer>()  // bias
-                                  .Arg<ffi::AnyBuffer>()  // q_segment_ids
-                                  .Arg<ffi::AnyBuffer>()  // kv_segment_ids
-                                  .Arg<ffi::AnyBuffer>()  // dense
-                                  .Arg<ffi::AnyBuffer>()  // tile_class
-                                  .Ret<ffi::AnyBuffer>()  // out
-                                  .Ret<ffi::AnyBuffer>()  // lse
-                                  .Attr<float>("softmax_scale")
-                                  .Attr<int64_t>("band_lo")
-                                  .Attr<int64_t>("band_hi")
-                                  .Attr<int64_t>("tile_q")
-                                  .Attr<int64_t>("tile_kv"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FastattnForwardCpu, forward_cpu, bind_forward_args(ffi::Ffi::Bind()));
 
 }  // namespace cpu
 }  // namespace fastattn

@@ -73,24 +73,9 @@ ffi::Error forward_volta(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FastattnForwardVolta, forward_volta,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // k
-                                  .Arg<ffi::AnyBuffer>()  // v
-                                  .Arg<ffi::AnyBuffer>()  // bias
-                                  .Arg<ffi::AnyBuffer>()  // q_segment_ids
-                                  .Arg<ffi::AnyBuffer>()  // kv_segment_ids
-                                  .Arg<ffi::AnyBuffer>()  // dense
-                                  .Arg<ffi::AnyBuffer>()  // tile_class
-                                  .Ret<ffi::AnyBuffer>()  // out
-                                  .Ret<ffi::AnyBuffer>()  // lse
-                                  .Attr<float>("softmax_scale")
-                                  .Attr<int64_t>("band_lo")
-                                  .Attr<int64_t>("band_hi")
-                                  .Attr<int64_t>("tile_q")
-                                  .Attr<int64_t>("tile_kv"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FastattnForwardVolta, forward_volta, 
+                              bind_forward_args(
+                                  ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()));
 
 }  // namespace cuda
 }  // namespace fastattn
