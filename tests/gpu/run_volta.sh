@@ -10,7 +10,7 @@ build_extension "$LOG"
 grep -i "volta" /tmp/build.log | grep -v "^g++\|^gcc" | tee -a "$LOG"
 python3 -c "from jax_fastattn import ffi; print('targets', sorted(ffi.cuda_targets()))" 2>&1 | tee -a "$LOG"
 nvcc -arch=sm_90a -o /tmp/probe tests/gpu/mma_m8n8k4_probe.cu && /tmp/probe 2>&1 | tee -a "$LOG"
-timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_volta.py 2>&1 | tail -25 | tee -a "$LOG"
+timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_attention.py -k volta 2>&1 | tail -25 | tee -a "$LOG"
 SMALL="tests/gpu/volta_case.py --batch 1 --seq 300 --heads 2 --dim 64 --causal --repeat 1"
 for tool in memcheck racecheck; do
   timeout 200 compute-sanitizer --tool $tool --error-exitcode 9 python3 $SMALL > /tmp/sanitizer_$tool.txt 2>&1
