@@ -96,7 +96,8 @@ def main(argv=None) -> dict:
     fp_epochs = args.fp_epochs or defaults["fp_epochs"]
     data = mnist_sample(seed=args.seed)
     print(f"data: {data.name}")
-    model = pipeline.pretrained(args.model, width, data, epochs=fp_epochs, cache_dir=args.out, progress=_bar)
+    model = pipeline.pretrained(args.model, width, data, epochs=fp_epochs, cache_dir=args.out,
+                                data_seed=args.seed, progress=_bar)
     from ..train import accuracy
     fp_accuracy = accuracy(model, data.x_test, data.y_test)
 

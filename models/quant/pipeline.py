@@ -67,14 +67,15 @@ def _load(model: nnx.Module, path: str) -> None:
 
 
 def pretrained(name: str, width: float, data: Split, *, epochs: int, learning_rate: float = 0.05,
-               cache_dir: Optional[str] = None, progress=None) -> nnx.Module:
+               cache_dir: Optional[str] = None, data_seed: int = 0, progress=None) -> nnx.Module:
     """The full-precision model, trained on data (or loaded from cache_dir if
-    an earlier run with the same settings saved it there)."""
+    an earlier run with the same settings, data split `data_seed` included,
+    saved it there)."""
     model = build(name, width)
     path = None
     if cache_dir:
         os.makedirs(cache_dir, exist_ok=True)
-        path = os.path.join(cache_dir, f"fp_{name}_w{width}_e{epochs}_lr{learning_rate}.npz")
+        path = os.path.join(cache_dir, f"fp_{name}_w{width}_e{epochs}_lr{learning_rate}_split{data_seed}.npz")
         if os.path.exists(path):
             _load(model, path)
             model.eval()
