@@ -134,6 +134,14 @@ def _or_absent(x, dtype):
     return ffi.absent(dtype) if x is None else x
 
 
+def _pad_head_dim(backend: str, *arrays):
+    """Zero-pads the head dim up to the kernel's (changes no score, and the
+    padded columns of out and of every gradient are zero)."""
+    head_dim = arrays[0].shape[-1]
+    padded = next(d for d in KERNEL_HEAD_DIMS[backend] if d >= head_dim)
+    return tuple(jnp.pad(x, ((0, 0),) * 3 + ((0, padded - head_dim),)) for x in arrays)
+
+
 def _forward(static: _Static, q, k, v, bias, q_ids, kv_ids, dense):
     plan = static.plan(q_ids, kv_ids, dense)
     if static.backend == "xla":
@@ -144,9 +152,8 @@ def _forward(static: _Static, q, k, v, bias, q_ids, kv_ids, dense):
     call = sharding.forward_call(static.backend, static.attrs())
     bias = None if bias is None else bias.astype(jnp.float32)
     head_dim = q.shape[-1]
-    if static.backend in KERNEL_HEAD_DIMS:  # zero-padding q, k, v to the kernel's head dim changes no score
-        padded = next(d for d in KERNEL_HEAD_DIMS[static.backend] if d >= head_dim)
-        q, k, v = (jnp.pad(x, ((0, 0),) * 3 + ((0, padded - head_dim),)) for x in (q, k, v))
+    if static.backend in KERNEL_HEAD_DIMS:
+        q, k, v = _pad_head_dim(static.backend, q, k, v)
     out, lse = call(q, k, v, _or_absent(bias, jnp.float32), _or_absent(q_ids, jnp.int32),
                     _or_absent(kv_ids, jnp.int32), _or_absent(dense, jnp.bool_), tile_class)
     return out[..., :head_dim], lse
@@ -154,8 +161,8 @@ def _forward(static: _Static, q, k, v, bias, q_ids, kv_ids, dense):
 
 def _backward(static: _Static, q, k, v, bias, q_ids, kv_ids, dense, out, lse, d_out, d_lse):
     plan = static.plan(q_ids, kv_ids, dense)
-    if static.backend in ("xla", "volta", "cuda"):
-        # volta/cuda: forward kernels only so far; the backward is blockwise JAX on the kernel's lse.
+    if static.backend in ("xla", "volta"):
+        # volta: a forward kernel only; its backward is blockwise JAX on the kernel's lse.
         tiles = static.tiles if static.backend == "xla" else XLA_TILES
         return blockwise.backward(q, k, v, bias, plan, static.softmax_scale, out, lse, d_out, d_lse,
                                   tiles.tile_q, tiles.tile_kv)
@@ -168,9 +175,13 @@ def _backward(static: _Static, q, k, v, bias, q_ids, kv_ids, dense, out, lse, d_
     tile_class = masks.classify_tiles(plan, static.tiles.tile_q, static.tiles.tile_kv)
     call = sharding.backward_call(static.backend, static.attrs())
     bias = None if bias is None else bias.astype(jnp.float32)
+    head_dim = q.shape[-1]
+    if static.backend in KERNEL_HEAD_DIMS:
+        q, k, v, out, d_out = _pad_head_dim(static.backend, q, k, v, out, d_out)
     d_q, d_k, d_v, d_bias = call(q, k, v, out, lse, d_out, d_lse, _or_absent(bias, jnp.float32),
                                  _or_absent(q_ids, jnp.int32), _or_absent(kv_ids, jnp.int32),
                                  _or_absent(dense, jnp.bool_), tile_class)
+    d_q, d_k, d_v = (x[..., :head_dim] for x in (d_q, d_k, d_v))
     return d_q, d_k, d_v, (None if bias is None else d_bias)
 
 

@@ -101,7 +101,9 @@ def forward_ffi(platform: str, attrs: CallAttrs):
 
 def backward_ffi(platform: str, attrs: CallAttrs):
     """fn(q, k, v, out, lse, d_out, d_lse, bias, q_ids, kv_ids, dense,
-    tile_class) -> (dq, dk, dv, dbias)."""
+    tile_class) -> (dq, dk, dv, dbias) on the CPU, (dq, dk, dv, dbias,
+    delta) on CUDA: delta [B, Hq, Sq] float32 is the kernels' workspace (an
+    output, so that XLA keeps it alive until they ran)."""
     register()
 
     def call(q, k, v, out, lse, d_out, d_lse, bias, q_ids, kv_ids, dense, tile_class):
@@ -110,6 +112,8 @@ def backward_ffi(platform: str, attrs: CallAttrs):
                        else jax.ShapeDtypeStruct((b, hq, sq, k.shape[1]), jnp.float32))
         result_types = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                         jax.ShapeDtypeStruct(v.shape, v.dtype), d_bias_type)
+        if platform == "cuda":
+            result_types += (jax.ShapeDtypeStruct((b, hq, sq), jnp.float32),)
         fn = jax.ffi.ffi_call(f"fastattn_backward_{platform}", result_types, vmap_method="broadcast_all")
         return tuple(fn(q, k, v, out, lse, d_out, d_lse, bias, q_ids, kv_ids, dense, tile_class,
                         **attrs.as_ffi()))

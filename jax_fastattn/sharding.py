@@ -308,7 +308,10 @@ def backward_call(platform: str, attrs: ffi.CallAttrs):
     """fn(q, k, v, out, lse, d_out, d_lse, bias, q_ids, kv_ids, dense,
     tile_class) -> (dq, dk, dv, dbias)."""
     raw = ffi.backward_ffi(platform, attrs)
-    return _varying_like(_batched(_partitioned(raw, BACKWARD_ARGS, ("q", "k", "v", "d_bias")), BACKWARD_ARGS))
+    # CUDA's extra delta workspace is laid out like lse ([B, Hq, Sq]).
+    names = ("q", "k", "v", "d_bias") + (("lse",) if platform == "cuda" else ())
+    call = _varying_like(_batched(_partitioned(raw, BACKWARD_ARGS, names), BACKWARD_ARGS))
+    return lambda *args: call(*args)[:4]
 
 
 @functools.lru_cache(maxsize=None)

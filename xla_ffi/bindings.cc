@@ -33,6 +33,7 @@ PYBIND11_MODULE(_xla_ffi, m) {
 #ifdef FASTATTN_WITH_CUDA
     targets["fastattn_decode_cuda"] = capsule(fastattn::cuda::FastattnDecodeCuda);
     targets["fastattn_forward_cuda"] = capsule(fastattn::cuda::FastattnForwardCuda);
+    targets["fastattn_backward_cuda"] = capsule(fastattn::cuda::FastattnBackwardCuda);
 #endif
 #ifdef FASTATTN_WITH_VOLTA
     targets["fastattn_forward_volta"] = capsule(fastattn::cuda::FastattnForwardVolta);

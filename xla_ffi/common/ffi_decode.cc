@@ -175,6 +175,56 @@ ffi::Error decode_forward_args(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
   return ffi::Error::Success();
 }
 
+ffi::Error decode_backward_args(
+    const ffi::AnyBuffer& q, const ffi::AnyBuffer& k, const ffi::AnyBuffer& v,
+    const ffi::AnyBuffer& out, const ffi::AnyBuffer& lse, const ffi::AnyBuffer& d_out,
+    const ffi::AnyBuffer& d_lse, const ffi::AnyBuffer& bias, const ffi::AnyBuffer& q_segment,
+    const ffi::AnyBuffer& kv_segment, const ffi::AnyBuffer& dense,
+    const ffi::AnyBuffer& tile_class, ffi::AnyBuffer& d_q, ffi::AnyBuffer& d_k,
+    ffi::AnyBuffer& d_v, ffi::AnyBuffer& d_bias, float softmax_scale, int64_t band_lo,
+    int64_t band_hi, int64_t tile_q, int64_t tile_kv, BackwardParams* params) {
+  if (auto e = decode_shape(q, k, v, &params->shape, &params->dtype); e.failure()) return e;
+  const AttentionShape& s = params->shape;
+  if (auto e = decode_bias(bias, s, &params->bias); e.failure()) return e;
+  if (auto e = decode_mask(q_segment, kv_segment, dense, tile_class, s, band_lo, band_hi, tile_q,
+                           tile_kv, &params->mask);
+      e.failure())
+    return e;
+  const auto dtype = q.element_type();
+  const std::initializer_list<int64_t> q_dims = {s.batch, s.q_len, s.q_heads, s.head_dim};
+  const std::initializer_list<int64_t> kv_dims = {s.batch, s.kv_len, s.kv_heads, s.head_dim};
+  const std::initializer_list<int64_t> lse_dims = {s.batch, s.q_heads, s.q_len};
+  if (auto e = expect_shape(out, "out", q_dims, dtype); e.failure()) return e;
+  if (auto e = expect_shape(d_out, "d_out", q_dims, dtype); e.failure()) return e;
+  if (auto e = expect_shape(lse, "lse", lse_dims, ffi::DataType::F32); e.failure()) return e;
+  if (!is_absent(d_lse)) {
+    if (auto e = expect_shape(d_lse, "d_lse", lse_dims, ffi::DataType::F32); e.failure())
+      return e;
+    params->d_lse = static_cast<const float*>(d_lse.untyped_data());
+  }
+  if (auto e = expect_shape(d_q, "d_q", q_dims, dtype); e.failure()) return e;
+  if (auto e = expect_shape(d_k, "d_k", kv_dims, dtype); e.failure()) return e;
+  if (auto e = expect_shape(d_v, "d_v", kv_dims, dtype); e.failure()) return e;
+  if (params->bias.data != nullptr) {
+    if (auto e = expect_shape(d_bias, "d_bias", {s.batch, s.q_heads, s.q_len, s.kv_len},
+                              ffi::DataType::F32);
+        e.failure())
+      return e;
+    params->d_bias = static_cast<float*>(d_bias.untyped_data());
+  }
+  params->q = q.untyped_data();
+  params->k = k.untyped_data();
+  params->v = v.untyped_data();
+  params->out = out.untyped_data();
+  params->lse = static_cast<const float*>(lse.untyped_data());
+  params->d_out = d_out.untyped_data();
+  params->softmax_scale = softmax_scale;
+  params->d_q = d_q.untyped_data();
+  params->d_k = d_k.untyped_data();
+  params->d_v = d_v.untyped_data();
+  return ffi::Error::Success();
+}
+
 ffi::Error decode_decode_args(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
                               const ffi::AnyBuffer& v, const ffi::AnyBuffer& lengths,
                               const ffi::AnyBuffer& page_table, const ffi::AnyBuffer& out,

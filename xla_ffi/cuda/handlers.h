@@ -15,6 +15,10 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(FastattnDecodeCuda);
 // one), bfloat16/float16, head_dim 64/128, sm80+ (attention_sm80.cu).
 XLA_FFI_DECLARE_HANDLER_SYMBOL(FastattnForwardCuda);
 
+// fastattn_backward_cuda: the backward custom call's arguments (as the CPU
+// one) plus a float32 [B, Hq, Sq] delta workspace as a fifth result.
+XLA_FFI_DECLARE_HANDLER_SYMBOL(FastattnBackwardCuda);
+
 // fastattn_forward_volta: the forward custom call's arguments (as the CPU
 // one), float16, head_dim 64/128; runs the compute_70 PTX of sm70/.
 XLA_FFI_DECLARE_HANDLER_SYMBOL(FastattnForwardVolta);

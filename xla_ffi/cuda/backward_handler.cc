@@ -1,0 +1,60 @@
+// Thin FFI handler: decode and check buffers, then enqueue
+// cuda::attention_backward on XLA's stream (no synchronisation).
+#include <cuda_runtime.h>
+
+#include "../common/check.h"
+#include "../common/ffi_decode.h"
+#include "attention_backward.h"
+#include "handlers.h"
+
+namespace fastattn {
+namespace cuda {
+namespace {
+
+ffi::Error backward_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
+                         ffi::AnyBuffer v, ffi::AnyBuffer out, ffi::AnyBuffer lse,
+                         ffi::AnyBuffer d_out, ffi::AnyBuffer d_lse, ffi::AnyBuffer bias,
+                         ffi::AnyBuffer q_segment, ffi::AnyBuffer kv_segment,
+                         ffi::AnyBuffer dense, ffi::AnyBuffer tile_class,
+                         ffi::Result<ffi::AnyBuffer> d_q, ffi::Result<ffi::AnyBuffer> d_k,
+                         ffi::Result<ffi::AnyBuffer> d_v, ffi::Result<ffi::AnyBuffer> d_bias,
+                         float softmax_scale, int64_t band_lo, int64_t band_hi, int64_t tile_q,
+                         int64_t tile_kv, ffi::Result<ffi::AnyBuffer> delta) {
+  BackwardParams params;
+  if (auto e = decode_backward_args(q, k, v, out, lse, d_out, d_lse, bias, q_segment, kv_segment,
+                                    dense, tile_class, *d_q, *d_k, *d_v, *d_bias, softmax_scale,
+                                    band_lo, band_hi, tile_q, tile_kv, &params);
+      e.failure())
+    return e;
+  const AttentionShape& s = params.shape;
+  FFI_CHECK(backward_supported(params),
+            "the CUDA attention backward takes bfloat16/float16 with head_dim 64 or 128 "
+            "(flash_attention pads smaller head dims) and plan tiles 64x64; got head_dim "
+                << s.head_dim << ", tiles " << tile_q << "x" << tile_kv);
+  FFI_CHECK(s.batch <= 65535 && s.q_heads <= 65535,
+            "batch and q heads must be <= 65535 (grid limits)");
+  if (auto e = expect_shape(*delta, "delta workspace", {s.batch, s.q_heads, s.q_len},
+                            ffi::DataType::F32);
+      e.failure())
+    return e;
+  const cudaError_t status =
+      attention_backward(params, static_cast<float*>(delta->untyped_data()), stream);
+  if (status != cudaSuccess) {
+    return ffi::Error(ffi::ErrorCode::kInternal,
+                      std::string("jax_fastattn: attention backward launch failed: ") +
+                          cudaGetErrorString(status));
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// The delta rows are a workspace output after the gradients (XLA keeps an
+// output alive until the kernels ran; FFI scratch would be freed too early).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FastattnBackwardCuda, backward_cuda,
+                              bind_backward_args(
+                                  ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
+                                  .Ret<ffi::AnyBuffer>());
+
+}  // namespace cuda
+}  // namespace fastattn
