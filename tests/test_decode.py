@@ -24,7 +24,7 @@ def reference_decode(q, k_cache, v_cache, lengths):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("heads", [(8, 2), (4, 1), (4, 4)], ids=["gqa", "mqa", "mha"])
+@pytest.mark.parametrize("heads", [(8, 2), (4, 1), (4, 4), (16, 2)], ids=["gqa", "mqa", "mha", "gqa-8"])
 def test_decode_ragged_lengths_with_garbage_past_length(backend, dtype, heads):
     batch, s_max, d = 5, 150, 32
     keys = jax.random.split(jax.random.PRNGKey(0), 3)

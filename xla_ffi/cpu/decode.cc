@@ -2,9 +2,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "../common/thread_pool.h"
+#include "bf16_dot.h"
 #include "tile_ops.h"
 #include "vec_math.h"
 
@@ -33,6 +35,72 @@ inline void load_row(float* dst, const T* src, int64_t head_dim, int64_t padded_
   for (; d < padded_dim; ++d) dst[d] = 0.f;
 }
 
+#ifdef FASTATTN_HAVE_BF16_DOT
+// Pass 1 for bf16 caches with vdpbf16ps: per-lane partial dots of q_h . k_j
+// (unscaled; q is bf16 input, used as is) for keys j0.. of one block.
+inline void bf16_logits(const bf16_t* q, const bf16_t* const* k_rows, int64_t keys,
+                        int64_t kv_heads, int64_t group, int64_t head_dim, vfloat* dots) {
+  constexpr int64_t kMaxChunks32 = 256 / kBf16Chunk;
+  const int64_t chunks = head_dim / kBf16Chunk;
+  for (int64_t j = 0; j < keys; ++j) {
+    const int slot = transpose_sum_slot(int(j));
+    for (int64_t kv_h = 0; kv_h < kv_heads; ++kv_h) {
+      const bf16_t* src = k_rows[j] + kv_h * head_dim;
+      __m512bh row[kMaxChunks32];
+      for (int64_t c = 0; c < chunks; ++c) row[c] = load_bf16x32(src + c * kBf16Chunk);
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t h = kv_h * group + g;
+        const bf16_t* q_row = q + h * head_dim;
+        vfloat dot = splat(0.f);
+        for (int64_t c = 0; c < chunks; ++c) dot = dot_pairs(dot, load_bf16x32(q_row + c * kBf16Chunk), row[c]);
+        dots[h * 16 + slot] = dot;
+      }
+    }
+  }
+}
+
+// Pass 2 for bf16 caches: acc[h] (pair order, see bf16_dot.h) += sum_j
+// w[h][j] v_j, two keys per vdpbf16ps; up to 4 heads of a group share each
+// interleaved pair of V rows. Weights past `keys` are 0 (their row pointer
+// repeats the last valid row, never past the length).
+inline void bf16_weighted_values(const bf16_t* const* v_rows, int64_t keys, int64_t kv_heads,
+                                 int64_t group, int64_t head_dim, const float* weights,
+                                 float* acc) {
+  constexpr int64_t kHeadsAtOnce = 4;
+  const int64_t chunks = head_dim / kBf16Chunk, key_pairs = (keys + 1) / 2;
+  for (int64_t kv_h = 0; kv_h < kv_heads; ++kv_h) {
+    for (int64_t g0 = 0; g0 < group; g0 += kHeadsAtOnce) {
+      const int64_t heads = std::min(kHeadsAtOnce, group - g0);
+      uint32_t pairs[kHeadsAtOnce][8];
+      for (int64_t i = 0; i < heads; ++i) pack_weight_pairs(weights + (kv_h * group + g0 + i) * 16, pairs[i]);
+      for (int64_t c = 0; c < chunks; ++c) {
+        vfloat low[kHeadsAtOnce], high[kHeadsAtOnce];
+        for (int64_t i = 0; i < heads; ++i) {
+          float* out = acc + (kv_h * group + g0 + i) * head_dim + c * kBf16Chunk;
+          low[i] = load(out);
+          high[i] = load(out + 16);
+        }
+        for (int64_t pair = 0; pair < key_pairs; ++pair) {
+          const int64_t j = 2 * pair, j1 = std::min(j + 1, keys - 1);
+          __m512bh even, odd;
+          interleave_rows(load_bf16x32(v_rows[j] + kv_h * head_dim + c * kBf16Chunk),
+                          load_bf16x32(v_rows[j1] + kv_h * head_dim + c * kBf16Chunk), &even, &odd);
+          for (int64_t i = 0; i < heads; ++i) {
+            low[i] = weighted_pairs(low[i], even, pairs[i][pair]);
+            high[i] = weighted_pairs(high[i], odd, pairs[i][pair]);
+          }
+        }
+        for (int64_t i = 0; i < heads; ++i) {
+          float* out = acc + (kv_h * group + g0 + i) * head_dim + c * kBf16Chunk;
+          store(out, low[i]);
+          store(out + 16, high[i]);
+        }
+      }
+    }
+  }
+}
+#endif
+
 template <typename T>
 void decode_typed(const DecodeParams& p) {
   const int64_t group = p.group();
@@ -40,6 +108,14 @@ void decode_typed(const DecodeParams& p) {
   const bool direct = padded_dim == p.head_dim;
   const int64_t chunks = padded_dim / kLanes;
   const int64_t splits = std::max<int64_t>(1, (p.max_len() + kSplitKeys - 1) / kSplitKeys);
+#ifdef FASTATTN_HAVE_BF16_DOT
+  constexpr bool kBf16Cache = std::is_same_v<T, bf16_t>;
+#else
+  constexpr bool kBf16Cache = false;
+#endif
+  // bf16 caches with D a multiple of 32 take the vdpbf16ps passes; their
+  // logits are scaled after the dot and their accumulators are in pair order.
+  const bool bf16_dot = kBf16Cache && p.head_dim % 32 == 0;
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
@@ -98,11 +174,24 @@ void decode_typed(const DecodeParams& p) {
       const char* row = reinterpret_cast<const char*>(row_pointer(cache, j, 0));
       for (int64_t offset = 0; offset < key_bytes; offset += 64) __builtin_prefetch(row + offset);
     };
+    const T* block_rows[kKeyBlock];  // key j's row of kv head 0 (kv heads follow it)
     for (int64_t j0 = begin; j0 < end; j0 += kKeyBlock) {
       const int64_t keys = std::min(kKeyBlock, end - j0);
       // Pass 1: per-lane partial dots of scale * q_h . k_j, one vector per
       // (head, key), summed across lanes for all 16 keys at once afterwards.
-      for (int64_t j = 0; j < keys; ++j) {
+#ifdef FASTATTN_HAVE_BF16_DOT
+      if constexpr (kBf16Cache) {
+        if (bf16_dot) {
+          for (int64_t j = 0; j < keys; ++j) {
+            prefetch_key(k, j0 + j + kPrefetchKeys);
+            block_rows[j] = row_pointer(k, j0 + j, 0);
+          }
+          bf16_logits(q + b * p.q_heads * p.head_dim, block_rows, keys, p.kv_heads, group,
+                      p.head_dim, dots);
+        }
+      }
+#endif
+      for (int64_t j = 0; j < keys && !bf16_dot; ++j) {
         prefetch_key(k, j0 + j + kPrefetchKeys);
         const int slot = transpose_sum_slot(int(j));
         for (int64_t kv_h = 0; kv_h < p.kv_heads; ++kv_h) {
@@ -122,11 +211,12 @@ void decode_typed(const DecodeParams& p) {
       // Online softmax per head over the block: logits become weights.
       static_assert(kKeyBlock == kLanes, "one vector of logits per key block");
       vfloat beyond = splat(0.f);  // -inf for key slots past the valid ones
+      const float logit_scale = bf16_dot ? p.softmax_scale : 1.f;  // else folded into q_rows
       for (int64_t j = keys; j < kKeyBlock; ++j) beyond[j] = kNegInf;
       for (int64_t h = 0; h < p.q_heads; ++h) {
         vfloat* head_dots = dots + h * kKeyBlock;
         for (int64_t j = keys; j < kKeyBlock; ++j) head_dots[transpose_sum_slot(int(j))] = splat(0.f);
-        const vfloat block_logits = transpose_sum16(head_dots) + beyond;
+        const vfloat block_logits = transpose_sum16(head_dots) * logit_scale + beyond;
         const float new_max = std::max(row_max[h], reduce_max(block_logits));
         const float correction = scalar_exp(row_max[h] - new_max);
         const vfloat weights = vexp(block_logits - new_max);
@@ -142,7 +232,15 @@ void decode_typed(const DecodeParams& p) {
       // are converted once into L1 and each output chunk of each head stays
       // in a register across the 16 keys.
       for (int64_t j = 0; j < keys; ++j) prefetch_key(v, j0 + j + kPrefetchKeys);
-      for (int64_t kv_h = 0; kv_h < p.kv_heads; ++kv_h) {
+#ifdef FASTATTN_HAVE_BF16_DOT
+      if constexpr (kBf16Cache) {
+        if (bf16_dot) {
+          for (int64_t j = 0; j < keys; ++j) block_rows[j] = row_pointer(v, j0 + j, 0);
+          bf16_weighted_values(block_rows, keys, p.kv_heads, group, p.head_dim, logits, acc);
+        }
+      }
+#endif
+      for (int64_t kv_h = 0; kv_h < p.kv_heads && !bf16_dot; ++kv_h) {
         for (int64_t j = 0; j < keys; ++j) {
           load_row(v_block + j * padded_dim, row_pointer(v, j0 + j, kv_h), p.head_dim, padded_dim);
         }
@@ -163,7 +261,15 @@ void decode_typed(const DecodeParams& p) {
       const int64_t kv_h = h / group, g = h % group;
       const int64_t slot = ((b * p.kv_heads + kv_h) * splits + split) * group + g;
       partial_stats[slot] = {row_max[h], row_sum[h]};
-      std::copy(acc + h * padded_dim, acc + (h + 1) * padded_dim, partial_out.data() + slot * padded_dim);
+      float* to = partial_out.data() + slot * padded_dim;
+      const float* from = acc + h * padded_dim;
+#ifdef FASTATTN_HAVE_BF16_DOT
+      if (bf16_dot) {
+        for (int64_t i = 0; i < padded_dim; ++i) to[pair_order_dim(i)] = from[i];
+        continue;
+      }
+#endif
+      std::copy(from, from + padded_dim, to);
     }
   });
 
