@@ -1,6 +1,8 @@
-// Times cuda::attention_forward alone (no JAX), for ncu and quick A/B runs:
-//   cuda_attention_bench [batch seq heads dim causal tile_q]
-// Prints the median of 20 launches and TFLOP/s (causal counts half).
+// Times cuda::attention_forward or cuda::attention_backward alone (no JAX),
+// for ncu and quick A/B runs:
+//   cuda_attention_bench [batch seq heads dim causal tile_q fwd|bwd]
+// Prints the median of 20 launches and TFLOP/s (causal counts half; the
+// backward counts 2.5x the forward's FLOPs, as FlashAttention reports it).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -10,12 +12,14 @@
 #include <vector>
 
 #include "cuda/attention.h"
+#include "cuda/attention_backward.h"
 
 int main(int argc, char** argv) {
   const long batch = argc > 1 ? atol(argv[1]) : 4, seq = argc > 2 ? atol(argv[2]) : 4096;
   const long heads = argc > 3 ? atol(argv[3]) : 32, dim = argc > 4 ? atol(argv[4]) : 128;
   const bool causal = argc > 5 && atoi(argv[5]) != 0;
   const long tile_q = argc > 6 ? atol(argv[6]) : 64;
+  const bool backward = argc > 7 && argv[7][0] == 'b';
   const long tile_kv = fastattn::cuda::kForwardTileKv;
   const size_t elements = size_t(batch) * seq * heads * dim;
   std::vector<__nv_bfloat16> host(elements);
@@ -58,13 +62,37 @@ int main(int argc, char** argv) {
     printf("unsupported configuration\n");
     return 1;
   }
+  fastattn::BackwardParams grads;
+  float* delta = nullptr;
+  if (backward) {
+    fastattn::cuda::attention_forward(params, nullptr);
+    grads.shape = params.shape;
+    grads.dtype = params.dtype;
+    grads.q = q;
+    grads.k = k;
+    grads.v = v;
+    grads.out = out;
+    grads.lse = lse;
+    grads.mask = params.mask;
+    grads.softmax_scale = params.softmax_scale;
+    void *d_out, *d_q, *d_k, *d_v;
+    for (void** p : {&d_out, &d_q, &d_k, &d_v}) cudaMalloc(p, elements * 2);
+    cudaMemcpy(d_out, host.data(), elements * 2, cudaMemcpyHostToDevice);
+    cudaMalloc(&delta, batch * heads * seq * 4);
+    grads.d_out = d_out;
+    grads.d_q = d_q;
+    grads.d_k = d_k;
+    grads.d_v = d_v;
+  }
   cudaEvent_t start, stop;
   cudaEventCreate(&start);
   cudaEventCreate(&stop);
   std::vector<float> ms;
   for (int i = 0; i < 22; ++i) {
     cudaEventRecord(start);
-    if (cudaError_t e = fastattn::cuda::attention_forward(params, nullptr); e != cudaSuccess) {
+    const cudaError_t e = backward ? fastattn::cuda::attention_backward(grads, delta, nullptr)
+                                   : fastattn::cuda::attention_forward(params, nullptr);
+    if (e != cudaSuccess) {
       printf("launch failed: %s\n", cudaGetErrorString(e));
       return 1;
     }
@@ -75,8 +103,10 @@ int main(int argc, char** argv) {
     if (i >= 2) ms.push_back(elapsed);
   }
   std::sort(ms.begin(), ms.end());
-  const double flops = 4.0 * batch * heads * seq * seq * dim * (causal ? 0.5 : 1.0);
-  printf("B%ld S%ld H%ld D%ld causal=%d tile_q=%ld: median %.3f ms, %.1f TFLOP/s\n", batch, seq, heads,
+  const double flops =
+      4.0 * batch * heads * seq * seq * dim * (causal ? 0.5 : 1.0) * (backward ? 2.5 : 1.0);
+  printf("%s B%ld S%ld H%ld D%ld causal=%d tile_q=%ld: median %.3f ms, %.1f TFLOP/s\n",
+         backward ? "bwd" : "fwd", batch, seq, heads,
          dim, int(causal), tile_q, ms[ms.size() / 2], flops / (ms[ms.size() / 2] * 1e-3) / 1e12);
   return 0;
 }
