@@ -70,7 +70,9 @@ def check_inputs(q, k, v, bias, softmax_scale) -> None:
 _CUDA_TARGETS = {"attention": "fastattn_forward_cuda", "decode": "fastattn_decode_cuda"}
 _VOLTA_TARGET = "fastattn_forward_volta"
 # Head dims the GPU attention kernels are built for; smaller ones are zero-padded up.
-KERNEL_HEAD_DIMS = {"volta": (64, 128), "cuda": (64, 128)}
+KERNEL_HEAD_DIMS = {"volta": (64, 128), "cuda": (64, 128, 256)}
+# Head dims the CUDA backward kernels take; above, the backward is blockwise JAX.
+CUDA_BACKWARD_MAX_HEAD_DIM = 128
 KERNEL_DTYPES = {"volta": (jnp.float16,), "cuda": (jnp.bfloat16, jnp.float16)}
 
 
@@ -161,8 +163,10 @@ def _forward(static: _Static, q, k, v, bias, q_ids, kv_ids, dense):
 
 def _backward(static: _Static, q, k, v, bias, q_ids, kv_ids, dense, out, lse, d_out, d_lse):
     plan = static.plan(q_ids, kv_ids, dense)
-    if static.backend in ("xla", "volta"):
-        # volta: a forward kernel only; its backward is blockwise JAX on the kernel's lse.
+    if static.backend in ("xla", "volta") or (static.backend == "cuda"
+                                               and q.shape[-1] > CUDA_BACKWARD_MAX_HEAD_DIM):
+        # volta, and cuda at D > 128 (dK and dV of 16 keys x 256 dims would not fit a warp's
+        # registers): the forward kernel's lse, then the blockwise JAX backward.
         tiles = static.tiles if static.backend == "xla" else XLA_TILES
         return blockwise.backward(q, k, v, bias, plan, static.softmax_scale, out, lse, d_out, d_lse,
                                   tiles.tile_q, tiles.tile_kv)

@@ -13,8 +13,8 @@ namespace cuda {
 constexpr int kForwardTileQ = 64;
 constexpr int kForwardTileKv = 64;
 
-// True if the kernel runs this call: bfloat16/float16, head_dim 64 or 128,
-// plan tiles 64 x 64.
+// True if the kernel runs this call: bfloat16/float16, head_dim 64, 128 or
+// 256, plan tiles 64 x 64.
 bool forward_supported(const ForwardParams& params);
 
 // Enqueues the forward kernel on `stream`; no synchronisation.

@@ -10,6 +10,9 @@
 // fragments are, two n8 tiles at a time, the A fragments of P V, so P never
 // leaves registers. (A 32-rows-per-warp variant measured slower on an H200,
 // D=128: 165 vs 172 TFLOP/s with spills; D=64: 103 vs 162, and was dropped.)
+// At D=256 the O accumulator alone takes 128 registers per thread, so Q
+// fragments are read from shared memory per k step instead of living in
+// registers, and the 160 KiB of tiles leave one CTA per SM.
 #include "attention.h"
 #include "sm80_tiles.h"
 
@@ -65,9 +68,13 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardParams p
   wait_async<0>();
   __syncthreads();
 
-  uint32_t q_frag[D / 16][4];
+  constexpr bool kQInRegisters = D <= 128;
+  constexpr int kKeys = D <= 128 ? kBc : 32;
+  uint32_t q_frag[kQInRegisters ? D / 16 : 1][4];
+  if constexpr (kQInRegisters) {
 #pragma unroll
-  for (int kb = 0; kb < D / 16; ++kb) load_a<D>(q_frag[kb], q_tile, warp_row, kb);
+    for (int kb = 0; kb < D / 16; ++kb) load_a<D>(q_frag[kb], q_tile, warp_row, kb);
+  }
 
   float o[D / 8][4];
 #pragma unroll
@@ -86,66 +93,76 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardParams p
     const uint4* v_tile = v_tiles + stage * kBc * D / 8;
     const int64_t kv0 = tile * kBc;
 
-    float sc[kBc / 8][4];
-#pragma unroll
-    for (int nt = 0; nt < kBc / 8; ++nt) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
-#pragma unroll
-    for (int kb = 0; kb < D / 16; ++kb) {
-#pragma unroll
-      for (int np = 0; np < kBc / 16; ++np) {
-        uint32_t b[4];
-        load_b_rows<D>(b, k_tile, np * 16, kb);
-        Mma<T>::run(sc[2 * np], q_frag[kb], b[0], b[1]);
-        Mma<T>::run(sc[2 * np + 1], q_frag[kb], b[2], b[3]);
-      }
-    }
-#pragma unroll
-    for (int nt = 0; nt < kBc / 8; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) sc[nt][i] *= scale_log2;
     const bool masked = classes[tile] != kFull || kv0 + kBc > s.kv_len;
-    mask_scores<kBc / 8, false>(sc, s, p.mask, p.bias, batch, head, q0 + warp_row, kv0, masked);
-
-    // Online softmax for rows g (r = 0) and g + 8 (r = 1); a row's keys are
-    // spread over the 4 lanes of a quad.
-    float reference[2];
+    // Keys of the tile in slices of kKeys (the whole tile but at D=256,
+    // where O's 128 registers leave room for scores of 32 keys only).
+#pragma unroll 1
+    for (int slice = 0; slice < kBc / kKeys; ++slice) {
+      const int key0 = slice * kKeys;
+      float sc[kKeys / 8][4];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float m = row_max[r];
+      for (int nt = 0; nt < kKeys / 8; ++nt) sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.f;
+#pragma unroll kQInRegisters ? D / 16 : 4
+      for (int kb = 0; kb < D / 16; ++kb) {
+        uint32_t q_shared[4];
+        if constexpr (!kQInRegisters) load_a<D>(q_shared, q_tile, warp_row, kb);
+        const uint32_t* a = kQInRegisters ? q_frag[kQInRegisters ? kb : 0] : q_shared;
 #pragma unroll
-      for (int nt = 0; nt < kBc / 8; ++nt) m = fmaxf(m, fmaxf(sc[nt][2 * r], sc[nt][2 * r + 1]));
-      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-      reference[r] = m == -INFINITY ? 0.f : m;  // nothing visible yet: avoid inf - inf
-      const float rescale = exp2_fast(row_max[r] - reference[r]);
-      row_max[r] = m;
-      row_sum[r] *= rescale;
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        o[dt][2 * r] *= rescale;
-        o[dt][2 * r + 1] *= rescale;
+        for (int np = 0; np < kKeys / 16; ++np) {
+          uint32_t b[4];
+          load_b_rows<D>(b, k_tile, key0 + np * 16, kb);
+          Mma<T>::run(sc[2 * np], a, b[0], b[1]);
+          Mma<T>::run(sc[2 * np + 1], a, b[2], b[3]);
+        }
       }
-    }
 #pragma unroll
-    for (int nt = 0; nt < kBc / 8; ++nt) {
+      for (int nt = 0; nt < kKeys / 8; ++nt)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        sc[nt][i] = exp2_fast(sc[nt][i] - reference[i >> 1]);
-        row_sum[i >> 1] += sc[nt][i];
-      }
-    }
+        for (int i = 0; i < 4; ++i) sc[nt][i] *= scale_log2;
+      mask_scores<kKeys / 8, false>(sc, s, p.mask, p.bias, batch, head, q0 + warp_row,
+                                    kv0 + key0, masked);
 
-    // O += P V, P straight from the score registers.
+      // Online softmax for rows g (r = 0) and g + 8 (r = 1); a row's keys
+      // are spread over the 4 lanes of a quad.
+      float reference[2];
 #pragma unroll
-    for (int kb = 0; kb < kBc / 16; ++kb) {
-      uint32_t a[4];
-      c_to_a<T>(a, sc[2 * kb], sc[2 * kb + 1]);
+      for (int r = 0; r < 2; ++r) {
+        float m = row_max[r];
 #pragma unroll
-      for (int dp = 0; dp < D / 16; ++dp) {
-        uint32_t b[4];
-        load_b_columns<D>(b, v_tile, kb * 16, dp);
-        Mma<T>::run(o[2 * dp], a, b[0], b[1]);
-        Mma<T>::run(o[2 * dp + 1], a, b[2], b[3]);
+        for (int nt = 0; nt < kKeys / 8; ++nt) m = fmaxf(m, fmaxf(sc[nt][2 * r], sc[nt][2 * r + 1]));
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+        reference[r] = m == -INFINITY ? 0.f : m;  // nothing visible yet: avoid inf - inf
+        const float rescale = exp2_fast(row_max[r] - reference[r]);
+        row_max[r] = m;
+        row_sum[r] *= rescale;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt) {
+          o[dt][2 * r] *= rescale;
+          o[dt][2 * r + 1] *= rescale;
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < kKeys / 8; ++nt) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          sc[nt][i] = exp2_fast(sc[nt][i] - reference[i >> 1]);
+          row_sum[i >> 1] += sc[nt][i];
+        }
+      }
+
+      // O += P V, P straight from the score registers.
+#pragma unroll
+      for (int kb = 0; kb < kKeys / 16; ++kb) {
+        uint32_t a[4];
+        c_to_a<T>(a, sc[2 * kb], sc[2 * kb + 1]);
+#pragma unroll
+        for (int dp = 0; dp < D / 16; ++dp) {
+          uint32_t b[4];
+          load_b_columns<D>(b, v_tile, key0 + kb * 16, dp);
+          Mma<T>::run(o[2 * dp], a, b[0], b[1]);
+          Mma<T>::run(o[2 * dp + 1], a, b[2], b[3]);
+        }
       }
     }
     __syncthreads();  // this stage's buffers may be refilled next iteration
@@ -191,14 +208,19 @@ cudaError_t launch(const ForwardParams& p, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t dispatch_dim(const ForwardParams& p, cudaStream_t stream) {
-  return p.shape.head_dim == 64 ? launch<64, T>(p, stream) : launch<128, T>(p, stream);
+  switch (p.shape.head_dim) {
+    case 64: return launch<64, T>(p, stream);
+    case 128: return launch<128, T>(p, stream);
+    default: return launch<256, T>(p, stream);
+  }
 }
 
 }  // namespace
 
 bool forward_supported(const ForwardParams& params) {
   return (params.dtype == ElementType::kBF16 || params.dtype == ElementType::kF16) &&
-         (params.shape.head_dim == 64 || params.shape.head_dim == 128) &&
+         (params.shape.head_dim == 64 || params.shape.head_dim == 128 ||
+          params.shape.head_dim == 256) &&
          params.mask.tile_q == kForwardTileQ &&
          params.mask.tile_kv == kForwardTileKv;
 }

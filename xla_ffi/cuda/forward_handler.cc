@@ -24,7 +24,7 @@ ffi::Error forward_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
       e.failure())
     return e;
   FFI_CHECK(forward_supported(params),
-            "the CUDA attention kernel takes bfloat16/float16 with head_dim 64 or 128 "
+            "the CUDA attention kernel takes bfloat16/float16 with head_dim 64, 128 or 256 "
             "(flash_attention pads smaller head dims) and plan tiles 64x64; got head_dim "
                 << params.shape.head_dim << ", tiles " << tile_q << "x" << tile_kv);
   FFI_CHECK(params.shape.batch <= 65535 && params.shape.q_heads <= 65535,

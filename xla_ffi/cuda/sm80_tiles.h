@@ -131,8 +131,18 @@ __device__ __forceinline__ void load_tile_async(uint4* tile, const T* src, int64
   // so addresses advance by constant strides (no per-row index arithmetic).
   constexpr int kChunks = D / 8;
   constexpr int kStep = kThreads / kChunks;
-  static_assert(kThreads % kChunks == 0 && kStep % 8 == 0 && kRows % kStep == 0, "tile shape");
+  static_assert(kThreads % kChunks == 0 && kRows % kStep == 0, "tile shape");
   const int first_row = threadIdx.x / kChunks, chunk = threadIdx.x % kChunks;
+  if constexpr (kStep % 8 != 0) {  // D = 256: the swizzled column changes from row to row
+#pragma unroll
+    for (int i = 0; i < kRows / kStep; ++i) {
+      const int row = first_row + i * kStep;
+      const bool valid = row < valid_rows;
+      copy16_async(shared_address(tile + chunk_of<D>(row, chunk)),
+                   valid ? src + row * row_stride + chunk * 8 : src, valid);
+    }
+    return;
+  }
   const uint32_t to = shared_address(tile + chunk_of<D>(first_row, chunk));
   const T* const from = src + first_row * row_stride + chunk * 8;
   const int64_t from_step = kStep * row_stride;
