@@ -11,9 +11,11 @@ python3 -c "import jax, torch; print('jax', jax.__version__, 'torch', torch.__ve
 build_extension "$LOG"
 python3 -c "from jax_fastattn import ffi; print('targets', sorted(ffi.cuda_targets()))" 2>&1 | tee -a "$LOG"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  timeout ${TEST_TIMEOUT:-360} python3 -m pytest -m gpu -q -p no:cacheprovider -x tests/test_gpu_attention.py tests/test_gpu_backward.py -k "${TESTS:-cuda or backward}" > /tmp/pytest.txt 2>&1
+  # Written straight into $OUT, so that a run cut by the device tool's limit
+  # still brings back which tests passed (keep TEST_TIMEOUT below that limit).
+  timeout ${TEST_TIMEOUT:-360} python3 -m pytest -m gpu -v -p no:cacheprovider -x tests/test_gpu_attention.py tests/test_gpu_backward.py -k "${TESTS:-cuda or backward}" > "$OUT/pytest.txt" 2>&1
   TEST_STATUS=$?
-  tail -40 /tmp/pytest.txt | tee -a "$LOG"
+  grep -E "FAILED|ERROR|passed|failed" "$OUT/pytest.txt" | tail -40 | tee -a "$LOG"
   if [ $TEST_STATUS -ne 0 ] && [ "${BENCH_ANYWAY:-0}" != 1 ]; then echo "tests failed: no sanitizer, no bench" | tee -a "$LOG"; exit 1; fi
   cat > /tmp/small_cuda.py <<'PY'
 import jax, jax.numpy as jnp

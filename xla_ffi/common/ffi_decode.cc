@@ -145,6 +145,25 @@ ffi::Error decode_mask(const ffi::AnyBuffer& q_segment, const ffi::AnyBuffer& kv
   return ffi::Error::Success();
 }
 
+namespace {
+
+// What every attention call shares, into the same-named fields of
+// ForwardParams or BackwardParams: shape and dtype of q, k, v; bias; mask.
+template <typename Params>
+ffi::Error decode_inputs(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
+                         const ffi::AnyBuffer& v, const ffi::AnyBuffer& bias,
+                         const ffi::AnyBuffer& q_segment, const ffi::AnyBuffer& kv_segment,
+                         const ffi::AnyBuffer& dense, const ffi::AnyBuffer& tile_class,
+                         int64_t band_lo, int64_t band_hi, int64_t tile_q, int64_t tile_kv,
+                         Params* params) {
+  if (auto e = decode_shape(q, k, v, &params->shape, &params->dtype); e.failure()) return e;
+  if (auto e = decode_bias(bias, params->shape, &params->bias); e.failure()) return e;
+  return decode_mask(q_segment, kv_segment, dense, tile_class, params->shape, band_lo, band_hi,
+                     tile_q, tile_kv, &params->mask);
+}
+
+}  // namespace
+
 ffi::Error decode_forward_args(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
                                const ffi::AnyBuffer& v, const ffi::AnyBuffer& bias,
                                const ffi::AnyBuffer& q_segment, const ffi::AnyBuffer& kv_segment,
@@ -152,13 +171,11 @@ ffi::Error decode_forward_args(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
                                ffi::AnyBuffer& out, ffi::AnyBuffer& lse, float softmax_scale,
                                int64_t band_lo, int64_t band_hi, int64_t tile_q, int64_t tile_kv,
                                ForwardParams* params) {
-  if (auto e = decode_shape(q, k, v, &params->shape, &params->dtype); e.failure()) return e;
-  const AttentionShape& s = params->shape;
-  if (auto e = decode_bias(bias, s, &params->bias); e.failure()) return e;
-  if (auto e = decode_mask(q_segment, kv_segment, dense, tile_class, s, band_lo, band_hi, tile_q,
-                           tile_kv, &params->mask);
+  if (auto e = decode_inputs(q, k, v, bias, q_segment, kv_segment, dense, tile_class, band_lo,
+                             band_hi, tile_q, tile_kv, params);
       e.failure())
     return e;
+  const AttentionShape& s = params->shape;
   if (auto e = expect_shape(out, "out", {s.batch, s.q_len, s.q_heads, s.head_dim},
                             q.element_type());
       e.failure())
@@ -183,13 +200,11 @@ ffi::Error decode_backward_args(
     const ffi::AnyBuffer& tile_class, ffi::AnyBuffer& d_q, ffi::AnyBuffer& d_k,
     ffi::AnyBuffer& d_v, ffi::AnyBuffer& d_bias, float softmax_scale, int64_t band_lo,
     int64_t band_hi, int64_t tile_q, int64_t tile_kv, BackwardParams* params) {
-  if (auto e = decode_shape(q, k, v, &params->shape, &params->dtype); e.failure()) return e;
-  const AttentionShape& s = params->shape;
-  if (auto e = decode_bias(bias, s, &params->bias); e.failure()) return e;
-  if (auto e = decode_mask(q_segment, kv_segment, dense, tile_class, s, band_lo, band_hi, tile_q,
-                           tile_kv, &params->mask);
+  if (auto e = decode_inputs(q, k, v, bias, q_segment, kv_segment, dense, tile_class, band_lo,
+                             band_hi, tile_q, tile_kv, params);
       e.failure())
     return e;
+  const AttentionShape& s = params->shape;
   const auto dtype = q.element_type();
   const std::initializer_list<int64_t> q_dims = {s.batch, s.q_len, s.q_heads, s.head_dim};
   const std::initializer_list<int64_t> kv_dims = {s.batch, s.kv_len, s.kv_heads, s.head_dim};
