@@ -151,7 +151,7 @@ void decode_typed(const DecodeParams& p) {
     std::fill(acc, acc + p.q_heads * padded_dim, 0.f);
     std::fill(row_max, row_max + p.q_heads, kNegInf);
     std::fill(row_sum, row_sum + p.q_heads, 0.f);
-    for (int64_t h = 0; h < p.q_heads; ++h) {
+    for (int64_t h = 0; h < p.q_heads && !bf16_dot; ++h) {  // the bf16 path reads q as is
       const T* src = q + (b * p.q_heads + h) * p.head_dim;
       for (int64_t d = 0; d < padded_dim; ++d) {
         q_rows[h * padded_dim + d] = d < p.head_dim ? p.softmax_scale * to_float(src[d]) : 0.f;

@@ -40,7 +40,7 @@ ffi::Error forward_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FastattnForwardCuda, forward_cuda, 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FastattnForwardCuda, forward_cuda,
                               bind_forward_args(
                                   ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()));
 

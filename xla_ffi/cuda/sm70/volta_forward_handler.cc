@@ -73,7 +73,7 @@ ffi::Error forward_volta(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FastattnForwardVolta, forward_volta, 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FastattnForwardVolta, forward_volta,
                               bind_forward_args(
                                   ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()));
 
