@@ -17,8 +17,16 @@ constexpr int kForwardTileKv = 64;
 // 256, plan tiles 64 x 64.
 bool forward_supported(const ForwardParams& params);
 
-// Enqueues the forward kernel on `stream`; no synchronisation.
+// Enqueues the forward kernel on `stream`; no synchronisation. On an sm_90
+// device (H100, H200) with sm_90a code built in, head dims 64 and 128 run the
+// wgmma kernel (attention_sm90.cu), the others the mma.sync one;
+// FASTATTN_CUDA_FORWARD=mma_sync in the environment forces the latter.
 cudaError_t attention_forward(const ForwardParams& params, cudaStream_t stream);
+
+// The wgmma forward (attention_sm90.cu): whether this call takes it, and the
+// launch itself (same tiles plan as the mma.sync kernel).
+bool forward_wgmma_selected(const ForwardParams& params);
+cudaError_t attention_forward_wgmma(const ForwardParams& params, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastattn

@@ -226,6 +226,7 @@ bool forward_supported(const ForwardParams& params) {
 }
 
 cudaError_t attention_forward(const ForwardParams& params, cudaStream_t stream) {
+  if (forward_wgmma_selected(params)) return attention_forward_wgmma(params, stream);
   if (params.dtype == ElementType::kBF16) return dispatch_dim<__nv_bfloat16>(params, stream);
   return dispatch_dim<__half>(params, stream);
 }

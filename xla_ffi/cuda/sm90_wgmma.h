@@ -1,0 +1,180 @@
+// Device building blocks of the sm90a (Hopper) attention kernels: warpgroup
+// matrix multiply (wgmma.mma_async) with operands in 128-byte-swizzled
+// shared memory, its shared-memory descriptors, and cp.async loads into that
+// layout. nvcc only; everything is compiled for sm_90a alone
+// (FASTATTN_HAS_WGMMA), the other targets see the declarations-free header.
+//
+// Shared-memory layout of a tile ("sw128"): a [rows][D] bf16/f16 tile is
+// stored as D / 64 column blocks of [rows][64] elements; a row of a block is
+// 128 bytes, and its 16-byte chunk c sits at position c ^ (row % 8). This is
+// the canonical 128-byte-swizzle layout of the PTX ISA both as a K-major
+// operand (Q and K: rows are M or N, the 64 columns are K) and as an
+// MN-major one (V: rows are K, columns are N), so one loader serves all
+// three. Blocks must start on 1024-byte boundaries.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define FASTATTN_HAS_WGMMA 1
+#else
+#define FASTATTN_HAS_WGMMA 0
+#endif
+
+#if FASTATTN_HAS_WGMMA
+
+namespace fastattn {
+namespace cuda {
+namespace sm90 {
+
+// 64-bit wgmma shared-memory matrix descriptor, 128-byte swizzle: start
+// address, leading and stride byte offsets (all >> 4), swizzle mode 1.
+__device__ __forceinline__ uint64_t sw128_descriptor(uint32_t address, uint32_t leading_bytes,
+                                                     uint32_t stride_bytes) {
+  return static_cast<uint64_t>((address & 0x3FFFF) >> 4) |
+         static_cast<uint64_t>(leading_bytes >> 4) << 16 |
+         static_cast<uint64_t>(stride_bytes >> 4) << 32 | uint64_t(1) << 62;
+}
+
+// K-major operand (Q as A, K as B of S = Q K^T) of a sw128 tile with
+// `rows` rows: k step kk (16 columns) of the rows starting at first_row
+// (a multiple of 8). 8-row groups are 1024 bytes apart; the leading offset
+// is unused for swizzled K-major operands.
+__device__ __forceinline__ uint64_t k_major(uint32_t tile, int rows, int first_row, int kk) {
+  return sw128_descriptor(tile + (kk / 4) * rows * 128 + first_row * 128 + (kk % 4) * 32, 16,
+                          1024);
+}
+
+// MN-major operand (V as B of O = P V, rows = keys = K): k step kk (16
+// keys). Leading offset: from one 64-column block to the next; stride
+// offset: from one group of 8 keys to the next.
+__device__ __forceinline__ uint64_t mn_major(uint32_t tile, int rows, int kk) {
+  return sw128_descriptor(tile + kk * 16 * 128, rows * 128, 1024);
+}
+
+__device__ __forceinline__ void fence_proxy_async() {
+  // cp.async writes go through the generic proxy, wgmma reads through the
+  // async proxy: each writing thread fences before the barrier.
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+}
+
+// Keeps the compiler from moving reads or writes of accumulator registers
+// across a wgmma fence or wait (it sees the asm as touching them).
+template <int kTiles>
+__device__ __forceinline__ void fence_operands(float (&d)[kTiles][4]) {
+#pragma unroll
+  for (int j = 0; j < kTiles; ++j) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) asm volatile("" : "+f"(d[j][i])::"memory");
+  }
+}
+
+#define FASTATTN_WGMMA_REGS32                                                                  \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
+  "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define FASTATTN_WGMMA_REGS64                                                                  \
+  FASTATTN_WGMMA_REGS32                                                                        \
+  ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, "    \
+  "%49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define FASTATTN_D4(j) "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
+#define FASTATTN_D32                                                                       \
+  FASTATTN_D4(0), FASTATTN_D4(1), FASTATTN_D4(2), FASTATTN_D4(3), FASTATTN_D4(4),          \
+      FASTATTN_D4(5), FASTATTN_D4(6), FASTATTN_D4(7)
+#define FASTATTN_D64                                                                       \
+  FASTATTN_D32, FASTATTN_D4(8), FASTATTN_D4(9), FASTATTN_D4(10), FASTATTN_D4(11),          \
+      FASTATTN_D4(12), FASTATTN_D4(13), FASTATTN_D4(14), FASTATTN_D4(15)
+
+// d (m64 x nN, f32, the accumulator layout of mma.m16n8 per warp: n8 tile
+// j of a warp's 16 rows in d[j]) += A B. `accumulate` false: d = A B.
+//   ss_n128: A and B from K-major descriptors, N = 128.
+//   rs<N>:   A from registers (the mma.m16n8k16 A fragment of the warp's 16
+//            rows), B from an MN-major descriptor; N = 64 or 128.
+#define FASTATTN_DEFINE_WGMMA(TYPE, PTX_TYPES)                                                 \
+  template <>                                                                                  \
+  struct Wgmma<TYPE> {                                                                         \
+    static __device__ __forceinline__ void ss_n128(float (&d)[16][4], uint64_t a, uint64_t b,  \
+                                                   bool accumulate) {                          \
+      asm volatile(                                                                            \
+          "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                       \
+          "wgmma.mma_async.sync.aligned.m64n128k16.f32" PTX_TYPES                              \
+          " {" FASTATTN_WGMMA_REGS64 "}, %64, %65, p, 1, 1, 0, 0;\n}\n"                        \
+          : FASTATTN_D64                                                                       \
+          : "l"(a), "l"(b), "r"(int(accumulate)));                                             \
+    }                                                                                          \
+    template <int N>                                                                           \
+    static __device__ __forceinline__ void rs(float (&d)[N / 8][4], const uint32_t* a,         \
+                                              uint64_t b, bool accumulate) {                   \
+      if constexpr (N == 128) {                                                                \
+        asm volatile(                                                                          \
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                     \
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32" PTX_TYPES                            \
+            " {" FASTATTN_WGMMA_REGS64 "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"        \
+            : FASTATTN_D64                                                                     \
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(int(accumulate)));      \
+      } else {                                                                                 \
+        static_assert(N == 64, "rs: N is 64 or 128");                                          \
+        asm volatile(                                                                          \
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                     \
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32" PTX_TYPES                             \
+            " {" FASTATTN_WGMMA_REGS32 "}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"        \
+            : FASTATTN_D32                                                                     \
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(int(accumulate)));      \
+      }                                                                                        \
+    }                                                                                          \
+  };
+
+template <typename T>
+struct Wgmma;
+FASTATTN_DEFINE_WGMMA(__nv_bfloat16, ".bf16.bf16")
+FASTATTN_DEFINE_WGMMA(__half, ".f16.f16")
+
+#undef FASTATTN_DEFINE_WGMMA
+#undef FASTATTN_D64
+#undef FASTATTN_D32
+#undef FASTATTN_D4
+#undef FASTATTN_WGMMA_REGS64
+#undef FASTATTN_WGMMA_REGS32
+
+// kRows x D elements (row stride in elements) into a sw128 tile at shared
+// address `tile`; rows at or past valid_rows are zero-filled. Consecutive
+// threads copy consecutive 16-byte chunks of a row (coalesced reads).
+template <int D, int kRows, int kThreads, typename T>
+__device__ __forceinline__ void load_sw128_async(uint32_t tile, const T* src, int64_t row_stride,
+                                                 int64_t valid_rows) {
+  constexpr int kChunks = D / 8;             // 16-byte chunks per row
+  constexpr int kStep = kThreads / kChunks;  // rows per pass
+  static_assert(kThreads % kChunks == 0 && kStep % 8 == 0 && kRows % kStep == 0, "tile shape");
+  const int first_row = threadIdx.x / kChunks, chunk = threadIdx.x % kChunks;
+  // kStep is a multiple of 8, so a thread's swizzled position is the same in
+  // every row it copies.
+  const uint32_t to = tile + (chunk / 8) * kRows * 128 + first_row * 128 +
+                      (((chunk % 8) ^ (first_row % 8)) * 16);
+  const T* const from = src + first_row * row_stride + chunk * 8;
+#pragma unroll
+  for (int i = 0; i < kRows / kStep; ++i) {
+    const bool valid = first_row + i * kStep < valid_rows;
+    sm80::copy16_async(to + i * kStep * 128, valid ? from + i * kStep * row_stride : src, valid);
+  }
+}
+
+}  // namespace sm90
+}  // namespace cuda
+}  // namespace fastattn
+
+#endif  // FASTATTN_HAS_WGMMA
