@@ -1,7 +1,7 @@
 """The GPU attention kernels against the reference, on the GPU at hand
-(pytest -m gpu tests/test_gpu_attention.py): "cuda" (sm80+ mma.m16n8k16,
-bfloat16 and float16) and "volta" (mma.m8n8k4 as compute_70 PTX run by the
-driver JIT, float16)."""
+(pytest -m gpu tests/test_gpu_attention.py): "cuda" (on sm_90 the wgmma
+kernel for D 64/128, else sm80+ mma.m16n8k16; bfloat16 and float16) and
+"volta" (mma.m8n8k4 as compute_70 PTX run by the driver JIT, float16)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,6 +33,21 @@ def test_shapes(kernel, q_len, kv_len, head_dim):
     q, k, v = random_qkv(0, 2, q_len, kv_len, 4, 2, head_dim, dtype)
     check_forward(backend, q, k, v)
     check_forward(backend, q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("mask", [None, masks.Causal(), masks.SlidingWindow(50, 10)],
+                         ids=["full", "causal", "window"])
+def test_mma_sync_forward_where_wgmma_runs(kernel, monkeypatch, mask):
+    """On sm_90 the cuda backend takes the wgmma kernel for D 64/128; the
+    mma.sync kernel (what sm80/sm89 run) must stay right there too.
+    FASTATTN_CUDA_FORWARD=mma_sync is read by the handler at every call."""
+    backend, dtype = kernel
+    if backend != "cuda":
+        pytest.skip("a cuda-backend switch")
+    monkeypatch.setenv("FASTATTN_CUDA_FORWARD", "mma_sync")
+    for head_dim in (64, 128):
+        q, k, v = random_qkv(10, 2, 300, 257, 4, 2, head_dim, dtype)
+        check_forward(backend, q, k, v, mask=mask)
 
 
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2), (6, 1)], ids=["mha", "gqa", "mqa"])

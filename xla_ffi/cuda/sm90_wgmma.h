@@ -1,8 +1,8 @@
 // Device building blocks of the sm90a (Hopper) attention kernels: warpgroup
 // matrix multiply (wgmma.mma_async) with operands in 128-byte-swizzled
-// shared memory, its shared-memory descriptors, and cp.async loads into that
-// layout. nvcc only; everything is compiled for sm_90a alone
-// (FASTATTN_HAS_WGMMA), the other targets see the declarations-free header.
+// shared memory and its descriptors, mbarriers, TMA tile loads, setmaxnreg.
+// nvcc only; everything is compiled for sm_90a alone (FASTATTN_HAS_WGMMA):
+// other targets see an empty header.
 //
 // Shared-memory layout of a tile ("sw128"): a [rows][D] bf16/f16 tile is
 // stored as D / 64 column blocks of [rows][64] elements; a row of a block is
@@ -10,7 +10,8 @@
 // the canonical 128-byte-swizzle layout of the PTX ISA both as a K-major
 // operand (Q and K: rows are M or N, the 64 columns are K) and as an
 // MN-major one (V: rows are K, columns are N), so one loader serves all
-// three. Blocks must start on 1024-byte boundaries.
+// three; TMA with 128-byte swizzle writes it from boxes of [rows][64]. Blocks
+// must start on 1024-byte boundaries.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -151,26 +152,58 @@ FASTATTN_DEFINE_WGMMA(__half, ".f16.f16")
 #undef FASTATTN_WGMMA_REGS64
 #undef FASTATTN_WGMMA_REGS32
 
-// kRows x D elements (row stride in elements) into a sw128 tile at shared
-// address `tile`; rows at or past valid_rows are zero-filled. Consecutive
-// threads copy consecutive 16-byte chunks of a row (coalesced reads).
-template <int D, int kRows, int kThreads, typename T>
-__device__ __forceinline__ void load_sw128_async(uint32_t tile, const T* src, int64_t row_stride,
-                                                 int64_t valid_rows) {
-  constexpr int kChunks = D / 8;             // 16-byte chunks per row
-  constexpr int kStep = kThreads / kChunks;  // rows per pass
-  static_assert(kThreads % kChunks == 0 && kStep % 8 == 0 && kRows % kStep == 0, "tile shape");
-  const int first_row = threadIdx.x / kChunks, chunk = threadIdx.x % kChunks;
-  // kStep is a multiple of 8, so a thread's swizzled position is the same in
-  // every row it copies.
-  const uint32_t to = tile + (chunk / 8) * kRows * 128 + first_row * 128 +
-                      (((chunk % 8) ^ (first_row % 8)) * 16);
-  const T* const from = src + first_row * row_stride + chunk * 8;
-#pragma unroll
-  for (int i = 0; i < kRows / kStep; ++i) {
-    const bool valid = first_row + i * kStep < valid_rows;
-    sm80::copy16_async(to + i * kStep * 128, valid ? from + i * kStep * row_stride : src, valid);
-  }
+// mbarriers (shared-memory barriers with a phase bit) and TMA tile loads.
+__device__ __forceinline__ void mbarrier_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+
+// Makes initialised mbarriers visible to the async proxy (TMA) and the
+// other threads; a __syncthreads must follow.
+__device__ __forceinline__ void mbarrier_init_fence() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+
+// Arrives and announces `bytes` of TMA writes the phase must also wait for.
+__device__ __forceinline__ void mbarrier_arrive_expect_bytes(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+
+// Waits until the phase of parity `parity` has completed.
+__device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nwait_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait_%=;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+
+// TMA: the box at coordinates (c0 innermost .. c3) of a 4-d tensor map into
+// shared memory at `to`; completion counts its bytes on mbarrier `bar`.
+__device__ __forceinline__ void tma_load_4d(uint32_t to, const void* tensor_map, int c0, int c1,
+                                            int c2, int c3, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(to),
+      "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+      : "memory");
+}
+
+// Register budget of a warpgroup (setmaxnreg): producers give registers
+// back, consumers take them.
+template <int kRegisters>
+__device__ __forceinline__ void release_registers() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
+}
+
+template <int kRegisters>
+__device__ __forceinline__ void claim_registers() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
 }
 
 }  // namespace sm90
