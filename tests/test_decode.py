@@ -73,7 +73,7 @@ def _paged(k_cache, v_cache, page_size, seed):
     return k_pool[order], v_pool[order], table
 
 
-@pytest.mark.parametrize("page_size", [16, 256])
+@pytest.mark.parametrize("page_size", [16, 24, 256])  # 24: blocks of 16 keys straddle pages
 @pytest.mark.parametrize("heads", [(32, 8), (4, 1)], ids=["gqa-32/8", "mqa"])
 def test_paged_cache(backend, page_size, heads):
     batch, s_max, d = 4, 600, 64

@@ -2,10 +2,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
 #include "../common/thread_pool.h"
+#include "amx_logits.h"
 #include "bf16_dot.h"
 #include "tile_ops.h"
 #include "vec_math.h"
@@ -36,67 +38,112 @@ inline void load_row(float* dst, const T* src, int64_t head_dim, int64_t padded_
 }
 
 #ifdef FASTATTN_HAVE_BF16_DOT
-// Pass 1 for bf16 caches with vdpbf16ps: per-lane partial dots of q_h . k_j
-// (unscaled; q is bf16 input, used as is) for keys j0.. of one block.
-inline void bf16_logits(const bf16_t* q, const bf16_t* const* k_rows, int64_t keys,
-                        int64_t kv_heads, int64_t group, int64_t head_dim, vfloat* dots) {
-  constexpr int64_t kMaxChunks32 = 256 / kBf16Chunk;
-  const int64_t chunks = head_dim / kBf16Chunk;
+// The bf16 passes are compiled for each head dim (kChunks x 32 values) and
+// for query heads taken kHeads at a time (1, 2 or 4 of a GQA group), so a
+// key row, the dot accumulators and the output chunks all stay in
+// registers: with run-time counts the compiler copied each K row to the
+// stack and tested the chunk count before every vdpbf16ps (2x slower in
+// the LLC-resident case).
+
+// Pass 1: per-lane partial dots of q_h . k_j (unscaled; q is the bf16 input,
+// used as is) for the keys of one block.
+template <int kChunks, int kHeads>
+void bf16_logits(const bf16_t* q, const bf16_t* const* k_rows, int64_t keys, int64_t kv_heads,
+                 int64_t group, vfloat* dots) {
+  constexpr int64_t kDim = kChunks * kBf16Chunk;
   for (int64_t j = 0; j < keys; ++j) {
     const int slot = transpose_sum_slot(int(j));
     for (int64_t kv_h = 0; kv_h < kv_heads; ++kv_h) {
-      const bf16_t* src = k_rows[j] + kv_h * head_dim;
-      __m512bh row[kMaxChunks32];
-      for (int64_t c = 0; c < chunks; ++c) row[c] = load_bf16x32(src + c * kBf16Chunk);
-      for (int64_t g = 0; g < group; ++g) {
-        const int64_t h = kv_h * group + g;
-        const bf16_t* q_row = q + h * head_dim;
-        vfloat dot = splat(0.f);
-        for (int64_t c = 0; c < chunks; ++c) dot = dot_pairs(dot, load_bf16x32(q_row + c * kBf16Chunk), row[c]);
-        dots[h * 16 + slot] = dot;
+      const bf16_t* src = k_rows[j] + kv_h * kDim;
+      __m512bh row[kChunks];
+#pragma GCC unroll 8
+      for (int c = 0; c < kChunks; ++c) row[c] = load_bf16x32(src + c * kBf16Chunk);
+      for (int64_t h0 = kv_h * group; h0 < (kv_h + 1) * group; h0 += kHeads) {
+        vfloat dot[kHeads];  // one dependency chain per head
+#pragma GCC unroll 4
+        for (int i = 0; i < kHeads; ++i) dot[i] = splat(0.f);
+#pragma GCC unroll 8
+        for (int c = 0; c < kChunks; ++c) {
+#pragma GCC unroll 4
+          for (int i = 0; i < kHeads; ++i) {
+            dot[i] = dot_pairs(dot[i], load_bf16x32(q + (h0 + i) * kDim + c * kBf16Chunk), row[c]);
+          }
+        }
+#pragma GCC unroll 4
+        for (int i = 0; i < kHeads; ++i) dots[(h0 + i) * 16 + slot] = dot[i];
       }
     }
   }
 }
 
-// Pass 2 for bf16 caches: acc[h] (pair order, see bf16_dot.h) += sum_j
-// w[h][j] v_j, two keys per vdpbf16ps; up to 4 heads of a group share each
-// interleaved pair of V rows. Weights past `keys` are 0 (their row pointer
-// repeats the last valid row, never past the length).
-inline void bf16_weighted_values(const bf16_t* const* v_rows, int64_t keys, int64_t kv_heads,
-                                 int64_t group, int64_t head_dim, const float* weights,
-                                 float* acc) {
-  constexpr int64_t kHeadsAtOnce = 4;
-  const int64_t chunks = head_dim / kBf16Chunk, key_pairs = (keys + 1) / 2;
+// Pass 2: acc[h] (pair order, see bf16_dot.h) += sum_j w[h][j] v_j, two keys
+// per vdpbf16ps; kHeads heads of a group share each interleaved pair of V
+// rows. Weights past `keys` are 0 (their row pointer repeats the last valid
+// row, never past the length).
+template <int kChunks, int kHeads>
+void bf16_weighted_values(const bf16_t* const* v_rows, int64_t keys, int64_t kv_heads,
+                          int64_t group, const float* weights, float* acc) {
+  constexpr int64_t kDim = kChunks * kBf16Chunk;
+  const int64_t key_pairs = (keys + 1) / 2;
   for (int64_t kv_h = 0; kv_h < kv_heads; ++kv_h) {
-    for (int64_t g0 = 0; g0 < group; g0 += kHeadsAtOnce) {
-      const int64_t heads = std::min(kHeadsAtOnce, group - g0);
-      uint32_t pairs[kHeadsAtOnce][8];
-      for (int64_t i = 0; i < heads; ++i) pack_weight_pairs(weights + (kv_h * group + g0 + i) * 16, pairs[i]);
-      for (int64_t c = 0; c < chunks; ++c) {
-        vfloat low[kHeadsAtOnce], high[kHeadsAtOnce];
-        for (int64_t i = 0; i < heads; ++i) {
-          float* out = acc + (kv_h * group + g0 + i) * head_dim + c * kBf16Chunk;
-          low[i] = load(out);
-          high[i] = load(out + 16);
+    for (int64_t h0 = kv_h * group; h0 < (kv_h + 1) * group; h0 += kHeads) {
+      uint32_t pairs[kHeads][8];
+#pragma GCC unroll 4
+      for (int i = 0; i < kHeads; ++i) pack_weight_pairs(weights + (h0 + i) * 16, pairs[i]);
+#pragma GCC unroll 8
+      for (int c = 0; c < kChunks; ++c) {
+        vfloat low[kHeads], high[kHeads];
+#pragma GCC unroll 4
+        for (int i = 0; i < kHeads; ++i) {
+          low[i] = load(acc + (h0 + i) * kDim + c * kBf16Chunk);
+          high[i] = load(acc + (h0 + i) * kDim + c * kBf16Chunk + 16);
         }
         for (int64_t pair = 0; pair < key_pairs; ++pair) {
           const int64_t j = 2 * pair, j1 = std::min(j + 1, keys - 1);
           __m512bh even, odd;
-          interleave_rows(load_bf16x32(v_rows[j] + kv_h * head_dim + c * kBf16Chunk),
-                          load_bf16x32(v_rows[j1] + kv_h * head_dim + c * kBf16Chunk), &even, &odd);
-          for (int64_t i = 0; i < heads; ++i) {
+          interleave_rows(load_bf16x32(v_rows[j] + kv_h * kDim + c * kBf16Chunk),
+                          load_bf16x32(v_rows[j1] + kv_h * kDim + c * kBf16Chunk), &even, &odd);
+#pragma GCC unroll 4
+          for (int i = 0; i < kHeads; ++i) {
             low[i] = weighted_pairs(low[i], even, pairs[i][pair]);
             high[i] = weighted_pairs(high[i], odd, pairs[i][pair]);
           }
         }
-        for (int64_t i = 0; i < heads; ++i) {
-          float* out = acc + (kv_h * group + g0 + i) * head_dim + c * kBf16Chunk;
-          store(out, low[i]);
-          store(out + 16, high[i]);
+#pragma GCC unroll 4
+        for (int i = 0; i < kHeads; ++i) {
+          store(acc + (h0 + i) * kDim + c * kBf16Chunk, low[i]);
+          store(acc + (h0 + i) * kDim + c * kBf16Chunk + 16, high[i]);
         }
       }
     }
+  }
+}
+
+// The two passes of one head dim / heads-at-a-time pair, as function
+// pointers picked once per call.
+struct Bf16Passes {
+  void (*logits)(const bf16_t*, const bf16_t* const*, int64_t, int64_t, int64_t, vfloat*);
+  void (*weighted_values)(const bf16_t* const*, int64_t, int64_t, int64_t, const float*, float*);
+};
+
+template <int kChunks>
+Bf16Passes bf16_passes_for_heads(int64_t group) {
+  if (group % 4 == 0) return {bf16_logits<kChunks, 4>, bf16_weighted_values<kChunks, 4>};
+  if (group % 2 == 0) return {bf16_logits<kChunks, 2>, bf16_weighted_values<kChunks, 2>};
+  return {bf16_logits<kChunks, 1>, bf16_weighted_values<kChunks, 1>};
+}
+
+// head_dim a multiple of 32, at most 256.
+inline Bf16Passes bf16_passes(int64_t head_dim, int64_t group) {
+  switch (head_dim / kBf16Chunk) {
+    case 1: return bf16_passes_for_heads<1>(group);
+    case 2: return bf16_passes_for_heads<2>(group);
+    case 3: return bf16_passes_for_heads<3>(group);
+    case 4: return bf16_passes_for_heads<4>(group);
+    case 5: return bf16_passes_for_heads<5>(group);
+    case 6: return bf16_passes_for_heads<6>(group);
+    case 7: return bf16_passes_for_heads<7>(group);
+    default: return bf16_passes_for_heads<8>(group);
   }
 }
 #endif
@@ -116,6 +163,15 @@ void decode_typed(const DecodeParams& p) {
   // bf16 caches with D a multiple of 32 take the vdpbf16ps passes; their
   // logits are scaled after the dot and their accumulators are in pair order.
   const bool bf16_dot = kBf16Cache && p.head_dim % 32 == 0;
+#ifdef FASTATTN_HAVE_BF16_DOT
+  const Bf16Passes passes = bf16_dot ? bf16_passes(p.head_dim, group) : Bf16Passes{};
+#endif
+#ifdef FASTATTN_HAVE_AMX
+  // Pass 1 on AMX for whole blocks of 16 keys whose rows are equally spaced
+  // (one page holds the block).
+  const bool amx = bf16_dot && group <= 16 &&
+                   (p.page_table == nullptr || p.page_size % kKeyBlock == 0) && amx_available();
+#endif
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
@@ -148,6 +204,16 @@ void decode_typed(const DecodeParams& p) {
     float* row_sum = scratch.get(4, p.q_heads);
     float* k_row = scratch.get(5, padded_dim);               // converted row when D is ragged
     float* v_block = scratch.get(6, kKeyBlock * padded_dim);  // one kv head's V rows of a block
+#ifdef FASTATTN_HAVE_AMX
+    std::optional<AmxLogits> tiles;
+    uint32_t* q_pairs = reinterpret_cast<uint32_t*>(scratch.get(8, p.q_heads * padded_dim / 2));
+    float* amx_logits = scratch.get(9, p.q_heads * kKeyBlock);  // [q_heads][16 keys]
+    if (amx) {
+      tiles.emplace(group);
+      AmxLogits::pack_queries(reinterpret_cast<const bf16_t*>(q) + b * p.q_heads * p.head_dim,
+                              p.kv_heads, group, p.head_dim, q_pairs);
+    }
+#endif
     std::fill(acc, acc + p.q_heads * padded_dim, 0.f);
     std::fill(row_max, row_max + p.q_heads, kNegInf);
     std::fill(row_sum, row_sum + p.q_heads, 0.f);
@@ -179,15 +245,36 @@ void decode_typed(const DecodeParams& p) {
       const int64_t keys = std::min(kKeyBlock, end - j0);
       // Pass 1: per-lane partial dots of scale * q_h . k_j, one vector per
       // (head, key), summed across lanes for all 16 keys at once afterwards.
+      [[maybe_unused]] bool amx_block = false;
+#ifdef FASTATTN_HAVE_AMX
+      if constexpr (kBf16Cache) {
+        amx_block = amx && keys == kKeyBlock;
+        if (amx_block) {
+          for (int64_t j = 0; j < keys; ++j) prefetch_key(k, j0 + j + kPrefetchKeys);
+          const T* first = row_pointer(k, j0, 0);
+          const int64_t row_stride = (row_pointer(k, j0 + 1, 0) - first) * int64_t(sizeof(T));
+          const int64_t chunks32 = p.head_dim / 32;
+          float staged[kKeyBlock * 16];  // [16 keys][group]
+          for (int64_t kv_h = 0; kv_h < p.kv_heads; ++kv_h) {
+            tiles->run(first + kv_h * p.head_dim, row_stride,
+                       q_pairs + kv_h * chunks32 * 16 * group, chunks32, staged);
+            for (int64_t g = 0; g < group; ++g) {
+              float* row = amx_logits + (kv_h * group + g) * kKeyBlock;
+              for (int64_t j = 0; j < kKeyBlock; ++j) row[j] = staged[j * group + g];
+            }
+          }
+        }
+      }
+#endif
 #ifdef FASTATTN_HAVE_BF16_DOT
       if constexpr (kBf16Cache) {
-        if (bf16_dot) {
+        if (bf16_dot && !amx_block) {
           for (int64_t j = 0; j < keys; ++j) {
             prefetch_key(k, j0 + j + kPrefetchKeys);
             block_rows[j] = row_pointer(k, j0 + j, 0);
           }
-          bf16_logits(q + b * p.q_heads * p.head_dim, block_rows, keys, p.kv_heads, group,
-                      p.head_dim, dots);
+          passes.logits(q + b * p.q_heads * p.head_dim, block_rows, keys, p.kv_heads, group,
+                        dots);
         }
       }
 #endif
@@ -216,7 +303,12 @@ void decode_typed(const DecodeParams& p) {
       for (int64_t h = 0; h < p.q_heads; ++h) {
         vfloat* head_dots = dots + h * kKeyBlock;
         for (int64_t j = keys; j < kKeyBlock; ++j) head_dots[transpose_sum_slot(int(j))] = splat(0.f);
-        const vfloat block_logits = transpose_sum16(head_dots) * logit_scale + beyond;
+#ifdef FASTATTN_HAVE_AMX
+        const vfloat dot_sums = amx_block ? load(amx_logits + h * kKeyBlock) : transpose_sum16(head_dots);
+#else
+        const vfloat dot_sums = transpose_sum16(head_dots);
+#endif
+        const vfloat block_logits = dot_sums * logit_scale + beyond;
         const float new_max = std::max(row_max[h], reduce_max(block_logits));
         const float correction = scalar_exp(row_max[h] - new_max);
         const vfloat weights = vexp(block_logits - new_max);
@@ -236,7 +328,7 @@ void decode_typed(const DecodeParams& p) {
       if constexpr (kBf16Cache) {
         if (bf16_dot) {
           for (int64_t j = 0; j < keys; ++j) block_rows[j] = row_pointer(v, j0 + j, 0);
-          bf16_weighted_values(block_rows, keys, p.kv_heads, group, p.head_dim, logits, acc);
+          passes.weighted_values(block_rows, keys, p.kv_heads, group, logits, acc);
         }
       }
 #endif
