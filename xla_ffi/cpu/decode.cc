@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "../common/thread_pool.h"
-#include "amx_logits.h"
+#include "amx_decode.h"
 #include "bf16_dot.h"
 #include "tile_ops.h"
 #include "vec_math.h"
@@ -205,12 +205,12 @@ void decode_typed(const DecodeParams& p) {
     float* k_row = scratch.get(5, padded_dim);               // converted row when D is ragged
     float* v_block = scratch.get(6, kKeyBlock * padded_dim);  // one kv head's V rows of a block
 #ifdef FASTATTN_HAVE_AMX
-    std::optional<AmxLogits> tiles;
+    std::optional<AmxDecode> tiles;
     uint32_t* q_pairs = reinterpret_cast<uint32_t*>(scratch.get(8, p.q_heads * padded_dim / 2));
     float* amx_logits = scratch.get(9, p.q_heads * kKeyBlock);  // [q_heads][16 keys]
     if (amx) {
       tiles.emplace(group);
-      AmxLogits::pack_queries(reinterpret_cast<const bf16_t*>(q) + b * p.q_heads * p.head_dim,
+      AmxDecode::pack_queries(reinterpret_cast<const bf16_t*>(q) + b * p.q_heads * p.head_dim,
                               p.kv_heads, group, p.head_dim, q_pairs);
     }
 #endif
@@ -256,7 +256,7 @@ void decode_typed(const DecodeParams& p) {
           const int64_t chunks32 = p.head_dim / 32;
           float staged[kKeyBlock * 16];  // [16 keys][group]
           for (int64_t kv_h = 0; kv_h < p.kv_heads; ++kv_h) {
-            tiles->run(first + kv_h * p.head_dim, row_stride,
+            tiles->logits(first + kv_h * p.head_dim, row_stride,
                        q_pairs + kv_h * chunks32 * 16 * group, chunks32, staged);
             for (int64_t g = 0; g < group; ++g) {
               float* row = amx_logits + (kv_h * group + g) * kKeyBlock;
@@ -327,8 +327,26 @@ void decode_typed(const DecodeParams& p) {
 #ifdef FASTATTN_HAVE_BF16_DOT
       if constexpr (kBf16Cache) {
         if (bf16_dot) {
-          for (int64_t j = 0; j < keys; ++j) block_rows[j] = row_pointer(v, j0 + j, 0);
+          for (int64_t j = 0; j < kKeyBlock; ++j) {  // past `keys`: the last valid row, weight 0
+            block_rows[j] = row_pointer(v, j0 + std::min(j, keys - 1), 0);
+          }
+#ifdef FASTATTN_HAVE_AMX
+          if (amx) {
+            uint32_t* weight_pairs = reinterpret_cast<uint32_t*>(dots);  // pass 1 is done with them
+            for (int64_t h = 0; h < p.q_heads; ++h) {
+              pack_weight_pairs(logits + h * kKeyBlock, weight_pairs + h * 8);
+            }
+            for (int64_t kv_h = 0; kv_h < p.kv_heads; ++kv_h) {
+              tiles->weighted_values(block_rows, kv_h * p.head_dim, p.head_dim,
+                                     weight_pairs + kv_h * group * 8,
+                                     acc + kv_h * group * padded_dim);
+            }
+          } else {
+            passes.weighted_values(block_rows, keys, p.kv_heads, group, logits, acc);
+          }
+#else
           passes.weighted_values(block_rows, keys, p.kv_heads, group, logits, acc);
+#endif
         }
       }
 #endif
