@@ -167,10 +167,10 @@ void decode_typed(const DecodeParams& p) {
   const Bf16Passes passes = bf16_dot ? bf16_passes(p.head_dim, group) : Bf16Passes{};
 #endif
 #ifdef FASTATTN_HAVE_AMX
-  // Pass 1 on AMX for whole blocks of 16 keys whose rows are equally spaced
-  // (one page holds the block).
+  // Steps of 32 keys on AMX where each half's 16 rows are equally spaced
+  // (one page holds them); the rest of a split takes the 16-key blocks.
   const bool amx = bf16_dot && group <= 16 &&
-                   (p.page_table == nullptr || p.page_size % kKeyBlock == 0) && amx_available();
+                   (p.page_table == nullptr || p.page_size % 16 == 0) && amx_available();
 #endif
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
@@ -207,11 +207,10 @@ void decode_typed(const DecodeParams& p) {
 #ifdef FASTATTN_HAVE_AMX
     std::optional<AmxDecode> tiles;
     uint32_t* q_pairs = reinterpret_cast<uint32_t*>(scratch.get(8, p.q_heads * padded_dim / 2));
-    float* amx_logits = scratch.get(9, p.q_heads * kKeyBlock);  // [q_heads][16 keys]
+    float* amx_scratch = scratch.get(9, p.q_heads * AmxDecode::kKeys);
     if (amx) {
-      tiles.emplace(group);
-      AmxDecode::pack_queries(reinterpret_cast<const bf16_t*>(q) + b * p.q_heads * p.head_dim,
-                              p.kv_heads, group, p.head_dim, q_pairs);
+      tiles.emplace(p.kv_heads, group, p.head_dim);
+      tiles->pack_queries(reinterpret_cast<const bf16_t*>(q) + b * p.q_heads * p.head_dim, q_pairs);
     }
 #endif
     std::fill(acc, acc + p.q_heads * padded_dim, 0.f);
@@ -241,34 +240,29 @@ void decode_typed(const DecodeParams& p) {
       for (int64_t offset = 0; offset < key_bytes; offset += 64) __builtin_prefetch(row + offset);
     };
     const T* block_rows[kKeyBlock];  // key j's row of kv head 0 (kv heads follow it)
-    for (int64_t j0 = begin; j0 < end; j0 += kKeyBlock) {
+    int64_t j0 = begin;
+#ifdef FASTATTN_HAVE_AMX
+    if constexpr (kBf16Cache) {
+      for (; amx && j0 + AmxDecode::kKeys <= end; j0 += AmxDecode::kKeys) {
+        for (int64_t j = 0; j < AmxDecode::kKeys; ++j) {
+          prefetch_key(k, j0 + j + AmxDecode::kKeys);
+          prefetch_key(v, j0 + j + AmxDecode::kKeys);
+        }
+        const T* k_half[2] = {row_pointer(k, j0, 0), row_pointer(k, j0 + 16, 0)};
+        const T* v_half[2] = {row_pointer(v, j0, 0), row_pointer(v, j0 + 16, 0)};
+        const int64_t row_stride = (row_pointer(k, j0 + 1, 0) - k_half[0]) * int64_t(sizeof(T));
+        tiles->step(k_half, v_half, row_stride, q_pairs, p.softmax_scale, amx_scratch,
+                    {row_max, row_sum, acc});
+      }
+    }
+#endif
+    for (; j0 < end; j0 += kKeyBlock) {
       const int64_t keys = std::min(kKeyBlock, end - j0);
       // Pass 1: per-lane partial dots of scale * q_h . k_j, one vector per
       // (head, key), summed across lanes for all 16 keys at once afterwards.
-      [[maybe_unused]] bool amx_block = false;
-#ifdef FASTATTN_HAVE_AMX
-      if constexpr (kBf16Cache) {
-        amx_block = amx && keys == kKeyBlock;
-        if (amx_block) {
-          for (int64_t j = 0; j < keys; ++j) prefetch_key(k, j0 + j + kPrefetchKeys);
-          const T* first = row_pointer(k, j0, 0);
-          const int64_t row_stride = (row_pointer(k, j0 + 1, 0) - first) * int64_t(sizeof(T));
-          const int64_t chunks32 = p.head_dim / 32;
-          float staged[kKeyBlock * 16];  // [16 keys][group]
-          for (int64_t kv_h = 0; kv_h < p.kv_heads; ++kv_h) {
-            tiles->logits(first + kv_h * p.head_dim, row_stride,
-                       q_pairs + kv_h * chunks32 * 16 * group, chunks32, staged);
-            for (int64_t g = 0; g < group; ++g) {
-              float* row = amx_logits + (kv_h * group + g) * kKeyBlock;
-              for (int64_t j = 0; j < kKeyBlock; ++j) row[j] = staged[j * group + g];
-            }
-          }
-        }
-      }
-#endif
 #ifdef FASTATTN_HAVE_BF16_DOT
       if constexpr (kBf16Cache) {
-        if (bf16_dot && !amx_block) {
+        if (bf16_dot) {
           for (int64_t j = 0; j < keys; ++j) {
             prefetch_key(k, j0 + j + kPrefetchKeys);
             block_rows[j] = row_pointer(k, j0 + j, 0);
@@ -303,12 +297,7 @@ void decode_typed(const DecodeParams& p) {
       for (int64_t h = 0; h < p.q_heads; ++h) {
         vfloat* head_dots = dots + h * kKeyBlock;
         for (int64_t j = keys; j < kKeyBlock; ++j) head_dots[transpose_sum_slot(int(j))] = splat(0.f);
-#ifdef FASTATTN_HAVE_AMX
-        const vfloat dot_sums = amx_block ? load(amx_logits + h * kKeyBlock) : transpose_sum16(head_dots);
-#else
-        const vfloat dot_sums = transpose_sum16(head_dots);
-#endif
-        const vfloat block_logits = dot_sums * logit_scale + beyond;
+        const vfloat block_logits = transpose_sum16(head_dots) * logit_scale + beyond;
         const float new_max = std::max(row_max[h], reduce_max(block_logits));
         const float correction = scalar_exp(row_max[h] - new_max);
         const vfloat weights = vexp(block_logits - new_max);
@@ -327,26 +316,8 @@ void decode_typed(const DecodeParams& p) {
 #ifdef FASTATTN_HAVE_BF16_DOT
       if constexpr (kBf16Cache) {
         if (bf16_dot) {
-          for (int64_t j = 0; j < kKeyBlock; ++j) {  // past `keys`: the last valid row, weight 0
-            block_rows[j] = row_pointer(v, j0 + std::min(j, keys - 1), 0);
-          }
-#ifdef FASTATTN_HAVE_AMX
-          if (amx) {
-            uint32_t* weight_pairs = reinterpret_cast<uint32_t*>(dots);  // pass 1 is done with them
-            for (int64_t h = 0; h < p.q_heads; ++h) {
-              pack_weight_pairs(logits + h * kKeyBlock, weight_pairs + h * 8);
-            }
-            for (int64_t kv_h = 0; kv_h < p.kv_heads; ++kv_h) {
-              tiles->weighted_values(block_rows, kv_h * p.head_dim, p.head_dim,
-                                     weight_pairs + kv_h * group * 8,
-                                     acc + kv_h * group * padded_dim);
-            }
-          } else {
-            passes.weighted_values(block_rows, keys, p.kv_heads, group, logits, acc);
-          }
-#else
+          for (int64_t j = 0; j < keys; ++j) block_rows[j] = row_pointer(v, j0 + j, 0);
           passes.weighted_values(block_rows, keys, p.kv_heads, group, logits, acc);
-#endif
         }
       }
 #endif
