@@ -16,13 +16,23 @@ namespace fastattn {
 namespace cpu {
 namespace {
 
-constexpr int64_t kSplitKeys = 512;  // keys per work item
+constexpr int64_t kMinSplitKeys = 512, kMaxSplitKeys = 2048;  // keys per work item
 constexpr int64_t kKeyBlock = 16;    // keys whose logits are computed together
 constexpr int64_t kMaxChunks = 256 / kLanes;  // vectors in a row of the largest head dim
 #ifndef FASTATTN_PREFETCH_KEYS
 #define FASTATTN_PREFETCH_KEYS 8
 #endif
 constexpr int64_t kPrefetchKeys = FASTATTN_PREFETCH_KEYS;  // how far ahead rows are prefetched
+
+// Keys per work item (batch row x split): long splits, so fewer partials to
+// merge and fewer cold starts of the running max (2048 instead of 512 keys
+// took B=8 S=4K from 22.8 to 24.2 GB/s on the 2-vCPU machine), while batch x
+// splits still gives every thread about four items.
+inline int64_t split_keys(int64_t batch, int64_t max_len) {
+  const int64_t wanted_splits = std::max<int64_t>(1, (4 * parallel_threads() + batch - 1) / batch);
+  const int64_t keys = round_up((max_len + wanted_splits - 1) / wanted_splits, 32);
+  return std::clamp(keys, kMinSplitKeys, kMaxSplitKeys);
+}
 
 // One split's partial result for one query head.
 struct Partial {
@@ -154,7 +164,8 @@ void decode_typed(const DecodeParams& p) {
   const int64_t padded_dim = round_up(p.head_dim, kLanes);
   const bool direct = padded_dim == p.head_dim;
   const int64_t chunks = padded_dim / kLanes;
-  const int64_t splits = std::max<int64_t>(1, (p.max_len() + kSplitKeys - 1) / kSplitKeys);
+  const int64_t split_length = split_keys(p.batch, p.max_len());
+  const int64_t splits = std::max<int64_t>(1, (p.max_len() + split_length - 1) / split_length);
 #ifdef FASTATTN_HAVE_BF16_DOT
   constexpr bool kBf16Cache = std::is_same_v<T, bf16_t>;
 #else
@@ -190,7 +201,7 @@ void decode_typed(const DecodeParams& p) {
     const int64_t split = item % splits;
     const int64_t b = item / splits;
     const int64_t length = std::clamp<int64_t>(p.lengths[b], 0, p.max_len());
-    const int64_t begin = split * kSplitKeys, end = std::min(length, begin + kSplitKeys);
+    const int64_t begin = split * split_length, end = std::min(length, begin + split_length);
 
     Scratch& scratch = thread_scratch();
     float* q_rows = scratch.get(0, p.q_heads * padded_dim);  // scale * q, all heads
