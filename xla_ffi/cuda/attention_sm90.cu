@@ -108,30 +108,26 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (warpgroup == 0) {  // producer
     release_registers<24>();
     if (threadIdx.x == 0) {
-      mbarrier_arrive_expect_bytes(q_full, kRows * D * 2);
+      // 128 rows (of Q, K or V; kRows == kKeys) from row0 of one head, in
+      // boxes of 64 columns; their bytes complete the phase of `full`.
+      auto load_rows = [&](uint32_t to, const CUtensorMap* map, int64_t head_index,
+                           int64_t row0, uint32_t full) {
+        mbarrier_arrive_expect_bytes(full, kTileBytes);
 #pragma unroll
-      for (int block = 0; block < D / 64; ++block) {
-        tma_load_4d(q_tile + block * kRows * 128, &maps.q, block * 64, int(head), int(q0),
-                    int(batch), q_full);
-      }
+        for (int block = 0; block < D / 64; ++block) {
+          tma_load_4d(to + block * kKeys * 128, map, block * 64, int(head_index), int(row0),
+                      int(batch), full);
+        }
+      };
+      load_rows(q_tile, &maps.q, head, q0, q_full);
       int i = 0;
       for (int64_t tile = next_tile(0); tile < num_kv; tile = next_tile(tile + 1), ++i) {
         const int stage = i % kStages;
         const uint32_t free_parity = ((i / kStages) & 1) ^ 1;
         mbarrier_wait(k_empty(stage), free_parity);
-        mbarrier_arrive_expect_bytes(k_full(stage), kTileBytes);
-#pragma unroll
-        for (int block = 0; block < D / 64; ++block) {
-          tma_load_4d(k_tiles + stage * kTileBytes + block * kKeys * 128, &maps.k, block * 64,
-                      int(kv_head), int(tile * kKeys), int(batch), k_full(stage));
-        }
+        load_rows(k_tiles + stage * kTileBytes, &maps.k, kv_head, tile * kKeys, k_full(stage));
         mbarrier_wait(v_empty(stage), free_parity);
-        mbarrier_arrive_expect_bytes(v_full(stage), kTileBytes);
-#pragma unroll
-        for (int block = 0; block < D / 64; ++block) {
-          tma_load_4d(v_tiles + stage * kTileBytes + block * kKeys * 128, &maps.v, block * 64,
-                      int(kv_head), int(tile * kKeys), int(batch), v_full(stage));
-        }
+        load_rows(v_tiles + stage * kTileBytes, &maps.v, kv_head, tile * kKeys, v_full(stage));
       }
     }
     return;
