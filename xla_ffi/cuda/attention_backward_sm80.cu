@@ -253,10 +253,7 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardParams p,
 
   const int64_t num_kv = (s.kv_len + kBk - 1) / kBk;
   const int8_t* classes = class_row(p.mask, batch, head, q_block, gridDim.x, num_kv);
-  auto next_tile = [&](int64_t from) {
-    while (from < num_kv && classes[from] == kEmpty) ++from;
-    return from;
-  };
+  auto next_tile = [&](int64_t from) { return next_visible(classes, from, num_kv); };
   auto load_kv = [&](int64_t tile, int stage) {
     const int64_t kv0 = tile * kBk;
     load_tile_async<D, kBk, kThreads>(k_tiles + stage * kBk * D / 8, k + kv0 * kv_stride,

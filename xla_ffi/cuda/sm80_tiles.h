@@ -252,6 +252,13 @@ __device__ __forceinline__ void mask_scores(float (&s)[kN][4], const AttentionSh
   }
 }
 
+// First tile at or after `from` of a class row that is not empty.
+__device__ __forceinline__ int64_t next_visible(const int8_t* classes, int64_t from,
+                                                int64_t num_tiles) {
+  while (from < num_tiles && classes[from] == kEmpty) ++from;
+  return from;
+}
+
 // Row of the tile classes of (batch, head, q tile): one class per kv tile.
 __device__ __forceinline__ const int8_t* class_row(const MaskParams& m, int64_t batch,
                                                    int64_t head, int64_t q_tile,
