@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "decode.h"
+#include "sm80_tiles.h"
 
 namespace fastattn {
 namespace cuda {
@@ -105,16 +106,14 @@ __device__ __forceinline__ void merge_state(float& m, float& l, float* acc, floa
   m = m_new;
 }
 
+// cp.async commit and wait: sm80_tiles.h.
+using sm80::commit_async;
+using sm80::wait_async;
+
+// sm80_tiles.h's 16-byte cp.async (an invalid copy writes zeros and reads
+// nothing), taking a pointer into shared memory.
 __device__ __forceinline__ void copy16_async(void* shared, const void* global, bool valid) {
-  // cp.async with a source size of 0 writes 16 zero bytes and reads nothing.
-  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global),
-               "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void commit_async() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending>
-__device__ __forceinline__ void wait_async() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+  sm80::copy16_async(sm80::shared_address(shared), global, valid);
 }
 
 // Shape of the kernel for one (dtype, padded head dim).

@@ -1,7 +1,8 @@
 // Device building blocks of the sm80+ attention kernels (forward and
 // backward): cp.async tile loads into XOR-swizzled shared memory, ldmatrix,
 // mma.sync m16n8k16 and the element-wise mask of an accumulator block.
-// nvcc only: included by attention_sm80.cu and attention_backward_sm80.cu.
+// nvcc only: included by the attention (forward, backward, sm90a) and decode
+// kernels.
 #pragma once
 
 #include <cuda_bf16.h>
