@@ -56,12 +56,6 @@ __device__ __forceinline__ uint64_t mn_major(uint32_t tile, int rows, int kk) {
   return sw128_descriptor(tile + kk * 16 * 128, rows * 128, 1024);
 }
 
-__device__ __forceinline__ void fence_proxy_async() {
-  // cp.async writes go through the generic proxy, wgmma reads through the
-  // async proxy: each writing thread fences before the barrier.
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-
 __device__ __forceinline__ void wgmma_fence() {
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 }
