@@ -32,6 +32,9 @@ def _ptxas_report(source, tmp_path):
     ("attention_sm80.cu", ("forward_kernel",), 12),
     ("attention_sm90.cu", ("forward_wgmma_kernel",), 8),
     ("attention_backward_sm80.cu", ("delta_kernel", "dkdv_kernel", "dq_kernel"), 8),
+    # dK/dV: band-only and general mask variants.
+    ("attention_backward_sm90.cu", ("dq_wgmma_kernel",), 8),
+    ("attention_backward_sm90.cu", ("dkdv_wgmma_kernel",), 16),
 ])
 def test_kernels_have_no_spills(tmp_path, source, kernel_names, variants):
     entries, report = _ptxas_report(source, tmp_path)

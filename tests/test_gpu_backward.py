@@ -58,6 +58,44 @@ def test_segments_dense_bias_and_fully_masked_rows(dtype):
     check_gradients("cuda", q, k, v, bias=bias, mask=masks.Segments(q_ids, kv_ids))
 
 
+@pytest.mark.parametrize("mask", [None, masks.Causal(), masks.SlidingWindow(200, 30)],
+                         ids=["full", "causal", "window"])
+def test_long_sequences_gqa(dtype, mask):
+    """Many q tiles per key block and many key tiles per query block: the
+    sm90a kernels' stage rings wrap several times, and items of other heads of
+    the GQA group follow each other."""
+    for head_dim in (64, 128):
+        q, k, v = random_qkv(16, 1, 1100, 1030, 8, 2, head_dim, dtype)
+        check_gradients("cuda", q, k, v, mask=mask)
+
+
+@pytest.mark.parametrize("mask", [None, masks.Causal(), masks.SlidingWindow(50, 10)],
+                         ids=["full", "causal", "window"])
+def test_mma_sync_backward_where_wgmma_runs(dtype, monkeypatch, mask):
+    """On sm_90 the dK/dV and dQ passes take the wgmma kernels for D 64/128;
+    the mma.sync ones (what sm80/sm89 run) must stay right there too.
+    FASTATTN_CUDA_BACKWARD=mma_sync is read by the handler at every call."""
+    monkeypatch.setenv("FASTATTN_CUDA_BACKWARD", "mma_sync")
+    for head_dim in (64, 128):
+        q, k, v = random_qkv(17, 2, 300, 257, 4, 2, head_dim, dtype)
+        check_gradients("cuda", q, k, v, mask=mask)
+
+
+@pytest.mark.parametrize("mask", [None, masks.Causal(), masks.SlidingWindow(100, 0)],
+                         ids=["full", "causal", "window"])
+def test_wgmma_backward_matches_mma_sync(dtype, monkeypatch, mask):
+    """Where the wgmma backward runs (sm_90), it sums every gradient element
+    in the same order as the mma.sync kernels (q tiles, then 16-wide k steps),
+    so the two agree bit for bit; a wrong lse, delta or mask column would not.
+    Elsewhere both runs take the mma.sync kernels and agree trivially."""
+    q, k, v = random_qkv(18, 2, 700, 650, 8, 2, 128, dtype)
+    wgmma = _grads(q, k, v, mask=mask)
+    monkeypatch.setenv("FASTATTN_CUDA_BACKWARD", "mma_sync")
+    mma_sync = _grads(q, k, v, mask=mask)
+    for a, b in zip(wgmma, mma_sync):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
 def _grads(q, k, v, **kwargs):
     def loss(q, k, v):
         return jnp.sum(flash_attention(q, k, v, backend="cuda", **kwargs).astype(jnp.float32) ** 2)

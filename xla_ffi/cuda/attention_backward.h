@@ -23,7 +23,17 @@ bool backward_supported(const BackwardParams& params);
 //   dK, dV: one CTA per 64 keys of a kv head, over all q heads of its group
 //   dQ:     one CTA per 64 queries of a q head
 // d_bias (when present) is cleared first, then written in visible tiles.
+// On an sm_90 device with sm_90a code built in, the dK/dV and dQ passes run
+// the wgmma kernels of attention_backward_sm90.cu (head dims 64 and 128, no
+// dBias); FASTATTN_CUDA_BACKWARD=mma_sync in the environment forces the
+// mma.sync ones.
 cudaError_t attention_backward(const BackwardParams& params, float* delta, cudaStream_t stream);
+
+// The wgmma passes (attention_backward_sm90.cu): whether this call takes
+// them, and their launch (after the delta rows are enqueued).
+bool backward_wgmma_selected(const BackwardParams& params);
+cudaError_t attention_backward_wgmma(const BackwardParams& params, const float* delta,
+                                     cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastattn

@@ -33,12 +33,6 @@ constexpr int kBq = kBackwardTileQ;
 constexpr int kBk = kBackwardTileKv;
 constexpr int kThreads = 128;
 
-// exp2 argument offset of a row: lse in log2 units; a row that sees no key
-// (lse = -inf) gets +inf, so that its P = exp2(-inf or finite - inf) = 0.
-__device__ __forceinline__ float lse_log2(float lse) {
-  return lse == -INFINITY ? INFINITY : lse * kLog2e;
-}
-
 template <int D, typename T>
 __global__ void __launch_bounds__(256) delta_kernel(const BackwardParams p, float* delta) {
   const AttentionShape& s = p.shape;
@@ -377,6 +371,7 @@ cudaError_t launch(const BackwardParams& p, float* delta, cudaStream_t stream) {
   const AttentionShape& s = p.shape;
   const int64_t rows = s.batch * s.q_len * s.q_heads;
   delta_kernel<D, T><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(p, delta);
+  if (backward_wgmma_selected(p)) return attention_backward_wgmma(p, delta, stream);
   if (p.d_bias != nullptr) {
     // Tiles the plan skips are never visited: their dBias is 0.
     const size_t bytes = sizeof(float) * s.batch * s.q_heads * s.q_len * s.kv_len;

@@ -22,14 +22,12 @@
 // alone): 501 TFLOP/s full, 401 causal; the same kernel without warp
 // specialisation (all threads loading with cp.async, a CTA barrier per
 // tile) gave 356 / 299, the mma.sync kernel 310 / 283.
-#include <cuda.h>
-#include <cudaTypedefs.h>
-
 #include <cstdlib>
 #include <cstring>
 
 #include "attention.h"
 #include "sm80_tiles.h"
+#include "sm90_tensor_map.h"
 #include "sm90_wgmma.h"
 
 namespace fastattn {
@@ -158,7 +156,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      Wgmma<T>::ss_n128(sc, k_major(q_tile, kRows, consumer * 64, kk),
+      Wgmma<T>::template ss<kKeys>(sc, k_major(q_tile, kRows, consumer * 64, kk),
                         k_major(k_tile, kKeys, 0, kk), kk > 0);
     }
     wgmma_commit();
@@ -238,52 +236,14 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif  // FASTATTN_HAS_WGMMA
 }
 
-// The cuTensorMapEncodeTiled driver entry point, looked up once (the
-// runtime links no driver symbols).
-PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult found;
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault,
-                                         &found) != cudaSuccess ||
-        found != cudaDriverEntryPointSuccess) {
-      cudaGetLastError();
-      fn = nullptr;
-    }
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
-  }();
-  return encode;
-}
-
-// Tensor map of a [batch, len, heads, D] bf16/f16 array: boxes of 64
-// columns x kKeys rows of one head, 128-byte swizzled (the sw128 layout);
-// rows past len read as zeros.
-bool encode_tensor_map(CUtensorMap* map, const void* data, ElementType dtype, int64_t batch,
-                       int64_t len, int64_t heads, int64_t dim) {
-  const auto encode = tensor_map_encoder();
-  if (encode == nullptr) return false;
-  const cuuint64_t sizes[4] = {cuuint64_t(dim), cuuint64_t(heads), cuuint64_t(len),
-                               cuuint64_t(batch)};
-  const cuuint64_t strides[3] = {cuuint64_t(dim * 2), cuuint64_t(heads * dim * 2),
-                                 cuuint64_t(len * heads * dim * 2)};
-  const cuuint32_t box[4] = {64, 1, kKeys, 1}, steps[4] = {1, 1, 1, 1};
-  return encode(map,
-                dtype == ElementType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-                                            : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-                4, const_cast<void*>(data), sizes, strides, box, steps,
-                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-}
-
 template <int D, typename T>
 cudaError_t launch(const ForwardParams& p, cudaStream_t stream) {
   static_assert(kRows == kKeys, "one box shape serves Q and K/V");
   const AttentionShape& s = p.shape;
   TensorMaps maps;
-  if (!encode_tensor_map(&maps.q, p.q, p.dtype, s.batch, s.q_len, s.q_heads, D) ||
-      !encode_tensor_map(&maps.k, p.k, p.dtype, s.batch, s.kv_len, s.kv_heads, D) ||
-      !encode_tensor_map(&maps.v, p.v, p.dtype, s.batch, s.kv_len, s.kv_heads, D)) {
+  if (!encode_tensor_map(&maps.q, p.q, p.dtype, s.batch, s.q_len, s.q_heads, D, kRows) ||
+      !encode_tensor_map(&maps.k, p.k, p.dtype, s.batch, s.kv_len, s.kv_heads, D, kKeys) ||
+      !encode_tensor_map(&maps.v, p.v, p.dtype, s.batch, s.kv_len, s.kv_heads, D, kKeys)) {
     return cudaErrorInvalidValue;
   }
   auto kernel = forward_wgmma_kernel<D, T>;
@@ -298,9 +258,10 @@ cudaError_t launch(const ForwardParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// True when the current device is compute capability 9.0 and this build
-// holds sm_90a code of the kernel (FASTATTN_CUDA_ARCHS has 90a). Cached per
-// device.
+}  // namespace
+
+// Asks for the forward kernel's image; the backward kernels are built for
+// the same targets.
 bool device_runs_wgmma() {
   static int cached[64];  // 0 unknown, 1 yes, 2 no
   int device = 0;
@@ -323,8 +284,6 @@ bool device_runs_wgmma() {
   }
   return cached[device] == 1;
 }
-
-}  // namespace
 
 bool forward_wgmma_selected(const ForwardParams& params) {
   const char* choice = std::getenv("FASTATTN_CUDA_FORWARD");

@@ -209,33 +209,39 @@ __device__ __forceinline__ bool visible(const AttentionShape& s, const MaskParam
 // other way round (kKeysAreRows, in the dK/dV kernel). `masked`: the tile is
 // not fully visible (partial class or past a sequence end). Adds the bias
 // and sets invisible scores to -inf; does nothing in a full tile without bias.
-template <int kN, bool kKeysAreRows>
+// kBandOnly: the caller guarantees no segments, dense mask or bias, and only
+// the band test is compiled (fewer live registers).
+template <int kN, bool kKeysAreRows, bool kBandOnly = false>
 __device__ __forceinline__ void mask_scores(float (&s)[kN][4], const AttentionShape& shape,
                                             const MaskParams& mask, const BiasParams& bias,
                                             int64_t batch, int64_t head, int64_t row0,
                                             int64_t col0, bool masked) {
-  const bool has_bias = bias.data != nullptr;
+  const bool has_bias = !kBandOnly && bias.data != nullptr;
   if (!masked && !has_bias) return;
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int64_t q0 = kKeysAreRows ? col0 : row0, k0 = kKeysAreRows ? row0 : col0;
-  if (mask.q_segment == nullptr && mask.dense == nullptr && !has_bias) {
-    // Causal / sliding-window tiles: 32-bit offsets from the block corner.
-    const int64_t corner = k0 - q0;
-    const int64_t kv_left = shape.kv_len - k0, q_left = shape.q_len - q0;
+  if (kBandOnly || (mask.q_segment == nullptr && mask.dense == nullptr && !has_bias)) {
+    // Causal / sliding-window tiles: 32-bit offsets from the block corner
+    // (a block spans < 2^10 rows and columns, so clamping the bounds to
+    // +-2^20 keeps every test exact).
+    constexpr int64_t kFar = 1 << 20;
+    const int64_t corner = k0 - q0;  // j - i at the block's first row and column
+    auto clamp = [](int64_t x) { return int(x < -kFar ? -kFar : x > kFar ? kFar : x); };
+    const int lo = clamp(mask.band_lo - corner), hi = clamp(mask.band_hi - corner);
+    const int kv_left = clamp(shape.kv_len - k0), q_left = clamp(shape.q_len - q0);
 #pragma unroll
     for (int nt = 0; nt < kN; ++nt) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int row = g + 8 * (i >> 1), col = nt * 8 + 2 * t + (i & 1);
         const int qo = kKeysAreRows ? col : row, ko = kKeysAreRows ? row : col;
-        const int64_t offset = corner + ko - qo;  // j - i
-        const bool seen =
-            ko < kv_left && qo < q_left && offset >= mask.band_lo && offset <= mask.band_hi;
+        const bool seen = ko < kv_left && qo < q_left && ko - qo >= lo && ko - qo <= hi;
         if (!seen) s[nt][i] = -INFINITY;
       }
     }
     return;
   }
+  if constexpr (kBandOnly) return;
   const int64_t bb = bias.batch == 1 ? 0 : batch, bh = bias.heads == 1 ? 0 : head;
 #pragma unroll
   for (int nt = 0; nt < kN; ++nt) {
@@ -251,6 +257,13 @@ __device__ __forceinline__ void mask_scores(float (&s)[kN][4], const AttentionSh
       s[nt][i] = x;
     }
   }
+}
+
+// exp2 argument offset of a row in the backward: lse in log2 units; a row
+// that sees no key (lse = -inf) gets +inf, so that its P = exp2(-inf or
+// finite - inf) = 0.
+__device__ __forceinline__ float lse_log2(float lse) {
+  return lse == -INFINITY ? INFINITY : lse * kLog2e;
 }
 
 // First tile at or after `from` of a class row that is not empty.

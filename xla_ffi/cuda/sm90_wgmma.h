@@ -97,20 +97,31 @@ __device__ __forceinline__ void fence_operands(float (&d)[kTiles][4]) {
 
 // d (m64 x nN, f32, the accumulator layout of mma.m16n8 per warp: n8 tile
 // j of a warp's 16 rows in d[j]) += A B. `accumulate` false: d = A B.
-//   ss_n128: A and B from K-major descriptors, N = 128.
+//   ss<N>:   A and B from K-major descriptors, N = 64 or 128.
 //   rs<N>:   A from registers (the mma.m16n8k16 A fragment of the warp's 16
 //            rows), B from an MN-major descriptor; N = 64 or 128.
 #define FASTATTN_DEFINE_WGMMA(TYPE, PTX_TYPES)                                                 \
   template <>                                                                                  \
   struct Wgmma<TYPE> {                                                                         \
-    static __device__ __forceinline__ void ss_n128(float (&d)[16][4], uint64_t a, uint64_t b,  \
-                                                   bool accumulate) {                          \
-      asm volatile(                                                                            \
-          "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                       \
-          "wgmma.mma_async.sync.aligned.m64n128k16.f32" PTX_TYPES                              \
-          " {" FASTATTN_WGMMA_REGS64 "}, %64, %65, p, 1, 1, 0, 0;\n}\n"                        \
-          : FASTATTN_D64                                                                       \
-          : "l"(a), "l"(b), "r"(int(accumulate)));                                             \
+    template <int N>                                                                           \
+    static __device__ __forceinline__ void ss(float (&d)[N / 8][4], uint64_t a, uint64_t b,    \
+                                              bool accumulate) {                               \
+      if constexpr (N == 128) {                                                                \
+        asm volatile(                                                                          \
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                     \
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32" PTX_TYPES                            \
+            " {" FASTATTN_WGMMA_REGS64 "}, %64, %65, p, 1, 1, 0, 0;\n}\n"                      \
+            : FASTATTN_D64                                                                     \
+            : "l"(a), "l"(b), "r"(int(accumulate)));                                           \
+      } else {                                                                                 \
+        static_assert(N == 64, "ss: N is 64 or 128");                                          \
+        asm volatile(                                                                          \
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                     \
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32" PTX_TYPES                             \
+            " {" FASTATTN_WGMMA_REGS32 "}, %32, %33, p, 1, 1, 0, 0;\n}\n"                      \
+            : FASTATTN_D32                                                                     \
+            : "l"(a), "l"(b), "r"(int(accumulate)));                                           \
+      }                                                                                        \
     }                                                                                          \
     template <int N>                                                                           \
     static __device__ __forceinline__ void rs(float (&d)[N / 8][4], const uint32_t* a,         \

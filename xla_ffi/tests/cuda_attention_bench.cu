@@ -3,10 +3,14 @@
 //   cuda_attention_bench [batch seq heads dim causal tile_q fwd|bwd]
 // Prints the median of 20 launches and TFLOP/s (causal counts half; the
 // backward counts 2.5x the forward's FLOPs, as FlashAttention reports it).
+// Where the backward ran the wgmma kernels, it also compares their dQ, dK
+// and dV with the mma.sync kernels' (FASTATTN_CUDA_BACKWARD=mma_sync) on
+// the same inputs: the largest difference relative to the largest value.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <vector>
@@ -103,6 +107,33 @@ int main(int argc, char** argv) {
     if (i >= 2) ms.push_back(elapsed);
   }
   std::sort(ms.begin(), ms.end());
+  if (backward && fastattn::cuda::backward_wgmma_selected(grads)) {
+    std::vector<std::vector<__nv_bfloat16>> wgmma(3, std::vector<__nv_bfloat16>(elements));
+    void* outputs[3] = {grads.d_q, grads.d_k, grads.d_v};
+    for (int i = 0; i < 3; ++i)
+      cudaMemcpy(wgmma[i].data(), outputs[i], elements * 2, cudaMemcpyDeviceToHost);
+    for (void* output : outputs) cudaMemset(output, 0, elements * 2);
+    setenv("FASTATTN_CUDA_BACKWARD", "mma_sync", 1);
+    const cudaError_t launched = fastattn::cuda::attention_backward(grads, delta, nullptr);
+    const cudaError_t finished = cudaDeviceSynchronize();
+    unsetenv("FASTATTN_CUDA_BACKWARD");
+    if (launched != cudaSuccess || finished != cudaSuccess) {
+      printf("mma.sync backward failed: %s\n",
+             cudaGetErrorString(launched != cudaSuccess ? launched : finished));
+      return 1;
+    }
+    std::vector<__nv_bfloat16> mma_sync(elements);
+    for (int i = 0; i < 3; ++i) {
+      cudaMemcpy(mma_sync.data(), outputs[i], elements * 2, cudaMemcpyDeviceToHost);
+      double diff = 0, largest = 0;
+      for (size_t j = 0; j < elements; ++j) {
+        const double a = __bfloat162float(wgmma[i][j]), b = __bfloat162float(mma_sync[j]);
+        diff = std::max(diff, std::abs(a - b));
+        largest = std::max(largest, std::abs(b));
+      }
+      printf("d%c: max |wgmma - mma_sync| %.3g, max |mma_sync| %.3g\n", "qkv"[i], diff, largest);
+    }
+  }
   const double flops =
       4.0 * batch * heads * seq * seq * dim * (causal ? 0.5 : 1.0) * (backward ? 2.5 : 1.0);
   printf("%s B%ld S%ld H%ld D%ld causal=%d tile_q=%ld: median %.3f ms, %.1f TFLOP/s\n",
