@@ -11,17 +11,25 @@
 // issue S = Q K^T (Q and K as K-major shared-memory descriptors), run the
 // online softmax on the accumulators in registers, and issue O += P V with P
 // from registers (the accumulator layout is the A-fragment layout) and V as
-// an MN-major descriptor, so P never touches shared memory. There is no
-// CTA-wide barrier in the loop: the two consumers drift out of phase, and
-// one's softmax overlaps the other's matrix products.
+// an MN-major descriptor, so P never touches shared memory. Within a
+// consumer the tiles are software-pipelined (FlashAttention-3's
+// intra-warpgroup overlap): S of tile i+1 is issued before O += P_i V_i,
+// and the softmax of tile i+1 runs while that product is in flight; O is
+// rescaled once it has landed. There is no CTA-wide barrier in the loop:
+// the two consumers also drift out of phase, one's softmax overlapping the
+// other's products.
 //
 // Tiling-mask: the plan is the forward's 64 x 64 one (the backward shares
 // it); a 128 x 128 tile is skipped when all four plan tiles in it are empty,
 // and a consumer applies the element-wise mask when either of its two plan
-// tiles is not full. Measured on an H100 (B=4 S=4K H=32 D=128 bf16, kernel
-// alone): 501 TFLOP/s full, 401 causal; the same kernel without warp
-// specialisation (all threads loading with cp.async, a CTA barrier per
-// tile) gave 356 / 299, the mma.sync kernel 310 / 283.
+// tiles is not full.
+//
+// Measured on an H100 (B=4 S=4K H=32 bf16, kernel alone, TFLOP/s full /
+// causal): D=128 596 / 454 with the pipeline and three stages; 562 / 433
+// with the pipeline and two stages; 525 / 428 without the pipeline; 356 /
+// 299 without warp specialisation (all threads loading with cp.async, a CTA
+// barrier per tile); the mma.sync kernel 310 / 283. D=64: 358 / 272, 352 /
+// 267, 303 / 248.
 #include <cstdlib>
 #include <cstring>
 
@@ -37,7 +45,7 @@ namespace {
 constexpr int kRows = 128;  // query rows per CTA
 constexpr int kKeys = 128;  // keys per step
 constexpr int kThreads = 384;
-constexpr int kStages = 2;
+constexpr int kStages = 3;  // D=128: 32 KB of Q + 3 x 64 KB of K/V, within the 227 KB
 
 template <int D>
 constexpr int shared_bytes() {
@@ -48,7 +56,11 @@ struct TensorMaps {
   CUtensorMap q, k, v;
 };
 
-template <int D, typename T>
+// kBandOnly: no segments, dense mask or bias (the band test alone). The
+// general mask needs the registers of P and of the output product, so that
+// variant waits for O += P V before the softmax of the next tile instead of
+// running it alongside.
+template <int D, typename T, bool kBandOnly>
 __global__ void __launch_bounds__(kThreads, 1)
     forward_wgmma_kernel(const ForwardParams p, const __grid_constant__ TensorMaps maps) {
 #if FASTATTN_HAS_WGMMA
@@ -142,34 +154,31 @@ __global__ void __launch_bounds__(kThreads, 1)
   const float scale_log2 = p.softmax_scale * kLog2e;
   mbarrier_wait(q_full, 0);
 
-  int i = 0;
-  for (int64_t tile = next_tile(0); tile < num_kv; tile = next_tile(tile + 1), ++i) {
-    const int stage = i % kStages;
-    const uint32_t parity = (i / kStages) & 1;
-    const uint32_t k_tile = k_tiles + stage * kTileBytes, v_tile = v_tiles + stage * kTileBytes;
-    const int64_t kv0 = tile * kKeys;
-    const bool masked = class_of(consumer, 2 * tile) != kFull ||
-                        class_of(consumer, 2 * tile + 1) != kFull || kv0 + kKeys > s.kv_len;
-
-    float sc[kKeys / 8][4];
+  // S = Q K^T of the tile in `stage`, issued (not waited for).
+  auto issue_scores = [&](float (&sc)[kKeys / 8][4], int stage, uint32_t parity) {
     mbarrier_wait(k_full(stage), parity);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
       Wgmma<T>::template ss<kKeys>(sc, k_major(q_tile, kRows, consumer * 64, kk),
-                        k_major(k_tile, kKeys, 0, kk), kk > 0);
+                                   k_major(k_tiles + stage * kTileBytes, kKeys, 0, kk), kk > 0);
     }
     wgmma_commit();
-    wgmma_wait<0>();
-    fence_operands(sc);
-    if (lane == 0) mbarrier_arrive(k_empty(stage));
-
+  };
+  // Online softmax of finished scores: scale and mask them, take the new
+  // row maxima, turn the scores into P (in place) and return the factor
+  // the output and the sums must be scaled by (O itself may still be the
+  // target of a wgmma in flight: the caller applies it).
+  auto softmax = [&](float (&sc)[kKeys / 8][4], int64_t tile, float (&rescale)[2]) {
+    const int64_t kv0 = tile * kKeys;
+    const bool masked = class_of(consumer, 2 * tile) != kFull ||
+                        class_of(consumer, 2 * tile + 1) != kFull || kv0 + kKeys > s.kv_len;
 #pragma unroll
     for (int nt = 0; nt < kKeys / 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) sc[nt][e] *= scale_log2;
-    mask_scores<kKeys / 8, false>(sc, s, p.mask, p.bias, batch, head, warp_row0, kv0, masked);
-
+    mask_scores<kKeys / 8, false, kBandOnly>(sc, s, p.mask, p.bias, batch, head, warp_row0, kv0,
+                                             masked);
     float reference[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -179,16 +188,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
       m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
       reference[r] = m == -INFINITY ? 0.f : m;  // nothing visible yet: avoid inf - inf
-      const float rescale = exp2_fast(row_max[r] - reference[r]);
+      rescale[r] = exp2_fast(row_max[r] - reference[r]);
       row_max[r] = m;
-      row_sum[r] *= rescale;
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        o[dt][2 * r] *= rescale;
-        o[dt][2 * r + 1] *= rescale;
-      }
+      row_sum[r] *= rescale[r];
     }
-    uint32_t pa[kKeys / 16][4];
 #pragma unroll
     for (int nt = 0; nt < kKeys / 8; ++nt) {
 #pragma unroll
@@ -197,20 +200,69 @@ __global__ void __launch_bounds__(kThreads, 1)
         row_sum[e >> 1] += sc[nt][e];
       }
     }
+  };
+  auto scale_output = [&](const float (&rescale)[2]) {
 #pragma unroll
-    for (int kb = 0; kb < kKeys / 16; ++kb) c_to_a<T>(pa[kb], sc[2 * kb], sc[2 * kb + 1]);
-
-    mbarrier_wait(v_full(stage), parity);
-    fence_operands(o);
-    wgmma_fence();
-#pragma unroll
-    for (int kb = 0; kb < kKeys / 16; ++kb) {
-      Wgmma<T>::template rs<D>(o, pa[kb], mn_major(v_tile, kKeys, kb), true);
+    for (int dt = 0; dt < D / 8; ++dt) {
+      o[dt][0] *= rescale[0];
+      o[dt][1] *= rescale[0];
+      o[dt][2] *= rescale[1];
+      o[dt][3] *= rescale[1];
     }
-    wgmma_commit();
+  };
+
+  // Software pipeline within the warpgroup: S of tile i+1 is issued before
+  // O += P_i V_i, and its softmax runs while that product is in flight.
+  int64_t tile = next_tile(0);
+  if (tile < num_kv) {
+    uint32_t pa[kKeys / 16][4];
+    {
+      float sc[kKeys / 8][4], rescale[2];
+      issue_scores(sc, 0, 0);
+      wgmma_wait<0>();
+      fence_operands(sc);
+      if (lane == 0) mbarrier_arrive(k_empty(0));
+      softmax(sc, tile, rescale);  // O is 0: nothing to rescale
+#pragma unroll
+      for (int kb = 0; kb < kKeys / 16; ++kb) c_to_a<T>(pa[kb], sc[2 * kb], sc[2 * kb + 1]);
+    }
+    auto issue_output = [&](int stage, uint32_t parity) {  // O += P V, issued
+      mbarrier_wait(v_full(stage), parity);
+      fence_operands(o);
+      wgmma_fence();
+#pragma unroll
+      for (int kb = 0; kb < kKeys / 16; ++kb) {
+        Wgmma<T>::template rs<D>(o, pa[kb], mn_major(v_tiles + stage * kTileBytes, kKeys, kb),
+                                 true);
+      }
+      wgmma_commit();
+    };
+    int i = 0;  // tiles done, and `tile` sits in stage i % kStages
+    for (int64_t next = next_tile(tile + 1); next < num_kv; next = next_tile(tile + 1), ++i) {
+      const int stage = i % kStages, next_stage = (i + 1) % kStages;
+      float sc[kKeys / 8][4], rescale[2];
+      issue_scores(sc, next_stage, ((i + 1) / kStages) & 1);
+      issue_output(stage, (i / kStages) & 1);
+      if constexpr (kBandOnly) {
+        wgmma_wait<1>();  // the scores of `next`
+      } else {
+        wgmma_wait<0>();  // and O += P V of `tile`
+      }
+      fence_operands(sc);
+      if (lane == 0) mbarrier_arrive(k_empty(next_stage));
+      softmax(sc, next, rescale);
+      wgmma_wait<0>();  // O += P V of `tile`
+      fence_operands(o);
+      if (lane == 0) mbarrier_arrive(v_empty(stage));
+      scale_output(rescale);
+#pragma unroll
+      for (int kb = 0; kb < kKeys / 16; ++kb) c_to_a<T>(pa[kb], sc[2 * kb], sc[2 * kb + 1]);
+      tile = next;
+    }
+    issue_output(i % kStages, (i / kStages) & 1);
     wgmma_wait<0>();
     fence_operands(o);
-    if (lane == 0) mbarrier_arrive(v_empty(stage));
+    if (lane == 0) mbarrier_arrive(v_empty(i % kStages));
   }
 
   const int64_t q_stride = s.q_heads * D;
@@ -246,7 +298,9 @@ cudaError_t launch(const ForwardParams& p, cudaStream_t stream) {
       !encode_tensor_map(&maps.v, p.v, p.dtype, s.batch, s.kv_len, s.kv_heads, D, kKeys)) {
     return cudaErrorInvalidValue;
   }
-  auto kernel = forward_wgmma_kernel<D, T>;
+  const bool band_only =
+      p.mask.q_segment == nullptr && p.mask.dense == nullptr && p.bias.data == nullptr;
+  auto kernel = band_only ? forward_wgmma_kernel<D, T, true> : forward_wgmma_kernel<D, T, false>;
   if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            shared_bytes<D>());
       e != cudaSuccess) {
@@ -276,7 +330,7 @@ bool device_runs_wgmma() {
         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
         cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess &&
         major == 9 && minor == 0 &&
-        cudaFuncGetAttributes(&attributes, forward_wgmma_kernel<128, __nv_bfloat16>) ==
+        cudaFuncGetAttributes(&attributes, forward_wgmma_kernel<128, __nv_bfloat16, true>) ==
             cudaSuccess &&
         attributes.binaryVersion == 90;
     cudaGetLastError();  // a missing kernel image must not linger as the last error
