@@ -266,25 +266,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   const int64_t q_stride = s.q_heads * D;
-  T* out = static_cast<T*>(p.out) + (batch * s.q_len * s.q_heads + head) * D;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float total = row_sum[r];
-    total += __shfl_xor_sync(0xffffffffu, total, 1);
-    total += __shfl_xor_sync(0xffffffffu, total, 2);
-    const int64_t qi = warp_row0 + g + 8 * r;
-    if (qi >= s.q_len) continue;
-    const float inverse = total > 0.f ? 1.f / total : 0.f;
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      *reinterpret_cast<uint32_t*>(out + qi * q_stride + dt * 8 + 2 * t) =
-          Mma<T>::pack(o[dt][2 * r] * inverse, o[dt][2 * r + 1] * inverse);
-    }
-    if (t == 0) {
-      p.lse[(batch * s.q_heads + head) * s.q_len + qi] =
-          total > 0.f ? (row_max[r] + log2f(total)) * kLn2 : -INFINITY;
-    }
-  }
+  store_output_rows<D>(o, row_max, row_sum,
+                       static_cast<T*>(p.out) + (batch * s.q_len * s.q_heads + head) * D,
+                       q_stride, p.lse + (batch * s.q_heads + head) * s.q_len, warp_row0 + g,
+                       s.q_len, t);
 #endif  // FASTATTN_HAS_WGMMA
 }
 

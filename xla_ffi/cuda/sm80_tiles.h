@@ -259,6 +259,35 @@ __device__ __forceinline__ void mask_scores(float (&s)[kN][4], const AttentionSh
   }
 }
 
+// Forward epilogue of the thread's two query rows `row` and row + 8 (the
+// accumulator rows g and g + 8; t = lane % 4 picks its columns): O divided
+// by the row sums (row_sum holds the thread's own columns, summed over the
+// quad here) to `out` rows of q_stride elements, and the rows' lse (natural
+// log; -inf where a row saw no key). `out` and `lse` point at row 0 of the
+// (batch, head); rows past Sq are not stored.
+template <int D, typename T>
+__device__ __forceinline__ void store_output_rows(const float (&o)[D / 8][4],
+                                                  const float (&row_max)[2],
+                                                  const float (&row_sum)[2], T* out,
+                                                  int64_t q_stride, float* lse, int64_t row,
+                                                  int64_t q_len, int t) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float total = row_sum[r];
+    total += __shfl_xor_sync(0xffffffffu, total, 1);
+    total += __shfl_xor_sync(0xffffffffu, total, 2);
+    const int64_t qi = row + 8 * r;
+    if (qi >= q_len) continue;
+    const float inverse = total > 0.f ? 1.f / total : 0.f;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      *reinterpret_cast<uint32_t*>(out + qi * q_stride + dt * 8 + 2 * t) =
+          Mma<T>::pack(o[dt][2 * r] * inverse, o[dt][2 * r + 1] * inverse);
+    }
+    if (t == 0) lse[qi] = total > 0.f ? (row_max[r] + log2f(total)) * kLn2 : -INFINITY;
+  }
+}
+
 // exp2 argument offset of a row in the backward: lse in log2 units; a row
 // that sees no key (lse = -inf) gets +inf, so that its P = exp2(-inf or
 // finite - inf) = 0.
