@@ -209,18 +209,8 @@ __global__ void __launch_bounds__(kThreads) dkdv_kernel(const BackwardParams p,
   // Keys past Skv are not stored (their rows were zero-filled loads).
   T* d_k = static_cast<T*>(p.d_k) + (batch * s.kv_len * s.kv_heads + kv_head) * D;
   T* d_v = static_cast<T*>(p.d_v) + (batch * s.kv_len * s.kv_heads + kv_head) * D;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t key = kv0 + warp_key + g + 8 * r;
-    if (key >= s.kv_len) continue;
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      const int64_t at = key * kv_stride + dt * 8 + 2 * t;
-      *reinterpret_cast<uint32_t*>(d_k + at) = Mma<T>::pack(
-          dk[dt][2 * r] * p.softmax_scale, dk[dt][2 * r + 1] * p.softmax_scale);
-      *reinterpret_cast<uint32_t*>(d_v + at) = Mma<T>::pack(dv[dt][2 * r], dv[dt][2 * r + 1]);
-    }
-  }
+  store_key_rows<D>(dk, dv, d_k, d_v, kv_stride, kv0 + warp_key + g, s.kv_len, t,
+                    p.softmax_scale);
 }
 
 template <int D, typename T>
@@ -348,17 +338,8 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardParams p,
     tile = next;
   }
 
-  T* d_q = static_cast<T*>(p.d_q) + q_offset;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t qi = q0 + warp_row + g + 8 * r;
-    if (qi >= s.q_len) continue;
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      *reinterpret_cast<uint32_t*>(d_q + qi * q_stride + dt * 8 + 2 * t) = Mma<T>::pack(
-          dq[dt][2 * r] * p.softmax_scale, dq[dt][2 * r + 1] * p.softmax_scale);
-    }
-  }
+  store_scaled_rows<D>(dq, static_cast<T*>(p.d_q) + q_offset, q_stride, q0 + warp_row + g,
+                       s.q_len, t, p.softmax_scale);
 }
 
 template <typename Kernel>

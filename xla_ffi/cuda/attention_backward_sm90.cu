@@ -318,18 +318,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t kv_stride = s.kv_heads * D;
   T* d_k = static_cast<T*>(p.d_k) + (batch * s.kv_len * s.kv_heads + kv_head) * D;
   T* d_v = static_cast<T*>(p.d_v) + (batch * s.kv_len * s.kv_heads + kv_head) * D;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t key = kv0 + key_row + g + 8 * r;
-    if (key >= s.kv_len) continue;
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      const int64_t offset = key * kv_stride + dt * 8 + 2 * t;
-      *reinterpret_cast<uint32_t*>(d_k + offset) = Mma<T>::pack(
-          dk[dt][2 * r] * p.softmax_scale, dk[dt][2 * r + 1] * p.softmax_scale);
-      *reinterpret_cast<uint32_t*>(d_v + offset) = Mma<T>::pack(dv[dt][2 * r], dv[dt][2 * r + 1]);
-    }
-  }
+  store_key_rows<D>(dk, dv, d_k, d_v, kv_stride, kv0 + key_row + g, s.kv_len, t,
+                    p.softmax_scale);
 #endif  // FASTATTN_HAS_WGMMA
 }
 
@@ -466,17 +456,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   const int64_t q_stride = s.q_heads * D;
-  T* d_q = static_cast<T*>(p.d_q) + (batch * s.q_len * s.q_heads + head) * D;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t qi = warp_row0 + g + 8 * r;
-    if (qi >= s.q_len) continue;
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      *reinterpret_cast<uint32_t*>(d_q + qi * q_stride + dt * 8 + 2 * t) = Mma<T>::pack(
-          dq[dt][2 * r] * p.softmax_scale, dq[dt][2 * r + 1] * p.softmax_scale);
-    }
-  }
+  store_scaled_rows<D>(dq, static_cast<T*>(p.d_q) + (batch * s.q_len * s.q_heads + head) * D,
+                       q_stride, warp_row0 + g, s.q_len, t, p.softmax_scale);
 #endif  // FASTATTN_HAS_WGMMA
 }
 

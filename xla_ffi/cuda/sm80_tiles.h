@@ -288,6 +288,49 @@ __device__ __forceinline__ void store_output_rows(const float (&o)[D / 8][4],
   }
 }
 
+// Backward epilogues, for the thread's two accumulator rows `row` and
+// row + 8 (t = lane % 4 picks its columns), into rows of `stride` elements
+// from row 0 of the (batch, head); rows at or past `len` are not stored.
+// dQ: the accumulator times `scale` (taken by reference, so that the
+// kernels read the softmax scale where they use it, as they did before
+// these helpers: a copy changed the register allocation of the D=128 dK/dV
+// kernels).
+template <int D, typename T>
+__device__ __forceinline__ void store_scaled_rows(const float (&acc)[D / 8][4], T* out,
+                                                  int64_t stride, int64_t row, int64_t len,
+                                                  int t, const float& scale) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t at = row + 8 * r;
+    if (at >= len) continue;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      *reinterpret_cast<uint32_t*>(out + at * stride + dt * 8 + 2 * t) =
+          Mma<T>::pack(acc[dt][2 * r] * scale, acc[dt][2 * r + 1] * scale);
+    }
+  }
+}
+
+// dK (times `scale`) and dV of the same key rows, stored side by side.
+template <int D, typename T>
+__device__ __forceinline__ void store_key_rows(const float (&dk)[D / 8][4],
+                                               const float (&dv)[D / 8][4], T* d_k, T* d_v,
+                                               int64_t stride, int64_t row, int64_t len, int t,
+                                               const float& scale) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t key = row + 8 * r;
+    if (key >= len) continue;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      const int64_t at = key * stride + dt * 8 + 2 * t;
+      *reinterpret_cast<uint32_t*>(d_k + at) =
+          Mma<T>::pack(dk[dt][2 * r] * scale, dk[dt][2 * r + 1] * scale);
+      *reinterpret_cast<uint32_t*>(d_v + at) = Mma<T>::pack(dv[dt][2 * r], dv[dt][2 * r + 1]);
+    }
+  }
+}
+
 // exp2 argument offset of a row in the backward: lse in log2 units; a row
 // that sees no key (lse = -inf) gets +inf, so that its P = exp2(-inf or
 // finite - inf) = 0.
