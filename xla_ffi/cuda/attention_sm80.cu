@@ -119,34 +119,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardParams p
       mask_scores<kKeys / 8, false>(sc, s, p.mask, p.bias, batch, head, q0 + warp_row,
                                     kv0 + key0, masked);
 
-      // Online softmax for rows g (r = 0) and g + 8 (r = 1); a row's keys
-      // are spread over the 4 lanes of a quad.
-      float reference[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float m = row_max[r];
-#pragma unroll
-        for (int nt = 0; nt < kKeys / 8; ++nt) m = fmaxf(m, fmaxf(sc[nt][2 * r], sc[nt][2 * r + 1]));
-        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-        reference[r] = m == -INFINITY ? 0.f : m;  // nothing visible yet: avoid inf - inf
-        const float rescale = exp2_fast(row_max[r] - reference[r]);
-        row_max[r] = m;
-        row_sum[r] *= rescale;
-#pragma unroll
-        for (int dt = 0; dt < D / 8; ++dt) {
-          o[dt][2 * r] *= rescale;
-          o[dt][2 * r + 1] *= rescale;
-        }
-      }
-#pragma unroll
-      for (int nt = 0; nt < kKeys / 8; ++nt) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          sc[nt][i] = exp2_fast(sc[nt][i] - reference[i >> 1]);
-          row_sum[i >> 1] += sc[nt][i];
-        }
-      }
+      float rescale[2];
+      online_softmax(sc, row_max, row_sum, rescale);
+      scale_rows(o, rescale);
 
       // O += P V, P straight from the score registers.
 #pragma unroll

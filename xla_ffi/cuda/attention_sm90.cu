@@ -165,10 +165,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     wgmma_commit();
   };
-  // Online softmax of finished scores: scale and mask them, take the new
-  // row maxima, turn the scores into P (in place) and return the factor
-  // the output and the sums must be scaled by (O itself may still be the
-  // target of a wgmma in flight: the caller applies it).
+  // Finished scores: scale and mask them, then the online softmax (P in
+  // place; O may still be the target of a wgmma in flight, so the caller
+  // applies `rescale` to it later).
   auto softmax = [&](float (&sc)[kKeys / 8][4], int64_t tile, float (&rescale)[2]) {
     const int64_t kv0 = tile * kKeys;
     const bool masked = class_of(consumer, 2 * tile) != kFull ||
@@ -179,38 +178,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int e = 0; e < 4; ++e) sc[nt][e] *= scale_log2;
     mask_scores<kKeys / 8, false, kBandOnly>(sc, s, p.mask, p.bias, batch, head, warp_row0, kv0,
                                              masked);
-    float reference[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float m = row_max[r];
-#pragma unroll
-      for (int nt = 0; nt < kKeys / 8; ++nt) m = fmaxf(m, fmaxf(sc[nt][2 * r], sc[nt][2 * r + 1]));
-      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-      reference[r] = m == -INFINITY ? 0.f : m;  // nothing visible yet: avoid inf - inf
-      rescale[r] = exp2_fast(row_max[r] - reference[r]);
-      row_max[r] = m;
-      row_sum[r] *= rescale[r];
-    }
-#pragma unroll
-    for (int nt = 0; nt < kKeys / 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        sc[nt][e] = exp2_fast(sc[nt][e] - reference[e >> 1]);
-        row_sum[e >> 1] += sc[nt][e];
-      }
-    }
+    online_softmax(sc, row_max, row_sum, rescale);
   };
-  auto scale_output = [&](const float (&rescale)[2]) {
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      o[dt][0] *= rescale[0];
-      o[dt][1] *= rescale[0];
-      o[dt][2] *= rescale[1];
-      o[dt][3] *= rescale[1];
-    }
-  };
-
   // Software pipeline within the warpgroup: S of tile i+1 is issued before
   // O += P_i V_i, and its softmax runs while that product is in flight.
   int64_t tile = next_tile(0);
@@ -254,7 +223,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_wait<0>();  // O += P V of `tile`
       fence_operands(o);
       if (lane == 0) mbarrier_arrive(v_empty(stage));
-      scale_output(rescale);
+      scale_rows(o, rescale);
 #pragma unroll
       for (int kb = 0; kb < kKeys / 16; ++kb) c_to_a<T>(pa[kb], sc[2 * kb], sc[2 * kb + 1]);
       tile = next;

@@ -259,6 +259,50 @@ __device__ __forceinline__ void mask_scores(float (&s)[kN][4], const AttentionSh
   }
 }
 
+// Online softmax of a block of scores (log2 units, masked) for the
+// thread's rows g and g + 8, whose keys are spread over the 4 lanes of a
+// quad: updates the running row maxima and the thread's partial row sums,
+// turns the scores into P in place and returns in `rescale` the factor by
+// which the output accumulated so far must be scaled (the caller applies it:
+// a wgmma may still be writing that output).
+template <int kN>
+__device__ __forceinline__ void online_softmax(float (&s)[kN][4], float (&row_max)[2],
+                                               float (&row_sum)[2], float (&rescale)[2]) {
+  float reference[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float m = row_max[r];
+#pragma unroll
+    for (int nt = 0; nt < kN; ++nt) m = fmaxf(m, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+    reference[r] = m == -INFINITY ? 0.f : m;  // nothing visible yet: avoid inf - inf
+    rescale[r] = exp2_fast(row_max[r] - reference[r]);
+    row_max[r] = m;
+    row_sum[r] *= rescale[r];
+  }
+#pragma unroll
+  for (int nt = 0; nt < kN; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      s[nt][e] = exp2_fast(s[nt][e] - reference[e >> 1]);
+      row_sum[e >> 1] += s[nt][e];
+    }
+  }
+}
+
+// Rows g and g + 8 of an output accumulator times online_softmax's rescale.
+template <int kN>
+__device__ __forceinline__ void scale_rows(float (&o)[kN][4], const float (&rescale)[2]) {
+#pragma unroll
+  for (int dt = 0; dt < kN; ++dt) {
+    o[dt][0] *= rescale[0];
+    o[dt][1] *= rescale[0];
+    o[dt][2] *= rescale[1];
+    o[dt][3] *= rescale[1];
+  }
+}
+
 // Forward epilogue of the thread's two query rows `row` and row + 8 (the
 // accumulator rows g and g + 8; t = lane % 4 picks its columns): O divided
 // by the row sums (row_sum holds the thread's own columns, summed over the
