@@ -260,14 +260,9 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(const BackwardParams p,
   uint32_t q_frag[D / 16][4];
 #pragma unroll
   for (int kb = 0; kb < D / 16; ++kb) load_a<D>(q_frag[kb], q_tile, warp_row, kb);
-  float row_lse[2], row_delta[2];  // rows g and g + 8; rows past Sq get P = 0
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t qi = q0 + warp_row + g + 8 * r;
-    const int64_t at = (batch * s.q_heads + head) * s.q_len + qi;
-    row_lse[r] = qi < s.q_len ? lse_log2(p.lse[at]) : INFINITY;
-    row_delta[r] = qi < s.q_len ? delta[at] : 0.f;
-  }
+  float row_lse[2], row_delta[2];
+  const int64_t row_at = (batch * s.q_heads + head) * s.q_len;
+  load_row_stats(p.lse + row_at, delta + row_at, q0 + warp_row + g, s.q_len, row_lse, row_delta);
   float dq[D / 8][4];
 #pragma unroll
   for (int dt = 0; dt < D / 8; ++dt) dq[dt][0] = dq[dt][1] = dq[dt][2] = dq[dt][3] = 0.f;

@@ -380,14 +380,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int consumer = warpgroup - 1, warp = (threadIdx.x / 32) % 4;
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int64_t warp_row0 = q0 + consumer * 64 + warp * 16;
-  float row_lse[2], row_delta[2];  // rows g and g + 8; rows past Sq get P = 0
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t qi = warp_row0 + g + 8 * r;
-    const int64_t row_at = (batch * s.q_heads + head) * s.q_len + qi;
-    row_lse[r] = qi < s.q_len ? lse_log2(p.lse[row_at]) : INFINITY;
-    row_delta[r] = qi < s.q_len ? delta[row_at] : 0.f;
-  }
+  float row_lse[2], row_delta[2];
+  const int64_t row_at = (batch * s.q_heads + head) * s.q_len;
+  load_row_stats(p.lse + row_at, delta + row_at, warp_row0 + g, s.q_len, row_lse, row_delta);
   float dq[D / 8][4];
 #pragma unroll
   for (int dt = 0; dt < D / 8; ++dt) dq[dt][0] = dq[dt][1] = dq[dt][2] = dq[dt][3] = 0.f;

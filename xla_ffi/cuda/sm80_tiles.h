@@ -382,6 +382,20 @@ __device__ __forceinline__ float lse_log2(float lse) {
   return lse == -INFINITY ? INFINITY : lse * kLog2e;
 }
 
+// The dQ pass's lse (log2 units) and delta of the thread's rows `row` and
+// row + 8 (from row 0 of the (batch, head)); rows past Sq get P = 0 (lse
+// +inf) and delta 0.
+__device__ __forceinline__ void load_row_stats(const float* lse, const float* delta, int64_t row,
+                                               int64_t q_len, float (&row_lse)[2],
+                                               float (&row_delta)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t qi = row + 8 * r;
+    row_lse[r] = qi < q_len ? lse_log2(lse[qi]) : INFINITY;
+    row_delta[r] = qi < q_len ? delta[qi] : 0.f;
+  }
+}
+
 // First tile at or after `from` of a class row that is not empty.
 __device__ __forceinline__ int64_t next_visible(const int8_t* classes, int64_t from,
                                                 int64_t num_tiles) {
