@@ -1,7 +1,7 @@
-"""The CUDA attention kernels without a GPU: nvcc compiles the forward
-(mma.sync and wgmma) and backward kernels for sm80 and sm90a, and ptxas reports no register spills
-and no stack for any variant (a spill in the inner loop would cost far more
-than it shows in tests)."""
+"""The CUDA attention kernels without a GPU: nvcc compiles the forward and
+backward kernels (mma.sync and wgmma) for sm80 and sm90a, and ptxas reports
+no register spills and no stack for any variant (a spill in the inner loop
+would cost far more than it shows in tests) and no serialised wgmma."""
 import os
 import re
 import shutil
