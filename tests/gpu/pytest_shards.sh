@@ -6,8 +6,9 @@
 source "$(dirname "$0")/common.sh"
 SHARDS=${SHARDS:-4}
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
+# FILTER: an extended regex the test ids must match (default: all).
 python3 -m pytest -m gpu --collect-only -q -p no:cacheprovider "$@" 2>/dev/null | grep "::" \
-  | tail -n +$(( ${SKIP_FIRST:-0} + 1 )) > /tmp/test_ids.txt
+  | grep -E "${FILTER:-.}" | tail -n +$(( ${SKIP_FIRST:-0} + 1 )) > /tmp/test_ids.txt
 echo "$(wc -l < /tmp/test_ids.txt) tests in $SHARDS shards"
 for shard in $(seq 0 $((SHARDS - 1))); do
   awk -v n=$SHARDS -v s=$shard 'NR % n == s' /tmp/test_ids.txt > /tmp/ids_$shard.txt

@@ -1,35 +1,46 @@
 // FlashAttention forward on sm90a (H100, H200): warpgroup MMA (wgmma), TMA
 // and warp specialisation. See attention.h.
 //
-// A CTA owns 128 query rows of one (batch, q head) and has three
-// warpgroups. Warpgroup 0 is the producer: one thread issues TMA loads of
-// the Q tile and of 128-key K and V tiles into kStages shared-memory stages
-// (128-byte swizzled, the layout wgmma reads), each stage with a "full"
-// mbarrier the TMA completes and an "empty" one the consumers release; the
-// producer hands most of its registers to the consumers (setmaxnreg).
-// Warpgroups 1 and 2 are the consumers, 64 query rows each: per tile they
-// issue S = Q K^T (Q and K as K-major shared-memory descriptors), run the
-// online softmax on the accumulators in registers, and issue O += P V with P
-// from registers (the accumulator layout is the A-fragment layout) and V as
-// an MN-major descriptor, so P never touches shared memory. Within a
-// consumer the tiles are software-pipelined (FlashAttention-3's
-// intra-warpgroup overlap): S of tile i+1 is issued before O += P_i V_i,
-// and the softmax of tile i+1 runs while that product is in flight; O is
-// rescaled once it has landed. There is no CTA-wide barrier in the loop:
-// the two consumers also drift out of phase, one's softmax overlapping the
-// other's products.
+// The kernel is persistent: one CTA per SM takes work items (128 query
+// rows of one (batch, q head)) in a fixed order: groups of heads whose K/V
+// fit in L2 together, and within a group the query blocks from the last
+// (the most keys under a causal mask) to the first, so that the short items
+// fill the tail. A CTA has three warpgroups. Warpgroup 0 is the producer:
+// one thread walks the CTA's items and their visible K/V tiles, issues TMA
+// loads of each item's Q tile and of 128-key K and V tiles into kStages
+// shared-memory stages (128-byte swizzled, the layout wgmma reads), each
+// stage with a "full" mbarrier the TMA completes and an "empty" one the
+// consumers release, and leaves a record of the step (tile, mask needed,
+// last of the item) beside it; the producer hands most of its registers to
+// the consumers (setmaxnreg). The stage ring runs on across items, and the
+// next Q is loaded as soon as the consumers have issued their last S of
+// the current item. Warpgroups 1 and 2 are the consumers, 64 query rows
+// each: per tile they issue S = Q K^T (Q and K as K-major shared-memory
+// descriptors), run the online softmax on the accumulators in registers,
+// and issue O += P V with P from registers (the accumulator layout is the
+// A-fragment layout) and V as an MN-major descriptor, so P never touches
+// shared memory. Within a consumer the tiles are software-pipelined
+// (FlashAttention-3's intra-warpgroup overlap): S of tile i+1 is issued
+// before O += P_i V_i, and the softmax of tile i+1 runs while that product
+// is in flight; O is rescaled once it has landed. There is no CTA-wide
+// barrier in the loop: the two consumers also drift out of phase, one's
+// softmax overlapping the other's products.
 //
 // Tiling-mask: the plan is the forward's 64 x 64 one (the backward shares
 // it); a 128 x 128 tile is skipped when all four plan tiles in it are empty,
 // and a consumer applies the element-wise mask when either of its two plan
 // tiles is not full.
 //
-// Measured on an H100 (B=4 S=4K H=32 bf16, kernel alone, TFLOP/s full /
-// causal): D=128 596 / 454 with the pipeline and three stages; 562 / 433
-// with the pipeline and two stages; 525 / 428 without the pipeline; 356 /
-// 299 without warp specialisation (all threads loading with cp.async, a CTA
-// barrier per tile); the mma.sync kernel 310 / 283. D=64: 358 / 272, 352 /
-// 267, 303 / 248.
+// Measured on an H100 (kernel alone, bf16, TFLOP/s; B=4 S=4K H=32 full /
+// causal, then B=16 S=1K causal): D=128 601 / 510 / 366 persistent with
+// step records, 592 / 456 / 296 with a CTA per item (the consumers reading
+// the tile plan themselves; 568 / 483 / 295 with step records), 562 / 433
+// with the pipeline and two stages, 525 / 428 without the pipeline,
+// 356 / 299 without warp specialisation (all threads loading with
+// cp.async, a CTA barrier per tile); the mma.sync kernel 310 / 283.
+// D=64: 363 / 312 / 248 persistent, 359 / 273 / 190 a CTA per item.
+#include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
@@ -42,10 +53,11 @@ namespace fastattn {
 namespace cuda {
 namespace {
 
-constexpr int kRows = 128;  // query rows per CTA
+constexpr int kRows = 128;  // query rows per work item
 constexpr int kKeys = 128;  // keys per step
 constexpr int kThreads = 384;
 constexpr int kStages = 3;  // D=128: 32 KB of Q + 3 x 64 KB of K/V, within the 227 KB
+constexpr int64_t kL2Bytes = 24 << 20;  // K/V bytes a group of concurrent items may share in L2
 
 template <int D>
 constexpr int shared_bytes() {
@@ -56,13 +68,49 @@ struct TensorMaps {
   CUtensorMap q, k, v;
 };
 
+// One K/V step as the producer hands it to the consumers, beside the
+// stage's tiles: which tile, whether each consumer's 64 rows need the
+// element-wise mask there, and whether it is the item's last. Consumers
+// thus never read the tile plan in their loop (its loads sat on the path
+// from one product to the next).
+struct StepRecord {
+  int32_t tile;
+  uint8_t masked[2];
+  uint8_t last;
+  uint8_t unused;
+};
+
+// Work items in launch order: groups of `group` (batch, q head) pairs whose
+// K/V fit in L2 together, and within a group the query blocks from the last
+// (the most keys under a causal mask) to the first, heads interleaved.
+struct WorkItem {
+  int q_block, head, batch;
+};
+
+// 32-bit: the items number at most 2^31 (the launch checks).
+__device__ __forceinline__ WorkItem work_item(int w, int num_q_blocks, int pairs, int group,
+                                              int q_heads) {
+  const int first_pair = w / (group * num_q_blocks) * group;
+  const int size = min(group, pairs - first_pair);
+  const int r = w - first_pair * num_q_blocks;
+  const int pair = first_pair + r % size;
+  return {num_q_blocks - 1 - r / size, pair % q_heads, pair / q_heads};
+}
+
 // kBandOnly: no segments, dense mask or bias (the band test alone). The
 // general mask needs the registers of P and of the output product, so that
 // variant waits for O += P V before the softmax of the next tile instead of
 // running it alongside.
+//
+// Persistent when launched with fewer CTAs than work items: a CTA takes
+// items blockIdx.x, blockIdx.x + gridDim.x, ...; the stage ring runs on
+// across items, and the next item's Q is loaded once the consumers have
+// issued their last S of the current one, so its start overlaps the
+// current item's last softmax, product and stores.
 template <int D, typename T, bool kBandOnly>
 __global__ void __launch_bounds__(kThreads, 1)
-    forward_wgmma_kernel(const ForwardParams p, const __grid_constant__ TensorMaps maps) {
+    forward_wgmma_kernel(const ForwardParams p, const __grid_constant__ TensorMaps maps,
+                         const int group) {
 #if FASTATTN_HAS_WGMMA
   using namespace sm80;
   using namespace sm90;
@@ -72,39 +120,30 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t k_tiles = q_tile + kRows * D * 2;        // [kStages]
   const uint32_t v_tiles = k_tiles + kStages * kTileBytes;  // [kStages]
   const uint32_t barriers = v_tiles + kStages * kTileBytes;
-  const uint32_t q_full = barriers;
-  auto k_full = [&](int stage) { return barriers + 8 * (1 + stage); };
-  auto v_full = [&](int stage) { return barriers + 8 * (1 + kStages + stage); };
-  auto k_empty = [&](int stage) { return barriers + 8 * (1 + 2 * kStages + stage); };
-  auto v_empty = [&](int stage) { return barriers + 8 * (1 + 3 * kStages + stage); };
+  const uint32_t q_full = barriers, q_empty = barriers + 8;
+  auto k_full = [&](int stage) { return barriers + 8 * (2 + stage); };
+  auto v_full = [&](int stage) { return barriers + 8 * (2 + kStages + stage); };
+  auto k_empty = [&](int stage) { return barriers + 8 * (2 + 2 * kStages + stage); };
+  auto v_empty = [&](int stage) { return barriers + 8 * (2 + 3 * kStages + stage); };
+  // Step records [kStages], then the item record (whether it has any step).
+  StepRecord* records = reinterpret_cast<StepRecord*>(
+      shared_raw + (barriers + 512 - shared_address(shared_raw)));
+  uint32_t* item_has_steps = reinterpret_cast<uint32_t*>(records + kStages);
   constexpr int kConsumerWarps = 8;
 
   const AttentionShape& s = p.shape;
   const int warpgroup = threadIdx.x / 128;
-  const int64_t q_block = gridDim.x - 1 - blockIdx.x;
-  const int64_t head = blockIdx.y, batch = blockIdx.z;
-  const int64_t kv_head = head / (s.q_heads / s.kv_heads);
-  const int64_t q0 = q_block * kRows;
   const int64_t num_kv = (s.kv_len + kKeys - 1) / kKeys;
   const int64_t plan_q = (s.q_len + kForwardTileQ - 1) / kForwardTileQ;
   const int64_t plan_kv = (s.kv_len + kForwardTileKv - 1) / kForwardTileKv;
-  auto class_of = [&](int half, int64_t plan_tile) -> int8_t {
-    const int64_t q_tile_index = 2 * q_block + half;
-    if (q_tile_index >= plan_q || plan_tile >= plan_kv) return kEmpty;
-    return class_row(p.mask, batch, head, q_tile_index, plan_q, plan_kv)[plan_tile];
-  };
-  auto next_tile = [&](int64_t from) {
-    for (; from < num_kv; ++from) {
-      if (class_of(0, 2 * from) != kEmpty || class_of(0, 2 * from + 1) != kEmpty ||
-          class_of(1, 2 * from) != kEmpty || class_of(1, 2 * from + 1) != kEmpty) {
-        break;
-      }
-    }
-    return from;
-  };
+  const int num_q_blocks = int((s.q_len + kRows - 1) / kRows);
+  const int pairs = int(s.batch * s.q_heads);
+  const int num_work = num_q_blocks * pairs;
+  auto item_of = [&](int w) { return work_item(w, num_q_blocks, pairs, group, int(s.q_heads)); };
 
   if (threadIdx.x == 0) {
     mbarrier_init(q_full, 1);
+    mbarrier_init(q_empty, kConsumerWarps);
     for (int stage = 0; stage < kStages; ++stage) {
       mbarrier_init(k_full(stage), 1);
       mbarrier_init(v_full(stage), 1);
@@ -116,28 +155,64 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
 
   if (warpgroup == 0) {  // producer
-    release_registers<24>();
+    release_registers<24>();  // 24 + 2 x 240 = 3 x 168, what the CTA was given
     if (threadIdx.x == 0) {
-      // 128 rows (of Q, K or V; kRows == kKeys) from row0 of one head, in
-      // boxes of 64 columns; their bytes complete the phase of `full`.
-      auto load_rows = [&](uint32_t to, const CUtensorMap* map, int64_t head_index,
-                           int64_t row0, uint32_t full) {
-        mbarrier_arrive_expect_bytes(full, kTileBytes);
+      int i = 0, n = 0;  // steps and items issued
+      for (int w = blockIdx.x; w < num_work; w += gridDim.x, ++n) {
+        const WorkItem item = item_of(w);
+        const int64_t kv_head = item.head / (s.q_heads / s.kv_heads);
+        auto class_of = [&](int half, int64_t plan_tile) -> int8_t {
+          const int64_t q_tile_index = 2 * int64_t(item.q_block) + half;
+          if (q_tile_index >= plan_q || plan_tile >= plan_kv) return kEmpty;
+          return class_row(p.mask, item.batch, item.head, q_tile_index, plan_q,
+                           plan_kv)[plan_tile];
+        };
+        // A 128 x 128 step is skipped when all four plan tiles in it are empty.
+        auto next_tile = [&](int64_t from) {
+          for (; from < num_kv; ++from) {
+            if (class_of(0, 2 * from) != kEmpty || class_of(0, 2 * from + 1) != kEmpty ||
+                class_of(1, 2 * from) != kEmpty || class_of(1, 2 * from + 1) != kEmpty) {
+              break;
+            }
+          }
+          return from;
+        };
+        // Rows (the box height of `map`) from row0 of one head, in boxes of
+        // 64 columns; their bytes complete the phase of `full`.
+        auto load_rows = [&](uint32_t to, const CUtensorMap* map, int64_t head_index,
+                             int64_t row0, uint32_t full) {
+          mbarrier_arrive_expect_bytes(full, kTileBytes);
 #pragma unroll
-        for (int block = 0; block < D / 64; ++block) {
-          tma_load_4d(to + block * kKeys * 128, map, block * 64, int(head_index), int(row0),
-                      int(batch), full);
+          for (int block = 0; block < D / 64; ++block) {
+            tma_load_4d(to + block * kKeys * 128, map, block * 64, int(head_index), int(row0),
+                        int(item.batch), full);
+          }
+        };
+        int64_t tile = next_tile(0);
+        mbarrier_wait(q_empty, (n & 1) ^ 1);
+        *item_has_steps = tile < num_kv;  // released by the arrive in load_rows
+        load_rows(q_tile, &maps.q, item.head, int64_t(item.q_block) * kRows, q_full);
+        while (tile < num_kv) {
+          const int64_t next = next_tile(tile + 1);
+          const int stage = i % kStages;
+          const uint32_t free_parity = ((i / kStages) & 1) ^ 1;
+          StepRecord record;
+          record.tile = int32_t(tile);
+          for (int half = 0; half < 2; ++half) {
+            record.masked[half] = class_of(half, 2 * tile) != kFull ||
+                                  class_of(half, 2 * tile + 1) != kFull ||
+                                  (tile + 1) * kKeys > s.kv_len;
+          }
+          record.last = next >= num_kv;
+          record.unused = 0;
+          mbarrier_wait(k_empty(stage), free_parity);
+          records[stage] = record;  // released by the arrive in load_rows
+          load_rows(k_tiles + stage * kTileBytes, &maps.k, kv_head, tile * kKeys, k_full(stage));
+          mbarrier_wait(v_empty(stage), free_parity);
+          load_rows(v_tiles + stage * kTileBytes, &maps.v, kv_head, tile * kKeys, v_full(stage));
+          tile = next;
+          ++i;
         }
-      };
-      load_rows(q_tile, &maps.q, head, q0, q_full);
-      int i = 0;
-      for (int64_t tile = next_tile(0); tile < num_kv; tile = next_tile(tile + 1), ++i) {
-        const int stage = i % kStages;
-        const uint32_t free_parity = ((i / kStages) & 1) ^ 1;
-        mbarrier_wait(k_empty(stage), free_parity);
-        load_rows(k_tiles + stage * kTileBytes, &maps.k, kv_head, tile * kKeys, k_full(stage));
-        mbarrier_wait(v_empty(stage), free_parity);
-        load_rows(v_tiles + stage * kTileBytes, &maps.v, kv_head, tile * kKeys, v_full(stage));
       }
     }
     return;
@@ -146,99 +221,128 @@ __global__ void __launch_bounds__(kThreads, 1)
   claim_registers<240>();
   const int consumer = warpgroup - 1, warp = (threadIdx.x / 32) % 4;
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int64_t warp_row0 = q0 + consumer * 64 + warp * 16;
-  float o[D / 8][4];
-#pragma unroll
-  for (int dt = 0; dt < D / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
-  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // row_sum: own columns
   const float scale_log2 = p.softmax_scale * kLog2e;
-  mbarrier_wait(q_full, 0);
+  // Lane 0 reads what the producer left and tells its warp, so that only
+  // lane 0, which releases the stage or Q, has read it.
+  auto warp_broadcast = [&](uint32_t value) { return __shfl_sync(0xffffffffu, value, 0); };
+  int i = 0, n = 0;  // steps and items done, as the producer counts them
+  for (int w = blockIdx.x; w < num_work; w += gridDim.x, ++n) {
+    const WorkItem item = item_of(w);
+    const int64_t warp_row0 = int64_t(item.q_block) * kRows + consumer * 64 + warp * 16;
+    float o[D / 8][4];
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
+    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // row_sum: own columns
+    mbarrier_wait(q_full, n & 1);
+    const bool has_steps = warp_broadcast(lane == 0 ? *item_has_steps : 0u) != 0;
+    auto release_q = [&] {
+      if (lane == 0) mbarrier_arrive(q_empty);
+    };
 
-  // S = Q K^T of the tile in `stage`, issued (not waited for).
-  auto issue_scores = [&](float (&sc)[kKeys / 8][4], int stage, uint32_t parity) {
-    mbarrier_wait(k_full(stage), parity);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      Wgmma<T>::template ss<kKeys>(sc, k_major(q_tile, kRows, consumer * 64, kk),
-                                   k_major(k_tiles + stage * kTileBytes, kKeys, 0, kk), kk > 0);
-    }
-    wgmma_commit();
-  };
-  // Finished scores: scale and mask them, then the online softmax (P in
-  // place; O may still be the target of a wgmma in flight, so the caller
-  // applies `rescale` to it later).
-  auto softmax = [&](float (&sc)[kKeys / 8][4], int64_t tile, float (&rescale)[2]) {
-    const int64_t kv0 = tile * kKeys;
-    const bool masked = class_of(consumer, 2 * tile) != kFull ||
-                        class_of(consumer, 2 * tile + 1) != kFull || kv0 + kKeys > s.kv_len;
-#pragma unroll
-    for (int nt = 0; nt < kKeys / 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) sc[nt][e] *= scale_log2;
-    mask_scores<kKeys / 8, false, kBandOnly>(sc, s, p.mask, p.bias, batch, head, warp_row0, kv0,
-                                             masked);
-    online_softmax(sc, row_max, row_sum, rescale);
-  };
-  // Software pipeline within the warpgroup: S of tile i+1 is issued before
-  // O += P_i V_i, and its softmax runs while that product is in flight.
-  int64_t tile = next_tile(0);
-  if (tile < num_kv) {
-    uint32_t pa[kKeys / 16][4];
-    {
-      float sc[kKeys / 8][4], rescale[2];
-      issue_scores(sc, 0, 0);
-      wgmma_wait<0>();
-      fence_operands(sc);
-      if (lane == 0) mbarrier_arrive(k_empty(0));
-      softmax(sc, tile, rescale);  // O is 0: nothing to rescale
-#pragma unroll
-      for (int kb = 0; kb < kKeys / 16; ++kb) c_to_a<T>(pa[kb], sc[2 * kb], sc[2 * kb + 1]);
-    }
-    auto issue_output = [&](int stage, uint32_t parity) {  // O += P V, issued
-      mbarrier_wait(v_full(stage), parity);
-      fence_operands(o);
+    // S = Q K^T of the step in `stage`, issued (not waited for); returns
+    // the step's record as {tile, masked, last}.
+    struct Step {
+      int64_t tile;
+      bool masked, last;
+    };
+    auto issue_scores = [&](float (&sc)[kKeys / 8][4], int stage, uint32_t parity) {
+      mbarrier_wait(k_full(stage), parity);
+      uint32_t packed[2] = {0u, 0u};
+      if (lane == 0) {
+        const uint2 raw = *reinterpret_cast<const uint2*>(records + stage);  // after the wait
+        packed[0] = raw.x;
+        packed[1] = raw.y;
+      }
+      packed[0] = warp_broadcast(packed[0]);
+      packed[1] = warp_broadcast(packed[1]);
       wgmma_fence();
 #pragma unroll
-      for (int kb = 0; kb < kKeys / 16; ++kb) {
-        Wgmma<T>::template rs<D>(o, pa[kb], mn_major(v_tiles + stage * kTileBytes, kKeys, kb),
-                                 true);
+      for (int kk = 0; kk < D / 16; ++kk) {
+        Wgmma<T>::template ss<kKeys>(sc, k_major(q_tile, kRows, consumer * 64, kk),
+                                     k_major(k_tiles + stage * kTileBytes, kKeys, 0, kk), kk > 0);
       }
       wgmma_commit();
+      return Step{int64_t(packed[0]), ((packed[1] >> (8 * consumer)) & 0xff) != 0,
+                  ((packed[1] >> 16) & 0xff) != 0};
     };
-    int i = 0;  // tiles done, and `tile` sits in stage i % kStages
-    for (int64_t next = next_tile(tile + 1); next < num_kv; next = next_tile(tile + 1), ++i) {
-      const int stage = i % kStages, next_stage = (i + 1) % kStages;
-      float sc[kKeys / 8][4], rescale[2];
-      issue_scores(sc, next_stage, ((i + 1) / kStages) & 1);
-      issue_output(stage, (i / kStages) & 1);
-      if constexpr (kBandOnly) {
-        wgmma_wait<1>();  // the scores of `next`
-      } else {
-        wgmma_wait<0>();  // and O += P V of `tile`
-      }
-      fence_operands(sc);
-      if (lane == 0) mbarrier_arrive(k_empty(next_stage));
-      softmax(sc, next, rescale);
-      wgmma_wait<0>();  // O += P V of `tile`
-      fence_operands(o);
-      if (lane == 0) mbarrier_arrive(v_empty(stage));
-      scale_rows(o, rescale);
+    // Finished scores: scale and mask them, then the online softmax (P in
+    // place; O may still be the target of a wgmma in flight, so the caller
+    // applies `rescale` to it later).
+    auto softmax = [&](float (&sc)[kKeys / 8][4], const Step& step, float (&rescale)[2]) {
 #pragma unroll
-      for (int kb = 0; kb < kKeys / 16; ++kb) c_to_a<T>(pa[kb], sc[2 * kb], sc[2 * kb + 1]);
-      tile = next;
+      for (int nt = 0; nt < kKeys / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sc[nt][e] *= scale_log2;
+      mask_scores<kKeys / 8, false, kBandOnly>(sc, s, p.mask, p.bias, item.batch, item.head,
+                                               warp_row0, step.tile * kKeys, step.masked);
+      online_softmax(sc, row_max, row_sum, rescale);
+    };
+    // Software pipeline within the warpgroup: S of step i+1 is issued
+    // before O += P_i V_i, and its softmax runs while that product is in
+    // flight.
+    if (!has_steps) {
+      release_q();  // nothing visible: zeros and lse -inf below
+    } else {
+      uint32_t pa[kKeys / 16][4];
+      Step step;
+      {
+        float sc[kKeys / 8][4], rescale[2];
+        step = issue_scores(sc, i % kStages, (i / kStages) & 1);
+        wgmma_wait<0>();
+        fence_operands(sc);
+        if (lane == 0) mbarrier_arrive(k_empty(i % kStages));
+        if (step.last) release_q();
+        softmax(sc, step, rescale);  // O is 0: nothing to rescale
+#pragma unroll
+        for (int kb = 0; kb < kKeys / 16; ++kb) c_to_a<T>(pa[kb], sc[2 * kb], sc[2 * kb + 1]);
+      }
+      auto issue_output = [&](int stage, uint32_t parity) {  // O += P V, issued
+        mbarrier_wait(v_full(stage), parity);
+        fence_operands(o);
+        wgmma_fence();
+#pragma unroll
+        for (int kb = 0; kb < kKeys / 16; ++kb) {
+          Wgmma<T>::template rs<D>(o, pa[kb], mn_major(v_tiles + stage * kTileBytes, kKeys, kb),
+                                   true);
+        }
+        wgmma_commit();
+      };
+      for (; !step.last; ++i) {  // `step` sits in stage i % kStages
+        const int stage = i % kStages, next_stage = (i + 1) % kStages;
+        float sc[kKeys / 8][4], rescale[2];
+        const Step next = issue_scores(sc, next_stage, ((i + 1) / kStages) & 1);
+        issue_output(stage, (i / kStages) & 1);
+        if constexpr (kBandOnly) {
+          wgmma_wait<1>();  // the scores of `next`
+        } else {
+          wgmma_wait<0>();  // and O += P V of `step`
+        }
+        fence_operands(sc);
+        if (lane == 0) mbarrier_arrive(k_empty(next_stage));
+        if (next.last) release_q();
+        softmax(sc, next, rescale);
+        wgmma_wait<0>();  // O += P V of `step`
+        fence_operands(o);
+        if (lane == 0) mbarrier_arrive(v_empty(stage));
+        scale_rows(o, rescale);
+#pragma unroll
+        for (int kb = 0; kb < kKeys / 16; ++kb) c_to_a<T>(pa[kb], sc[2 * kb], sc[2 * kb + 1]);
+        step = next;
+      }
+      issue_output(i % kStages, (i / kStages) & 1);
+      wgmma_wait<0>();
+      fence_operands(o);
+      if (lane == 0) mbarrier_arrive(v_empty(i % kStages));
+      ++i;
     }
-    issue_output(i % kStages, (i / kStages) & 1);
-    wgmma_wait<0>();
-    fence_operands(o);
-    if (lane == 0) mbarrier_arrive(v_empty(i % kStages));
-  }
 
-  const int64_t q_stride = s.q_heads * D;
-  store_output_rows<D>(o, row_max, row_sum,
-                       static_cast<T*>(p.out) + (batch * s.q_len * s.q_heads + head) * D,
-                       q_stride, p.lse + (batch * s.q_heads + head) * s.q_len, warp_row0 + g,
-                       s.q_len, t);
+    const int64_t q_stride = s.q_heads * D;
+    store_output_rows<D>(
+        o, row_max, row_sum,
+        static_cast<T*>(p.out) + (int64_t(item.batch) * s.q_len * s.q_heads + item.head) * D,
+        q_stride, p.lse + (int64_t(item.batch) * s.q_heads + item.head) * s.q_len, warp_row0 + g,
+        s.q_len, t);
+  }
 #endif  // FASTATTN_HAS_WGMMA
 }
 
@@ -260,9 +364,22 @@ cudaError_t launch(const ForwardParams& p, cudaStream_t stream) {
       e != cudaSuccess) {
     return e;
   }
-  const dim3 grid(static_cast<unsigned>(s.num_q_tiles(kRows)), static_cast<unsigned>(s.q_heads),
-                  static_cast<unsigned>(s.batch));
-  kernel<<<grid, kThreads, shared_bytes<D>(), stream>>>(p, maps);
+  int device = 0, sms = 0;
+  if (cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
+  if (cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+      e != cudaSuccess) {
+    return e;
+  }
+  // The (batch, q head) pairs whose K/V share L2: a q head's share of its
+  // K/V head's bytes.
+  const int64_t pairs = s.batch * s.q_heads;
+  const int64_t bytes_per_pair = s.kv_len * D * 2 * 2 * s.kv_heads / s.q_heads;
+  const int64_t group =
+      std::max<int64_t>(1, std::min(pairs, kL2Bytes / std::max<int64_t>(1, bytes_per_pair)));
+  const int64_t work = s.num_q_tiles(kRows) * pairs;
+  if (work > INT32_MAX) return cudaErrorInvalidValue;
+  const int64_t ctas = std::min<int64_t>(work, sms);  // one per SM (226 KB of shared memory)
+  kernel<<<static_cast<unsigned>(ctas), kThreads, shared_bytes<D>(), stream>>>(p, maps, int(group));
   return cudaGetLastError();
 }
 

@@ -6,6 +6,8 @@
 // Where the backward ran the wgmma kernels, it also compares their dQ, dK
 // and dV with the mma.sync kernels' (FASTATTN_CUDA_BACKWARD=mma_sync) on
 // the same inputs: the largest difference relative to the largest value.
+// The forward likewise compares its output and lse with the mma.sync
+// forward's (FASTATTN_CUDA_FORWARD=mma_sync).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -133,6 +135,35 @@ int main(int argc, char** argv) {
       }
       printf("d%c: max |wgmma - mma_sync| %.3g, max |mma_sync| %.3g\n", "qkv"[i], diff, largest);
     }
+  }
+  if (!backward) {  // the selected forward against the mma.sync forward, same inputs
+    std::vector<__nv_bfloat16> selected(elements), mma_sync(elements);
+    std::vector<float> selected_lse(batch * heads * seq), mma_sync_lse(batch * heads * seq);
+    cudaMemcpy(selected.data(), out, elements * 2, cudaMemcpyDeviceToHost);
+    cudaMemcpy(selected_lse.data(), lse, selected_lse.size() * 4, cudaMemcpyDeviceToHost);
+    cudaMemset(out, 0, elements * 2);
+    setenv("FASTATTN_CUDA_FORWARD", "mma_sync", 1);
+    const cudaError_t launched = fastattn::cuda::attention_forward(params, nullptr);
+    const cudaError_t finished = cudaDeviceSynchronize();
+    unsetenv("FASTATTN_CUDA_FORWARD");
+    if (launched != cudaSuccess || finished != cudaSuccess) {
+      printf("mma.sync forward failed: %s\n",
+             cudaGetErrorString(launched != cudaSuccess ? launched : finished));
+      return 1;
+    }
+    cudaMemcpy(mma_sync.data(), out, elements * 2, cudaMemcpyDeviceToHost);
+    cudaMemcpy(mma_sync_lse.data(), lse, mma_sync_lse.size() * 4, cudaMemcpyDeviceToHost);
+    double diff = 0, largest = 0, lse_diff = 0;
+    for (size_t j = 0; j < elements; ++j) {
+      const double a = __bfloat162float(selected[j]), b = __bfloat162float(mma_sync[j]);
+      diff = std::max(diff, std::abs(a - b));  // NaN in either shows as nan below
+      if (a != a || b != b) diff = NAN;
+      largest = std::max(largest, std::abs(b));
+    }
+    for (size_t j = 0; j < selected_lse.size(); ++j)
+      lse_diff = std::max(lse_diff, double(std::abs(selected_lse[j] - mma_sync_lse[j])));
+    printf("out: max |selected - mma_sync| %.3g (max |mma_sync| %.3g), lse %.3g\n", diff,
+           largest, lse_diff);
   }
   const double flops =
       4.0 * batch * heads * seq * seq * dim * (causal ? 0.5 : 1.0) * (backward ? 2.5 : 1.0);
