@@ -222,6 +222,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int consumer = warpgroup - 1, warp = (threadIdx.x / 32) % 4;
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const float scale_log2 = p.softmax_scale * kLog2e;
+  // At D=64 with the band mask alone the softmax takes raw scores and folds
+  // the scale into its exp2 FFMAs (kernel alone, H100, B=4 S=4K: full 359
+  // -> 394 TFLOP/s, causal 311 -> 332); at D=128 that measured 1-4 % slower
+  // at S=4K and 16K full, so D=128 scales the scores first.
+  constexpr bool kRawScores = kBandOnly && D == 64;
   // Lane 0 reads what the producer left and tells its warp, so that only
   // lane 0, which releases the stage or Q, has read it.
   auto warp_broadcast = [&](uint32_t value) { return __shfl_sync(0xffffffffu, value, 0); };
@@ -269,6 +274,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     // place; O may still be the target of a wgmma in flight, so the caller
     // applies `rescale` to it later).
     auto softmax = [&](float (&sc)[kKeys / 8][4], const Step& step, float (&rescale)[2]) {
+      if constexpr (kRawScores) {
+        mask_scores<kKeys / 8, false, kBandOnly>(sc, s, p.mask, p.bias, item.batch, item.head,
+                                                 warp_row0, step.tile * kKeys, step.masked);
+        online_softmax_raw(sc, row_max, row_sum, rescale, scale_log2);
+        return;
+      }
 #pragma unroll
       for (int nt = 0; nt < kKeys / 8; ++nt)
 #pragma unroll
@@ -336,6 +347,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       ++i;
     }
 
+    if constexpr (kRawScores) {
+      row_max[0] *= scale_log2;
+      row_max[1] *= scale_log2;
+    }
     const int64_t q_stride = s.q_heads * D;
     store_output_rows<D>(
         o, row_max, row_sum,

@@ -291,6 +291,37 @@ __device__ __forceinline__ void online_softmax(float (&s)[kN][4], float (&row_ma
   }
 }
 
+// online_softmax on raw (unscaled, masked) scores, the scale folded into
+// the FFMA before each exp2: row_max stays in raw units (times `scale`, it
+// is online_softmax's). Needs scale > 0 and no bias (which is added in
+// scaled units).
+template <int kN>
+__device__ __forceinline__ void online_softmax_raw(float (&s)[kN][4], float (&row_max)[2],
+                                                   float (&row_sum)[2], float (&rescale)[2],
+                                                   float scale) {
+  float reference[2];  // scaled
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float m = row_max[r];
+#pragma unroll
+    for (int nt = 0; nt < kN; ++nt) m = fmaxf(m, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+    reference[r] = m == -INFINITY ? 0.f : m * scale;  // nothing visible yet: avoid inf - inf
+    rescale[r] = exp2_fast(row_max[r] * scale - reference[r]);
+    row_max[r] = m;
+    row_sum[r] *= rescale[r];
+  }
+#pragma unroll
+  for (int nt = 0; nt < kN; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      s[nt][e] = exp2_fast(fmaf(s[nt][e], scale, -reference[e >> 1]));
+      row_sum[e >> 1] += s[nt][e];
+    }
+  }
+}
+
 // Rows g and g + 8 of an output accumulator times online_softmax's rescale.
 template <int kN>
 __device__ __forceinline__ void scale_rows(float (&o)[kN][4], const float (&rescale)[2]) {
