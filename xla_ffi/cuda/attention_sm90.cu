@@ -278,15 +278,15 @@ __global__ void __launch_bounds__(kThreads, 1)
         mask_scores<kKeys / 8, false, kBandOnly>(sc, s, p.mask, p.bias, item.batch, item.head,
                                                  warp_row0, step.tile * kKeys, step.masked);
         online_softmax_raw(sc, row_max, row_sum, rescale, scale_log2);
-        return;
+      } else {
+#pragma unroll
+        for (int nt = 0; nt < kKeys / 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) sc[nt][e] *= scale_log2;
+        mask_scores<kKeys / 8, false, kBandOnly>(sc, s, p.mask, p.bias, item.batch, item.head,
+                                                 warp_row0, step.tile * kKeys, step.masked);
+        online_softmax(sc, row_max, row_sum, rescale);
       }
-#pragma unroll
-      for (int nt = 0; nt < kKeys / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) sc[nt][e] *= scale_log2;
-      mask_scores<kKeys / 8, false, kBandOnly>(sc, s, p.mask, p.bias, item.batch, item.head,
-                                               warp_row0, step.tile * kKeys, step.masked);
-      online_softmax(sc, row_max, row_sum, rescale);
     };
     // Software pipeline within the warpgroup: S of step i+1 is issued
     // before O += P_i V_i, and its softmax runs while that product is in
