@@ -259,6 +259,17 @@ __device__ __forceinline__ void mask_scores(float (&s)[kN][4], const AttentionSh
   }
 }
 
+// The maximum of `running` and the scores of the thread's row g (r = 0) or
+// g + 8 (r = 1) over the quad's lanes.
+template <int kN>
+__device__ __forceinline__ float quad_row_max(const float (&s)[kN][4], float running, int r) {
+  float m = running;
+#pragma unroll
+  for (int nt = 0; nt < kN; ++nt) m = fmaxf(m, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+  m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+  return fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+}
+
 // Online softmax of a block of scores (log2 units, masked) for the
 // thread's rows g and g + 8, whose keys are spread over the 4 lanes of a
 // quad: updates the running row maxima and the thread's partial row sums,
@@ -271,11 +282,7 @@ __device__ __forceinline__ void online_softmax(float (&s)[kN][4], float (&row_ma
   float reference[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    float m = row_max[r];
-#pragma unroll
-    for (int nt = 0; nt < kN; ++nt) m = fmaxf(m, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+    const float m = quad_row_max(s, row_max[r], r);
     reference[r] = m == -INFINITY ? 0.f : m;  // nothing visible yet: avoid inf - inf
     rescale[r] = exp2_fast(row_max[r] - reference[r]);
     row_max[r] = m;
@@ -302,11 +309,7 @@ __device__ __forceinline__ void online_softmax_raw(float (&s)[kN][4], float (&ro
   float reference[2];  // scaled
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    float m = row_max[r];
-#pragma unroll
-    for (int nt = 0; nt < kN; ++nt) m = fmaxf(m, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+    const float m = quad_row_max(s, row_max[r], r);
     reference[r] = m == -INFINITY ? 0.f : m * scale;  // nothing visible yet: avoid inf - inf
     rescale[r] = exp2_fast(row_max[r] * scale - reference[r]);
     row_max[r] = m;
