@@ -20,6 +20,22 @@
 #include "cuda/attention.h"
 #include "cuda/attention_backward.h"
 
+// Runs `launch` (and waits for it) with the mma.sync kernels forced through
+// the environment `variable`; false, with a message, if it failed.
+template <typename Launch>
+bool run_mma_sync(const char* variable, Launch launch) {
+  setenv(variable, "mma_sync", 1);
+  const cudaError_t launched = launch();
+  const cudaError_t finished = cudaDeviceSynchronize();
+  unsetenv(variable);
+  if (launched != cudaSuccess || finished != cudaSuccess) {
+    printf("%s=mma_sync failed: %s\n", variable,
+           cudaGetErrorString(launched != cudaSuccess ? launched : finished));
+    return false;
+  }
+  return true;
+}
+
 int main(int argc, char** argv) {
   const long batch = argc > 1 ? atol(argv[1]) : 4, seq = argc > 2 ? atol(argv[2]) : 4096;
   const long heads = argc > 3 ? atol(argv[3]) : 32, dim = argc > 4 ? atol(argv[4]) : 128;
@@ -115,13 +131,8 @@ int main(int argc, char** argv) {
     for (int i = 0; i < 3; ++i)
       cudaMemcpy(wgmma[i].data(), outputs[i], elements * 2, cudaMemcpyDeviceToHost);
     for (void* output : outputs) cudaMemset(output, 0, elements * 2);
-    setenv("FASTATTN_CUDA_BACKWARD", "mma_sync", 1);
-    const cudaError_t launched = fastattn::cuda::attention_backward(grads, delta, nullptr);
-    const cudaError_t finished = cudaDeviceSynchronize();
-    unsetenv("FASTATTN_CUDA_BACKWARD");
-    if (launched != cudaSuccess || finished != cudaSuccess) {
-      printf("mma.sync backward failed: %s\n",
-             cudaGetErrorString(launched != cudaSuccess ? launched : finished));
+    if (!run_mma_sync("FASTATTN_CUDA_BACKWARD",
+                      [&] { return fastattn::cuda::attention_backward(grads, delta, nullptr); })) {
       return 1;
     }
     std::vector<__nv_bfloat16> mma_sync(elements);
@@ -142,13 +153,8 @@ int main(int argc, char** argv) {
     cudaMemcpy(selected.data(), out, elements * 2, cudaMemcpyDeviceToHost);
     cudaMemcpy(selected_lse.data(), lse, selected_lse.size() * 4, cudaMemcpyDeviceToHost);
     cudaMemset(out, 0, elements * 2);
-    setenv("FASTATTN_CUDA_FORWARD", "mma_sync", 1);
-    const cudaError_t launched = fastattn::cuda::attention_forward(params, nullptr);
-    const cudaError_t finished = cudaDeviceSynchronize();
-    unsetenv("FASTATTN_CUDA_FORWARD");
-    if (launched != cudaSuccess || finished != cudaSuccess) {
-      printf("mma.sync forward failed: %s\n",
-             cudaGetErrorString(launched != cudaSuccess ? launched : finished));
+    if (!run_mma_sync("FASTATTN_CUDA_FORWARD",
+                      [&] { return fastattn::cuda::attention_forward(params, nullptr); })) {
       return 1;
     }
     cudaMemcpy(mma_sync.data(), out, elements * 2, cudaMemcpyDeviceToHost);
