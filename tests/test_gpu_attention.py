@@ -85,6 +85,27 @@ def test_segments_dense_bias_and_fully_masked_rows(kernel):
     check_forward(backend, q, k, v, bias=bias, causal=True)
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_many_work_items_per_cta(kernel, head_dim):
+    """Enough 128-row query blocks (18 x 32 = 576) that the persistent sm90a
+    forward gives each CTA several items: its stage ring and Q buffer run
+    on across items, under the band-only and the general mask, with whole
+    query blocks that see nothing (no K/V step at all) between others."""
+    backend, dtype = kernel
+    if backend != "cuda":
+        pytest.skip("the persistent kernel is the cuda backend's")
+    batch, length = 2, 2304
+    q, k, v = random_qkv(11, batch, length, length, 16, 4, head_dim, dtype)
+    check_forward(backend, q, k, v, causal=True)
+    ids = np.repeat(np.arange(length // 256), 256)[None].repeat(batch, 0)
+    q_ids = jnp.asarray(ids, jnp.int32).at[0, 128:384].set(-1)  # two blocks see nothing
+    out, lse = check_forward(backend, q, k, v, mask=masks.Segments(q_ids, jnp.asarray(ids, jnp.int32)))
+    assert np.all(np.asarray(out, np.float32)[0, 128:384] == 0)
+    assert np.all(np.isneginf(np.asarray(lse)[0, :, 128:384]))
+    bias = jax.random.normal(jax.random.PRNGKey(12), (batch, 1, length, length), jnp.float32)
+    check_forward(backend, q, k, v, bias=bias, causal=True)
+
+
 def test_gradients_jit_and_vmap(kernel):
     backend, dtype = kernel
     q, k, v = random_qkv(6, 2, 150, 170, 4, 2, 64, dtype)
