@@ -1,8 +1,12 @@
 // Times cuda::attention_forward or cuda::attention_backward alone (no JAX),
 // for ncu and quick A/B runs:
-//   cuda_attention_bench [batch seq heads dim causal tile_q fwd|bwd]
-// Prints the median of 20 launches and TFLOP/s (causal counts half; the
-// backward counts 2.5x the forward's FLOPs, as FlashAttention reports it).
+//   cuda_attention_bench [batch seq heads dim causal tile_q fwd|bwd launches data]
+// Prints the median of `launches` (default 20) and TFLOP/s (causal counts
+// half; the backward counts 2.5x the forward's FLOPs, as FlashAttention
+// reports it). data "uniform" (default): one array of uniform(-0.5, 0.5)
+// values copied into q, k and v; "normal": q, k, v each standard normal, as
+// python -m jax_fastattn.bench draws them (the two differ in power drawn,
+// hence in clocks under a sustained load).
 // Where the backward ran the wgmma kernels, it also compares their dQ, dK
 // and dV with the mma.sync kernels' (FASTATTN_CUDA_BACKWARD=mma_sync) on
 // the same inputs: the largest difference relative to the largest value.
@@ -15,6 +19,8 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <random>
+#include <string>
 #include <vector>
 
 #include "cuda/attention.h"
@@ -42,10 +48,19 @@ int main(int argc, char** argv) {
   const bool causal = argc > 5 && atoi(argv[5]) != 0;
   const long tile_q = argc > 6 ? atol(argv[6]) : 64;
   const bool backward = argc > 7 && argv[7][0] == 'b';
+  const int launches = argc > 8 ? std::max(1, atoi(argv[8])) : 20;
+  const bool normal = argc > 9 && std::string(argv[9]) == "normal";
   const long tile_kv = fastattn::cuda::kForwardTileKv;
   const size_t elements = size_t(batch) * seq * heads * dim;
   std::vector<__nv_bfloat16> host(elements);
-  for (size_t i = 0; i < elements; ++i) host[i] = __float2bfloat16(float(rand()) / RAND_MAX - 0.5f);
+  std::mt19937 generator(0);
+  std::normal_distribution<float> gaussian;
+  auto fill = [&] {
+    for (size_t i = 0; i < elements; ++i) {
+      host[i] = __float2bfloat16(normal ? gaussian(generator) : float(rand()) / RAND_MAX - 0.5f);
+    }
+  };
+  fill();
   void *q, *k, *v, *out;
   float* lse;
   int8_t* classes;
@@ -64,7 +79,10 @@ int main(int argc, char** argv) {
   for (void** p : {&q, &k, &v, &out}) cudaMalloc(p, elements * 2);
   cudaMalloc(&lse, batch * heads * seq * 4);
   cudaMalloc(&classes, host_classes.size());
-  for (void* p : {q, k, v}) cudaMemcpy(p, host.data(), elements * 2, cudaMemcpyHostToDevice);
+  for (void* p : {q, k, v}) {
+    cudaMemcpy(p, host.data(), elements * 2, cudaMemcpyHostToDevice);
+    if (normal) fill();  // a draw of its own for each of q, k, v
+  }
   cudaMemcpy(classes, host_classes.data(), host_classes.size(), cudaMemcpyHostToDevice);
 
   fastattn::ForwardParams params;
@@ -110,7 +128,7 @@ int main(int argc, char** argv) {
   cudaEventCreate(&start);
   cudaEventCreate(&stop);
   std::vector<float> ms;
-  for (int i = 0; i < 22; ++i) {
+  for (int i = 0; i < launches + 2; ++i) {
     cudaEventRecord(start);
     const cudaError_t e = backward ? fastattn::cuda::attention_backward(grads, delta, nullptr)
                                    : fastattn::cuda::attention_forward(params, nullptr);
