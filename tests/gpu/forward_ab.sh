@@ -1,29 +1,39 @@
 #!/usr/bin/env bash
-# A/B timing of sm90a forward variants, kernel alone (no JAX), on one GPU:
+# A/B timing of forward variants, kernel alone (no JAX), on one GPU:
 #   bash tests/gpu/forward_ab.sh [VARIANT.cu ...]
-# Builds xla_ffi/tests/cuda_attention_bench.cu once with the tree's
-# attention_sm90.cu ("tree") and once with each VARIANT.cu in its place
-# (e.g. `git show wip/branch:xla_ffi/cuda/attention_sm90.cu > /tmp/v.cu`
-# before the device call, the file carried in the tree), then runs every
-# binary on the same shapes, interleaved and twice, so that clock drift
-# hits all alike. Log: $OUT/forward_ab.txt.
+# Builds xla_ffi/tests/cuda_attention_bench.cu once with the tree's kernels
+# ("tree") and once with each VARIANT.cu in place of attention_sm90.cu, or
+# of attention_sm80.cu when its name holds "sm80" (e.g. `git show
+# wip/branch:xla_ffi/cuda/attention_sm90.cu > abv/v.cu` before the device
+# call, the folder carried), then runs every binary on the same shapes,
+# interleaved and twice, so that clock drift hits all alike. Each run also
+# compares the forward it took with the mma.sync forward. MMA_SYNC=1 times
+# the mma.sync (sm80) forward instead of the wgmma one. Log:
+# $OUT/forward_ab.txt.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 LOG="$OUT/forward_ab.txt"
 flags="-std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a --use_fast_math -Ixla_ffi -Ixla_ffi/cuda"
-common="xla_ffi/tests/cuda_attention_bench.cu xla_ffi/cuda/attention_sm80.cu \
-  xla_ffi/cuda/attention_backward_sm80.cu xla_ffi/cuda/attention_backward_sm90.cu"
+common="xla_ffi/tests/cuda_attention_bench.cu xla_ffi/cuda/attention_backward_sm80.cu \
+  xla_ffi/cuda/attention_backward_sm90.cu"
+sm80=xla_ffi/cuda/attention_sm80.cu
+sm90=xla_ffi/cuda/attention_sm90.cu
 names=(tree)
-nvcc $flags $common xla_ffi/cuda/attention_sm90.cu -o /tmp/forward_ab_tree &
+nvcc $flags $common $sm80 $sm90 -o /tmp/forward_ab_tree &
 index=0
 for variant in "$@"; do
   index=$((index + 1))
   names+=("v$index")
   echo "v$index = $variant" | tee -a "$LOG"
-  nvcc $flags $common "$variant" -o "/tmp/forward_ab_v$index" &
+  if [[ "$(basename "$variant")" == *sm80* ]]; then
+    nvcc $flags $common "$variant" $sm90 -o "/tmp/forward_ab_v$index" &
+  else
+    nvcc $flags $common $sm80 "$variant" -o "/tmp/forward_ab_v$index" &
+  fi
 done
 wait
+[[ "${MMA_SYNC:-0}" == 1 ]] && export FASTATTN_CUDA_FORWARD=mma_sync
 # batch seq heads dim causal
 shapes=("4 4096 32 128 0" "4 4096 32 128 1" "16 1024 32 128 1" "16 1024 32 128 0"
         "1 16384 32 128 1" "1 16384 32 128 0" "4 4096 32 64 0" "4 4096 32 64 1"
