@@ -87,6 +87,10 @@ __device__ __forceinline__ void fence_operands(float (&d)[kTiles][4]) {
   FASTATTN_WGMMA_REGS32                                                                        \
   ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, "    \
   "%49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define FASTATTN_WGMMA_REGS88                                                                  \
+  FASTATTN_WGMMA_REGS64                                                                        \
+  ", %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, "    \
+  "%81, %82, %83, %84, %85, %86, %87"
 #define FASTATTN_D4(j) "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
 #define FASTATTN_D32                                                                       \
   FASTATTN_D4(0), FASTATTN_D4(1), FASTATTN_D4(2), FASTATTN_D4(3), FASTATTN_D4(4),          \
@@ -94,10 +98,13 @@ __device__ __forceinline__ void fence_operands(float (&d)[kTiles][4]) {
 #define FASTATTN_D64                                                                       \
   FASTATTN_D32, FASTATTN_D4(8), FASTATTN_D4(9), FASTATTN_D4(10), FASTATTN_D4(11),          \
       FASTATTN_D4(12), FASTATTN_D4(13), FASTATTN_D4(14), FASTATTN_D4(15)
+#define FASTATTN_D88                                                                       \
+  FASTATTN_D64, FASTATTN_D4(16), FASTATTN_D4(17), FASTATTN_D4(18), FASTATTN_D4(19),        \
+      FASTATTN_D4(20), FASTATTN_D4(21)
 
 // d (m64 x nN, f32, the accumulator layout of mma.m16n8 per warp: n8 tile
 // j of a warp's 16 rows in d[j]) += A B. `accumulate` false: d = A B.
-//   ss<N>:   A and B from K-major descriptors, N = 64 or 128.
+//   ss<N>:   A and B from K-major descriptors, N = 64, 128 or 176.
 //   rs<N>:   A from registers (the mma.m16n8k16 A fragment of the warp's 16
 //            rows), B from an MN-major descriptor; N = 64 or 128.
 #define FASTATTN_DEFINE_WGMMA(TYPE, PTX_TYPES)                                                 \
@@ -106,7 +113,14 @@ __device__ __forceinline__ void fence_operands(float (&d)[kTiles][4]) {
     template <int N>                                                                           \
     static __device__ __forceinline__ void ss(float (&d)[N / 8][4], uint64_t a, uint64_t b,    \
                                               bool accumulate) {                               \
-      if constexpr (N == 128) {                                                                \
+      if constexpr (N == 176) {                                                                \
+        asm volatile(                                                                          \
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %90, 0;\n"                                     \
+            "wgmma.mma_async.sync.aligned.m64n176k16.f32" PTX_TYPES                            \
+            " {" FASTATTN_WGMMA_REGS88 "}, %88, %89, p, 1, 1, 0, 0;\n}\n"                      \
+            : FASTATTN_D88                                                                     \
+            : "l"(a), "l"(b), "r"(int(accumulate)));                                           \
+      } else if constexpr (N == 128) {                                                         \
         asm volatile(                                                                          \
             "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                     \
             "wgmma.mma_async.sync.aligned.m64n128k16.f32" PTX_TYPES                            \
@@ -114,7 +128,7 @@ __device__ __forceinline__ void fence_operands(float (&d)[kTiles][4]) {
             : FASTATTN_D64                                                                     \
             : "l"(a), "l"(b), "r"(int(accumulate)));                                           \
       } else {                                                                                 \
-        static_assert(N == 64, "ss: N is 64 or 128");                                          \
+        static_assert(N == 64, "ss: N is 64, 128 or 176");                                     \
         asm volatile(                                                                          \
             "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                     \
             "wgmma.mma_async.sync.aligned.m64n64k16.f32" PTX_TYPES                             \
@@ -151,9 +165,11 @@ FASTATTN_DEFINE_WGMMA(__nv_bfloat16, ".bf16.bf16")
 FASTATTN_DEFINE_WGMMA(__half, ".f16.f16")
 
 #undef FASTATTN_DEFINE_WGMMA
+#undef FASTATTN_D88
 #undef FASTATTN_D64
 #undef FASTATTN_D32
 #undef FASTATTN_D4
+#undef FASTATTN_WGMMA_REGS88
 #undef FASTATTN_WGMMA_REGS64
 #undef FASTATTN_WGMMA_REGS32
 
