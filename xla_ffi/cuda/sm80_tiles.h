@@ -270,21 +270,27 @@ __device__ __forceinline__ float quad_row_max(const float (&s)[kN][4], float run
   return fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
 }
 
-// Online softmax of a block of scores (log2 units, masked) for the
-// thread's rows g and g + 8, whose keys are spread over the 4 lanes of a
-// quad: updates the running row maxima and the thread's partial row sums,
-// turns the scores into P in place and returns in `rescale` the factor by
-// which the output accumulated so far must be scaled (the caller applies it:
-// a wgmma may still be writing that output).
-template <int kN>
-__device__ __forceinline__ void online_softmax(float (&s)[kN][4], float (&row_max)[2],
-                                               float (&row_sum)[2], float (&rescale)[2]) {
-  float reference[2];
+// Online softmax of a block of scores for the thread's rows g and g + 8,
+// whose keys are spread over the 4 lanes of a quad: updates the running row
+// maxima and the thread's partial row sums, turns the scores into P in place
+// and returns in `rescale` the factor by which the output accumulated so far
+// must be scaled (the caller applies it: a wgmma may still be writing that
+// output). kRaw false (online_softmax): scores in log2 units, scaled,
+// masked. kRaw true (online_softmax_raw): raw scores, masked, and the
+// scale folded into the FFMA before each exp2; row_max then stays in raw
+// units (times `scale` it is online_softmax's). Raw needs scale > 0 and no
+// bias, which is added in scaled units.
+template <int kN, bool kRaw>
+__device__ __forceinline__ void online_softmax_in(float (&s)[kN][4], float (&row_max)[2],
+                                                  float (&row_sum)[2], float (&rescale)[2],
+                                                  float scale) {
+  float reference[2];  // log2 units
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float m = quad_row_max(s, row_max[r], r);
-    reference[r] = m == -INFINITY ? 0.f : m;  // nothing visible yet: avoid inf - inf
-    rescale[r] = exp2_fast(row_max[r] - reference[r]);
+    // m == -inf: nothing visible yet, avoid inf - inf
+    reference[r] = m == -INFINITY ? 0.f : kRaw ? m * scale : m;
+    rescale[r] = exp2_fast((kRaw ? row_max[r] * scale : row_max[r]) - reference[r]);
     row_max[r] = m;
     row_sum[r] *= rescale[r];
   }
@@ -292,37 +298,24 @@ __device__ __forceinline__ void online_softmax(float (&s)[kN][4], float (&row_ma
   for (int nt = 0; nt < kN; ++nt) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      s[nt][e] = exp2_fast(s[nt][e] - reference[e >> 1]);
+      s[nt][e] = exp2_fast(kRaw ? fmaf(s[nt][e], scale, -reference[e >> 1])
+                                : s[nt][e] - reference[e >> 1]);
       row_sum[e >> 1] += s[nt][e];
     }
   }
 }
 
-// online_softmax on raw (unscaled, masked) scores, the scale folded into
-// the FFMA before each exp2: row_max stays in raw units (times `scale`, it
-// is online_softmax's). Needs scale > 0 and no bias (which is added in
-// scaled units).
+template <int kN>
+__device__ __forceinline__ void online_softmax(float (&s)[kN][4], float (&row_max)[2],
+                                               float (&row_sum)[2], float (&rescale)[2]) {
+  online_softmax_in<kN, false>(s, row_max, row_sum, rescale, 1.f);
+}
+
 template <int kN>
 __device__ __forceinline__ void online_softmax_raw(float (&s)[kN][4], float (&row_max)[2],
                                                    float (&row_sum)[2], float (&rescale)[2],
                                                    float scale) {
-  float reference[2];  // scaled
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float m = quad_row_max(s, row_max[r], r);
-    reference[r] = m == -INFINITY ? 0.f : m * scale;  // nothing visible yet: avoid inf - inf
-    rescale[r] = exp2_fast(row_max[r] * scale - reference[r]);
-    row_max[r] = m;
-    row_sum[r] *= rescale[r];
-  }
-#pragma unroll
-  for (int nt = 0; nt < kN; ++nt) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      s[nt][e] = exp2_fast(fmaf(s[nt][e], scale, -reference[e >> 1]));
-      row_sum[e >> 1] += s[nt][e];
-    }
-  }
+  online_softmax_in<kN, true>(s, row_max, row_sum, rescale, scale);
 }
 
 // Rows g and g + 8 of an output accumulator times online_softmax's rescale.
