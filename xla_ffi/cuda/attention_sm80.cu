@@ -148,6 +148,173 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardParams p
                        s.q_len, t);
 }
 
+// FlashAttention-2's tile for D 64/128 (128 x 64, 4 warps of 32 rows):
+// each K/V fragment read from shared memory feeds both of a warp's m-tiles,
+// so the kernel reads a third less shared memory per flop than the 16-row
+// one above; Q fragments come from shared memory per k step. K and V have
+// one buffer each, loaded while the other is in use (V of tile j during
+// S_j, K of tile j+1 during P_j V_j): 64 KB at D=128, two CTAs per SM on an
+// A100. A CTA's 128 rows are two of the plan's 64-row tiles.
+constexpr int kTallRows = 128;
+
+template <int D, typename T, bool kBandOnly>
+__global__ void __launch_bounds__(kThreads) forward_tall_kernel(const ForwardParams p) {
+  extern __shared__ uint4 shared[];
+  uint4* q_tile = shared;                        // [kTallRows][D]
+  uint4* k_tile = q_tile + kTallRows * D / 8;    // [kBc][D]
+  uint4* v_tile = k_tile + kBc * D / 8;          // [kBc][D]
+
+  const AttentionShape& s = p.shape;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int64_t q_block = gridDim.x - 1 - blockIdx.x;  // heavier (causal) blocks first
+  const int64_t head = blockIdx.y, batch = blockIdx.z;
+  const int64_t kv_head = head / (s.q_heads / s.kv_heads);
+  const int64_t q_stride = s.q_heads * D, kv_stride = s.kv_heads * D;
+  const int64_t q0 = q_block * kTallRows;
+  const int warp_row = warp * 32;
+  const T* q = static_cast<const T*>(p.q) + (batch * s.q_len * s.q_heads + head) * D;
+  const T* k = static_cast<const T*>(p.k) + (batch * s.kv_len * s.kv_heads + kv_head) * D;
+  const T* v = static_cast<const T*>(p.v) + (batch * s.kv_len * s.kv_heads + kv_head) * D;
+
+  const int64_t num_kv = (s.kv_len + kBc - 1) / kBc;
+  const int64_t plan_q = (s.q_len + kBr - 1) / kBr;
+  const int8_t* upper = class_row(p.mask, batch, head, 2 * q_block, plan_q, num_kv);
+  const bool has_lower = 2 * q_block + 1 < plan_q;
+  const int8_t* lower = has_lower ? upper + num_kv : upper;  // the next plan row
+  const int8_t* mine = warp < 2 ? upper : lower;  // the plan row of this warp's 32 rows
+  auto next_tile = [&](int64_t from) {
+    while (from < num_kv && upper[from] == kEmpty && lower[from] == kEmpty) ++from;
+    return from;
+  };
+  auto load_rows = [&](uint4* tile, const T* src, int64_t tile_index) {
+    const int64_t kv0 = tile_index * kBc;
+    load_tile_async<D, kBc, kThreads>(tile, src + kv0 * kv_stride, kv_stride, s.kv_len - kv0);
+  };
+
+  int64_t tile = next_tile(0);
+  load_tile_async<D, kTallRows, kThreads>(q_tile, q + q0 * q_stride, q_stride, s.q_len - q0);
+  if (tile < num_kv) load_rows(k_tile, k, tile);
+  commit_async();
+
+  float o[2][D / 8][4];
+  float row_max[2][2], row_sum[2][2];  // [m tile][row g / g + 8]; row_sum: own columns
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) o[mt][dt][0] = o[mt][dt][1] = o[mt][dt][2] = o[mt][dt][3] = 0.f;
+    row_max[mt][0] = row_max[mt][1] = -INFINITY;
+    row_sum[mt][0] = row_sum[mt][1] = 0.f;
+  }
+  const float scale_log2 = p.softmax_scale * kLog2e;
+  // At D=128 with the band mask alone the softmax takes raw scores and
+  // folds the scale into its exp2 FFMAs (kernel alone, H100: +1-2 %); at
+  // D=64 that measured 9 % slower, so D=64 scales the scores first.
+  constexpr bool kRawScores = kBandOnly && D == 128;
+
+  while (tile < num_kv) {
+    wait_async<0>();  // K of `tile` (and Q, the first time)
+    __syncthreads();  // ... seen by all warps, and V's buffer free
+    load_rows(v_tile, v, tile);
+    commit_async();
+    const int64_t kv0 = tile * kBc;
+    const bool masked = mine[tile] != kFull || kv0 + kBc > s.kv_len;
+
+    float sc[2][kBc / 8][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < kBc / 8; ++nt) sc[mt][nt][0] = sc[mt][nt][1] = sc[mt][nt][2] = sc[mt][nt][3] = 0.f;
+#pragma unroll
+    for (int kb = 0; kb < D / 16; ++kb) {
+      uint32_t a[2][4];
+      load_a<D>(a[0], q_tile, warp_row, kb);
+      load_a<D>(a[1], q_tile, warp_row + 16, kb);
+#pragma unroll
+      for (int np = 0; np < kBc / 16; ++np) {
+        uint32_t b[4];
+        load_b_rows<D>(b, k_tile, np * 16, kb);
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          Mma<T>::run(sc[mt][2 * np], a[mt], b[0], b[1]);
+          Mma<T>::run(sc[mt][2 * np + 1], a[mt], b[2], b[3]);
+        }
+      }
+    }
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+      float rescale[2];
+      if constexpr (kRawScores) {
+        mask_scores<kBc / 8, false, kBandOnly>(sc[mt], s, p.mask, p.bias, batch, head,
+                                               q0 + warp_row + mt * 16, kv0, masked);
+        online_softmax_raw(sc[mt], row_max[mt], row_sum[mt], rescale, scale_log2);
+      } else {
+#pragma unroll
+        for (int nt = 0; nt < kBc / 8; ++nt)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) sc[mt][nt][i] *= scale_log2;
+        mask_scores<kBc / 8, false, kBandOnly>(sc[mt], s, p.mask, p.bias, batch, head,
+                                               q0 + warp_row + mt * 16, kv0, masked);
+        online_softmax(sc[mt], row_max[mt], row_sum[mt], rescale);
+      }
+      scale_rows(o[mt], rescale);
+    }
+
+    wait_async<0>();  // V of `tile`
+    __syncthreads();  // ... seen by all warps, and K's buffer free
+    const int64_t next = next_tile(tile + 1);
+    if (next < num_kv) load_rows(k_tile, k, next);
+    commit_async();
+
+    // O += P V, P straight from the score registers.
+#pragma unroll
+    for (int kb = 0; kb < kBc / 16; ++kb) {
+      uint32_t a[2][4];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) c_to_a<T>(a[mt], sc[mt][2 * kb], sc[mt][2 * kb + 1]);
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        uint32_t b[4];
+        load_b_columns<D>(b, v_tile, kb * 16, dp);
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          Mma<T>::run(o[mt][2 * dp], a[mt], b[0], b[1]);
+          Mma<T>::run(o[mt][2 * dp + 1], a[mt], b[2], b[3]);
+        }
+      }
+    }
+    tile = next;
+  }
+  wait_async<0>();  // Q's copy, where no tile was visible (nothing may land after exit)
+
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt) {
+    if constexpr (kRawScores) {  // row maxima in log2 units, as store_output_rows takes them
+      row_max[mt][0] *= scale_log2;
+      row_max[mt][1] *= scale_log2;
+    }
+    store_output_rows<D>(o[mt], row_max[mt], row_sum[mt],
+                         static_cast<T*>(p.out) + (batch * s.q_len * s.q_heads + head) * D,
+                         q_stride, p.lse + (batch * s.q_heads + head) * s.q_len,
+                         q0 + warp_row + mt * 16 + g, s.q_len, t);
+  }
+}
+
+template <int D, typename T, bool kBandOnly>
+cudaError_t launch_tall(const ForwardParams& p, cudaStream_t stream) {
+  const int shared_bytes = (kTallRows + 2 * kBc) * D * 2;
+  auto kernel = forward_tall_kernel<D, T, kBandOnly>;
+  if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           shared_bytes);
+      e != cudaSuccess) {
+    return e;
+  }
+  const dim3 grid(static_cast<unsigned>(p.shape.num_q_tiles(kTallRows)),
+                  static_cast<unsigned>(p.shape.q_heads), static_cast<unsigned>(p.shape.batch));
+  kernel<<<grid, kThreads, shared_bytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
 template <int D, typename T>
 cudaError_t launch(const ForwardParams& p, cudaStream_t stream) {
   const int shared_bytes = (kBr + 4 * kBc) * D * 2;
@@ -165,9 +332,16 @@ cudaError_t launch(const ForwardParams& p, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t dispatch_dim(const ForwardParams& p, cudaStream_t stream) {
+  // The band-only tall kernel at D=128 folds the scale into its exp2s,
+  // which needs scale > 0 (see online_softmax_raw); the general variants
+  // take any scale.
+  const bool band_only = p.mask.q_segment == nullptr && p.mask.dense == nullptr &&
+                         p.bias.data == nullptr && p.softmax_scale > 0.f;
   switch (p.shape.head_dim) {
-    case 64: return launch<64, T>(p, stream);
-    case 128: return launch<128, T>(p, stream);
+    case 64:
+      return band_only ? launch_tall<64, T, true>(p, stream) : launch_tall<64, T, false>(p, stream);
+    case 128:  // the general mask's registers do not fit the tall tile at D=128 (it spills)
+      return band_only ? launch_tall<128, T, true>(p, stream) : launch<128, T>(p, stream);
     default: return launch<256, T>(p, stream);
   }
 }
