@@ -50,6 +50,25 @@ def test_mma_sync_forward_where_wgmma_runs(kernel, monkeypatch, mask):
         check_forward(backend, q, k, v, mask=mask)
 
 
+@pytest.mark.parametrize("forward", ["auto", "mma_sync"])
+@pytest.mark.parametrize("softmax_scale", [0.3, -0.2, 0.0])
+def test_softmax_scale_of_any_sign(kernel, monkeypatch, forward, softmax_scale):
+    """The band-only kernels fold the scale into their exp2s, which holds
+    for scale > 0 only; zero and negative scales must take kernels that are
+    right for them (the lse of scale 0 is log of the visible count)."""
+    backend, dtype = kernel
+    if forward == "mma_sync":
+        if backend != "cuda":
+            pytest.skip("a cuda-backend switch")
+        monkeypatch.setenv("FASTATTN_CUDA_FORWARD", "mma_sync")
+    for head_dim in (64, 128):
+        q, k, v = random_qkv(11, 2, 300, 257, 4, 2, head_dim, dtype)
+        check_forward(backend, q, k, v, softmax_scale=softmax_scale)
+        check_forward(backend, q, k, v, mask=masks.Causal(), softmax_scale=softmax_scale)
+    if backend == "cuda" and forward == "auto":
+        check_gradients(backend, q, k, v, mask=masks.Causal(), softmax_scale=softmax_scale)
+
+
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2), (6, 1)], ids=["mha", "gqa", "mqa"])
 def test_head_groups(kernel, heads):
     backend, dtype = kernel
@@ -89,7 +108,7 @@ def test_segments_dense_bias_and_fully_masked_rows(kernel):
 def test_many_work_items_per_cta(kernel, head_dim):
     """Enough 128-row query blocks (18 x 32 = 576) that the persistent sm90a
     forward gives each CTA several items: its stage ring and Q buffer run
-    on across items, under the band-only and the general mask, with whole
+    on across items, with no mask, under the band-only and the general mask, with whole
     query blocks that see nothing (no K/V step at all) between others."""
     backend, dtype = kernel
     if backend != "cuda":
@@ -97,6 +116,8 @@ def test_many_work_items_per_cta(kernel, head_dim):
     batch, length = 2, 2304
     q, k, v = random_qkv(11, batch, length, length, 16, 4, head_dim, dtype)
     check_forward(backend, q, k, v, causal=True)
+    # No mask: 176-key steps at D=128 (2304 = 13 x 176 + 16, a short last one).
+    check_forward(backend, q, k, v)
     ids = np.repeat(np.arange(length // 256), 256)[None].repeat(batch, 0)
     q_ids = jnp.asarray(ids, jnp.int32).at[0, 128:384].set(-1)  # two blocks see nothing
     out, lse = check_forward(backend, q, k, v, mask=masks.Segments(q_ids, jnp.asarray(ids, jnp.int32)))

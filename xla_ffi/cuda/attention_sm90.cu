@@ -7,16 +7,17 @@
 // (the most keys under a causal mask) to the first, so that the short items
 // fill the tail. A CTA has three warpgroups. Warpgroup 0 is the producer:
 // one thread walks the CTA's items and their visible K/V tiles, issues TMA
-// loads of each item's Q tile and of 128-key K and V tiles into kStages
-// shared-memory stages (128-byte swizzled, the layout wgmma reads), each
-// stage with a "full" mbarrier the TMA completes and an "empty" one the
-// consumers release, and leaves a record of the step (tile, mask needed,
-// last of the item) beside it; the producer hands most of its registers to
-// the consumers (setmaxnreg). The stage ring runs on across items, and the
-// next Q is loaded as soon as the consumers have issued their last S of
-// the current item. Warpgroups 1 and 2 are the consumers, 64 query rows
-// each: per tile they issue S = Q K^T (Q and K as K-major shared-memory
-// descriptors), run the online softmax on the accumulators in registers,
+// loads of each item's Q tile and of K and V tiles (176 keys at D=128
+// where nothing is masked, else 128) into shared-memory stages (128-byte
+// swizzled, the layout wgmma reads), each stage with a "full" mbarrier
+// the TMA completes and an "empty" one the consumers release, and leaves
+// a record of the step (tile, mask needed, last of the item) beside it;
+// the producer hands most of its registers to the consumers (setmaxnreg).
+// The stage ring runs on across items, and the next Q is loaded as soon
+// as the consumers have issued their last S of the current item.
+// Warpgroups 1 and 2 are the consumers, 64 query rows each: per tile
+// they issue S = Q K^T (Q and K as K-major shared-memory descriptors),
+// run the online softmax on the accumulators in registers,
 // and issue O += P V with P from registers (the accumulator layout is the
 // A-fragment layout) and V as an MN-major descriptor, so P never touches
 // shared memory. Within a consumer the tiles are software-pipelined
@@ -54,14 +55,23 @@ namespace cuda {
 namespace {
 
 constexpr int kRows = 128;  // query rows per work item
-constexpr int kKeys = 128;  // keys per step
 constexpr int kThreads = 384;
-constexpr int kStages = 3;  // D=128: 32 KB of Q + 3 x 64 KB of K/V, within the 227 KB
 constexpr int64_t kL2Bytes = 24 << 20;  // K/V bytes a group of concurrent items may share in L2
 
-template <int D>
-constexpr int shared_bytes() {
-  return (kRows + 2 * kStages * kKeys) * D * 2 + 1024 + 1024;  // tiles, barriers, alignment
+// Keys per step: 128, or FlashAttention-3's 176 where no key is masked
+// (the band mask alone, and no band: no causal or window bound), at D=128.
+// 176 keys mean fewer steps, so less per-step overhead (waits, row maxima,
+// the O rescale), with 88 score and 44 P registers beside O's 64; under a
+// causal band they cost more than they save (more steps cross the
+// diagonal), and the general mask's registers do not fit them. K/V stages:
+// three of 128 keys, or two of 176 (32 KB of Q + 2 x 88 KB at D=128).
+constexpr int kLongKeys = 176;
+
+__host__ __device__ constexpr int stages_for(int keys) { return keys == kLongKeys ? 2 : 3; }
+
+template <int D, int kKeys>
+constexpr int shared_bytes() {  // tiles, barriers, alignment
+  return (kRows + 2 * stages_for(kKeys) * kKeys) * D * 2 + 1024 + 1024;
 }
 
 struct TensorMaps {
@@ -107,13 +117,16 @@ __device__ __forceinline__ WorkItem work_item(int w, int num_q_blocks, int pairs
 // across items, and the next item's Q is loaded once the consumers have
 // issued their last S of the current one, so its start overlaps the
 // current item's last softmax, product and stores.
-template <int D, typename T, bool kBandOnly>
+template <int D, typename T, bool kBandOnly, int kKeys>
 __global__ void __launch_bounds__(kThreads, 1)
     forward_wgmma_kernel(const ForwardParams p, const __grid_constant__ TensorMaps maps,
                          const int group) {
 #if FASTATTN_HAS_WGMMA
   using namespace sm80;
   using namespace sm90;
+  static_assert(kKeys == 2 * kForwardTileKv || kBandOnly,
+                "the general mask reads the plan's 64-key tiles in pairs");
+  constexpr int kStages = stages_for(kKeys);
   extern __shared__ uint8_t shared_raw[];
   const uint32_t q_tile = (shared_address(shared_raw) + 1023) & ~1023u;
   constexpr uint32_t kTileBytes = kKeys * D * 2;
@@ -167,31 +180,51 @@ __global__ void __launch_bounds__(kThreads, 1)
           return class_row(p.mask, item.batch, item.head, q_tile_index, plan_q,
                            plan_kv)[plan_tile];
         };
-        // A 128 x 128 step is skipped when all four plan tiles in it are empty.
+        // The class of a 64-row half of the item over step `tile`. Under
+        // the band mask alone the plan is the band's own, so the class
+        // follows from the band: no loads on the lone producer thread,
+        // whose per-step work short steps wait on (reading the plan in a
+        // loop, as 176-key steps would need, measured 3-8 % slower at
+        // D=64 and under a causal mask). Rows past the end see nothing.
+        auto band_class = [&](int half, int64_t tile) -> int8_t {
+          const int64_t r0 = int64_t(item.q_block) * kRows + half * (kRows / 2);
+          const int64_t r1 = (r0 + kRows / 2 < s.q_len ? r0 + kRows / 2 : s.q_len) - 1;
+          const int64_t k0 = tile * kKeys;
+          const int64_t k1 = (k0 + kKeys < s.kv_len ? k0 + kKeys : s.kv_len) - 1;
+          const int64_t lo = p.mask.band_lo, hi = p.mask.band_hi;
+          if (r0 > r1 || lo > hi || r1 + hi < k0 || r0 + lo > k1) return kEmpty;
+          return r1 + lo <= k0 && r0 + hi >= k1 ? kFull : kPartial;
+        };
+        // A step is skipped when it shows nothing to either half: with the
+        // general mask, when all four 64 x 64 plan tiles in it are empty.
         auto next_tile = [&](int64_t from) {
           for (; from < num_kv; ++from) {
-            if (class_of(0, 2 * from) != kEmpty || class_of(0, 2 * from + 1) != kEmpty ||
-                class_of(1, 2 * from) != kEmpty || class_of(1, 2 * from + 1) != kEmpty) {
-              break;
+            if constexpr (kBandOnly) {
+              if (band_class(0, from) != kEmpty || band_class(1, from) != kEmpty) break;
+            } else {
+              if (class_of(0, 2 * from) != kEmpty || class_of(0, 2 * from + 1) != kEmpty ||
+                  class_of(1, 2 * from) != kEmpty || class_of(1, 2 * from + 1) != kEmpty) {
+                break;
+              }
             }
           }
           return from;
         };
         // Rows (the box height of `map`) from row0 of one head, in boxes of
         // 64 columns; their bytes complete the phase of `full`.
-        auto load_rows = [&](uint32_t to, const CUtensorMap* map, int64_t head_index,
+        auto load_rows = [&](uint32_t to, const CUtensorMap* map, int rows, int64_t head_index,
                              int64_t row0, uint32_t full) {
-          mbarrier_arrive_expect_bytes(full, kTileBytes);
+          mbarrier_arrive_expect_bytes(full, rows * D * 2);
 #pragma unroll
           for (int block = 0; block < D / 64; ++block) {
-            tma_load_4d(to + block * kKeys * 128, map, block * 64, int(head_index), int(row0),
+            tma_load_4d(to + block * rows * 128, map, block * 64, int(head_index), int(row0),
                         int(item.batch), full);
           }
         };
         int64_t tile = next_tile(0);
         mbarrier_wait(q_empty, (n & 1) ^ 1);
         *item_has_steps = tile < num_kv;  // released by the arrive in load_rows
-        load_rows(q_tile, &maps.q, item.head, int64_t(item.q_block) * kRows, q_full);
+        load_rows(q_tile, &maps.q, kRows, item.head, int64_t(item.q_block) * kRows, q_full);
         while (tile < num_kv) {
           const int64_t next = next_tile(tile + 1);
           const int stage = i % kStages;
@@ -199,17 +232,24 @@ __global__ void __launch_bounds__(kThreads, 1)
           StepRecord record;
           record.tile = int32_t(tile);
           for (int half = 0; half < 2; ++half) {
-            record.masked[half] = class_of(half, 2 * tile) != kFull ||
-                                  class_of(half, 2 * tile + 1) != kFull ||
-                                  (tile + 1) * kKeys > s.kv_len;
+            if constexpr (kBandOnly) {
+              record.masked[half] =
+                  band_class(half, tile) != kFull || (tile + 1) * kKeys > s.kv_len;
+            } else {
+              record.masked[half] = class_of(half, 2 * tile) != kFull ||
+                                    class_of(half, 2 * tile + 1) != kFull ||
+                                    (tile + 1) * kKeys > s.kv_len;
+            }
           }
           record.last = next >= num_kv;
           record.unused = 0;
           mbarrier_wait(k_empty(stage), free_parity);
           records[stage] = record;  // released by the arrive in load_rows
-          load_rows(k_tiles + stage * kTileBytes, &maps.k, kv_head, tile * kKeys, k_full(stage));
+          load_rows(k_tiles + stage * kTileBytes, &maps.k, kKeys, kv_head, tile * kKeys,
+                    k_full(stage));
           mbarrier_wait(v_empty(stage), free_parity);
-          load_rows(v_tiles + stage * kTileBytes, &maps.v, kv_head, tile * kKeys, v_full(stage));
+          load_rows(v_tiles + stage * kTileBytes, &maps.v, kKeys, kv_head, tile * kKeys,
+                    v_full(stage));
           tile = next;
           ++i;
         }
@@ -361,9 +401,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif  // FASTATTN_HAS_WGMMA
 }
 
-template <int D, typename T>
-cudaError_t launch(const ForwardParams& p, cudaStream_t stream) {
-  static_assert(kRows == kKeys, "one box shape serves Q and K/V");
+template <int D, typename T, bool kBandOnly, int kKeys = 128>
+cudaError_t launch_variant(const ForwardParams& p, cudaStream_t stream) {
+  constexpr int kShared = shared_bytes<D, kKeys>();
   const AttentionShape& s = p.shape;
   TensorMaps maps;
   if (!encode_tensor_map(&maps.q, p.q, p.dtype, s.batch, s.q_len, s.q_heads, D, kRows) ||
@@ -371,11 +411,9 @@ cudaError_t launch(const ForwardParams& p, cudaStream_t stream) {
       !encode_tensor_map(&maps.v, p.v, p.dtype, s.batch, s.kv_len, s.kv_heads, D, kKeys)) {
     return cudaErrorInvalidValue;
   }
-  const bool band_only =
-      p.mask.q_segment == nullptr && p.mask.dense == nullptr && p.bias.data == nullptr;
-  auto kernel = band_only ? forward_wgmma_kernel<D, T, true> : forward_wgmma_kernel<D, T, false>;
-  if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           shared_bytes<D>());
+  auto kernel = forward_wgmma_kernel<D, T, kBandOnly, kKeys>;
+  if (cudaError_t e =
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kShared);
       e != cudaSuccess) {
     return e;
   }
@@ -393,9 +431,22 @@ cudaError_t launch(const ForwardParams& p, cudaStream_t stream) {
       std::max<int64_t>(1, std::min(pairs, kL2Bytes / std::max<int64_t>(1, bytes_per_pair)));
   const int64_t work = s.num_q_tiles(kRows) * pairs;
   if (work > INT32_MAX) return cudaErrorInvalidValue;
-  const int64_t ctas = std::min<int64_t>(work, sms);  // one per SM (226 KB of shared memory)
-  kernel<<<static_cast<unsigned>(ctas), kThreads, shared_bytes<D>(), stream>>>(p, maps, int(group));
+  const int64_t ctas = std::min<int64_t>(work, sms);  // one per SM (its shared memory)
+  kernel<<<static_cast<unsigned>(ctas), kThreads, kShared, stream>>>(p, maps, int(group));
   return cudaGetLastError();
+}
+
+template <int D, typename T>
+cudaError_t launch(const ForwardParams& p, cudaStream_t stream) {
+  // The band-only D=64 variant folds the scale into its exp2s, which needs
+  // scale > 0 (see online_softmax_raw); the general variant takes any scale.
+  const bool band_only = p.mask.q_segment == nullptr && p.mask.dense == nullptr &&
+                         p.bias.data == nullptr && p.softmax_scale > 0.f;
+  if (!band_only) return launch_variant<D, T, false>(p, stream);
+  if constexpr (D == 128) {
+    if (!p.mask.has_band()) return launch_variant<D, T, true, kLongKeys>(p, stream);
+  }
+  return launch_variant<D, T, true>(p, stream);
 }
 
 }  // namespace
@@ -416,7 +467,7 @@ bool device_runs_wgmma() {
         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
         cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess &&
         major == 9 && minor == 0 &&
-        cudaFuncGetAttributes(&attributes, forward_wgmma_kernel<128, __nv_bfloat16, true>) ==
+        cudaFuncGetAttributes(&attributes, forward_wgmma_kernel<128, __nv_bfloat16, true, 128>) ==
             cudaSuccess &&
         attributes.binaryVersion == 90;
     cudaGetLastError();  // a missing kernel image must not linger as the last error
