@@ -26,8 +26,13 @@ PEERS: Dict[str, List[str]] = {
     "cpu": ["fastattn-cpu", "fastattn-xla", "jax.nn-xla", "reference"],
     # torch-*: torch.nn.functional.scaled_dot_product_attention pinned to one
     # SDPBackend (FlashAttention-2 / cuDNN); pallas-mha: jax's Pallas GPU op.
-    "cuda": ["fastattn-cuda", "jax.nn-cudnn", "torch-cudnn", "torch-flash", "pallas-mha", "jax.nn-xla"],
+    # fastattn-cuda-sm80: ours with the sm80+ (mma.sync) forward, the one
+    # A100/L40/RTX GPUs run, on whatever GPU this is.
+    "cuda": ["fastattn-cuda", "fastattn-cuda-sm80", "jax.nn-cudnn", "torch-cudnn", "torch-flash", "pallas-mha",
+             "jax.nn-xla"],
 }
+# Implementations that are ours with an environment override of the handler.
+OURS_WITH_ENV = {"fastattn-cuda-sm80": ("cuda", {"FASTATTN_CUDA_FORWARD": "mma_sync"})}
 DECODE_PEERS: Dict[str, List[str]] = {
     "cpu": ["memcpy-numpy", "fastattn-cpu", "fastattn-xla", "jax.nn-xla"],
     "cuda": ["memcpy-device", "fastattn-cuda", "jax.nn-cudnn", "jax.nn-xla"],
@@ -80,7 +85,11 @@ def _build_decode(name: str, case: Case) -> Callable:
 
     from jax_fastattn import decode_attention
 
-    if name.startswith("fastattn-"):
+    if name in OURS_WITH_ENV:
+        backend, env = OURS_WITH_ENV[name]
+        os.environ.update(env)  # the handler reads it at every call
+        attend = lambda q, k, v: flash_attention(q, k, v, causal=case.causal, backend=backend)
+    elif name.startswith("fastattn-"):
         backend = name.split("-", 1)[1]
         return jax.jit(lambda q, k, v, n: decode_attention(q, k, v, n, backend=backend))
     if name.startswith("jax.nn-"):
@@ -136,7 +145,11 @@ def _build(name: str, case: Case) -> Callable:
 
     from jax_fastattn import flash_attention
 
-    if name.startswith("fastattn-"):
+    if name in OURS_WITH_ENV:
+        backend, env = OURS_WITH_ENV[name]
+        os.environ.update(env)  # the handler reads it at every call
+        attend = lambda q, k, v: flash_attention(q, k, v, causal=case.causal, backend=backend)
+    elif name.startswith("fastattn-"):
         backend = name.split("-", 1)[1]
         attend = lambda q, k, v: flash_attention(q, k, v, causal=case.causal, backend=backend)
     elif name == "reference":
