@@ -185,22 +185,19 @@ __global__ void __launch_bounds__(kThreads, 1)
         // follows from the band: no loads on the lone producer thread,
         // whose per-step work short steps wait on (reading the plan in a
         // loop, as 176-key steps would need, measured 3-8 % slower at
-        // D=64 and under a causal mask). Rows past the end see nothing.
-        auto band_class = [&](int half, int64_t tile) -> int8_t {
+        // D=64 and under a causal mask).
+        auto band_class_of = [&](int half, int64_t tile) -> int8_t {
           const int64_t r0 = int64_t(item.q_block) * kRows + half * (kRows / 2);
-          const int64_t r1 = (r0 + kRows / 2 < s.q_len ? r0 + kRows / 2 : s.q_len) - 1;
           const int64_t k0 = tile * kKeys;
-          const int64_t k1 = (k0 + kKeys < s.kv_len ? k0 + kKeys : s.kv_len) - 1;
-          const int64_t lo = p.mask.band_lo, hi = p.mask.band_hi;
-          if (r0 > r1 || lo > hi || r1 + hi < k0 || r0 + lo > k1) return kEmpty;
-          return r1 + lo <= k0 && r0 + hi >= k1 ? kFull : kPartial;
+          return band_class(p.mask, r0, (r0 + kRows / 2 < s.q_len ? r0 + kRows / 2 : s.q_len) - 1,
+                            k0, (k0 + kKeys < s.kv_len ? k0 + kKeys : s.kv_len) - 1);
         };
         // A step is skipped when it shows nothing to either half: with the
         // general mask, when all four 64 x 64 plan tiles in it are empty.
         auto next_tile = [&](int64_t from) {
           for (; from < num_kv; ++from) {
             if constexpr (kBandOnly) {
-              if (band_class(0, from) != kEmpty || band_class(1, from) != kEmpty) break;
+              if (band_class_of(0, from) != kEmpty || band_class_of(1, from) != kEmpty) break;
             } else {
               if (class_of(0, 2 * from) != kEmpty || class_of(0, 2 * from + 1) != kEmpty ||
                   class_of(1, 2 * from) != kEmpty || class_of(1, 2 * from + 1) != kEmpty) {
@@ -234,7 +231,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (int half = 0; half < 2; ++half) {
             if constexpr (kBandOnly) {
               record.masked[half] =
-                  band_class(half, tile) != kFull || (tile + 1) * kKeys > s.kv_len;
+                  band_class_of(half, tile) != kFull || (tile + 1) * kKeys > s.kv_len;
             } else {
               record.masked[half] = class_of(half, 2 * tile) != kFull ||
                                     class_of(half, 2 * tile + 1) != kFull ||
