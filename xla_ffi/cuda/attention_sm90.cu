@@ -184,7 +184,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         // the band mask alone the plan is the band's own, so the class
         // follows from the band: no loads on the lone producer thread,
         // whose per-step work short steps wait on (reading the plan in a
-        // loop, as 176-key steps would need, measured 3-8 % slower at
+        // loop, as 176-key steps would need, measured 3-10 % slower at
         // D=64 and under a causal mask).
         auto band_class_of = [&](int half, int64_t tile) -> int8_t {
           const int64_t r0 = int64_t(item.q_block) * kRows + half * (kRows / 2);
