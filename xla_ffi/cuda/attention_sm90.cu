@@ -267,6 +267,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Lane 0 reads what the producer left and tells its warp, so that only
   // lane 0, which releases the stage or Q, has read it.
   auto warp_broadcast = [&](uint32_t value) { return __shfl_sync(0xffffffffu, value, 0); };
+  // The consumers take turns issuing their products (FlashAttention-3's
+  // warp scheduling), so that one's softmax runs while the other's wgmmas
+  // hold the tensor cores: a consumer waits for its turn on its named
+  // barrier, issues, and passes the turn on the other's. Consumer 0 starts;
+  // every item gives both the same issues (one per step, plus one), and
+  // consumer 0 takes a last turn at the end so that no arrival is left.
+  auto take_turn = [&] { named_barrier_sync(1 + consumer, 2 * 128); };
+  auto pass_turn = [&] { named_barrier_arrive(2 - consumer, 2 * 128); };
+  if (consumer == 1) pass_turn();
   int i = 0, n = 0;  // steps and items done, as the producer counts them
   for (int w = blockIdx.x; w < num_work; w += gridDim.x, ++n) {
     const WorkItem item = item_of(w);
@@ -335,7 +344,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       Step step;
       {
         float sc[kKeys / 8][4], rescale[2];
+        take_turn();
         step = issue_scores(sc, i % kStages, (i / kStages) & 1);
+        pass_turn();
         wgmma_wait<0>();
         fence_operands(sc);
         if (lane == 0) mbarrier_arrive(k_empty(i % kStages));
@@ -358,8 +369,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (; !step.last; ++i) {  // `step` sits in stage i % kStages
         const int stage = i % kStages, next_stage = (i + 1) % kStages;
         float sc[kKeys / 8][4], rescale[2];
+        take_turn();
         const Step next = issue_scores(sc, next_stage, ((i + 1) / kStages) & 1);
         issue_output(stage, (i / kStages) & 1);
+        pass_turn();
         if constexpr (kBandOnly) {
           wgmma_wait<1>();  // the scores of `next`
         } else {
@@ -377,7 +390,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         for (int kb = 0; kb < kKeys / 16; ++kb) c_to_a<T>(pa[kb], sc[2 * kb], sc[2 * kb + 1]);
         step = next;
       }
+      take_turn();
       issue_output(i % kStages, (i / kStages) & 1);
+      pass_turn();
       wgmma_wait<0>();
       fence_operands(o);
       if (lane == 0) mbarrier_arrive(v_empty(i % kStages));
@@ -395,6 +410,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         q_stride, p.lse + (int64_t(item.batch) * s.q_heads + item.head) * s.q_len, warp_row0 + g,
         s.q_len, t);
   }
+  if (consumer == 0) take_turn();  // consumer 1's last pass
 #endif  // FASTATTN_HAS_WGMMA
 }
 

@@ -215,6 +215,17 @@ __device__ __forceinline__ void tma_load_4d(uint32_t to, const void* tensor_map,
       : "memory");
 }
 
+// Named barrier `id` (1..15; 0 is __syncthreads) over `threads` threads:
+// sync waits until that many have arrived, counting the caller's warp;
+// arrive counts the caller's warp and goes on.
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
 // Register budget of a warpgroup (setmaxnreg): producers give registers
 // back, consumers take them.
 template <int kRegisters>
