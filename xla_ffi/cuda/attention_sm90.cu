@@ -23,9 +23,10 @@
 // shared memory. Within a consumer the tiles are software-pipelined
 // (FlashAttention-3's intra-warpgroup overlap): S of tile i+1 is issued
 // before O += P_i V_i, and the softmax of tile i+1 runs while that product
-// is in flight; O is rescaled once it has landed. There is no CTA-wide
-// barrier in the loop: the two consumers also drift out of phase, one's
-// softmax overlapping the other's products.
+// is in flight; O is rescaled once it has landed. Between the consumers
+// (FlashAttention-3's warp scheduling) two named barriers make them take
+// turns issuing their wgmmas, so that one's softmax overlaps the other's
+// products (kernel alone, H100: +5 % at D=128 4K full, +8 % at D=64).
 //
 // Tiling-mask: the plan is the forward's 64 x 64 one (the backward shares
 // it); a 128 x 128 tile is skipped when all four plan tiles in it are empty,
