@@ -26,6 +26,23 @@ constexpr int kBr = kForwardTileQ;
 constexpr int kBc = kForwardTileKv;
 constexpr int kThreads = 128;
 
+// Row 0 of one (batch, q head) in q and of its K/V head (GQA by index) in
+// k and v, and their row strides ([B, S, H, D] layout).
+template <int D, typename T>
+struct HeadRows {
+  const T *q, *k, *v;
+  int64_t q_stride, kv_stride;
+  __device__ __forceinline__ HeadRows(const ForwardParams& p, int64_t batch, int64_t head) {
+    const AttentionShape& s = p.shape;
+    const int64_t kv_head = head / (s.q_heads / s.kv_heads);
+    q_stride = s.q_heads * D;
+    kv_stride = s.kv_heads * D;
+    q = static_cast<const T*>(p.q) + (batch * s.q_len * s.q_heads + head) * D;
+    k = static_cast<const T*>(p.k) + (batch * s.kv_len * s.kv_heads + kv_head) * D;
+    v = static_cast<const T*>(p.v) + (batch * s.kv_len * s.kv_heads + kv_head) * D;
+  }
+};
+
 template <int D, typename T>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardParams p) {
   extern __shared__ uint4 shared[];
@@ -39,13 +56,11 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const ForwardParams p
   // Heavier (later, under a causal mask) query tiles first.
   const int64_t q_block = gridDim.x - 1 - blockIdx.x;
   const int64_t head = blockIdx.y, batch = blockIdx.z;
-  const int64_t kv_head = head / (s.q_heads / s.kv_heads);
-  const int64_t q_stride = s.q_heads * D, kv_stride = s.kv_heads * D;
+  const HeadRows<D, T> rows(p, batch, head);
+  const int64_t q_stride = rows.q_stride, kv_stride = rows.kv_stride;
   const int64_t q0 = q_block * kBr;
   const int warp_row = warp * 16;
-  const T* q = static_cast<const T*>(p.q) + (batch * s.q_len * s.q_heads + head) * D;
-  const T* k = static_cast<const T*>(p.k) + (batch * s.kv_len * s.kv_heads + kv_head) * D;
-  const T* v = static_cast<const T*>(p.v) + (batch * s.kv_len * s.kv_heads + kv_head) * D;
+  const T *q = rows.q, *k = rows.k, *v = rows.v;
 
   const int64_t num_kv = (s.kv_len + kBc - 1) / kBc;
   const int8_t* classes = class_row(p.mask, batch, head, q_block, gridDim.x, num_kv);
@@ -169,13 +184,11 @@ __global__ void __launch_bounds__(kThreads) forward_tall_kernel(const ForwardPar
   const int g = lane >> 2, t = lane & 3;
   const int64_t q_block = gridDim.x - 1 - blockIdx.x;  // heavier (causal) blocks first
   const int64_t head = blockIdx.y, batch = blockIdx.z;
-  const int64_t kv_head = head / (s.q_heads / s.kv_heads);
-  const int64_t q_stride = s.q_heads * D, kv_stride = s.kv_heads * D;
+  const HeadRows<D, T> rows(p, batch, head);
+  const int64_t q_stride = rows.q_stride, kv_stride = rows.kv_stride;
   const int64_t q0 = q_block * kTallRows;
   const int warp_row = warp * 32;
-  const T* q = static_cast<const T*>(p.q) + (batch * s.q_len * s.q_heads + head) * D;
-  const T* k = static_cast<const T*>(p.k) + (batch * s.kv_len * s.kv_heads + kv_head) * D;
-  const T* v = static_cast<const T*>(p.v) + (batch * s.kv_len * s.kv_heads + kv_head) * D;
+  const T *q = rows.q, *k = rows.k, *v = rows.v;
 
   const int64_t num_kv = (s.kv_len + kBc - 1) / kBc;
   const int64_t plan_q = (s.q_len + kBr - 1) / kBr;
@@ -300,34 +313,29 @@ __global__ void __launch_bounds__(kThreads) forward_tall_kernel(const ForwardPar
   }
 }
 
-template <int D, typename T, bool kBandOnly>
-cudaError_t launch_tall(const ForwardParams& p, cudaStream_t stream) {
-  const int shared_bytes = (kTallRows + 2 * kBc) * D * 2;
-  auto kernel = forward_tall_kernel<D, T, kBandOnly>;
+// One CTA of kThreads per `rows` query rows of each (batch, q head).
+cudaError_t launch_per_q_block(void (*kernel)(ForwardParams), int rows, int shared_bytes,
+                               const ForwardParams& p, cudaStream_t stream) {
   if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            shared_bytes);
       e != cudaSuccess) {
     return e;
   }
-  const dim3 grid(static_cast<unsigned>(p.shape.num_q_tiles(kTallRows)),
+  const dim3 grid(static_cast<unsigned>(p.shape.num_q_tiles(rows)),
                   static_cast<unsigned>(p.shape.q_heads), static_cast<unsigned>(p.shape.batch));
   kernel<<<grid, kThreads, shared_bytes, stream>>>(p);
   return cudaGetLastError();
 }
 
+template <int D, typename T, bool kBandOnly>
+cudaError_t launch_tall(const ForwardParams& p, cudaStream_t stream) {
+  return launch_per_q_block(forward_tall_kernel<D, T, kBandOnly>, kTallRows,
+                            (kTallRows + 2 * kBc) * D * 2, p, stream);
+}
+
 template <int D, typename T>
 cudaError_t launch(const ForwardParams& p, cudaStream_t stream) {
-  const int shared_bytes = (kBr + 4 * kBc) * D * 2;
-  auto kernel = forward_kernel<D, T>;
-  if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           shared_bytes);
-      e != cudaSuccess) {
-    return e;
-  }
-  const dim3 grid(static_cast<unsigned>(p.shape.num_q_tiles(kBr)),
-                  static_cast<unsigned>(p.shape.q_heads), static_cast<unsigned>(p.shape.batch));
-  kernel<<<grid, kThreads, shared_bytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch_per_q_block(forward_kernel<D, T>, kBr, (kBr + 4 * kBc) * D * 2, p, stream);
 }
 
 template <typename T>
