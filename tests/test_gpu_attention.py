@@ -35,16 +35,22 @@ def test_shapes(kernel, q_len, kv_len, head_dim):
     check_forward(backend, q, k, v, causal=True)
 
 
+def take_mma_sync_forward(backend, monkeypatch):
+    """The cuda backend's mma.sync forward (what sm80/sm89 run) even on
+    sm_90: FASTATTN_CUDA_FORWARD=mma_sync, read by the handler at every
+    call."""
+    if backend != "cuda":
+        pytest.skip("a cuda-backend switch")
+    monkeypatch.setenv("FASTATTN_CUDA_FORWARD", "mma_sync")
+
+
 @pytest.mark.parametrize("mask", [None, masks.Causal(), masks.SlidingWindow(50, 10)],
                          ids=["full", "causal", "window"])
 def test_mma_sync_forward_where_wgmma_runs(kernel, monkeypatch, mask):
     """On sm_90 the cuda backend takes the wgmma kernel for D 64/128; the
-    mma.sync kernel (what sm80/sm89 run) must stay right there too.
-    FASTATTN_CUDA_FORWARD=mma_sync is read by the handler at every call."""
+    mma.sync kernel (what sm80/sm89 run) must stay right there too."""
     backend, dtype = kernel
-    if backend != "cuda":
-        pytest.skip("a cuda-backend switch")
-    monkeypatch.setenv("FASTATTN_CUDA_FORWARD", "mma_sync")
+    take_mma_sync_forward(backend, monkeypatch)
     for head_dim in (64, 128):
         q, k, v = random_qkv(10, 2, 300, 257, 4, 2, head_dim, dtype)
         check_forward(backend, q, k, v, mask=mask)
@@ -58,9 +64,7 @@ def test_softmax_scale_of_any_sign(kernel, monkeypatch, forward, softmax_scale):
     right for them (the lse of scale 0 is log of the visible count)."""
     backend, dtype = kernel
     if forward == "mma_sync":
-        if backend != "cuda":
-            pytest.skip("a cuda-backend switch")
-        monkeypatch.setenv("FASTATTN_CUDA_FORWARD", "mma_sync")
+        take_mma_sync_forward(backend, monkeypatch)
     for head_dim in (64, 128):
         q, k, v = random_qkv(11, 2, 300, 257, 4, 2, head_dim, dtype)
         check_forward(backend, q, k, v, softmax_scale=softmax_scale)
