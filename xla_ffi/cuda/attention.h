@@ -8,8 +8,10 @@
 namespace fastattn {
 namespace cuda {
 
-// Tiles of the forward kernel: 4 warps x 16 query rows, 64 keys per step.
-// The mask plan's tile classes must be computed with these sizes.
+// Tiles of the mask plan the forward kernels read: 64 query rows x 64
+// keys (the mma.sync kernels step 64 keys with 4 warps x 16 rows, or x 32
+// rows covering two plan rows; the wgmma kernel steps 128 or 176 keys over
+// 128 rows). The plan's tile classes must be computed with these sizes.
 constexpr int kForwardTileQ = 64;
 constexpr int kForwardTileKv = 64;
 
