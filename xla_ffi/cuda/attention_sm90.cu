@@ -29,18 +29,19 @@
 // products (kernel alone, H100: +5 % at D=128 4K full, +8 % at D=64).
 //
 // Tiling-mask: the plan is the forward's 64 x 64 one (the backward shares
-// it); a 128 x 128 tile is skipped when all four plan tiles in it are empty,
-// and a consumer applies the element-wise mask when either of its two plan
-// tiles is not full.
+// it); a 128 x 128 step is skipped when all four plan tiles in it are
+// empty, and a consumer applies the element-wise mask when either of its
+// two plan tiles is not full. Under the band mask alone the producer
+// derives the same classes from the band, without reading the plan.
 //
 // Measured on an H100 (kernel alone, bf16, TFLOP/s; B=4 S=4K H=32 full /
-// causal, then B=16 S=1K causal): D=128 601 / 510 / 366 persistent with
-// step records, 592 / 456 / 296 with a CTA per item (the consumers reading
-// the tile plan themselves; 568 / 483 / 295 with step records), 562 / 433
-// with the pipeline and two stages, 525 / 428 without the pipeline,
-// 356 / 299 without warp specialisation (all threads loading with
-// cp.async, a CTA barrier per tile); the mma.sync kernel 310 / 283.
-// D=64: 363 / 312 / 248 persistent, 359 / 273 / 190 a CTA per item.
+// causal, then B=16 S=1K causal), fifth session: D=128 601 / 510 / 366
+// persistent with step records, 592 / 456 / 296 with a CTA per item (the
+// consumers reading the tile plan themselves; 568 / 483 / 295 with step
+// records), 562 / 433 with the pipeline and two stages, 525 / 428 without the
+// pipeline, 356 / 299 without warp specialisation (all threads loading with
+// cp.async, a CTA barrier per tile); the mma.sync kernel 310 / 283. D=64: 363
+// / 312 / 248 persistent, 359 / 273 / 190 a CTA per item.
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
