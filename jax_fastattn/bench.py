@@ -85,11 +85,7 @@ def _build_decode(name: str, case: Case) -> Callable:
 
     from jax_fastattn import decode_attention
 
-    if name in OURS_WITH_ENV:
-        backend, env = OURS_WITH_ENV[name]
-        os.environ.update(env)  # the handler reads it at every call
-        attend = lambda q, k, v: flash_attention(q, k, v, causal=case.causal, backend=backend)
-    elif name.startswith("fastattn-"):
+    if name.startswith("fastattn-"):
         backend = name.split("-", 1)[1]
         return jax.jit(lambda q, k, v, n: decode_attention(q, k, v, n, backend=backend))
     if name.startswith("jax.nn-"):
@@ -145,12 +141,9 @@ def _build(name: str, case: Case) -> Callable:
 
     from jax_fastattn import flash_attention
 
-    if name in OURS_WITH_ENV:
-        backend, env = OURS_WITH_ENV[name]
+    if name.startswith("fastattn-"):
+        backend, env = OURS_WITH_ENV.get(name, (name.split("-", 1)[1], {}))
         os.environ.update(env)  # the handler reads it at every call
-        attend = lambda q, k, v: flash_attention(q, k, v, causal=case.causal, backend=backend)
-    elif name.startswith("fastattn-"):
-        backend = name.split("-", 1)[1]
         attend = lambda q, k, v: flash_attention(q, k, v, causal=case.causal, backend=backend)
     elif name == "reference":
         attend = lambda q, k, v: flash_attention(q, k, v, causal=case.causal, backend="reference")

@@ -112,8 +112,9 @@ def test_segments_dense_bias_and_fully_masked_rows(kernel):
 def test_many_work_items_per_cta(kernel, head_dim):
     """Enough 128-row query blocks (18 x 32 = 576) that the persistent sm90a
     forward gives each CTA several items: its stage ring and Q buffer run
-    on across items, with no mask, under the band-only and the general mask, with whole
-    query blocks that see nothing (no K/V step at all) between others."""
+    on across items, with no mask, under the band-only and the general
+    mask, with whole query blocks that see nothing (no K/V step at all)
+    between others."""
     backend, dtype = kernel
     if backend != "cuda":
         pytest.skip("the persistent kernel is the cuda backend's")
