@@ -55,6 +55,11 @@ struct BiasParams {
   int64_t batch = 1, heads = 1;
 };
 
+// Only the band decides visibility: no segments, dense mask or bias.
+inline bool band_mask_only(const MaskParams& mask, const BiasParams& bias) {
+  return mask.q_segment == nullptr && mask.dense == nullptr && bias.data == nullptr;
+}
+
 struct ForwardParams {
   AttentionShape shape;
   ElementType dtype = ElementType::kF32;

@@ -15,6 +15,14 @@ namespace cuda {
 constexpr int kForwardTileQ = 64;
 constexpr int kForwardTileKv = 64;
 
+// Whether a forward call takes the kernels' band-only variants: the band
+// mask alone, and softmax_scale > 0, since some of them fold the scale into
+// their exp2s (see online_softmax_raw); the general variants take any
+// scale.
+inline bool forward_band_only(const ForwardParams& p) {
+  return band_mask_only(p.mask, p.bias) && p.softmax_scale > 0.f;
+}
+
 // True if the kernel runs this call: bfloat16/float16, head_dim 64, 128 or
 // 256, plan tiles 64 x 64.
 bool forward_supported(const ForwardParams& params);

@@ -471,8 +471,7 @@ cudaError_t launch(const BackwardParams& p, const float* delta, cudaStream_t str
       encode_tensor_map(&q_side.step_b, p.v, p.dtype, s.batch, s.kv_len, s.kv_heads, D, kStep);
   if (!encoded) return cudaErrorInvalidValue;
   constexpr int bytes = shared_bytes<D>();
-  const bool band_only =
-      p.mask.q_segment == nullptr && p.mask.dense == nullptr && p.bias.data == nullptr;
+  const bool band_only = band_mask_only(p.mask, p.bias);
   auto dkdv = band_only ? dkdv_wgmma_kernel<D, T, true> : dkdv_wgmma_kernel<D, T, false>;
   auto dq = dq_wgmma_kernel<D, T>;
   for (const void* kernel : {reinterpret_cast<const void*>(dkdv), reinterpret_cast<const void*>(dq)}) {

@@ -13,9 +13,10 @@
 // warps x 32 rows, Q fragments from shared memory, single K and V
 // buffers), 13-19 % faster on an H100. (A first 32-rows-per-warp variant,
 // Q in registers and double buffers, spilled and measured slower on an
-// H200, D=128: 165 vs 172 TFLOP/s; D=64: 103 vs 162.) At D=256 the O accumulator alone takes 128 registers per thread, so Q
-// fragments are read from shared memory per k step instead of living in
-// registers, and the 160 KiB of tiles leave one CTA per SM.
+// H200, D=128: 165 vs 172 TFLOP/s; D=64: 103 vs 162.) At D=256 the O
+// accumulator alone takes 128 registers per thread, so Q fragments are
+// read from shared memory per k step instead of living in registers, and
+// the 160 KiB of tiles leave one CTA per SM.
 #include "attention.h"
 #include "sm80_tiles.h"
 
@@ -218,7 +219,9 @@ __global__ void __launch_bounds__(kThreads) forward_tall_kernel(const ForwardPar
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) o[mt][dt][0] = o[mt][dt][1] = o[mt][dt][2] = o[mt][dt][3] = 0.f;
+    for (int dt = 0; dt < D / 8; ++dt) {
+      o[mt][dt][0] = o[mt][dt][1] = o[mt][dt][2] = o[mt][dt][3] = 0.f;
+    }
     row_max[mt][0] = row_max[mt][1] = -INFINITY;
     row_sum[mt][0] = row_sum[mt][1] = 0.f;
   }
@@ -240,7 +243,9 @@ __global__ void __launch_bounds__(kThreads) forward_tall_kernel(const ForwardPar
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-      for (int nt = 0; nt < kBc / 8; ++nt) sc[mt][nt][0] = sc[mt][nt][1] = sc[mt][nt][2] = sc[mt][nt][3] = 0.f;
+      for (int nt = 0; nt < kBc / 8; ++nt) {
+        sc[mt][nt][0] = sc[mt][nt][1] = sc[mt][nt][2] = sc[mt][nt][3] = 0.f;
+      }
 #pragma unroll
     for (int kb = 0; kb < D / 16; ++kb) {
       uint32_t a[2][4];
@@ -343,11 +348,7 @@ cudaError_t launch(const ForwardParams& p, cudaStream_t stream) {
 
 template <typename T>
 cudaError_t dispatch_dim(const ForwardParams& p, cudaStream_t stream) {
-  // The band-only tall kernel at D=128 folds the scale into its exp2s,
-  // which needs scale > 0 (see online_softmax_raw); the general variants
-  // take any scale.
-  const bool band_only = p.mask.q_segment == nullptr && p.mask.dense == nullptr &&
-                         p.bias.data == nullptr && p.softmax_scale > 0.f;
+  const bool band_only = forward_band_only(p);
   switch (p.shape.head_dim) {
     case 64:
       return band_only ? launch_tall<64, T, true>(p, stream) : launch_tall<64, T, false>(p, stream);

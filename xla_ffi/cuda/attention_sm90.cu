@@ -453,11 +453,7 @@ cudaError_t launch_variant(const ForwardParams& p, cudaStream_t stream) {
 
 template <int D, typename T>
 cudaError_t launch(const ForwardParams& p, cudaStream_t stream) {
-  // The band-only D=64 variant folds the scale into its exp2s, which needs
-  // scale > 0 (see online_softmax_raw); the general variant takes any scale.
-  const bool band_only = p.mask.q_segment == nullptr && p.mask.dense == nullptr &&
-                         p.bias.data == nullptr && p.softmax_scale > 0.f;
-  if (!band_only) return launch_variant<D, T, false>(p, stream);
+  if (!forward_band_only(p)) return launch_variant<D, T, false>(p, stream);
   if constexpr (D == 128) {
     if (!p.mask.has_band()) return launch_variant<D, T, true, kLongKeys>(p, stream);
   }
