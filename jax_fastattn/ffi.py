@@ -86,13 +86,19 @@ class CallAttrs:
 
 
 def forward_ffi(platform: str, attrs: CallAttrs):
-    """fn(q, k, v, bias, q_ids, kv_ids, dense, tile_class) -> (out, lse)."""
+    """fn(q, k, v, bias, q_ids, kv_ids, dense, tile_class) -> (out, lse), and
+    on CUDA a third result: an int32 [B, Hq, 1] workspace whose first
+    element the kernel counts its work items on (an output, so that XLA
+    keeps it alive until the kernel ran; laid out per batch and head so that
+    it shards as they do, every shard's call with its own)."""
     register()
 
     def call(q, k, v, bias, q_ids, kv_ids, dense, tile_class):
         b, sq, hq, _ = q.shape
         result_types = (jax.ShapeDtypeStruct(q.shape, q.dtype),
                         jax.ShapeDtypeStruct((b, hq, sq), jnp.float32))
+        if platform == "cuda":
+            result_types += (jax.ShapeDtypeStruct((b, hq, 1), jnp.int32),)
         fn = jax.ffi.ffi_call(f"fastattn_forward_{platform}", result_types, vmap_method="broadcast_all")
         return tuple(fn(q, k, v, bias, q_ids, kv_ids, dense, tile_class, **attrs.as_ffi()))
 

@@ -300,7 +300,10 @@ def _varying_like(call):
 def forward_call(platform: str, attrs: ffi.CallAttrs):
     """fn(q, k, v, bias, q_ids, kv_ids, dense, tile_class) -> (out, lse)."""
     raw = ffi.forward_ffi(platform, attrs)
-    return _varying_like(_batched(_partitioned(raw, FORWARD_ARGS, ("out", "lse")), FORWARD_ARGS))
+    # CUDA's extra work counter is laid out as the decode workspace ([B, Hq, 1]).
+    names = ("out", "lse") + (("workspace",) if platform == "cuda" else ())
+    call = _varying_like(_batched(_partitioned(raw, FORWARD_ARGS, names), FORWARD_ARGS))
+    return lambda *args: call(*args)[:2]
 
 
 @functools.lru_cache(maxsize=None)

@@ -169,3 +169,30 @@ def test_rule_functions_directly():
     assert rule.factor_sizes == {"g": 4}
     assert rule.operand_mappings[0][2] == ("k", "g")  # q heads: kv-head major
     assert "t" in rule.need_replication_factors and "g" in rule.need_replication_factors
+
+
+def test_cuda_forward_declares_a_work_counter_per_shard():
+    """The CUDA forward's third result (the wgmma kernel's work counter,
+    [B, Hq, 1] int32) is laid out per batch and q head, so that every
+    shard's call gets its own; the public call drops it. Traced only: no
+    CUDA needed."""
+    from jax_fastattn import ffi
+    attrs = ffi.CallAttrs(0.1, -(2**62), 0, 64, 64)
+    q = jax.ShapeDtypeStruct((2, 100, 8, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 90, 2, 128), jnp.bfloat16)
+    args = (q, kv, kv, ffi.absent(), ffi.absent(jnp.int32), ffi.absent(jnp.int32),
+            ffi.absent(jnp.bool_), jnp.zeros((1, 1, 2, 2), jnp.int8))
+    raw = jax.eval_shape(ffi.forward_ffi("cuda", attrs), *args)
+    assert [(r.shape, r.dtype) for r in raw[2:]] == [((2, 8, 1), jnp.int32)]
+    public = jax.eval_shape(sharding.forward_call("cuda", attrs), *args)
+    assert [r.shape for r in public] == [(2, 100, 8, 128), (2, 8, 100)]
+    assert len(jax.eval_shape(ffi.forward_ffi("cpu", attrs), *args)) == 2
+
+    class T:
+        def __init__(self, shape):
+            self.shape = shape
+    rule = sharding.sharding_rule(sharding.FORWARD_ARGS, ("out", "lse", "workspace"),
+                                  [T(a.shape) for a in args],
+                                  [T(r.shape) for r in raw])
+    # Batch and the q heads (kv-major compound), as out and lse: one counter per shard.
+    assert rule.result_mappings[2][:2] == (rule.result_mappings[1][0], rule.result_mappings[1][1])

@@ -9,7 +9,8 @@
 # interleaved and twice, so that clock drift hits all alike. Each run also
 # compares the forward it took with the mma.sync forward. MMA_SYNC=1 times
 # the mma.sync (sm80) forward instead of the wgmma one. Log:
-# $OUT/forward_ab.txt.
+# $OUT/forward_ab.txt. SHAPES ("batch seq heads dim causal;..."), LAUNCHES
+# (default 20) and DATA (uniform or normal) override the runs.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -35,15 +36,17 @@ done
 wait
 [[ "${MMA_SYNC:-0}" == 1 ]] && export FASTATTN_CUDA_FORWARD=mma_sync
 # batch seq heads dim causal
-shapes=("4 4096 32 128 0" "4 4096 32 128 1" "16 1024 32 128 1" "16 1024 32 128 0"
+default_shapes=("4 4096 32 128 0" "4 4096 32 128 1" "16 1024 32 128 1" "16 1024 32 128 0"
         "1 16384 32 128 1" "1 16384 32 128 0" "4 4096 32 64 0" "4 4096 32 64 1"
         "16 1024 32 64 1" "3 1000 32 128 1" "2 777 8 64 1" "2 777 8 64 0")
+shapes=("${default_shapes[@]}")
+[[ -n "${SHAPES:-}" ]] && IFS=';' read -ra shapes <<< "$SHAPES"
 declare -A hung  # a binary that timed out once is not run again
 for round in 1 2; do
   for shape in "${shapes[@]}"; do
     for name in "${names[@]}"; do
       [[ -n "${hung[$name]:-}" ]] && continue
-      result=$(timeout 20 /tmp/forward_ab_$name $shape 64 fwd)
+      result=$(timeout 30 /tmp/forward_ab_$name $shape 64 fwd ${LAUNCHES:-20} ${DATA:-uniform})
       [[ $? == 124 ]] && { hung[$name]=1; result="TIMED OUT ($shape)"; }
       echo "$name $result" | tee -a "$LOG"
     done

@@ -3,6 +3,8 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdint>
+
 #include "../common/attention_params.h"
 
 namespace fastattn {
@@ -31,12 +33,17 @@ bool forward_supported(const ForwardParams& params);
 // device (H100, H200) with sm_90a code built in, head dims 64 and 128 run the
 // wgmma kernel (attention_sm90.cu), the others the mma.sync one;
 // FASTATTN_CUDA_FORWARD=mma_sync in the environment forces the latter.
-cudaError_t attention_forward(const ForwardParams& params, cudaStream_t stream);
+// `work_counter`: one int32 of device memory, which the wgmma kernel's CTAs
+// take their work items from (zeroed on `stream` first; the custom call
+// passes an output of its own, alive until the kernel ran).
+cudaError_t attention_forward(const ForwardParams& params, int32_t* work_counter,
+                              cudaStream_t stream);
 
 // The wgmma forward (attention_sm90.cu): whether this call takes it, and the
 // launch itself (same tiles plan as the mma.sync kernel).
 bool forward_wgmma_selected(const ForwardParams& params);
-cudaError_t attention_forward_wgmma(const ForwardParams& params, cudaStream_t stream);
+cudaError_t attention_forward_wgmma(const ForwardParams& params, int32_t* work_counter,
+                                    cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastattn

@@ -5,7 +5,13 @@
 // rows of one (batch, q head)) in a fixed order: groups of heads whose K/V
 // fit in L2 together, and within a group the query blocks from the last
 // (the most keys under a causal mask) to the first, so that the short items
-// fill the tail. A CTA has three warpgroups. Warpgroup 0 is the producer:
+// fill the tail. Where items differ in length (any mask but no mask at
+// all), a CTA takes after its first item the next one not yet taken from a
+// counter in global memory (FlashAttention-3's dynamic scheduler), so that
+// CTAs whose items ran short, or whose SMs ran slower, even out (kernel
+// alone, H100, D=128 causal: 4K +5 %, 16K +6-9 %, B=3 S=1000 +10 %; no
+// mask: items alike, a fixed stride, the counter's memset and atomics
+// measured 1 % slower at 4K). A CTA has three warpgroups. Warpgroup 0 is the producer:
 // one thread walks the CTA's items and their visible K/V tiles, issues TMA
 // loads of each item's Q tile and of K and V tiles (176 keys at D=128
 // where nothing is masked, else 128) into shared-memory stages (128-byte
@@ -115,14 +121,15 @@ __device__ __forceinline__ WorkItem work_item(int w, int num_q_blocks, int pairs
 // running it alongside.
 //
 // Persistent when launched with fewer CTAs than work items: a CTA takes
-// items blockIdx.x, blockIdx.x + gridDim.x, ...; the stage ring runs on
-// across items, and the next item's Q is loaded once the consumers have
-// issued their last S of the current one, so its start overlaps the
+// item blockIdx.x, then gridDim.x + a ticket from `work_counter` (zero at
+// the launch; null: + gridDim.x) per item until past the items; the stage ring
+// runs on across items, and the next item's Q is loaded once the consumers
+// have issued their last S of the current one, so its start overlaps the
 // current item's last softmax, product and stores.
 template <int D, typename T, bool kBandOnly, int kKeys>
 __global__ void __launch_bounds__(kThreads, 1)
     forward_wgmma_kernel(const ForwardParams p, const __grid_constant__ TensorMaps maps,
-                         const int group) {
+                         const int group, int32_t* work_counter) {
 #if FASTATTN_HAS_WGMMA
   using namespace sm80;
   using namespace sm90;
@@ -140,15 +147,25 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto v_full = [&](int stage) { return barriers + 8 * (2 + kStages + stage); };
   auto k_empty = [&](int stage) { return barriers + 8 * (2 + 2 * kStages + stage); };
   auto v_empty = [&](int stage) { return barriers + 8 * (2 + 3 * kStages + stage); };
-  // Step records [kStages], then the item record (whether it has any step).
-  StepRecord* records = reinterpret_cast<StepRecord*>(
-      shared_raw + (barriers + 512 - shared_address(shared_raw)));
-  uint32_t* item_has_steps = reinterpret_cast<uint32_t*>(records + kStages);
+  // Step records [kStages], then the item record: whether it has any step,
+  // and its index (num_work or more: no item, the CTA is done).
+  const uint32_t records_at = barriers + 512, item_at = records_at + 8 * kStages;
+  const StepRecord* records =
+      reinterpret_cast<const StepRecord*>(shared_raw + (records_at - shared_address(shared_raw)));
+  const uint32_t* item_record = reinterpret_cast<const uint32_t*>(records + kStages);
   constexpr int kConsumerWarps = 8;
+  // Registers per thread: 3 x 168 what the CTA was given, 24 + 2 x 240 at
+  // D=128 under the band mask alone (176-key steps need 240), else 40 + 2 x
+  // 232 (the general mask's plan lookups on the producer).
+  constexpr bool kLeanProducer = kBandOnly && D == 128;
+  constexpr int kProducerRegisters = kLeanProducer ? 24 : 40;
+  constexpr int kConsumerRegisters = kLeanProducer ? 240 : 232;
 
   const AttentionShape& s = p.shape;
   const int warpgroup = threadIdx.x / 128;
-  const int64_t num_kv = (s.kv_len + kKeys - 1) / kKeys;
+  // Step indices are 32-bit on the producer (24 registers): the steps
+  // number at most 2^31 / kKeys, as the rows of a tensor map's box do.
+  const int num_kv = int((s.kv_len + kKeys - 1) / kKeys);
   const int64_t plan_q = (s.q_len + kForwardTileQ - 1) / kForwardTileQ;
   const int64_t plan_kv = (s.kv_len + kForwardTileKv - 1) / kForwardTileKv;
   const int num_q_blocks = int((s.q_len + kRows - 1) / kRows);
@@ -170,44 +187,88 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
 
   if (warpgroup == 0) {  // producer
-    release_registers<24>();  // 24 + 2 x 240 = 3 x 168, what the CTA was given
+    release_registers<kProducerRegisters>();
     if (threadIdx.x == 0) {
-      int i = 0, n = 0;  // steps and items issued
-      for (int w = blockIdx.x; w < num_work; w += gridDim.x, ++n) {
+      const int heads_per_kv = int(s.q_heads / s.kv_heads);
+      int i = 0;  // steps issued
+      for (int w = blockIdx.x, n = 0;; ++n) {  // n: items issued
+        if (w >= num_work) {  // no item left: tell the consumers
+          mbarrier_wait(q_empty, (n & 1) ^ 1);
+          store_shared(item_at, 0u, uint32_t(w));
+          mbarrier_arrive(q_full);  // releases the record
+          break;
+        }
         const WorkItem item = item_of(w);
-        const int64_t kv_head = item.head / (s.q_heads / s.kv_heads);
-        auto class_of = [&](int half, int64_t plan_tile) -> int8_t {
-          const int64_t q_tile_index = 2 * int64_t(item.q_block) + half;
-          if (q_tile_index >= plan_q || plan_tile >= plan_kv) return kEmpty;
-          return class_row(p.mask, item.batch, item.head, q_tile_index, plan_q,
-                           plan_kv)[plan_tile];
+        const int kv_head = item.head / heads_per_kv;
+        // The general mask's plan rows of the two 64-row halves (the first
+        // only when the second lies past the queries).
+        const int64_t plan_row = 2 * int64_t(item.q_block);
+        const int8_t* plan_rows = kBandOnly ? nullptr
+                                            : class_row(p.mask, item.batch, item.head, plan_row,
+                                                        plan_q, plan_kv);
+        const int halves = plan_row + 1 < plan_q ? 2 : 1;
+        auto class_of = [&](int half, int plan_tile) -> int8_t {
+          if (half >= halves || plan_tile >= plan_kv) return kEmpty;
+          return plan_rows[half * plan_kv + plan_tile];
         };
-        // The class of a 64-row half of the item over step `tile`. Under
-        // the band mask alone the plan is the band's own, so the class
-        // follows from the band: no loads on the lone producer thread,
-        // whose per-step work short steps wait on (reading the plan in a
-        // loop, as 176-key steps would need, measured 3-10 % slower at
-        // D=64 and under a causal mask).
-        auto band_class_of = [&](int half, int64_t tile) -> int8_t {
-          const int64_t r0 = int64_t(item.q_block) * kRows + half * (kRows / 2);
-          const int64_t k0 = tile * kKeys;
-          return band_class(p.mask, r0, (r0 + kRows / 2 < s.q_len ? r0 + kRows / 2 : s.q_len) - 1,
-                            k0, (k0 + kKeys < s.kv_len ? k0 + kKeys : s.kv_len) - 1);
-        };
+        // Under the band mask alone the plan is the band's own, so the
+        // steps follow from the band, once per item: no plan loads or
+        // per-step tests on the lone producer thread, whose work short steps
+        // wait on (reading the plan in a loop measured 3-10 % slower; a scan
+        // over the empty steps after the diagonal grew with the length).
+        // Rows [r0, r1] see keys [r0 + band_lo, r1 + band_hi] together, one
+        // run, so the visible steps are those from the run's first to its
+        // last; all their rows see keys [r1 + band_lo, r0 + band_hi], so a
+        // 64-row half needs no mask on the steps inside that run.
+        int first_visible = 0, last_visible = -1;     // none
+        int first_full[2] = {0, 0}, last_full[2] = {-1, -1};
+        if constexpr (kKeys == kLongKeys) {
+          // 176-key steps run with no band: every step visible, all but a
+          // short last one full to rows that exist.
+          first_visible = 0;
+          last_visible = num_kv - 1;
+          last_full[0] = int(s.kv_len / kKeys) - 1;
+          if (int64_t(item.q_block) * kRows + kRows / 2 < s.q_len) last_full[1] = last_full[0];
+        } else if constexpr (kBandOnly) {
+          // Keys [lo, hi] clipped to [0, kv_len) (32-bit: TMA coordinates are).
+          auto clip = [&](int64_t lo, int64_t hi, int* from, int* to) {
+            *from = int(lo < 0 ? 0 : lo < s.kv_len ? lo : s.kv_len);
+            *to = int(hi < -1 ? -1 : hi < s.kv_len ? hi : s.kv_len - 1);
+          };
+          const int64_t r0 = int64_t(item.q_block) * kRows;
+          const int64_t r1 = (r0 + kRows < s.q_len ? r0 + kRows : s.q_len) - 1;
+          int lo, hi;
+          clip(r0 + p.mask.band_lo, r1 + p.mask.band_hi, &lo, &hi);
+          if (p.mask.band_lo <= p.mask.band_hi && lo <= hi) {
+            first_visible = lo / kKeys;
+            last_visible = hi / kKeys;
+          }
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int64_t h0 = r0 + half * (kRows / 2);
+            const int64_t h1 = (h0 + kRows / 2 < s.q_len ? h0 + kRows / 2 : s.q_len) - 1;
+            clip(h1 + p.mask.band_lo, h0 + p.mask.band_hi, &lo, &hi);
+            if (h0 <= h1 && lo <= hi) {  // whole steps within [lo, hi]
+              first_full[half] = (lo + kKeys - 1) / kKeys;
+              last_full[half] = (hi + 1) / kKeys - 1;
+            }
+          }
+        }
         // A step is skipped when it shows nothing to either half: with the
         // general mask, when all four 64 x 64 plan tiles in it are empty.
-        auto next_tile = [&](int64_t from) {
-          for (; from < num_kv; ++from) {
-            if constexpr (kBandOnly) {
-              if (band_class_of(0, from) != kEmpty || band_class_of(1, from) != kEmpty) break;
-            } else {
+        auto next_tile = [&](int from) {
+          if constexpr (kBandOnly) {
+            if (from < first_visible) from = first_visible;
+            return from <= last_visible ? from : num_kv;
+          } else {
+            for (; from < num_kv; ++from) {
               if (class_of(0, 2 * from) != kEmpty || class_of(0, 2 * from + 1) != kEmpty ||
                   class_of(1, 2 * from) != kEmpty || class_of(1, 2 * from + 1) != kEmpty) {
                 break;
               }
             }
+            return from;
           }
-          return from;
         };
         // Rows (the box height of `map`) from row0 of one head, in boxes of
         // 64 columns; their bytes complete the phase of `full`.
@@ -220,30 +281,27 @@ __global__ void __launch_bounds__(kThreads, 1)
                         int(item.batch), full);
           }
         };
-        int64_t tile = next_tile(0);
+        int tile = next_tile(0);
         mbarrier_wait(q_empty, (n & 1) ^ 1);
-        *item_has_steps = tile < num_kv;  // released by the arrive in load_rows
+        store_shared(item_at, tile < num_kv, uint32_t(w));  // released by the arrive in load_rows
         load_rows(q_tile, &maps.q, kRows, item.head, int64_t(item.q_block) * kRows, q_full);
         while (tile < num_kv) {
-          const int64_t next = next_tile(tile + 1);
+          const int next = next_tile(tile + 1);
           const int stage = i % kStages;
           const uint32_t free_parity = ((i / kStages) & 1) ^ 1;
-          StepRecord record;
-          record.tile = int32_t(tile);
+          uint32_t flags = next >= num_kv ? 1u << 16 : 0u;  // StepRecord's masked[2], last
           for (int half = 0; half < 2; ++half) {
+            bool masked;
             if constexpr (kBandOnly) {
-              record.masked[half] =
-                  band_class_of(half, tile) != kFull || (tile + 1) * kKeys > s.kv_len;
+              masked = tile < first_full[half] || tile > last_full[half];
             } else {
-              record.masked[half] = class_of(half, 2 * tile) != kFull ||
-                                    class_of(half, 2 * tile + 1) != kFull ||
-                                    (tile + 1) * kKeys > s.kv_len;
+              masked = class_of(half, 2 * tile) != kFull || class_of(half, 2 * tile + 1) != kFull ||
+                       int64_t(tile + 1) * kKeys > s.kv_len;
             }
+            flags |= uint32_t(masked) << (8 * half);
           }
-          record.last = next >= num_kv;
-          record.unused = 0;
           mbarrier_wait(k_empty(stage), free_parity);
-          records[stage] = record;  // released by the arrive in load_rows
+          store_shared(records_at + 8 * stage, uint32_t(tile), flags);  // released by load_rows
           load_rows(k_tiles + stage * kTileBytes, &maps.k, kKeys, kv_head, tile * kKeys,
                     k_full(stage));
           mbarrier_wait(v_empty(stage), free_parity);
@@ -252,20 +310,24 @@ __global__ void __launch_bounds__(kThreads, 1)
           tile = next;
           ++i;
         }
+        // The next item, taken once this one's loads are out (its latency
+        // then falls within the stages the producer runs ahead).
+        w = int(gridDim.x) + (work_counter != nullptr ? atomicAdd(work_counter, 1) : w);
       }
     }
     return;
   }
 
-  claim_registers<240>();
+  claim_registers<kConsumerRegisters>();
   const int consumer = warpgroup - 1, warp = (threadIdx.x / 32) % 4;
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const float scale_log2 = p.softmax_scale * kLog2e;
-  // At D=64 with the band mask alone the softmax takes raw scores and folds
-  // the scale into its exp2 FFMAs (kernel alone, H100, B=4 S=4K: full 359
-  // -> 394 TFLOP/s, causal 311 -> 332); at D=128 that measured 1-4 % slower
-  // at S=4K and 16K full, so D=128 scales the scores first.
-  constexpr bool kRawScores = kBandOnly && D == 64;
+  // With the band mask alone the softmax takes raw scores and folds the
+  // scale into its exp2 FFMAs (kernel alone, H100, B=4 S=4K, TFLOP/s: D=64
+  // full 359 -> 394, causal 311 -> 332; D=128, once the consumers took
+  // turns, full 620 -> 648, causal 530 -> 556; before the turns it
+  // measured 1-4 % slower at D=128).
+  constexpr bool kRawScores = kBandOnly;
   // Lane 0 reads what the producer left and tells its warp, so that only
   // lane 0, which releases the stage or Q, has read it.
   auto warp_broadcast = [&](uint32_t value) { return __shfl_sync(0xffffffffu, value, 0); };
@@ -278,16 +340,18 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto take_turn = [&] { named_barrier_sync(1 + consumer, 2 * 128); };
   auto pass_turn = [&] { named_barrier_arrive(2 - consumer, 2 * 128); };
   if (consumer == 1) pass_turn();
-  int i = 0, n = 0;  // steps and items done, as the producer counts them
-  for (int w = blockIdx.x; w < num_work; w += gridDim.x, ++n) {
+  int i = 0;  // steps done, as the producer counts them
+  for (int n = 0;; ++n) {  // n: items done
+    mbarrier_wait(q_full, n & 1);
+    const int w = int(warp_broadcast(lane == 0 ? item_record[1] : 0u));
+    if (w >= num_work) break;
     const WorkItem item = item_of(w);
     const int64_t warp_row0 = int64_t(item.q_block) * kRows + consumer * 64 + warp * 16;
     float o[D / 8][4];
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
     float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // row_sum: own columns
-    mbarrier_wait(q_full, n & 1);
-    const bool has_steps = warp_broadcast(lane == 0 ? *item_has_steps : 0u) != 0;
+    const bool has_steps = warp_broadcast(lane == 0 ? item_record[0] : 0u) != 0;
     auto release_q = [&] {
       if (lane == 0) mbarrier_arrive(q_empty);
     };
@@ -417,7 +481,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 template <int D, typename T, bool kBandOnly, int kKeys = 128>
-cudaError_t launch_variant(const ForwardParams& p, cudaStream_t stream) {
+cudaError_t launch_variant(const ForwardParams& p, int32_t* work_counter, cudaStream_t stream) {
   constexpr int kShared = shared_bytes<D, kKeys>();
   const AttentionShape& s = p.shape;
   TensorMaps maps;
@@ -447,17 +511,25 @@ cudaError_t launch_variant(const ForwardParams& p, cudaStream_t stream) {
   const int64_t work = s.num_q_tiles(kRows) * pairs;
   if (work > INT32_MAX) return cudaErrorInvalidValue;
   const int64_t ctas = std::min<int64_t>(work, sms);  // one per SM (its shared memory)
-  kernel<<<static_cast<unsigned>(ctas), kThreads, kShared, stream>>>(p, maps, int(group));
+  if (work_counter == nullptr) return cudaErrorInvalidValue;
+  if (kBandOnly && !p.mask.has_band()) {
+    work_counter = nullptr;  // items alike: a fixed stride
+  } else if (cudaError_t e = cudaMemsetAsync(work_counter, 0, sizeof(int32_t), stream);
+             e != cudaSuccess) {
+    return e;
+  }
+  kernel<<<static_cast<unsigned>(ctas), kThreads, kShared, stream>>>(p, maps, int(group),
+                                                                      work_counter);
   return cudaGetLastError();
 }
 
 template <int D, typename T>
-cudaError_t launch(const ForwardParams& p, cudaStream_t stream) {
-  if (!forward_band_only(p)) return launch_variant<D, T, false>(p, stream);
+cudaError_t launch(const ForwardParams& p, int32_t* work_counter, cudaStream_t stream) {
+  if (!forward_band_only(p)) return launch_variant<D, T, false>(p, work_counter, stream);
   if constexpr (D == 128) {
-    if (!p.mask.has_band()) return launch_variant<D, T, true, kLongKeys>(p, stream);
+    if (!p.mask.has_band()) return launch_variant<D, T, true, kLongKeys>(p, work_counter, stream);
   }
-  return launch_variant<D, T, true>(p, stream);
+  return launch_variant<D, T, true>(p, work_counter, stream);
 }
 
 }  // namespace
@@ -493,12 +565,15 @@ bool forward_wgmma_selected(const ForwardParams& params) {
   return (params.shape.head_dim == 64 || params.shape.head_dim == 128) && device_runs_wgmma();
 }
 
-cudaError_t attention_forward_wgmma(const ForwardParams& params, cudaStream_t stream) {
+cudaError_t attention_forward_wgmma(const ForwardParams& params, int32_t* work_counter,
+                                    cudaStream_t stream) {
   const bool bf16 = params.dtype == ElementType::kBF16;
   if (params.shape.head_dim == 64) {
-    return bf16 ? launch<64, __nv_bfloat16>(params, stream) : launch<64, __half>(params, stream);
+    return bf16 ? launch<64, __nv_bfloat16>(params, work_counter, stream)
+                : launch<64, __half>(params, work_counter, stream);
   }
-  return bf16 ? launch<128, __nv_bfloat16>(params, stream) : launch<128, __half>(params, stream);
+  return bf16 ? launch<128, __nv_bfloat16>(params, work_counter, stream)
+              : launch<128, __half>(params, work_counter, stream);
 }
 
 }  // namespace cuda

@@ -16,7 +16,7 @@ ffi::Error forward_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
                         ffi::AnyBuffer dense, ffi::AnyBuffer tile_class,
                         ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
                         float softmax_scale, int64_t band_lo, int64_t band_hi, int64_t tile_q,
-                        int64_t tile_kv) {
+                        int64_t tile_kv, ffi::Result<ffi::AnyBuffer> work_counter) {
   ForwardParams params;
   if (auto e = decode_forward_args(q, k, v, bias, q_segment, kv_segment, dense, tile_class, *out,
                                    *lse, softmax_scale, band_lo, band_hi, tile_q, tile_kv,
@@ -29,7 +29,10 @@ ffi::Error forward_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
                 << params.shape.head_dim << ", tiles " << tile_q << "x" << tile_kv);
   FFI_CHECK(params.shape.batch <= 65535 && params.shape.q_heads <= 65535,
             "batch and q heads must be <= 65535 (grid limits)");
-  const cudaError_t status = attention_forward(params, stream);
+  FFI_CHECK(work_counter->element_type() == ffi::DataType::S32 && work_counter->element_count() >= 1,
+            "the work counter output must be int32 with at least one element");
+  const cudaError_t status =
+      attention_forward(params, static_cast<int32_t*>(work_counter->untyped_data()), stream);
   if (status != cudaSuccess) {
     return ffi::Error(ffi::ErrorCode::kInternal,
                       std::string("jax_fastattn: attention kernel launch failed: ") +
@@ -40,9 +43,12 @@ ffi::Error forward_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
 
 }  // namespace
 
+// The wgmma kernel's work counter is an output after out and lse (XLA keeps
+// an output alive until the kernel ran; FFI scratch would be freed too early).
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FastattnForwardCuda, forward_cuda,
                               bind_forward_args(
-                                  ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()));
+                                  ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
+                                  .Ret<ffi::AnyBuffer>());
 
 }  // namespace cuda
 }  // namespace fastattn

@@ -12,7 +12,8 @@ namespace cuda {
 XLA_FFI_DECLARE_HANDLER_SYMBOL(FastattnDecodeCuda);
 
 // fastattn_forward_cuda: the forward custom call's arguments (as the CPU
-// one), bfloat16/float16, head_dim 64/128/256, sm80+ (attention_sm80.cu;
+// one) plus an int32 work counter ([B, Hq, 1], one element used) as a third
+// result; bfloat16/float16, head_dim 64/128/256, sm80+ (attention_sm80.cu;
 // on sm_90 attention_sm90.cu for head_dim 64/128).
 XLA_FFI_DECLARE_HANDLER_SYMBOL(FastattnForwardCuda);
 

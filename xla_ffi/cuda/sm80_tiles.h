@@ -441,18 +441,6 @@ __device__ __forceinline__ const int8_t* class_row(const MaskParams& m, int64_t 
              num_kv_tiles;
 }
 
-// Class of rows [r0, r1] x keys [k0, k1] (inclusive, already clipped to
-// the sequences) under the band alone, as jax_fastattn.masks classifies a
-// plan tile: a kernel given the band mask alone derives its tiles' classes
-// from the band with no loads. No rows (r0 > r1) see nothing.
-__device__ __forceinline__ int8_t band_class(const MaskParams& m, int64_t r0, int64_t r1,
-                                             int64_t k0, int64_t k1) {
-  if (r0 > r1 || m.band_lo > m.band_hi || r1 + m.band_hi < k0 || r0 + m.band_lo > k1) {
-    return kEmpty;
-  }
-  return r1 + m.band_lo <= k0 && r0 + m.band_hi >= k1 ? kFull : kPartial;
-}
-
 }  // namespace sm80
 }  // namespace cuda
 }  // namespace fastattn

@@ -215,6 +215,12 @@ __device__ __forceinline__ void tma_load_4d(uint32_t to, const void* tensor_map,
       : "memory");
 }
 
+// Stores of one or two 32-bit words at a shared-memory address (32-bit,
+// where a generic pointer would hold two registers of a producer's few).
+__device__ __forceinline__ void store_shared(uint32_t address, uint32_t a, uint32_t b) {
+  asm volatile("st.shared.v2.u32 [%0], {%1, %2};\n" ::"r"(address), "r"(a), "r"(b) : "memory");
+}
+
 // Named barrier `id` (1..15; 0 is __syncthreads) over `threads` threads:
 // sync waits until that many have arrived, counting the caller's warp;
 // arrive counts the caller's warp and goes on.

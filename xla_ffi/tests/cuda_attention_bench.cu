@@ -102,10 +102,12 @@ int main(int argc, char** argv) {
     printf("unsupported configuration\n");
     return 1;
   }
+  int32_t* work_counter = nullptr;  // the wgmma forward's
+  cudaMalloc(&work_counter, sizeof(int32_t));
   fastattn::BackwardParams grads;
   float* delta = nullptr;
   if (backward) {
-    fastattn::cuda::attention_forward(params, nullptr);
+    fastattn::cuda::attention_forward(params, work_counter, nullptr);
     grads.shape = params.shape;
     grads.dtype = params.dtype;
     grads.q = q;
@@ -131,7 +133,7 @@ int main(int argc, char** argv) {
   for (int i = 0; i < launches + 2; ++i) {
     cudaEventRecord(start);
     const cudaError_t e = backward ? fastattn::cuda::attention_backward(grads, delta, nullptr)
-                                   : fastattn::cuda::attention_forward(params, nullptr);
+                                   : fastattn::cuda::attention_forward(params, work_counter, nullptr);
     if (e != cudaSuccess) {
       printf("launch failed: %s\n", cudaGetErrorString(e));
       return 1;
@@ -172,7 +174,7 @@ int main(int argc, char** argv) {
     cudaMemcpy(selected_lse.data(), lse, selected_lse.size() * 4, cudaMemcpyDeviceToHost);
     cudaMemset(out, 0, elements * 2);
     if (!run_mma_sync("FASTATTN_CUDA_FORWARD",
-                      [&] { return fastattn::cuda::attention_forward(params, nullptr); })) {
+                      [&] { return fastattn::cuda::attention_forward(params, work_counter, nullptr); })) {
       return 1;
     }
     cudaMemcpy(mma_sync.data(), out, elements * 2, cudaMemcpyDeviceToHost);
