@@ -90,7 +90,8 @@ struct TensorMaps {
 // stage's tiles: which tile, whether each consumer's 64 rows need the
 // element-wise mask there, and whether it is the item's last. Consumers
 // thus never read the tile plan in their loop (its loads sat on the path
-// from one product to the next).
+// from one product to the next). The producer writes it as two words (the
+// tile; masked[0] | masked[1] << 8 | last << 16), lane 0 reads it as one.
 struct StepRecord {
   int32_t tile;
   uint8_t masked[2];
