@@ -11,28 +11,28 @@
 // CTAs whose items ran short, or whose SMs ran slower, even out (kernel
 // alone, H100, D=128 causal: 4K +5 %, 16K +6-9 %, B=3 S=1000 +10 %; no
 // mask: items alike, a fixed stride, the counter's memset and atomics
-// measured 1 % slower at 4K). A CTA has three warpgroups. Warpgroup 0 is the producer:
-// one thread walks the CTA's items and their visible K/V tiles, issues TMA
-// loads of each item's Q tile and of K and V tiles (176 keys at D=128
-// where nothing is masked, else 128) into shared-memory stages (128-byte
-// swizzled, the layout wgmma reads), each stage with a "full" mbarrier
-// the TMA completes and an "empty" one the consumers release, and leaves
-// a record of the step (tile, mask needed, last of the item) beside it;
-// the producer hands most of its registers to the consumers (setmaxnreg).
-// The stage ring runs on across items, and the next Q is loaded as soon
-// as the consumers have issued their last S of the current item.
-// Warpgroups 1 and 2 are the consumers, 64 query rows each: per tile
-// they issue S = Q K^T (Q and K as K-major shared-memory descriptors),
-// run the online softmax on the accumulators in registers,
-// and issue O += P V with P from registers (the accumulator layout is the
-// A-fragment layout) and V as an MN-major descriptor, so P never touches
-// shared memory. Within a consumer the tiles are software-pipelined
-// (FlashAttention-3's intra-warpgroup overlap): S of tile i+1 is issued
-// before O += P_i V_i, and the softmax of tile i+1 runs while that product
-// is in flight; O is rescaled once it has landed. Between the consumers
-// (FlashAttention-3's warp scheduling) two named barriers make them take
-// turns issuing their wgmmas, so that one's softmax overlaps the other's
-// products (kernel alone, H100: +5 % at D=128 4K full, +8 % at D=64).
+// measured 1 % slower at 4K).
+//
+// A CTA has three warpgroups. Warpgroup 0 is the producer: one thread walks the
+// CTA's items and their visible K/V tiles, issues TMA loads of each item's Q
+// tile and of K and V tiles (176 keys at D=128 where nothing is masked, else
+// 128) into shared-memory stages (128-byte swizzled, the layout wgmma reads),
+// each stage with a "full" mbarrier the TMA completes and an "empty" one the
+// consumers release, and leaves a record of the step (tile, mask needed, last
+// of the item) beside it; the producer hands most of its registers to the
+// consumers (setmaxnreg). The stage ring runs on across items, and the next Q
+// is loaded as soon as the consumers have issued their last S of the current
+// item. Warpgroups 1 and 2 are the consumers, 64 query rows each: per tile they
+// issue S = Q K^T (Q and K as K-major shared-memory descriptors), run the
+// online softmax on the accumulators in registers, and issue O += P V with P
+// from registers (the accumulator layout is the A-fragment layout) and V as an
+// MN-major descriptor, so P never touches shared memory. Within a consumer the
+// tiles are software-pipelined (FlashAttention-3's intra-warpgroup overlap): S
+// of tile i+1 is issued before O += P_i V_i, and the softmax of tile i+1 runs
+// while that product is in flight; O is rescaled once it has landed. Between
+// the consumers (FlashAttention-3's warp scheduling) two named barriers make
+// them take turns issuing their wgmmas, so that one's softmax overlaps the
+// other's products (kernel alone, H100: +5 % at D=128 4K full, +8 % at D=64).
 //
 // Tiling-mask: the plan is the forward's 64 x 64 one (the backward shares
 // it); a 128 x 128 step is skipped when all four plan tiles in it are
@@ -121,12 +121,12 @@ __device__ __forceinline__ WorkItem work_item(int w, int num_q_blocks, int pairs
 // variant waits for O += P V before the softmax of the next tile instead of
 // running it alongside.
 //
-// Persistent when launched with fewer CTAs than work items: a CTA takes
-// item blockIdx.x, then gridDim.x + a ticket from `work_counter` (zero at
-// the launch; null: + gridDim.x) per item until past the items; the stage ring
-// runs on across items, and the next item's Q is loaded once the consumers
-// have issued their last S of the current one, so its start overlaps the
-// current item's last softmax, product and stores.
+// Persistent when launched with fewer CTAs than work items: a CTA takes item
+// blockIdx.x, then gridDim.x + a ticket from `work_counter` (zero at the
+// launch; null: w + gridDim.x) per item until past the items; the stage ring
+// runs on across items, and the next item's Q is loaded once the consumers have
+// issued their last S of the current one, so its start overlaps the current
+// item's last softmax, product and stores.
 template <int D, typename T, bool kBandOnly, int kKeys>
 __global__ void __launch_bounds__(kThreads, 1)
     forward_wgmma_kernel(const ForwardParams p, const __grid_constant__ TensorMaps maps,
@@ -164,7 +164,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
   const AttentionShape& s = p.shape;
   const int warpgroup = threadIdx.x / 128;
-  // Step indices are 32-bit on the producer (24 registers): the steps
+  // Step indices are 32-bit on the producer (24 or 40 registers): the steps
   // number at most 2^31 / kKeys, as the rows of a tensor map's box do.
   const int num_kv = int((s.kv_len + kKeys - 1) / kKeys);
   const int64_t plan_q = (s.q_len + kForwardTileQ - 1) / kForwardTileQ;

@@ -29,7 +29,8 @@ ffi::Error forward_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
                 << params.shape.head_dim << ", tiles " << tile_q << "x" << tile_kv);
   FFI_CHECK(params.shape.batch <= 65535 && params.shape.q_heads <= 65535,
             "batch and q heads must be <= 65535 (grid limits)");
-  FFI_CHECK(work_counter->element_type() == ffi::DataType::S32 && work_counter->element_count() >= 1,
+  FFI_CHECK(work_counter->element_type() == ffi::DataType::S32 &&
+                work_counter->element_count() >= 1,
             "the work counter output must be int32 with at least one element");
   const cudaError_t status =
       attention_forward(params, static_cast<int32_t*>(work_counter->untyped_data()), stream);
