@@ -1,9 +1,20 @@
-"""Kernel tuning knobs: a frozen, hashable dataclass per backend (usable as a
-static argument), with a default per device kind. Never read from the
-environment."""
+"""Kernel choices as typed, frozen, hashable options (usable as static
+arguments): which kernel variant runs and at which tile sizes. The user may
+pass one to `flash_attention(..., config=...)`; `None` means the backend's
+default (backends.py). Never read from the environment."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
+
+# Kernel variants of the CUDA backend on sm90 (H100/H200): "auto" takes the
+# wgmma kernels where they exist (head dim 64/128; a backward with a bias
+# gradient takes mma.sync), "mma_sync" the sm80 kernels that Ampere/Ada run.
+CUDA_FORWARD_KERNELS = ("auto", "wgmma", "mma_sync")
+CUDA_BACKWARD_KERNELS = ("auto", "wgmma", "mma_sync")
+# Shared-memory operand layout of the Volta kernel: FastAttention's
+# bank-conflict-free swizzle, or the plain row-major layout (the ablation).
+VOLTA_LAYOUTS = ("swizzled", "naive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -14,12 +25,45 @@ class TileConfig:
     tile_q: int
     tile_kv: int
 
+    def __post_init__(self):
+        for name in ("tile_q", "tile_kv"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"TileConfig.{name} must be a positive int, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Typed kernel options of one flash_attention call.
+
+    tiles: tile sizes of the mask plan (and of the cpu / xla kernels, which
+      take any); None = the backend's default. The GPU kernels have fixed
+      tiles: passing other sizes to them is an error.
+    cuda_forward, cuda_backward: one of CUDA_FORWARD_KERNELS /
+      CUDA_BACKWARD_KERNELS.
+    volta_layout: one of VOLTA_LAYOUTS.
+    """
+
+    tiles: Optional[TileConfig] = None
+    cuda_forward: str = "auto"
+    cuda_backward: str = "auto"
+    volta_layout: str = "swizzled"
+
+    def __post_init__(self):
+        if self.tiles is not None and not isinstance(self.tiles, TileConfig):
+            raise ValueError(f"KernelConfig.tiles must be a TileConfig or None, got {type(self.tiles).__name__}")
+        for name, allowed in (("cuda_forward", CUDA_FORWARD_KERNELS), ("cuda_backward", CUDA_BACKWARD_KERNELS),
+                              ("volta_layout", VOLTA_LAYOUTS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"KernelConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+
+DEFAULT = KernelConfig()
 
 # CPU kernel: a work item is (batch, head, 64-row q tile); the 64 x 128
-# float32 logits tile (32 KiB) plus q, K^T, V tiles (up to 64 KiB each at
-# D=128) live in the 2 MiB L2 of one core, and 64 rows give 16 register
-# blocks of 4 rows. 128 keys per kv tile halves loop overhead against 64
-# and was faster on the 2-core CI machine (see docs/BENCHMARKS.md).
+# float32 logits tile (32 KiB) plus the q, K and V tiles (up to 64 KiB each
+# at D=128) stay in one core's 2 MiB L2; 128 keys per kv tile halve the loop
+# overhead against 64.
 CPU_TILES = TileConfig(tile_q=64, tile_kv=128)
 
 # Pure-JAX backend: large tiles amortise XLA's per-iteration loop cost.
@@ -29,6 +73,6 @@ XLA_TILES = TileConfig(tile_q=256, tile_kv=512)
 # step; fixed in the kernel (volta_params.h kTileQ / kTileKv).
 VOLTA_TILES = TileConfig(tile_q=128, tile_kv=32)
 
-# CUDA sm80+ forward kernel (xla_ffi/cuda/attention_sm80.cu): 4 warps x 16
-# query rows, 64 keys per step (attention.h kForwardTileQ / kForwardTileKv).
+# CUDA kernels: the mask plan's tile is 64 x 64 (attention.h kForwardTileQ /
+# kForwardTileKv); the kernels' own, larger steps read several plan tiles.
 CUDA_TILES = TileConfig(tile_q=64, tile_kv=64)
