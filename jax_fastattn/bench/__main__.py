@@ -1,0 +1,3 @@
+from jax_fastattn.bench.cli import main
+
+main()

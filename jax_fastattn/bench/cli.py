@@ -1,0 +1,174 @@
+"""Command line of `python -m jax_fastattn.bench`: runs every implementation
+of a backend's peer list on each case, each in its own subprocess, prints a
+table, writes results.json and plot.png."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from typing import Dict, List
+
+from jax_fastattn.bench import report, timing
+from jax_fastattn.bench.cases import Case
+
+PEERS: Dict[str, List[str]] = {
+    "cpu": ["fastattn-cpu", "fastattn-xla", "jax.nn-xla", "reference"],
+    # torch-*: torch SDPA pinned to FlashAttention-2 / cuDNN; fa4:
+    # FlashAttention-4 (flash_attn.cute); tokamax: its Mosaic-GPU kernel;
+    # pallas-mha: jax's Pallas GPU op; fastattn-cuda-sm80: ours with the
+    # sm80 (mma.sync) kernels, the ones A100/L40/RTX GPUs run.
+    "cuda": ["fastattn-cuda", "fastattn-cuda-sm80", "jax.nn-cudnn", "torch-cudnn", "tokamax", "fa4",
+             "torch-flash", "pallas-mha", "jax.nn-xla"],
+}
+DECODE_PEERS: Dict[str, List[str]] = {
+    "cpu": ["memcpy-numpy", "fastattn-cpu", "fastattn-xla", "jax.nn-xla"],
+    "cuda": ["memcpy-device", "fastattn-cuda", "jax.nn-cudnn", "jax.nn-xla"],
+}
+# Implementations that build the full [B, H, Sq, Skv] logits.
+QUADRATIC = {"jax.nn-xla", "reference"}
+# Peers from other packages: the module whose absence skips them.
+OPTIONAL_MODULES = {"tokamax": "tokamax", "fa4": "flash_attn.cute", "torch-flash": "torch", "torch-cudnn": "torch",
+                    "pallas-mha": "jax.experimental.pallas.ops.gpu.attention"}
+
+
+def missing_peer(name: str):
+    """Why `name` cannot run in this environment, or None."""
+    module = OPTIONAL_MODULES.get(name)
+    if module is None:
+        return None
+    # In a subprocess: importing torch or a CUDA DSL here would hold memory
+    # and libraries in the parent for the whole run.
+    try:
+        proc = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True,
+                              timeout=300)
+    except subprocess.TimeoutExpired:
+        return f"import {module} timed out"
+    if proc.returncode:
+        lines = proc.stderr.strip().splitlines() or ["no output"]
+        return f"import {module}: {lines[-1][:160]}"
+    return None
+
+
+def run_worker(name: str, case: Case, repeats: int) -> dict:
+    """Times one implementation on one case in this process."""
+    if name == "memcpy-numpy":
+        times, median, rate = timing.numpy_copy_bandwidth(case.kv_bytes, repeats)
+        return {"impl": name, "case": dataclasses.asdict(case), "times_s": times, "median_s": median,
+                "gbps": rate / 1e9, "peak_mb": 0.0, "tflops": 0.0}
+    if name == "memcpy-device":
+        import jax
+        times, median, rate = timing.device_copy_bandwidth(case.kv_bytes, repeats)
+        return {"impl": name, "case": dataclasses.asdict(case), "times_s": times, "median_s": median,
+                "calls_per_sample": timing.GPU_CALLS_PER_SAMPLE, "gbps": rate / 1e9, "peak_mb": 0.0,
+                "tflops": 0.0, "device": str(jax.devices()[0].device_kind), "versions": {"jax": jax.__version__}}
+    from jax_fastattn.bench import torch_peers
+    if name in torch_peers.TORCH_IMPLS:
+        return torch_peers.run(name, case, repeats)
+    from jax_fastattn.bench import jax_peers
+    return jax_peers.run(name, case, repeats)
+
+
+def _measure(name: str, case: Case, repeats: int, timeout: float) -> dict:
+    spec = json.dumps({"impl": name, "case": dataclasses.asdict(case), "repeats": repeats})
+    try:
+        proc = subprocess.run([sys.executable, "-m", "jax_fastattn.bench", "--worker", spec],
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"impl": name, "case": dataclasses.asdict(case), "error": f"timeout after {timeout:.0f}s"}
+    for line in proc.stdout.splitlines()[::-1]:
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    lines = (proc.stderr or proc.stdout).strip().splitlines()
+    # The last line naming an error (an out-of-memory error is followed by a traceback tail).
+    tail = next((l for l in lines[::-1] if "Error" in l or "error" in l), lines[-1] if lines else "no output")
+    return {"impl": name, "case": dataclasses.asdict(case), "error": tail.strip()[:200]}
+
+
+def _gpu_driver() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout.strip()
+        return out.splitlines()[0] if out else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m jax_fastattn.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", default="cpu", choices=sorted(set(PEERS) | set(DECODE_PEERS)))
+    parser.add_argument("--quick", action="store_true", help="one small case (S=1024), 5 repeats (a demo)")
+    parser.add_argument("--seq", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="batch = tokens // seq for each --seq (e.g. 16384 for B*S = 16K)")
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=None)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--no-causal", action="store_true")
+    parser.add_argument("--mode", choices=["fwd", "fwd_bwd", "decode"], default="fwd",
+                        help="decode: one query token per row against a full cache of --seq positions")
+    parser.add_argument("--repeats", type=int, default=5, help="samples per implementation (at least 5)")
+    parser.add_argument("--impls", nargs="+", default=None, help="subset of the backend's peers")
+    parser.add_argument("--max-quadratic-gb", type=float, default=4.0,
+                        help="skip O(S^2)-memory peers whose logits alone exceed this")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per implementation and case")
+    parser.add_argument("--out", default="bench_out", help="folder for results.json and plot.png")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    return parser, parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    parser, args = parse_args(argv)
+    if args.worker:
+        spec = json.loads(args.worker)
+        print("RESULT " + json.dumps(run_worker(spec["impl"], Case(**spec["case"]), spec["repeats"])), flush=True)
+        return
+
+    seqs = [1024] if args.quick else args.seq
+    repeats = max(5, args.repeats)
+    cases = [Case(max(1, args.tokens // s) if args.tokens else args.batch, s, args.heads,
+                  args.kv_heads or args.heads, args.head_dim, not args.no_causal, args.dtype, args.mode)
+             for s in seqs]
+    peers = DECODE_PEERS if args.mode == "decode" else PEERS
+    if args.impls is None and args.backend not in peers:
+        parser.error(f"--backend {args.backend} has no peers for --mode {args.mode} yet")
+    impls = args.impls or peers[args.backend]
+    missing = {name: missing_peer(name) for name in impls}
+    for name, why in missing.items():
+        if why:
+            print(f"peer missing: {name} ({why})", file=sys.stderr, flush=True)
+    results = []
+    for case in cases:
+        for impl in impls:
+            if missing[impl]:
+                results.append({"impl": impl, "case": dataclasses.asdict(case), "error": "peer missing"})
+                continue
+            if impl in QUADRATIC and case.mode != "decode" and case.logits_bytes > args.max_quadratic_gb * 2**30:
+                results.append({"impl": impl, "case": dataclasses.asdict(case),
+                                "error": f"skipped: logits need {case.logits_bytes / 2**30:.1f} GiB"})
+                continue
+            print(f"running {impl:<18} {case.label()}", file=sys.stderr, flush=True)
+            results.append(_measure(impl, case, repeats, args.timeout))
+    report.add_diffs(results)
+    gpu = args.backend != "cpu"
+    print(report.table(results, gpu))
+    os.makedirs(args.out, exist_ok=True)
+    meta = next((r for r in results if "device" in r), {})
+    versions = {}
+    for r in results:
+        versions.update(r.get("versions", {}))
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"command": "python -m jax_fastattn.bench " + " ".join(sys.argv[1:] if argv is None else argv),
+                   "device": meta.get("device"), "gpu_driver": _gpu_driver() if gpu else None,
+                   "versions": versions, "cpu_count": os.cpu_count(),
+                   "method": {"repeats": repeats, "calls_per_sample_gpu": timing.GPU_CALLS_PER_SAMPLE,
+                              "statistic": "median", "flops": "4*B*Hq*S*S*D, causal half, fwd_bwd 3.5x"},
+                   "results": results}, f, indent=1)
+    report.plot(results, os.path.join(args.out, "plot.png"), gpu, title=meta.get("device"))
+    print(f"\nwrote {args.out}/results.json and {args.out}/plot.png")
+

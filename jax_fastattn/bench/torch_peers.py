@@ -1,0 +1,83 @@
+"""Implementations called from torch (GPU only): torch SDPA pinned to one
+backend (FlashAttention-2, cuDNN) and FlashAttention-4 (CuTe DSL; on sm90
+its FlashAttention-3 design), timed by the same method as the JAX ones.
+
+Forward + backward is `torch.autograd.grad(out, (q, k, v), dout)` with a
+preallocated cotangent: nothing accumulates into `.grad` (which would add
+three read-modify-writes per step that the JAX peers do not do).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from jax_fastattn.bench import timing
+from jax_fastattn.bench.cases import Case, make_inputs, probe
+
+SDPA_BACKENDS = {"torch-flash": "FLASH_ATTENTION", "torch-cudnn": "CUDNN_ATTENTION"}
+TORCH_IMPLS = set(SDPA_BACKENDS) | {"fa4"}
+
+
+def attention_fn(name: str, case: Case) -> Callable:
+    """attend(q, k, v) -> out, all torch tensors [B, S, H, D]."""
+    import torch
+
+    if name in SDPA_BACKENDS:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        backend = getattr(SDPBackend, SDPA_BACKENDS[name])
+        gqa = case.heads != case.kv_heads
+
+        def attend(q, k, v):  # SDPA's layout is [B, H, S, D]: transposed views, no copies
+            with sdpa_kernel(backend):
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=case.causal, enable_gqa=gqa)
+            return out.transpose(1, 2)
+        return attend
+    if name == "fa4":
+        from flash_attn.cute import flash_attn_func  # takes [B, S, H, D] and GQA k/v
+
+        def attend(q, k, v):
+            out = flash_attn_func(q, k, v, causal=case.causal)
+            return out[0] if isinstance(out, tuple) else out  # (out, lse) in 4.0 betas
+        return attend
+    raise ValueError(f"unknown torch implementation {name!r}")
+
+
+def step_fn(attend: Callable, q, k, v, dout=None) -> Callable:
+    """The timed step: attend(q, k, v), or with a cotangent `dout` its
+    forward + backward returning (dq, dk, dv) via autograd.grad."""
+    import torch
+    if dout is None:
+        return lambda: attend(q, k, v)
+
+    def step():
+        out = attend(q, k, v)
+        return torch.autograd.grad(out, (q, k, v), grad_outputs=dout)
+    return step
+
+
+def run(name: str, case: Case, repeats: int) -> dict:
+    import torch
+
+    if case.mode not in ("fwd", "fwd_bwd"):
+        raise ValueError(f"torch peers take fwd or fwd_bwd cases, got mode {case.mode!r}")
+    host = make_inputs(case)
+    grad = case.mode == "fwd_bwd"
+    # numpy has no bfloat16 of its own: go through float32, then cast on the device.
+    to_device = lambda x, req: torch.from_numpy(x.astype("float32")).to("cuda", getattr(torch, case.dtype)) \
+        .requires_grad_(req)
+    q, k, v = (to_device(host[n], grad) for n in ("q", "k", "v"))
+    dout = to_device(host["dout"], False) if grad else None
+    step = step_fn(attention_fn(name, case), q, k, v, dout)
+    result = step()  # warm-up; its output is the probe
+    torch.cuda.synchronize()
+    times, median = timing.sample_seconds(step, lambda _: torch.cuda.synchronize(), repeats,
+                                          timing.GPU_CALLS_PER_SAMPLE)
+    values = probe(case, result[0].float().cpu(), result[2].float().cpu()) if grad else probe(case, result.float().cpu())
+    found = {"torch": torch.__version__}
+    if name == "fa4":
+        import flash_attn
+        found["flash_attn"] = getattr(flash_attn, "__version__", "?")
+    return {"impl": name, "case": dataclasses.asdict(case), "times_s": times, "median_s": median,
+            "calls_per_sample": timing.GPU_CALLS_PER_SAMPLE, "tflops": case.flops / median / 1e12, "gbps": 0.0,
+            "peak_mb": 0.0, "probe": values, "device": torch.cuda.get_device_name(), "versions": found}
