@@ -8,7 +8,7 @@ pipeline and a roofline-style time model (see docs/ASCEND.md).
 """
 from .cost import fused_time, standard_time
 from .hardware import ASCEND_910A, ASCEND_910B, HARDWARE, AscendHardware
-from .plan import AttentionShape, TilingPlan, plan
+from .tiling import AttentionShape, TilingPlan, plan
 from .simulator import SimResult, simulate
 from .tiling_mask import COMPRESSED_SIZE, CompressedMask, mask_memory
 

@@ -33,7 +33,7 @@ import heapq
 
 import numpy as np
 
-from . import plan as plan_lib
+from . import tiling as plan_lib
 from .hardware import AscendHardware
 
 OP_LAUNCH_US = 10.0   # estimate: host launch + tiling of one eager NPU op

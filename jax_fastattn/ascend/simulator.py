@@ -15,7 +15,7 @@ classification are skipped):
 At the end the Vector divides by the row sum and writes O and the lse.
 
 Every transfer is counted from the arrays actually moved, so the counters
-check `plan.py`'s closed-form ones. Python loops make it slow: use small
+check `tiling.py`'s closed-form ones. Python loops make it slow: use small
 shapes (tests) or the plan alone (`plan()`, `cost.py`) for real sizes.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 
 from .. import masks
-from . import plan as plan_lib
+from . import tiling as plan_lib
 from . import tiling_mask
 from .hardware import ASCEND_910B, AscendHardware
 
@@ -168,8 +168,7 @@ def simulate(q, k, v, *, causal: bool = False, mask: Optional[masks.Mask] = None
                         visible = visible & compressed.tile(mplan, q0, k0, bq, bk)
                         tally["gm_to_ub"] += bq * bk * bounds  # the slices, 1 byte per element each
                     probs = np.empty((bq, bk), q.dtype)
-                    for first in _sub_blocks(bq, rows_per_vector, l1.vector_rows):
-                        rows_slice = slice(first, min(first + l1.vector_rows, bq))
+                    for rows_slice in _sub_blocks(bq, rows_per_vector, l1.vector_rows):
                         sub_scores = scores[rows_slice]
                         tally["gm_to_ub"] += sub_scores.nbytes
                         sub_scores = np.where(visible[rows_slice], sub_scores * scale, -np.inf).astype(np.float32)
@@ -208,8 +207,9 @@ def simulate(q, k, v, *, causal: bool = False, mask: Optional[masks.Mask] = None
 
 
 def _sub_blocks(rows: int, rows_per_vector: int, vector_rows: int):
-    """First rows of the UB sub-blocks: each Vector core takes its share of
+    """Row slices of the UB sub-blocks: each Vector core takes its share of
     the block's rows (AIV0 the top, AIV1 the bottom) in vector_rows slices."""
     for core_first in range(0, rows, rows_per_vector):
         core_end = min(core_first + rows_per_vector, rows)
-        yield from range(core_first, core_end, vector_rows)
+        for first in range(core_first, core_end, vector_rows):
+            yield slice(first, min(first + vector_rows, core_end))
