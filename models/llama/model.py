@@ -1,0 +1,207 @@
+"""Llama-family decoder in Flax NNX: RMSNorm, SwiGLU MLP, GQA attention with
+RoPE (jax_fastattn.nn.Attention), tied or untied embeddings.
+
+The decoder layers are stored stacked (every parameter has a leading
+[num_hidden_layers] axis, made with nnx.vmap) and run with `lax.scan`, so
+compile time does not grow with depth.
+
+KV cache: two arrays, keys and values, each [B, L, Smax, Hkv, D] (batch
+first, so that the per-token write is a batched scatter with no transpose and
+the paged view below is a free reshape). `attend_layer_cache` is the one place
+where decode attention reads the cache.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from jax_fastattn import nn as fa_nn
+
+from . import sharding
+from .config import LlamaConfig
+
+INIT = nnx.initializers.normal(0.02)  # Hugging Face initializer_range
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * scale, computed in float32 (as Hugging Face LlamaRMSNorm)."""
+
+    def __init__(self, features: int, eps: float, *, param_dtype=jnp.float32):
+        self.scale = nnx.Param(jnp.ones((features,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        xf = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...] * xf.astype(x.dtype)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        lin = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, kernel_init=INIT, rngs=rngs)
+        self.gate_proj = nnx.Linear(cfg.hidden_size, cfg.intermediate_size, **lin)
+        self.up_proj = nnx.Linear(cfg.hidden_size, cfg.intermediate_size, **lin)
+        self.down_proj = nnx.Linear(cfg.intermediate_size, cfg.hidden_size, **lin)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: LlamaConfig, *, attention: str, backend: str, dtype, param_dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.self_attn = fa_nn.Attention(
+            cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+            rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling, implementation=attention, backend=backend,
+            dtype=dtype, param_dtype=param_dtype, kernel_init=INIT, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def attend_layer_cache(attn: fa_nn.Attention, q, k_cache, v_cache, layer, lengths, mesh=None):
+    """Decode attention of layer `layer`: q [B, Hq, D] over the first
+    lengths[b] positions of k_cache/v_cache [B, L, Smax, Hkv, D].
+
+    For our kernels with an unsplit batch the stacked cache is handed over
+    whole as pages: [B * L, Smax, Hkv, D] is a free reshape, and row b of
+    layer l is page b * L + l. A slice cache[:, l] would be copied out first
+    (XLA materialises a slice that feeds a custom call). With the batch split
+    over "data" the slice is taken instead (the paged rule replicates pages).
+    """
+    batch, layers, s_max = k_cache.shape[:3]
+    paged = attn.implementation == "fastattn" and attn.sliding_window is None and \
+        sharding.axis_size(mesh, "data") == 1
+    if paged:
+        page_table = (jnp.arange(batch, dtype=jnp.int32) * layers + layer)[:, None]
+        pages = lambda c: c.reshape(batch * layers, s_max, *c.shape[3:])
+        return attn.attend_cache(q, fa_nn.KVCache(pages(k_cache), pages(v_cache), lengths, page_table))
+    take = lambda c: lax.dynamic_index_in_dim(c, layer, axis=1, keepdims=False)
+    return attn.attend_cache(q, fa_nn.KVCache(take(k_cache), take(v_cache), lengths))
+
+
+def write_token(cache, layer, new, positions):
+    """cache [B, L, Smax, Hkv, D] with new [B, Hkv, D] stored at (b, layer,
+    positions[b]): a scatter batched over B, done in place on a donated buffer."""
+    def one_row(row, value, pos):
+        return lax.dynamic_update_slice(row, value[None, None].astype(row.dtype), (layer, pos, 0, 0))
+    return jax.vmap(one_row)(cache, new, positions)
+
+
+class Llama(nnx.Module):
+    """Llama-family decoder. `model(tokens)` -> float32 logits [B, S, vocab].
+
+    attention: "fastattn" (jax_fastattn kernels), "cudnn" or "xla"
+    (jax.nn.dot_product_attention). backend: jax_fastattn backend for
+    "fastattn". dtype: activation dtype; param_dtype: weight storage.
+    """
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, attention: str = "fastattn", backend: str = "auto",
+                 dtype=jnp.float32, param_dtype=jnp.float32):
+        if not isinstance(cfg, LlamaConfig):
+            raise ValueError(f"cfg must be a LlamaConfig, got {type(cfg).__name__}")
+        fa_nn.check_implementation(attention)
+        self.cfg, self.attention, self.dtype = cfg, attention, dtype
+        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
+                                      embedding_init=INIT, rngs=rngs)
+
+        @nnx.split_rngs(splits=cfg.num_hidden_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_layers(rngs):
+            return DecoderLayer(cfg, attention=attention, backend=backend, dtype=dtype, param_dtype=param_dtype,
+                                rngs=rngs)
+
+        self.layers = make_layers(rngs)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else nnx.Linear(
+            cfg.hidden_size, cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+            kernel_init=INIT, rngs=rngs)
+
+    # -- pieces ---------------------------------------------------------------
+
+    def logits(self, x):
+        x = self.norm(x)
+        out = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+        return out.astype(jnp.float32)
+
+    def _scan_layers(self, body, carry, extra=()):
+        graphdef, stacked = nnx.split(self.layers)
+        index = jnp.arange(self.cfg.num_hidden_layers, dtype=jnp.int32)
+        return lax.scan(lambda c, xs: body(c, nnx.merge(graphdef, xs[0]), xs[1]), carry, (stacked, index) + extra)
+
+    def _forward(self, tokens, positions, mesh):
+        """Causal pass over tokens [B, S]: hidden states [B, S, d] and the
+        keys/values of every layer, each [L, B, S, Hkv, D]."""
+        x = sharding.constrain(self.embed_tokens(tokens), mesh, sharding.ACTIVATIONS)
+
+        def body(x, layer, _):
+            attn = layer.self_attn
+            q, k, v = attn.project(layer.input_layernorm(x), positions)
+            q = sharding.constrain(q, mesh, sharding.heads_spec(attn.num_heads, mesh))
+            k, v = (sharding.constrain(t, mesh, sharding.heads_spec(attn.num_kv_heads, mesh)) for t in (k, v))
+            x = x + attn.out(attn.attend(q, k, v, causal=True))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            return sharding.constrain(x, mesh, sharding.ACTIVATIONS), (k, v)
+
+        return self._scan_layers(body, x)
+
+    # -- public ---------------------------------------------------------------
+
+    def __call__(self, tokens, positions=None, *, mesh=None):
+        """Full causal forward, no cache: tokens [B, S] int -> logits [B, S, V]."""
+        tokens = jnp.asarray(tokens, jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        x, _ = self._forward(tokens, positions, mesh)
+        return self.logits(x)
+
+    def prefill(self, tokens, lengths, max_len: int, *, mesh=None):
+        """Right-padded prompts tokens [B, P] with lengths [B] -> (logits of
+        each row's last prompt token [B, V], k_cache, v_cache [B, L, max_len,
+        Hkv, D] holding the prompts' keys/values at [0, P))."""
+        batch, prompt_len = tokens.shape
+        if max_len < prompt_len:
+            raise ValueError(f"max_len ({max_len}) must be >= the prompt length ({prompt_len})")
+        positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), tokens.shape)
+        x, (keys, values) = self._forward(jnp.asarray(tokens, jnp.int32), positions, mesh)
+        last = jnp.take_along_axis(x, (jnp.asarray(lengths, jnp.int32) - 1)[:, None, None], axis=1)[:, 0]
+
+        def to_cache(kv):  # [L, B, P, Hkv, D] -> [B, L, max_len, Hkv, D]
+            kv = jnp.pad(jnp.swapaxes(kv, 0, 1), ((0, 0), (0, 0), (0, max_len - prompt_len), (0, 0), (0, 0)))
+            return sharding.constrain(kv, mesh, sharding.cache_spec(self.cfg, mesh))
+
+        return self.logits(last), to_cache(keys), to_cache(values)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None):
+        """Zero k_cache, v_cache [B, L, max_len, Hkv, D]."""
+        cfg = self.cfg
+        shape = (batch, cfg.num_hidden_layers, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        dtype = self.dtype if dtype is None else dtype
+        return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+    def decode_step(self, tokens, k_cache, v_cache, lengths, *, mesh=None):
+        """One token per row, tokens [B], at positions lengths [B] (the count
+        of cached tokens before it): stores its keys/values and returns
+        (logits [B, V], k_cache, v_cache)."""
+        lengths = jnp.asarray(lengths, jnp.int32)
+        x = sharding.constrain(self.embed_tokens(jnp.asarray(tokens, jnp.int32)), mesh, sharding.TOKEN_ACTIVATIONS)
+        cache_spec = sharding.cache_spec(self.cfg, mesh)
+
+        def body(carry, layer, index):
+            x, k_cache, v_cache = carry
+            attn = layer.self_attn
+            q, k, v = attn.project(layer.input_layernorm(x)[:, None], lengths[:, None])
+            k_cache = sharding.constrain(write_token(k_cache, index, k[:, 0], lengths), mesh, cache_spec)
+            v_cache = sharding.constrain(write_token(v_cache, index, v[:, 0], lengths), mesh, cache_spec)
+            out = attend_layer_cache(attn, q[:, 0], k_cache, v_cache, index, lengths + 1, mesh)
+            x = x + attn.out(out)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            return (sharding.constrain(x, mesh, sharding.TOKEN_ACTIVATIONS), k_cache, v_cache), None
+
+        (x, k_cache, v_cache), _ = self._scan_layers(body, (x, k_cache, v_cache))
+        return self.logits(x), k_cache, v_cache
