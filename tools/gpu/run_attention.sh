@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU checks of the attention kernels ("cuda" sm80+ and "volta") in one call:
-# build, pytest -m gpu on the forward and backward suites (-k $TESTS),
+# build, pytest -m gpu on $GPU_TESTS (default: every test; -k $TESTS when set),
 # compute-sanitizer on a small forward + backward case, then a side-by-side
 # benchmark (arguments go to the bench; BENCH2 holds a second argument list).
 # Log: $OUT/attention.txt; bench JSON/PNG under $OUT/bench.
@@ -13,7 +13,7 @@ python3 -c "from jax_fastattn import ffi; print('targets', sorted(ffi.cuda_targe
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   # Written straight into $OUT, so that a run cut by the device tool's limit
   # still brings back which tests passed (keep TEST_TIMEOUT below that limit).
-  timeout ${TEST_TIMEOUT:-360} python3 -m pytest -m gpu -v -p no:cacheprovider -x tests/test_gpu_attention.py tests/test_gpu_backward.py -k "${TESTS:-cuda or backward}" > "$OUT/pytest.txt" 2>&1
+  timeout ${TEST_TIMEOUT:-360} python3 -m pytest -m gpu -v -p no:cacheprovider -x ${GPU_TESTS:-tests/} ${TESTS:+-k "$TESTS"} > "$OUT/pytest.txt" 2>&1
   TEST_STATUS=$?
   grep -E "FAILED|ERROR|passed|failed" "$OUT/pytest.txt" | tail -40 | tee -a "$LOG"
   if [ $TEST_STATUS -ne 0 ] && [ "${BENCH_ANYWAY:-0}" != 1 ]; then echo "tests failed: no sanitizer, no bench" | tee -a "$LOG"; exit 1; fi

@@ -1,14 +1,13 @@
 #!/usr/bin/env bash
 # A/B timing of forward variants, kernel alone (no JAX), on one GPU:
-#   bash tests/gpu/forward_ab.sh [VARIANT.cu ...]
+#   bash tools/gpu/forward_ab.sh [VARIANT.cu ...]
 # Builds xla_ffi/tests/cuda_attention_bench.cu once with the tree's kernels
 # ("tree") and once with each VARIANT.cu in place of attention_sm90.cu, or
 # of attention_sm80.cu when its name holds "sm80" (e.g. `git show
 # wip/branch:xla_ffi/cuda/attention_sm90.cu > abv/v.cu` before the device
 # call, the folder carried), then runs every binary on the same shapes,
 # interleaved and twice, so that clock drift hits all alike. Each run also
-# compares the forward it took with the mma.sync forward. MMA_SYNC=1 times
-# the mma.sync (sm80) forward instead of the wgmma one. Log:
+# compares the forward it took with the mma.sync forward. Log:
 # $OUT/forward_ab.txt. SHAPES ("batch seq heads dim causal;..."), LAUNCHES
 # (default 20) and DATA (uniform or normal) override the runs.
 set -uo pipefail
@@ -34,7 +33,6 @@ for variant in "$@"; do
   fi
 done
 wait
-[[ "${MMA_SYNC:-0}" == 1 ]] && export FASTATTN_CUDA_FORWARD=mma_sync
 # batch seq heads dim causal
 default_shapes=("4 4096 32 128 0" "4 4096 32 128 1" "16 1024 32 128 1" "16 1024 32 128 0"
         "1 16384 32 128 1" "1 16384 32 128 0" "4 4096 32 64 0" "4 4096 32 64 1"

@@ -1,11 +1,10 @@
 """Compares the two CUDA forward kernels (wgmma on sm_90a, mma.sync) with
-the reference on one GPU: python tests/gpu/forward_paths.py
+the reference on one GPU: python tools/gpu/forward_paths.py
 
 Prints the max error of out and lse for each case and kernel. The
 "one-hot V" cases make out equal to the softmax P itself (V = identity), so
 a wrong S or P shows there, and a wrong V operand only in the other cases.
 """
-import os
 import sys
 
 import jax
@@ -13,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_fastattn import flash_attention, masks
+from jax_fastattn.config import KernelConfig
 from jax_fastattn.reference import attention_reference
 
 CASES = [  # batch, q_len, kv_len, q_heads, kv_heads, dim, causal, dtype
@@ -27,8 +27,8 @@ CASES = [  # batch, q_len, kv_len, q_heads, kv_heads, dim, causal, dtype
 
 
 def run(q, k, v, causal, kernel):
-    os.environ["FASTATTN_CUDA_FORWARD"] = kernel
-    out, lse = flash_attention(q, k, v, causal=causal, return_lse=True, backend="cuda")
+    out, lse = flash_attention(q, k, v, causal=causal, return_lse=True, backend="cuda",
+                               config=KernelConfig(cuda_forward=kernel))
     return np.asarray(out, np.float32), np.asarray(lse)
 
 

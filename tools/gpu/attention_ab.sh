@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Standalone timing of the CUDA forward and backward kernels (no JAX) and
-# ncu figures of one launch of each: bash tests/gpu/attention_ab.sh
+# ncu figures of one launch of each: bash tools/gpu/attention_ab.sh
 set -uo pipefail
 nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a --use_fast_math -Ixla_ffi \
   xla_ffi/tests/cuda_attention_bench.cu xla_ffi/cuda/attention_sm80.cu xla_ffi/cuda/attention_sm90.cu \

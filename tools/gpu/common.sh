@@ -1,4 +1,4 @@
-# Sourced by the tests/gpu/run_*.sh scripts: output folder, the wheels that
+# Sourced by the tools/gpu/*.sh device scripts: output folder, the wheels that
 # travel in .whl/ (the GPU machine has no index), PYTHONPATH, build log.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
