@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .config import DEFAULT, KernelConfig
+
 try:
     from . import _xla_ffi
 except ImportError as error:  # pragma: no cover - only without a build
@@ -69,20 +71,51 @@ def is_absent(x) -> bool:
     return x.ndim == 1 and x.shape[0] == 0
 
 
+# Integer codes of the kernel choices, as the C++ enums declare them
+# (xla_ffi/cuda/kernel_choice.h KernelChoice and VoltaLayout).
+KERNEL_CODES = {
+    "cuda_forward": {"auto": 0, "wgmma": 1, "mma_sync": 2},
+    "cuda_backward": {"auto": 0, "wgmma": 1, "mma_sync": 2},
+    "volta_layout": {"swizzled": 0, "naive": 1},
+}
+
+# The KernelConfig fields each custom call takes, as int32 attributes of the
+# same names. XLA FFI rejects attributes a handler does not declare, so every
+# call gets exactly its own (the CPU handlers take none).
+KERNEL_ATTRS = {
+    "fastattn_forward_cuda": ("cuda_forward",),
+    "fastattn_backward_cuda": ("cuda_backward",),
+    "fastattn_forward_volta": ("volta_layout",),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class CallAttrs:
-    """Static attributes of one custom call (hashable)."""
+    """Static attributes of one custom call (hashable). `kernel` holds the
+    typed kernel choices (config.KernelConfig), which reach the handlers
+    that take them as attributes, never through the environment."""
 
     softmax_scale: float
     band_lo: int
     band_hi: int
     tile_q: int
     tile_kv: int
+    kernel: KernelConfig = DEFAULT
 
-    def as_ffi(self):
-        return dict(softmax_scale=np.float32(self.softmax_scale), band_lo=np.int64(self.band_lo),
-                    band_hi=np.int64(self.band_hi), tile_q=np.int64(self.tile_q),
-                    tile_kv=np.int64(self.tile_kv))
+    def __post_init__(self):
+        if not isinstance(self.kernel, KernelConfig):
+            raise ValueError(f"config must be a jax_fastattn.config.KernelConfig, got {type(self.kernel).__name__}")
+
+    def as_ffi(self, target: str = "") -> dict:
+        """The attributes of the custom call `target` (e.g.
+        "fastattn_forward_cuda"): the scalars every attention call takes,
+        and the kernel choices of KERNEL_ATTRS[target] as int32 codes."""
+        attrs = dict(softmax_scale=np.float32(self.softmax_scale), band_lo=np.int64(self.band_lo),
+                     band_hi=np.int64(self.band_hi), tile_q=np.int64(self.tile_q),
+                     tile_kv=np.int64(self.tile_kv))
+        for name in KERNEL_ATTRS.get(target, ()):
+            attrs[name] = np.int32(KERNEL_CODES[name][getattr(self.kernel, name)])
+        return attrs
 
 
 def forward_ffi(platform: str, attrs: CallAttrs):
@@ -99,8 +132,9 @@ def forward_ffi(platform: str, attrs: CallAttrs):
                         jax.ShapeDtypeStruct((b, hq, sq), jnp.float32))
         if platform == "cuda":
             result_types += (jax.ShapeDtypeStruct((b, hq, 1), jnp.int32),)
-        fn = jax.ffi.ffi_call(f"fastattn_forward_{platform}", result_types, vmap_method="broadcast_all")
-        return tuple(fn(q, k, v, bias, q_ids, kv_ids, dense, tile_class, **attrs.as_ffi()))
+        target = f"fastattn_forward_{platform}"
+        fn = jax.ffi.ffi_call(target, result_types, vmap_method="broadcast_all")
+        return tuple(fn(q, k, v, bias, q_ids, kv_ids, dense, tile_class, **attrs.as_ffi(target)))
 
     return call
 
@@ -120,9 +154,10 @@ def backward_ffi(platform: str, attrs: CallAttrs):
                         jax.ShapeDtypeStruct(v.shape, v.dtype), d_bias_type)
         if platform == "cuda":
             result_types += (jax.ShapeDtypeStruct((b, hq, sq), jnp.float32),)
-        fn = jax.ffi.ffi_call(f"fastattn_backward_{platform}", result_types, vmap_method="broadcast_all")
+        target = f"fastattn_backward_{platform}"
+        fn = jax.ffi.ffi_call(target, result_types, vmap_method="broadcast_all")
         return tuple(fn(q, k, v, out, lse, d_out, d_lse, bias, q_ids, kv_ids, dense, tile_class,
-                        **attrs.as_ffi()))
+                        **attrs.as_ffi(target)))
 
     return call
 

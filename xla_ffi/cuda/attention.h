@@ -29,21 +29,21 @@ inline bool forward_band_only(const ForwardParams& p) {
 // 256, plan tiles 64 x 64.
 bool forward_supported(const ForwardParams& params);
 
-// Enqueues the forward kernel on `stream`; no synchronisation. On an sm_90
-// device (H100, H200) with sm_90a code built in, head dims 64 and 128 run the
-// wgmma kernel (attention_sm90.cu), the others the mma.sync one;
-// FASTATTN_CUDA_FORWARD=mma_sync in the environment forces the latter.
-// `work_counter`: one int32 of device memory, which the wgmma kernel's CTAs
-// take their work items from (zeroed on `stream` first; the custom call
-// passes an output of its own, alive until the kernel ran).
-cudaError_t attention_forward(const ForwardParams& params, int32_t* work_counter,
-                              cudaStream_t stream);
+// The launches, no synchronisation; dispatch.cc picks one per call.
+// The mma.sync kernels (attention_sm80.cu): every supported call on sm80+.
+cudaError_t attention_forward_mma_sync(const ForwardParams& params, cudaStream_t stream);
 
-// The wgmma forward (attention_sm90.cu): whether this call takes it, and the
-// launch itself (same tiles plan as the mma.sync kernel).
-bool forward_wgmma_selected(const ForwardParams& params);
+// The wgmma kernel (attention_sm90.cu): head_dim 64 or 128 where
+// device_runs_wgmma(). `work_counter`: one int32 of device memory, which its
+// CTAs take their work items from (zeroed on `stream` first; the custom call
+// passes an output of its own, alive until the kernel ran).
 cudaError_t attention_forward_wgmma(const ForwardParams& params, int32_t* work_counter,
                                     cudaStream_t stream);
+
+// True when the current device is compute capability 9.0 and this build
+// holds sm_90a code (FASTATTN_CUDA_ARCHS has 90a); defined in
+// attention_sm90.cu, cached per device.
+bool device_runs_wgmma();
 
 }  // namespace cuda
 }  // namespace fastattn

@@ -18,20 +18,22 @@ constexpr int kBackwardTileKv = 64;
 // plan tiles 64 x 64.
 bool backward_supported(const BackwardParams& params);
 
-// Enqueues the backward kernels on `stream`, no synchronisation:
+// The launches, no synchronisation; dispatch.cc runs the delta rows, then
+// the dK/dV and dQ passes of one kernel family:
 //   delta[b, h, i] = sum_d dO * O - dlse            (workspace, [B, Hq, Sq] f32)
 //   dK, dV: one CTA per 64 keys of a kv head, over all q heads of its group
 //   dQ:     one CTA per 64 queries of a q head
-// d_bias (when present) is cleared first, then written in visible tiles.
-// On an sm_90 device with sm_90a code built in, the dK/dV and dQ passes run
-// the wgmma kernels of attention_backward_sm90.cu (head dims 64 and 128, no
-// dBias); FASTATTN_CUDA_BACKWARD=mma_sync in the environment forces the
-// mma.sync ones.
-cudaError_t attention_backward(const BackwardParams& params, float* delta, cudaStream_t stream);
+cudaError_t attention_backward_delta(const BackwardParams& params, float* delta,
+                                     cudaStream_t stream);
 
-// The wgmma passes (attention_backward_sm90.cu): whether this call takes
-// them, and their launch (after the delta rows are enqueued).
-bool backward_wgmma_selected(const BackwardParams& params);
+// The mma.sync passes (attention_backward_sm80.cu): every supported call on
+// sm80+. d_bias (when present) is cleared first, then written in visible
+// tiles.
+cudaError_t attention_backward_mma_sync(const BackwardParams& params, const float* delta,
+                                        cudaStream_t stream);
+
+// The wgmma passes (attention_backward_sm90.cu): head_dim 64 or 128, no
+// d_bias, where device_runs_wgmma() (attention.h).
 cudaError_t attention_backward_wgmma(const BackwardParams& params, const float* delta,
                                      cudaStream_t stream);
 

@@ -343,11 +343,15 @@ cudaError_t allow_shared(Kernel kernel, int bytes) {
 }
 
 template <int D, typename T>
-cudaError_t launch(const BackwardParams& p, float* delta, cudaStream_t stream) {
-  const AttentionShape& s = p.shape;
-  const int64_t rows = s.batch * s.q_len * s.q_heads;
+cudaError_t launch_delta(const BackwardParams& p, float* delta, cudaStream_t stream) {
+  const int64_t rows = p.shape.batch * p.shape.q_len * p.shape.q_heads;
   delta_kernel<D, T><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(p, delta);
-  if (backward_wgmma_selected(p)) return attention_backward_wgmma(p, delta, stream);
+  return cudaGetLastError();
+}
+
+template <int D, typename T>
+cudaError_t launch(const BackwardParams& p, const float* delta, cudaStream_t stream) {
+  const AttentionShape& s = p.shape;
   if (p.d_bias != nullptr) {
     // Tiles the plan skips are never visited: their dBias is 0.
     const size_t bytes = sizeof(float) * s.batch * s.q_heads * s.q_len * s.kv_len;
@@ -366,12 +370,6 @@ cudaError_t launch(const BackwardParams& p, float* delta, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <typename T>
-cudaError_t dispatch_dim(const BackwardParams& p, float* delta, cudaStream_t stream) {
-  return p.shape.head_dim == 64 ? launch<64, T>(p, delta, stream)
-                                : launch<128, T>(p, delta, stream);
-}
-
 }  // namespace
 
 bool backward_supported(const BackwardParams& params) {
@@ -380,9 +378,26 @@ bool backward_supported(const BackwardParams& params) {
          params.mask.tile_q == kBackwardTileQ && params.mask.tile_kv == kBackwardTileKv;
 }
 
-cudaError_t attention_backward(const BackwardParams& params, float* delta, cudaStream_t stream) {
-  if (params.dtype == ElementType::kBF16) return dispatch_dim<__nv_bfloat16>(params, delta, stream);
-  return dispatch_dim<__half>(params, delta, stream);
+cudaError_t attention_backward_delta(const BackwardParams& params, float* delta,
+                                     cudaStream_t stream) {
+  const bool bf16 = params.dtype == ElementType::kBF16;
+  if (params.shape.head_dim == 64) {
+    return bf16 ? launch_delta<64, __nv_bfloat16>(params, delta, stream)
+                : launch_delta<64, __half>(params, delta, stream);
+  }
+  return bf16 ? launch_delta<128, __nv_bfloat16>(params, delta, stream)
+              : launch_delta<128, __half>(params, delta, stream);
+}
+
+cudaError_t attention_backward_mma_sync(const BackwardParams& params, const float* delta,
+                                        cudaStream_t stream) {
+  const bool bf16 = params.dtype == ElementType::kBF16;
+  if (params.shape.head_dim == 64) {
+    return bf16 ? launch<64, __nv_bfloat16>(params, delta, stream)
+                : launch<64, __half>(params, delta, stream);
+  }
+  return bf16 ? launch<128, __nv_bfloat16>(params, delta, stream)
+              : launch<128, __half>(params, delta, stream);
 }
 
 }  // namespace cuda

@@ -17,8 +17,6 @@
 //   serves both majors).
 // Masks: the 64 x 64 plan; each consumer reads the class of its own plan
 // tile, a step is skipped by the whole CTA when both are empty.
-#include <cstdlib>
-#include <cstring>
 
 #include "attention_backward.h"
 #include "sm80_tiles.h"
@@ -490,13 +488,6 @@ cudaError_t launch(const BackwardParams& p, const float* delta, cudaStream_t str
 }
 
 }  // namespace
-
-bool backward_wgmma_selected(const BackwardParams& params) {
-  const char* choice = std::getenv("FASTATTN_CUDA_BACKWARD");
-  if (choice != nullptr && std::strcmp(choice, "mma_sync") == 0) return false;
-  return (params.shape.head_dim == 64 || params.shape.head_dim == 128) &&
-         params.d_bias == nullptr && device_runs_wgmma();
-}
 
 cudaError_t attention_backward_wgmma(const BackwardParams& params, const float* delta,
                                      cudaStream_t stream) {

@@ -368,9 +368,7 @@ bool forward_supported(const ForwardParams& params) {
          params.mask.tile_kv == kForwardTileKv;
 }
 
-cudaError_t attention_forward(const ForwardParams& params, int32_t* work_counter,
-                              cudaStream_t stream) {
-  if (forward_wgmma_selected(params)) return attention_forward_wgmma(params, work_counter, stream);
+cudaError_t attention_forward_mma_sync(const ForwardParams& params, cudaStream_t stream) {
   if (params.dtype == ElementType::kBF16) return dispatch_dim<__nv_bfloat16>(params, stream);
   return dispatch_dim<__half>(params, stream);
 }

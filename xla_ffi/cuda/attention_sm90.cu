@@ -50,8 +50,6 @@
 // / 312 / 248 persistent, 359 / 273 / 190 a CTA per item.
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
 #include "attention.h"
 #include "sm80_tiles.h"
@@ -558,12 +556,6 @@ bool device_runs_wgmma() {
     cached[device] = yes ? 1 : 2;
   }
   return cached[device] == 1;
-}
-
-bool forward_wgmma_selected(const ForwardParams& params) {
-  const char* choice = std::getenv("FASTATTN_CUDA_FORWARD");
-  if (choice != nullptr && std::strcmp(choice, "mma_sync") == 0) return false;
-  return (params.shape.head_dim == 64 || params.shape.head_dim == 128) && device_runs_wgmma();
 }
 
 cudaError_t attention_forward_wgmma(const ForwardParams& params, int32_t* work_counter,

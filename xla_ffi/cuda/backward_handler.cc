@@ -1,10 +1,12 @@
-// Thin FFI handler: decode and check buffers, then enqueue
-// cuda::attention_backward on XLA's stream (no synchronisation).
+// Thin FFI handler: decode and check buffers, then enqueue the kernels the
+// cuda_backward attribute selects (dispatch.h) on XLA's stream (no
+// synchronisation).
 #include <cuda_runtime.h>
 
 #include "../common/check.h"
 #include "../common/ffi_decode.h"
 #include "attention_backward.h"
+#include "dispatch.h"
 #include "handlers.h"
 
 namespace fastattn {
@@ -19,7 +21,8 @@ ffi::Error backward_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
                          ffi::Result<ffi::AnyBuffer> d_q, ffi::Result<ffi::AnyBuffer> d_k,
                          ffi::Result<ffi::AnyBuffer> d_v, ffi::Result<ffi::AnyBuffer> d_bias,
                          float softmax_scale, int64_t band_lo, int64_t band_hi, int64_t tile_q,
-                         int64_t tile_kv, ffi::Result<ffi::AnyBuffer> delta) {
+                         int64_t tile_kv, ffi::Result<ffi::AnyBuffer> delta,
+                         KernelChoice cuda_backward) {
   BackwardParams params;
   if (auto e = decode_backward_args(q, k, v, out, lse, d_out, d_lse, bias, q_segment, kv_segment,
                                     dense, tile_class, *d_q, *d_k, *d_v, *d_bias, softmax_scale,
@@ -37,12 +40,13 @@ ffi::Error backward_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
                             ffi::DataType::F32);
       e.failure())
     return e;
-  const cudaError_t status =
-      attention_backward(params, static_cast<float*>(delta->untyped_data()), stream);
-  if (status != cudaSuccess) {
+  const DispatchStatus status = attention_backward(
+      params, cuda_backward, static_cast<float*>(delta->untyped_data()), stream);
+  FFI_CHECK(status.refused.empty(), status.refused);
+  if (status.launch != cudaSuccess) {
     return ffi::Error(ffi::ErrorCode::kInternal,
                       std::string("jax_fastattn: attention backward launch failed: ") +
-                          cudaGetErrorString(status));
+                          cudaGetErrorString(status.launch));
   }
   return ffi::Error::Success();
 }
@@ -50,11 +54,13 @@ ffi::Error backward_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
 }  // namespace
 
 // The delta rows are a workspace output after the gradients (XLA keeps an
-// output alive until the kernels ran; FFI scratch would be freed too early).
+// output alive until the kernels ran; FFI scratch would be freed too early);
+// cuda_backward is KernelConfig.cuda_backward's code (kernel_choice.h).
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FastattnBackwardCuda, backward_cuda,
                               bind_backward_args(
                                   ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
-                                  .Ret<ffi::AnyBuffer>());
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<KernelChoice>("cuda_backward"));
 
 }  // namespace cuda
 }  // namespace fastattn

@@ -1,5 +1,5 @@
 // Host side of the sm90a kernels: TMA tensor maps of [batch, len, heads, D]
-// bf16/f16 arrays, and whether the current device runs the sm_90a kernels.
+// bf16/f16 arrays (whether the device runs the sm_90a kernels: attention.h).
 // nvcc only (included by attention_sm90.cu and attention_backward_sm90.cu).
 #pragma once
 
@@ -50,11 +50,6 @@ inline bool encode_tensor_map(CUtensorMap* map, const void* data, ElementType dt
                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
-
-// True when the current device is compute capability 9.0 and this build
-// holds sm_90a code (FASTATTN_CUDA_ARCHS has 90a); defined in
-// attention_sm90.cu, cached per device.
-bool device_runs_wgmma();
 
 }  // namespace cuda
 }  // namespace fastattn

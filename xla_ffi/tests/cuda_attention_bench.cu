@@ -1,5 +1,6 @@
-// Times cuda::attention_forward or cuda::attention_backward alone (no JAX),
-// for ncu and quick A/B runs:
+// Times cuda::attention_forward or cuda::attention_backward (dispatch.h)
+// alone (no JAX), for ncu and quick A/B runs; build it with
+// xla_ffi/cuda/dispatch.cc and the four attention_sm*.cu files:
 //   cuda_attention_bench [batch seq heads dim causal tile_q fwd|bwd launches data]
 // Prints the median of `launches` (default 20) and TFLOP/s (causal counts
 // half; the backward counts 2.5x the forward's FLOPs, as FlashAttention
@@ -7,11 +8,11 @@
 // values copied into q, k and v; "normal": q, k, v each standard normal, as
 // python -m jax_fastattn.bench draws them (the two differ in power drawn,
 // hence in clocks under a sustained load).
-// Where the backward ran the wgmma kernels, it also compares their dQ, dK
-// and dV with the mma.sync kernels' (FASTATTN_CUDA_BACKWARD=mma_sync) on
-// the same inputs: the largest difference relative to the largest value.
-// The forward likewise compares its output and lse with the mma.sync
-// forward's (FASTATTN_CUDA_FORWARD=mma_sync).
+// The timed launches take the kernels KernelChoice::kAuto selects. Where
+// the backward ran the wgmma kernels, it also compares their dQ, dK and dV
+// with the mma.sync kernels' (KernelChoice::kMmaSync) on the same inputs:
+// the largest difference relative to the largest value. The forward
+// likewise compares its output and lse with the mma.sync forward's.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -24,18 +25,28 @@
 #include <vector>
 
 #include "cuda/attention.h"
-#include "cuda/attention_backward.h"
+#include "cuda/dispatch.h"
 
-// Runs `launch` (and waits for it) with the mma.sync kernels forced through
-// the environment `variable`; false, with a message, if it failed.
+using fastattn::cuda::KernelChoice;
+
+// The CUDA error of a dispatch (a refused choice reads as invalid value,
+// with its message printed).
+cudaError_t launch_status(const fastattn::cuda::DispatchStatus& status) {
+  if (!status.refused.empty()) {
+    printf("%s\n", status.refused.c_str());
+    return cudaErrorInvalidValue;
+  }
+  return status.launch;
+}
+
+// Runs `launch` (and waits for it) on the mma.sync kernels; false, with a
+// message, if it failed.
 template <typename Launch>
-bool run_mma_sync(const char* variable, Launch launch) {
-  setenv(variable, "mma_sync", 1);
-  const cudaError_t launched = launch();
+bool run_mma_sync(const char* what, Launch launch) {
+  const cudaError_t launched = launch_status(launch(KernelChoice::kMmaSync));
   const cudaError_t finished = cudaDeviceSynchronize();
-  unsetenv(variable);
   if (launched != cudaSuccess || finished != cudaSuccess) {
-    printf("%s=mma_sync failed: %s\n", variable,
+    printf("%s on mma.sync failed: %s\n", what,
            cudaGetErrorString(launched != cudaSuccess ? launched : finished));
     return false;
   }
@@ -107,7 +118,7 @@ int main(int argc, char** argv) {
   fastattn::BackwardParams grads;
   float* delta = nullptr;
   if (backward) {
-    fastattn::cuda::attention_forward(params, work_counter, nullptr);
+    fastattn::cuda::attention_forward(params, KernelChoice::kAuto, work_counter, nullptr);
     grads.shape = params.shape;
     grads.dtype = params.dtype;
     grads.q = q;
@@ -132,8 +143,10 @@ int main(int argc, char** argv) {
   std::vector<float> ms;
   for (int i = 0; i < launches + 2; ++i) {
     cudaEventRecord(start);
-    const cudaError_t e = backward ? fastattn::cuda::attention_backward(grads, delta, nullptr)
-                                   : fastattn::cuda::attention_forward(params, work_counter, nullptr);
+    const cudaError_t e = launch_status(
+        backward ? fastattn::cuda::attention_backward(grads, KernelChoice::kAuto, delta, nullptr)
+                 : fastattn::cuda::attention_forward(params, KernelChoice::kAuto, work_counter,
+                                                     nullptr));
     if (e != cudaSuccess) {
       printf("launch failed: %s\n", cudaGetErrorString(e));
       return 1;
@@ -145,14 +158,17 @@ int main(int argc, char** argv) {
     if (i >= 2) ms.push_back(elapsed);
   }
   std::sort(ms.begin(), ms.end());
-  if (backward && fastattn::cuda::backward_wgmma_selected(grads)) {
+  fastattn::cuda::Kernel selected = fastattn::cuda::Kernel::kMmaSync;
+  if (backward) fastattn::cuda::select_backward_kernel(grads, KernelChoice::kAuto, &selected);
+  if (backward && selected == fastattn::cuda::Kernel::kWgmma) {
     std::vector<std::vector<__nv_bfloat16>> wgmma(3, std::vector<__nv_bfloat16>(elements));
     void* outputs[3] = {grads.d_q, grads.d_k, grads.d_v};
     for (int i = 0; i < 3; ++i)
       cudaMemcpy(wgmma[i].data(), outputs[i], elements * 2, cudaMemcpyDeviceToHost);
     for (void* output : outputs) cudaMemset(output, 0, elements * 2);
-    if (!run_mma_sync("FASTATTN_CUDA_BACKWARD",
-                      [&] { return fastattn::cuda::attention_backward(grads, delta, nullptr); })) {
+    if (!run_mma_sync("backward", [&](KernelChoice choice) {
+          return fastattn::cuda::attention_backward(grads, choice, delta, nullptr);
+        })) {
       return 1;
     }
     std::vector<__nv_bfloat16> mma_sync(elements);
@@ -173,8 +189,9 @@ int main(int argc, char** argv) {
     cudaMemcpy(selected.data(), out, elements * 2, cudaMemcpyDeviceToHost);
     cudaMemcpy(selected_lse.data(), lse, selected_lse.size() * 4, cudaMemcpyDeviceToHost);
     cudaMemset(out, 0, elements * 2);
-    if (!run_mma_sync("FASTATTN_CUDA_FORWARD",
-                      [&] { return fastattn::cuda::attention_forward(params, work_counter, nullptr); })) {
+    if (!run_mma_sync("forward", [&](KernelChoice choice) {
+          return fastattn::cuda::attention_forward(params, choice, work_counter, nullptr);
+        })) {
       return 1;
     }
     cudaMemcpy(mma_sync.data(), out, elements * 2, cudaMemcpyDeviceToHost);

@@ -1,5 +1,6 @@
 // Thin FFI handler of the Volta forward kernel: check buffers, fill
-// VoltaForwardParams and enqueue the PTX kernel on XLA's stream.
+// VoltaForwardParams and enqueue the PTX kernel of the volta_layout
+// attribute on XLA's stream.
 #include <cuda_runtime.h>
 
 #include "../../common/check.h"
@@ -16,7 +17,7 @@ ffi::Error forward_volta(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
                          ffi::AnyBuffer dense, ffi::AnyBuffer tile_class,
                          ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
                          float softmax_scale, int64_t band_lo, int64_t band_hi, int64_t tile_q,
-                         int64_t tile_kv) {
+                         int64_t tile_kv, VoltaLayout volta_layout) {
   ForwardParams f;
   if (auto e = decode_forward_args(q, k, v, bias, q_segment, kv_segment, dense, tile_class, *out,
                                    *lse, softmax_scale, band_lo, band_hi, tile_q, tile_kv, &f);
@@ -36,6 +37,9 @@ ffi::Error forward_volta(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
                                                           << "x" << tile_kv);
   FFI_CHECK(s.batch <= 65535 && s.q_heads <= 65535,
             "the Volta kernel needs batch and q heads <= 65535 (grid limits)");
+  FFI_CHECK(volta_layout == VoltaLayout::kSwizzled || volta_layout == VoltaLayout::kNaive,
+            "KernelConfig.volta_layout has no layout with code "
+                << static_cast<int32_t>(volta_layout) << " (0 swizzled, 1 naive)");
 
   volta::VoltaForwardParams p{};
   p.q = f.q;
@@ -64,7 +68,7 @@ ffi::Error forward_volta(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
   p.band_hi = band_hi;
   p.softmax_scale = softmax_scale;
   p.scale_log2 = softmax_scale * 1.4426950408889634f;
-  const std::string error = volta::launch_forward(p, s.batch, int(s.head_dim), stream);
+  const std::string error = volta::launch_forward(p, s.batch, int(s.head_dim), volta_layout, stream);
   if (!error.empty()) {
     return ffi::Error(ffi::ErrorCode::kInternal, "jax_fastattn volta forward: " + error);
   }
@@ -73,9 +77,11 @@ ffi::Error forward_volta(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
 
 }  // namespace
 
+// volta_layout is KernelConfig.volta_layout's code (kernel_choice.h).
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FastattnForwardVolta, forward_volta,
                               bind_forward_args(
-                                  ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()));
+                                  ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
+                                  .Attr<VoltaLayout>("volta_layout"));
 
 }  // namespace cuda
 }  // namespace fastattn

@@ -9,19 +9,17 @@
 
 #include <string>
 
+#include "../kernel_choice.h"
 #include "volta_params.h"
 
 namespace fastattn {
 namespace volta {
 
-// Which shared-memory layout's PTX to run: FASTATTN_VOLTA_LAYOUT=naive picks
-// the row-major ablation variant; anything else (default) the swizzled one.
-const char* selected_layout();
-
-// Enqueues the forward kernel for head_dim 64 or 128 on `stream`. Returns an
-// empty string on success, else what failed.
+// Enqueues the forward kernel for head_dim 64 or 128 on `stream`, from the
+// PTX of `layout` (the swizzled kernel or the row-major ablation). Returns
+// an empty string on success, else what failed.
 std::string launch_forward(const VoltaForwardParams& params, long long batch, int head_dim,
-                           cudaStream_t stream);
+                           cuda::VoltaLayout layout, cudaStream_t stream);
 
 }  // namespace volta
 }  // namespace fastattn

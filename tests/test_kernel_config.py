@@ -1,0 +1,260 @@
+"""Kernel choices (config.KernelConfig) reach the C++ handlers as typed FFI
+attributes, never through the environment.
+
+Without a GPU: the attribute mapping of ffi.CallAttrs, the custom calls
+lowered for the CUDA platform (the attribute and its value in the MLIR
+text), the CPU calls still running with a non-default config (XLA FFI
+rejects attributes a handler does not declare), the C++ routing of
+xla_ffi/cuda/kernel_choice.h against rules written down here, and no
+kernel-choice getenv left in xla_ffi/. tools/gpu/kernel_config_check.py runs
+every choice on a GPU."""
+import os
+import re
+import shutil
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_fastattn import config, ffi, masks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+XLA_FFI = os.path.join(ROOT, "xla_ffi")
+
+# Which KernelConfig field each custom call takes, written out here rather
+# than read from ffi.KERNEL_ATTRS.
+EXPECTED_ATTRS = {
+    "fastattn_forward_cpu": set(),
+    "fastattn_backward_cpu": set(),
+    "fastattn_forward_cuda": {"cuda_forward"},
+    "fastattn_backward_cuda": {"cuda_backward"},
+    "fastattn_forward_volta": {"volta_layout"},
+}
+KERNEL_FIELDS = ("cuda_forward", "cuda_backward", "volta_layout")
+ALLOWED = {"cuda_forward": config.CUDA_FORWARD_KERNELS, "cuda_backward": config.CUDA_BACKWARD_KERNELS,
+           "volta_layout": config.VOLTA_LAYOUTS}
+# The C++ enums' codes (xla_ffi/cuda/kernel_choice.h), written out.
+CODES = {"auto": 0, "wgmma": 1, "mma_sync": 2, "swizzled": 0, "naive": 1}
+
+
+def _attrs(kernel=config.DEFAULT):
+    return ffi.CallAttrs(0.125, -masks.UNBOUNDED, 0, 64, 64, kernel=kernel)
+
+
+def _cpp_enum_codes():
+    """{enum name: {value name: code}} parsed from kernel_choice.h, value names
+    turned from kMmaSync into mma_sync."""
+    with open(os.path.join(XLA_FFI, "cuda", "kernel_choice.h")) as f:
+        text = f.read()
+    enums = {}
+    for name, body in re.findall(r"enum class (\w+) : int32_t \{(.*?)\};", text, re.S):
+        body = re.sub(r"//[^\n]*", "", body)
+        values = re.findall(r"k(\w+) = (\d+)", body)
+        enums[name] = {re.sub(r"(?<!^)([A-Z])", r"_\1", v).lower(): int(code) for v, code in values}
+    return enums
+
+
+def test_codes_cover_every_choice_and_match_the_cpp_enums():
+    enums = _cpp_enum_codes()
+    assert enums["KernelChoice"] == {name: CODES[name] for name in ("auto", "wgmma", "mma_sync")}
+    assert enums["VoltaLayout"] == {name: CODES[name] for name in ("swizzled", "naive")}
+    for field in ("cuda_forward", "cuda_backward"):
+        assert ffi.KERNEL_CODES[field] == enums["KernelChoice"]
+        assert set(ffi.KERNEL_CODES[field]) == set(ALLOWED[field])
+    assert ffi.KERNEL_CODES["volta_layout"] == enums["VoltaLayout"]
+    assert set(ffi.KERNEL_CODES["volta_layout"]) == set(config.VOLTA_LAYOUTS)
+
+
+def _every_config():
+    for forward in config.CUDA_FORWARD_KERNELS:
+        for backward in config.CUDA_BACKWARD_KERNELS:
+            for layout in config.VOLTA_LAYOUTS:
+                yield config.KernelConfig(cuda_forward=forward, cuda_backward=backward, volta_layout=layout)
+
+
+@pytest.mark.parametrize("target", sorted(EXPECTED_ATTRS))
+def test_as_ffi_gives_each_call_exactly_its_own_choices(target):
+    base = {"softmax_scale", "band_lo", "band_hi", "tile_q", "tile_kv"}
+    for kernel in _every_config():
+        attrs = _attrs(kernel).as_ffi(target)
+        assert set(attrs) == base | EXPECTED_ATTRS[target], target
+        for field in EXPECTED_ATTRS[target]:
+            value = attrs[field]
+            assert value.dtype == np.int32
+            assert int(value) == CODES[getattr(kernel, field)]
+    assert _attrs().as_ffi(target)["band_hi"] == 0
+
+
+def test_call_attrs_default_and_bad_kernel():
+    assert _attrs().kernel == config.DEFAULT
+    assert hash(_attrs(config.KernelConfig(cuda_forward="wgmma"))) != hash(_attrs())
+    with pytest.raises(ValueError, match="config must be a jax_fastattn.config.KernelConfig"):
+        ffi.CallAttrs(0.125, 0, 0, 64, 64, kernel="wgmma")
+
+
+def _forward_args(dtype=jnp.bfloat16, sq=128, hq=2, d=64):
+    S = jax.ShapeDtypeStruct
+    q = S((1, sq, hq, d), dtype)
+    nq = nk = -(-sq // 64)
+    return (q, q, q, S((0,), jnp.float32), S((0,), jnp.int32), S((0,), jnp.int32), S((0,), jnp.bool_),
+            S((1, 1, nq, nk), jnp.int8))
+
+
+def _lowered_text(fn, args, platform):
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
+def _backend_config(text, target):
+    match = re.search(r"custom_call @" + target + r"\(.*?mhlo\.backend_config = \{([^}]*)\}", text)
+    assert match, text[-3000:]
+    return dict(item.strip().split(" = ") for item in match.group(1).split(","))
+
+
+@pytest.mark.parametrize("choice", config.CUDA_FORWARD_KERNELS)
+def test_lowered_cuda_forward_carries_cuda_forward(choice):
+    kernel = config.KernelConfig(cuda_forward=choice, cuda_backward="mma_sync", volta_layout="naive")
+    text = _lowered_text(ffi.forward_ffi("cuda", _attrs(kernel)), _forward_args(), "cuda")
+    attrs = _backend_config(text, "fastattn_forward_cuda")
+    assert attrs["cuda_forward"] == f"{CODES[choice]} : i32"
+    assert "cuda_backward" not in attrs and "volta_layout" not in attrs
+
+
+@pytest.mark.parametrize("choice", config.CUDA_BACKWARD_KERNELS)
+def test_lowered_cuda_backward_carries_cuda_backward(choice):
+    kernel = config.KernelConfig(cuda_forward="wgmma", cuda_backward=choice)
+    q, k, v, bias, q_ids, kv_ids, dense, tiles = _forward_args()
+    S = jax.ShapeDtypeStruct
+    lse = S((1, 2, 128), jnp.float32)
+    args = (q, k, v, q, lse, q, S((0,), jnp.float32), bias, q_ids, kv_ids, dense, tiles)
+    text = _lowered_text(ffi.backward_ffi("cuda", _attrs(kernel)), args, "cuda")
+    attrs = _backend_config(text, "fastattn_backward_cuda")
+    assert attrs["cuda_backward"] == f"{CODES[choice]} : i32"
+    assert "cuda_forward" not in attrs
+
+
+@pytest.mark.parametrize("layout", config.VOLTA_LAYOUTS)
+def test_lowered_volta_forward_carries_volta_layout(layout):
+    kernel = config.KernelConfig(volta_layout=layout)
+    attrs = ffi.CallAttrs(0.125, -masks.UNBOUNDED, 0, 128, 32, kernel=kernel)
+    args = _forward_args(jnp.float16)[:7] + (jax.ShapeDtypeStruct((1, 1, 1, 4), jnp.int8),)
+    text = _lowered_text(ffi.forward_ffi("volta", attrs), args, "cuda")
+    assert _backend_config(text, "fastattn_forward_volta")["volta_layout"] == \
+        f"{CODES[layout]} : i32"
+
+
+def test_lowered_cpu_forward_has_no_kernel_choice():
+    kernel = config.KernelConfig(cuda_forward="mma_sync", volta_layout="naive")
+    text = _lowered_text(ffi.forward_ffi("cpu", _attrs(kernel)), _forward_args(jnp.float32), "cpu")
+    attrs = _backend_config(text, "fastattn_forward_cpu")
+    assert not set(attrs) & set(KERNEL_FIELDS)
+
+
+def _numpy_causal_attention(q, k, v, scale):
+    """Plain numpy: [B, S, H, D], every query sees keys 0..i."""
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    s = q.shape[1]
+    visible = np.arange(s)[None, :] <= np.arange(s)[:, None]
+    logits = np.where(visible, logits, -np.inf)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+@pytest.mark.skipif(not ffi.library_available(), reason="needs the compiled library")
+def test_cpu_calls_run_with_a_non_default_config():
+    """The CPU handlers take no kernel choice; a config with every choice set
+    must not put one on their calls (XLA would reject the call)."""
+    kernel = config.KernelConfig(cuda_forward="mma_sync", cuda_backward="wgmma", volta_layout="naive")
+    attrs = ffi.CallAttrs(0.25, -masks.UNBOUNDED, 0, 64, 128, kernel=kernel)
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 64, 2, 16)).astype(np.float32) for _ in range(3))
+    tiles = jnp.full((1, 1, 1, 1), 1, jnp.int8)  # partial: the kernel applies the band itself
+    none_f, none_i = ffi.absent(), ffi.absent(jnp.int32)
+    out, lse = jax.jit(ffi.forward_ffi("cpu", attrs))(q, k, v, none_f, none_i, none_i, ffi.absent(jnp.bool_),
+                                                       tiles)
+    np.testing.assert_allclose(np.asarray(out), _numpy_causal_attention(q, k, v, 0.25), rtol=2e-5, atol=2e-5)
+    d_out = rng.standard_normal(q.shape).astype(np.float32)
+    grads = jax.jit(ffi.backward_ffi("cpu", attrs))(q, k, v, out, lse, d_out, none_f, none_f, none_i, none_i,
+                                                     ffi.absent(jnp.bool_), tiles)
+    assert all(np.isfinite(np.asarray(g)).all() for g in grads[:3])
+
+
+def _expected_route(option, code, head_dim, has_d_bias, device):
+    """The rule of issue 18: auto takes wgmma where it can run (head dim 64
+    or 128, an sm90a device, and in the backward no bias gradient), else
+    mma.sync; mma_sync always mma.sync; wgmma wgmma or an error naming the
+    option; an unknown code an error."""
+    can = head_dim in (64, 128) and device and not has_d_bias
+    if code == 0:
+        return "wgmma" if can else "mma_sync"
+    if code == 2:
+        return "mma_sync"
+    if code == 1:
+        return "wgmma" if can else "error"
+    return "error"
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_cpp_routing_follows_the_choice(tmp_path):
+    binary = tmp_path / "kernel_choice_test"
+    subprocess.run(["g++", "-std=c++17", "-O0", "-I", XLA_FFI, os.path.join(XLA_FFI, "tests", "kernel_choice_test.cc"),
+                    "-o", str(binary)], check=True, capture_output=True)
+    lines = subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout.splitlines()
+    assert len(lines) == (1 + 2) * 4 * 4 * 2  # forward: no bias gradient; 4 codes, 4 head dims, 2 devices
+    for line in lines:
+        head, result = line.split(" -> ", 1)
+        option, code, head_dim, has_d_bias, device = head.split()
+        code, head_dim, has_d_bias, device = int(code), int(head_dim), has_d_bias == "1", device == "1"
+        expected = _expected_route(option, code, head_dim, has_d_bias, device)
+        if expected != "error":
+            assert result == expected, line
+            continue
+        assert result.startswith("error: KernelConfig." + option), line
+        if code == 1:  # the reason names what is missing
+            assert "'wgmma' cannot run this call" in result, line
+            if head_dim not in (64, 128):
+                assert f"head_dim 64 or 128, got {head_dim}" in result, line
+            elif option == "cuda_backward" and has_d_bias:
+                assert "bias gradient" in result, line
+            else:
+                assert "compute capability 9.0" in result, line
+        else:
+            assert f"no kernel with code {code}" in result, line
+
+
+def _sources():
+    for folder, _, files in os.walk(XLA_FFI):
+        for name in files:
+            if name.endswith((".cc", ".cu", ".h")):
+                path = os.path.join(folder, name)
+                with open(path) as f:
+                    yield os.path.relpath(path, ROOT), f.read()
+
+
+def test_no_kernel_choice_is_read_from_the_environment():
+    for path, text in _sources():
+        assert "getenv" not in text, path
+        for variable in ("FASTATTN_CUDA_FORWARD", "FASTATTN_CUDA_BACKWARD", "FASTATTN_VOLTA_LAYOUT"):
+            assert variable not in text, (path, variable)
+
+
+def test_one_dispatch_place_routes_between_sm90_and_sm80():
+    """The sm80 and sm90 launchers do not call into each other; only
+    dispatch.cc names both families' launches."""
+    launches = ("attention_forward_wgmma", "attention_forward_mma_sync", "attention_backward_wgmma",
+                "attention_backward_mma_sync")
+    files = {}  # launch -> the source files that define or call it
+    for path, text in _sources():
+        if path.endswith(".h") or "tests" in path:
+            continue
+        for name in launches:
+            if re.search(r"\b" + name + r"\(", text):
+                files.setdefault(name, set()).add(os.path.basename(path))
+    assert files == {
+        "attention_forward_wgmma": {"attention_sm90.cu", "dispatch.cc"},
+        "attention_forward_mma_sync": {"attention_sm80.cu", "dispatch.cc"},
+        "attention_backward_wgmma": {"attention_backward_sm90.cu", "dispatch.cc"},
+        "attention_backward_mma_sync": {"attention_backward_sm80.cu", "dispatch.cc"},
+    }

@@ -1,0 +1,66 @@
+// Kernel choices of the CUDA custom calls: KernelConfig.cuda_forward,
+// cuda_backward and volta_layout (jax_fastattn/config.py) arrive as int32
+// FFI attributes of the same names, with the codes of the enums below
+// (jax_fastattn/ffi.py KERNEL_CODES holds the same numbers). Plain C++, no
+// CUDA: the choice is a pure function of the call and the device.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace fastattn {
+namespace cuda {
+
+enum class KernelChoice : int32_t {
+  kAuto = 0,     // wgmma where it can run the call, else mma.sync
+  kWgmma = 1,    // the sm90 wgmma kernels; an error where they cannot run
+  kMmaSync = 2,  // the sm80 mma.sync kernels (they run on sm80 and later)
+};
+
+// Shared-memory operand layout of the Volta kernel (sm70/): FastAttention's
+// bank-conflict-free swizzle, or plain row-major (the ablation).
+enum class VoltaLayout : int32_t { kSwizzled = 0, kNaive = 1 };
+
+// The kernel family that runs a call.
+enum class Kernel { kWgmma, kMmaSync };
+
+// Why the wgmma kernels cannot run a call; empty if they can. They exist for
+// head_dim 64 and 128 on a compute capability 9.0 device with sm_90a code
+// in this build; the backward ones have no bias gradient.
+inline std::string wgmma_obstacle(int64_t head_dim, bool has_d_bias, bool device_runs_wgmma) {
+  if (head_dim != 64 && head_dim != 128) {
+    return "the wgmma kernels take head_dim 64 or 128, got " + std::to_string(head_dim);
+  }
+  if (has_d_bias) return "the wgmma backward has no bias gradient (this call computes one)";
+  if (!device_runs_wgmma) {
+    return "the device is not compute capability 9.0 (H100/H200) or this build has no sm_90a "
+           "code (FASTATTN_CUDA_ARCHS without 90a)";
+  }
+  return "";
+}
+
+// Resolves `choice`, the value of the attribute `option` ("cuda_forward" or
+// "cuda_backward"), into `*kernel`. Returns an empty string, or the error
+// for an explicit request that cannot be honoured (never a silent fallback)
+// or for an unknown code.
+inline std::string choose_kernel(const char* option, KernelChoice choice,
+                                 const std::string& wgmma_obstacle, Kernel* kernel) {
+  const std::string name = std::string("KernelConfig.") + option;
+  switch (choice) {
+    case KernelChoice::kAuto:
+      *kernel = wgmma_obstacle.empty() ? Kernel::kWgmma : Kernel::kMmaSync;
+      return "";
+    case KernelChoice::kMmaSync:
+      *kernel = Kernel::kMmaSync;
+      return "";
+    case KernelChoice::kWgmma:
+      if (!wgmma_obstacle.empty()) return name + "='wgmma' cannot run this call: " + wgmma_obstacle;
+      *kernel = Kernel::kWgmma;
+      return "";
+  }
+  return name + " has no kernel with code " + std::to_string(static_cast<int32_t>(choice)) +
+         " (0 auto, 1 wgmma, 2 mma_sync)";
+}
+
+}  // namespace cuda
+}  // namespace fastattn
