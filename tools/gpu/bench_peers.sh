@@ -12,10 +12,12 @@ OUT=${OUT:-gpu_out}
 mkdir -p "$OUT/bench"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # each worker is alone on the GPU, but torch and jax may share a process
 PEERS=${PEERS:-"fastattn-cuda jax.nn-cudnn torch-cudnn tokamax fa4 torch-flash"}
+DECODE_PEERS=${DECODE_PEERS:-"memcpy-device fastattn-cuda jax.nn-cudnn jax.nn-xla"}
 COMMON="--backend cuda --dtype bfloat16 --heads 32 --tokens 16384 --repeats 12 --timeout 300"
 if [[ "${SMALL:-0}" == 1 ]]; then
   COMMON="--backend cpu --dtype float32 --heads 4 --tokens 256 --repeats 5 --timeout 300"
   PEERS="fastattn-xla reference"
+  DECODE_PEERS="memcpy-numpy fastattn-xla jax.nn-xla"
 fi
 declare -A CASE_ARGS=(
   [fwd-causal]="--head-dim 128 --seq 1024 4096 16384"
@@ -27,16 +29,23 @@ declare -A CASE_ARGS=(
   [fwdbwd-full]="--head-dim 128 --seq 4096 16384 --no-causal --mode fwd_bwd"
   [fwdbwd-gqa]="--head-dim 128 --seq 4096 --kv-heads 8 --mode fwd_bwd"
   [fwdbwd-d64]="--head-dim 64 --seq 4096 --mode fwd_bwd"
+  # Decode: one token per row against a full cache, Hq/Hkv = 32/8, D=128.
+  [decode-b8]="--mode decode --no-causal --tokens 0 --batch 8 --seq 32768 --kv-heads 8 --head-dim 128"
+  [decode-b1]="--mode decode --no-causal --tokens 0 --batch 1 --seq 131072 --kv-heads 8 --head-dim 128"
+  [decode-b32]="--mode decode --no-causal --tokens 0 --batch 32 --seq 8192 --kv-heads 8 --head-dim 128"
 )
-ORDER="fwd-causal fwd-full fwd-gqa fwd-d64-causal fwd-d64-full fwdbwd-causal fwdbwd-full fwdbwd-gqa fwdbwd-d64"
+ORDER="fwd-causal fwd-full fwd-gqa fwd-d64-causal fwd-d64-full fwdbwd-causal fwdbwd-full fwdbwd-gqa fwdbwd-d64
+  decode-b8 decode-b1 decode-b32"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$OUT/bench.txt" || true
 for group in ${@:-$ORDER}; do
   [[ -n "${CASE_ARGS[$group]:-}" ]] || { echo "unknown group $group (groups: $ORDER)"; exit 2; }
   SEQ_ARGS=${CASE_ARGS[$group]}
-  [[ "${SMALL:-0}" == 1 ]] && SEQ_ARGS=$(echo "$SEQ_ARGS" | sed -E 's/--seq [0-9 ]+/--seq 64 128 /; s/--head-dim [0-9]+/--head-dim 16/; s/--kv-heads 8/--kv-heads 2/')
+  [[ "${SMALL:-0}" == 1 ]] && SEQ_ARGS=$(echo "$SEQ_ARGS" | sed -E 's/--seq [0-9 ]+/--seq 64 128 /; s/--head-dim [0-9]+/--head-dim 16/; s/--kv-heads 8/--kv-heads 2/; s/--batch [0-9]+/--batch 2/')
   echo "== $group: $SEQ_ARGS" | tee -a "$OUT/bench.txt"
   start=$SECONDS
-  python3 -m jax_fastattn.bench $COMMON $SEQ_ARGS --impls $PEERS --out "$OUT/bench/$group" 2>&1 \
+  impls=$PEERS
+  [[ "$group" == decode-* ]] && impls=$DECODE_PEERS
+  python3 -m jax_fastattn.bench $COMMON $SEQ_ARGS --impls $impls --out "$OUT/bench/$group" 2>&1 \
     | grep -v "^running" | tee -a "$OUT/bench.txt"
   echo "($group: $((SECONDS - start)) s)" | tee -a "$OUT/bench.txt"
 done
