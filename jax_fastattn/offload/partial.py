@@ -1,0 +1,128 @@
+"""Partial decode attention with its log-sum-exp, over one part of a KV cache.
+
+Offloaded attention computes one partial (out, lse) per part of the cache
+(device-resident, each streamed host block, the CPU's host part) and merges
+them with `jax_fastattn.merge_partials`. `decode_attention` returns no lse,
+so the partials come from one of two paths:
+
+- "einsum": plain JAX (logits by einsum, masked softmax, P·V in the cache's
+  dtype with float32 accumulation). XLA turns it into two batched GEMVs and a
+  reduction; bandwidth-bound like the decode kernels, and runnable on any
+  device. It needs finite values in cache slots past the length (a 0-weight
+  NaN in V would still poison P·V); the offload cache keeps them zero.
+- a flash_attention backend ("auto", "cpu", "cuda", "xla", ...): the GQA
+  group is folded into the query axis (q [B, Hq, D] -> [B, g, Hkv, D], so
+  the kernel sees MHA with Sq = g) and the keys are folded into the batch
+  axis (n chunks of the part -> batch B*n), which gives the kernel
+  B*n*Hkv work items instead of B*Hkv (split-KV, as flash-decoding); the n
+  chunk results merge through their LSEs. Keys past the length are masked
+  with `masks.Segments`, so those slots may hold anything.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from ..attention import flash_attention
+from ..masks import Segments
+from ..merge import merge_partials
+
+# Work items the folded flash_attention call aims for: several per core of a
+# 16-core host, enough CTAs for a GPU to stream the part at full bandwidth.
+_TARGET_ITEMS = 256
+_MIN_CHUNK_KEYS = 256
+
+
+def check_partial_inputs(q, k, v, lengths):
+    if q.ndim != 3:
+        raise ValueError(f"q must have rank 3 [B, Hq, D] (one new token per row), got shape {q.shape}")
+    for name, x in (("k", k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(f"{name} must have rank 4 [B, S, Hkv, D], got shape {x.shape}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {k.shape} and {v.shape}")
+    batch, heads, dim = q.shape
+    if k.shape[0] != batch or k.shape[3] != dim or heads % k.shape[2] != 0:
+        raise ValueError(f"k [B, S, Hkv, D] = {k.shape} must match q [B, Hq, D] = {q.shape} with Hq % Hkv == 0")
+    if lengths.shape != (batch,):
+        raise ValueError(f"lengths must have shape [B] = ({batch},), got {lengths.shape}")
+
+
+def partial_decode_einsum(q, k, v, lengths, softmax_scale: float):
+    """(out [B, Hq, D] in q's dtype, lse float32 [B, Hq]) over k[:, :lengths]."""
+    batch, heads, dim = q.shape
+    kv_heads, seq = k.shape[2], k.shape[1]
+    group = heads // kv_heads
+    q_grouped = q.reshape(batch, kv_heads, group, dim).astype(k.dtype)
+    logits = jnp.einsum("bhgd,bshd->bhgs", q_grouped, k, preferred_element_type=jnp.float32) * softmax_scale
+    visible = (jnp.arange(seq, dtype=jnp.int32)[None, :] < lengths[:, None])[:, None, None, :]
+    logits = jnp.where(visible, logits, -jnp.inf)
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    safe_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    probs = jnp.exp(logits - safe_max)                                    # 0 where masked
+    row_sum = jnp.sum(probs, axis=-1, keepdims=True)
+    seen = row_sum > 0
+    out = jnp.einsum("bhgs,bshd->bhgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = out / jnp.where(seen, row_sum, 1.0)
+    lse = jnp.where(seen, safe_max + jnp.log(jnp.where(seen, row_sum, 1.0)), -jnp.inf)
+    return out.reshape(batch, heads, dim).astype(q.dtype), lse.reshape(batch, heads)
+
+
+def default_kv_chunks(batch: int, kv_heads: int, seq: int) -> int:
+    """Chunks n of the key axis folded into the batch: a divisor of seq (a free
+    reshape) giving about _TARGET_ITEMS work items of >= _MIN_CHUNK_KEYS keys."""
+    wanted = max(1, min(_TARGET_ITEMS // max(1, batch * kv_heads), seq // _MIN_CHUNK_KEYS))
+    for n in range(wanted, 0, -1):
+        if seq % n == 0:
+            return n
+    return 1
+
+
+def partial_decode_folded(q, k, v, lengths, softmax_scale: float, backend: str, kv_chunks: Optional[int] = None):
+    """Same result as partial_decode_einsum through one flash_attention call."""
+    batch, heads, dim = q.shape
+    seq, kv_heads = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    chunks = kv_chunks or default_kv_chunks(batch, kv_heads, seq)
+    if seq % chunks:
+        raise ValueError(f"kv_chunks must divide the part's length {seq}, got {chunks}")
+    chunk = seq // chunks
+    # [B, Hq, D] -> [B, g, Hkv, D]: q head kvh*g + j becomes query j of head kvh.
+    q_folded = q.reshape(batch, kv_heads, group, dim).transpose(0, 2, 1, 3)
+    q_folded = jnp.repeat(q_folded, chunks, axis=0)                       # [B*n, g, Hkv, D]
+    k_folded = k.reshape(batch * chunks, chunk, kv_heads, dim)
+    v_folded = v.reshape(batch * chunks, chunk, kv_heads, dim)
+    starts = jnp.arange(chunks, dtype=jnp.int32) * chunk
+    chunk_lengths = jnp.clip(lengths[:, None] - starts[None, :], 0, chunk).reshape(-1)   # [B*n]
+    kv_ids = jnp.where(jnp.arange(chunk, dtype=jnp.int32)[None, :] < chunk_lengths[:, None], 0, -1)
+    q_ids = jnp.zeros((batch * chunks, group), jnp.int32)
+    out, lse = flash_attention(q_folded, k_folded, v_folded, mask=Segments(q_ids, kv_ids.astype(jnp.int32)),
+                               softmax_scale=softmax_scale, return_lse=True, backend=backend)
+    # out [B*n, g, Hkv, D] -> [B, n, Hq, D]; lse [B*n, Hkv, g] -> [B, n, Hq].
+    out = out.reshape(batch, chunks, group, kv_heads, dim).transpose(0, 1, 3, 2, 4).reshape(batch, chunks, heads, dim)
+    lse = lse.reshape(batch, chunks, heads)
+    if chunks == 1:
+        return out[:, 0], lse[:, 0]
+    return merge_partials([out[:, i] for i in range(chunks)], [lse[:, i] for i in range(chunks)])
+
+
+def partial_decode(q, k, v, lengths, *, softmax_scale: Optional[float] = None, backend: str = "einsum",
+                   kv_chunks: Optional[int] = None):
+    """Decode attention of q [B, Hq, D] over k/v [B, S, Hkv, D][:, :lengths],
+    with its log-sum-exp: (out [B, Hq, D], lse float32 [B, Hq]); a row with
+    length 0 gives zeros and lse = -inf. backend: "einsum" (plain JAX) or a
+    flash_attention backend (module docstring)."""
+    lengths = jnp.asarray(lengths, jnp.int32)
+    check_partial_inputs(q, k, v, lengths)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if k.shape[1] == 0:
+        return jnp.zeros(q.shape, q.dtype), jnp.full(q.shape[:2], -jnp.inf, jnp.float32)
+    if backend == "einsum":
+        return partial_decode_einsum(q, k, v, lengths, scale)
+    return partial_decode_folded(q, k, v, lengths, scale, backend, kv_chunks)
+
+
+partial_decode_jit = jax.jit(partial_decode, static_argnames=("softmax_scale", "backend", "kv_chunks"))
