@@ -1,7 +1,7 @@
 """Llama-family decoder on jax_fastattn: model, safetensors loader, generate()."""
 from .checkpoint import load_safetensors
 from .config import LlamaConfig
-from .generate import generate
+from .generation import generate
 from .model import Llama
 
 __all__ = ["LlamaConfig", "Llama", "generate", "load_safetensors"]

@@ -11,7 +11,7 @@ replicated (as MaxText does for kv heads).
 from __future__ import annotations
 
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ("data", "model")
 ACTIVATIONS = P("data", None, None)      # [B, S, d_model]
@@ -36,7 +36,8 @@ def make_mesh(shape: str) -> Mesh:
         raise ValueError(f"mesh must look like DATAxMODEL, e.g. '2x4', got {shape!r}") from None
     if data * model > jax.device_count():
         raise ValueError(f"mesh {shape} needs {data * model} devices, {jax.device_count()} available")
-    return jax.make_mesh((data, model), AXES, devices=jax.devices()[:data * model])
+    return jax.make_mesh((data, model), AXES, axis_types=(AxisType.Auto, AxisType.Auto),
+                         devices=jax.devices()[:data * model])
 
 
 def axis_size(mesh, name: str) -> int:
@@ -66,7 +67,8 @@ def cache_spec(cfg, mesh) -> P:
 
 def param_spec(path: tuple, shape: tuple, cfg, mesh) -> P:
     """The PartitionSpec of one parameter from its path of names."""
-    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    # Dict keys only: a Variable's own attribute (".value") is not a name.
+    names = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
     q, kv, ffn = _split(cfg.num_attention_heads, mesh), _split(cfg.num_key_value_heads, mesh), \
         _split(cfg.intermediate_size, mesh)
     layer = (None,) if "layers" in names else ()
