@@ -71,8 +71,7 @@ def _hbm_bytes(tp: plan_lib.TilingPlan) -> int:
     workspace = tp.occupancy.get("L2 workspace", (0, 0))[0]
     if heads_live * kv_head <= hw.l2_bytes - workspace:
         return q_o + kv_all
-    kv_reads = tp.counters.bytes["gm_to_l1"] - tp.counters.exchange_bytes // 2
-    return q_o + kv_reads
+    return q_o + tp.counters.kv_bytes
 
 
 def _busiest_core(blocks_per_unit: list, cores: int) -> int:

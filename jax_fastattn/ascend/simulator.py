@@ -2,7 +2,8 @@
 
 For every (batch, head, level-1 q block) the Cube core keeps Q in L1 and
 loops over the visible level-1 kv blocks (EMPTY blocks of the tiling-mask
-classification are skipped):
+classification are skipped; each block's keys are clipped to the band,
+`tiling.block_columns`):
 
 1. Cube: S = Q K^T in level-2 L0 tiles on 16x16 fractals, fp16/bf16
    operands, fp32 accumulation (L0C); S goes out to the GM workspace.  sync
@@ -134,6 +135,7 @@ def simulate(q, k, v, *, causal: bool = False, mask: Optional[masks.Mask] = None
     d_pad = plan_lib.round_up(head_dim, FRACTAL)
     group = q_heads // kv_heads
     rows_per_vector = -(-l1.block_q // tiling.hw.vector_per_cube)
+    column_first, column_count = plan_lib.block_columns(mplan, l1.block_q, l1.block_kv)
     tally = _Tally()
     out = np.zeros(q.shape, np.float32)
     lse = np.full((batch, q_heads, q_len), -np.inf, np.float32)
@@ -151,12 +153,12 @@ def simulate(q, k, v, *, causal: bool = False, mask: Optional[masks.Mask] = None
                 tally["gm_to_l1"] += q_block.nbytes
                 state = _VectorState(bq, d_pad)
                 for ki in live:
-                    k0 = int(ki) * l1.block_kv
-                    cols = min(l1.block_kv, kv_len - k0)
+                    k0, cols = int(column_first[qi, ki]), int(column_count[qi, ki])
                     bk = plan_lib.round_up(cols, FRACTAL)
                     k_block = _pad(k[b, k0:k0 + cols, kv_head], bk, d_pad)
                     v_block = _pad(v[b, k0:k0 + cols, kv_head], bk, d_pad)
                     tally["gm_to_l1"] += k_block.nbytes + v_block.nbytes
+                    tally["kv_bytes"] += k_block.nbytes + v_block.nbytes
                     # 1. Cube: S = Q K^T.
                     scores = cube_matmul(q_block, k_block.T, l2.tile_q, l2.tile_kv, l2.tile_d, tally)
                     tally["l0c_out"] += scores.nbytes
@@ -202,7 +204,7 @@ def simulate(q, k, v, *, causal: bool = False, mask: Optional[masks.Mask] = None
         syncs=tally["syncs"], blocks=tally["blocks"], partial_blocks=tally["partial_blocks"], units=tally["units"],
         cube_flops=tally["cube_flops"], vector_ops=tally["vector_ops"],
         bytes={key: tally[key] for key in ("gm_to_l1", "l1_to_l0", "l0c_out", "gm_to_ub", "ub_to_gm")},
-        exchange_bytes=tally["exchange"])
+        exchange_bytes=tally["exchange"], kv_bytes=tally["kv_bytes"])
     return SimResult(out.astype(q.dtype), lse, counters, tiling)
 
 

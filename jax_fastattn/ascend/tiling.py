@@ -103,6 +103,7 @@ class Counters:
     vector_ops: int
     bytes: dict            # gm_to_l1, l1_to_l0, l0c_out, gm_to_ub, ub_to_gm
     exchange_bytes: int    # part of those bytes that is S, P and P.V handed between Cube and Vector
+    kv_bytes: int          # part of gm_to_l1 that is K and V
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -117,7 +118,7 @@ class TilingPlan:
     level1: Level1
     level2: Level2
     mask_plan: masks.MaskPlan
-    block_classes: np.ndarray   # int8 [nq, nk]: masks.EMPTY / PARTIAL / FULL
+    block_classes: np.ndarray   # int8 [nq, nk]: masks.EMPTY / PARTIAL / FULL (as masks.classify_tiles)
     occupancy: dict             # buffer -> (bytes used, capacity)
     counters: Counters
 
@@ -180,23 +181,47 @@ def _occupancy(hw: AscendHardware, l1: Level1, l2: Level2, head_dim_padded: int,
     return occupancy
 
 
-def _counters(shape: AttentionShape, l1: Level1, l2: Level2, classes: np.ndarray, bounds: int,
+def block_columns(mask_plan: masks.MaskPlan, block_q: int, block_kv: int):
+    """int64 [nq, nk] first key and key count each level-1 block computes.
+
+    A block sits on the block_kv grid (so its class is `classify_tiles`'), but
+    its columns are clipped to the keys its q block can see under the band,
+    the start floored to the 16-key fractal (CANN's per-row s2 start / end):
+    the causal diagonal block then computes up to the diagonal, not the
+    whole 1024 keys. Blocks with no column left have count 0.
+    """
+    nq, nk = -(-mask_plan.q_len // block_q), -(-mask_plan.kv_len // block_kv)
+    q_first = np.arange(nq, dtype=np.int64) * block_q
+    q_last = np.minimum(q_first + block_q, mask_plan.q_len) - 1
+    lo = max(mask_plan.band_lo, -mask_plan.q_len - mask_plan.kv_len)
+    hi = min(mask_plan.band_hi, mask_plan.q_len + mask_plan.kv_len)
+    visible_first = np.clip(q_first + lo, 0, mask_plan.kv_len) // 16 * 16
+    visible_end = np.clip(q_last + hi + 1, 0, mask_plan.kv_len)
+    k_first = np.arange(nk, dtype=np.int64) * block_kv
+    first = np.maximum(k_first[None, :], visible_first[:, None])
+    end = np.minimum(np.minimum(k_first + block_kv, mask_plan.kv_len)[None, :], visible_end[:, None])
+    return first, np.maximum(end - first, 0)
+
+
+def _counters(shape: AttentionShape, mask_plan: masks.MaskPlan, l1: Level1, l2: Level2, classes: np.ndarray,
               element_bytes: int) -> Counters:
     es = element_bytes
     d = round_up(shape.head_dim, 16)
+    bounds = tiling_mask.bounds_used(mask_plan)
     q_starts = np.arange(classes.shape[0]) * l1.block_q
-    kv_starts = np.arange(classes.shape[1]) * l1.block_kv
     bq = round_up(np.minimum(l1.block_q, shape.q_len - q_starts), 16)[:, None].astype(np.int64)
-    bk = round_up(np.minimum(l1.block_kv, shape.kv_len - kv_starts), 16)[None, :].astype(np.int64)
-    live = classes != masks.EMPTY
-    partial = classes == masks.PARTIAL
+    _, columns = block_columns(mask_plan, l1.block_q, l1.block_kv)
+    bk = round_up(columns, 16)
+    live = (classes != masks.EMPTY) & (columns > 0)
+    partial = live & (classes == masks.PARTIAL)
     heads = shape.batch * shape.q_heads
 
     def total(per_block) -> int:
         return int(np.sum(np.where(live, np.broadcast_to(per_block, live.shape), 0))) * heads
 
     per_unit_rows = bq[:, 0] * np.any(live, axis=1)
-    gm_to_l1 = total(2 * bk * d * es + bq * bk * es) + int(np.sum(per_unit_rows)) * d * es * heads
+    kv_bytes = total(2 * bk * d * es)
+    gm_to_l1 = kv_bytes + total(bq * bk * es) + int(np.sum(per_unit_rows)) * d * es * heads
     l1_to_l0 = total(_matmul_l0_bytes(bq, bk, d, l2.tile_q, l2.tile_kv, es)
                      + _matmul_l0_bytes(bq, d, bk, l2.tile_q, l2.tile_d, es))
     l0c_out = total(bq * bk * 4 + bq * d * 4)
@@ -211,7 +236,8 @@ def _counters(shape: AttentionShape, l1: Level1, l2: Level2, classes: np.ndarray
         vector_ops=total(VECTOR_OPS_PER_SCORE * bq * bk + VECTOR_OPS_PER_OUTPUT * bq * d),
         bytes={"gm_to_l1": gm_to_l1, "l1_to_l0": l1_to_l0, "l0c_out": l0c_out,
                "gm_to_ub": gm_to_ub, "ub_to_gm": ub_to_gm},
-        exchange_bytes=total(2 * (bq * bk * 4 + bq * bk * es + bq * d * 4)))
+        exchange_bytes=total(2 * (bq * bk * 4 + bq * bk * es + bq * d * 4)),
+        kv_bytes=kv_bytes)
 
 
 def _check_tile(name: str, value, multiple: int = 16) -> int:
@@ -267,5 +293,6 @@ def plan(shape, dtype="float16", hw: AscendHardware = ASCEND_910B, *, causal: bo
         tiling_mask.CompressedMask(compressed_size).check_tile(block_q, block_kv)
 
     classes = np.asarray(masks.classify_tiles(mask_plan, block_q, block_kv))[0, 0]
-    counters = _counters(shape, l1, l2, classes, tiling_mask.bounds_used(mask_plan), es)
+    classes = np.where(block_columns(mask_plan, block_q, block_kv)[1] > 0, classes, masks.EMPTY).astype(np.int8)
+    counters = _counters(shape, mask_plan, l1, l2, classes, es)
     return TilingPlan(shape, dtype, hw, two_level, l1, l2, mask_plan, classes, occupancy, counters)
