@@ -8,6 +8,7 @@ rejects attributes a handler does not declare), the C++ routing of
 xla_ffi/cuda/kernel_choice.h against rules written down here, and no
 kernel-choice getenv left in xla_ffi/. tools/gpu/kernel_config_check.py runs
 every choice on a GPU."""
+import ctypes
 import os
 import re
 import shutil
@@ -222,6 +223,31 @@ def test_cpp_routing_follows_the_choice(tmp_path):
                 assert "compute capability 9.0" in result, line
         else:
             assert f"no kernel with code {code}" in result, line
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_attributes_decode_into_the_cpp_enums(tmp_path):
+    """The int32 attributes as_ffi gives arrive in C++ as the enums' values,
+    through the same decoding the CUDA handlers register (a CPU handler that
+    echoes them)."""
+    library = tmp_path / "kernel_choice_attr_test.so"
+    subprocess.run(["g++", "-std=c++17", "-O0", "-shared", "-fPIC", "-isystem", jax.ffi.include_dir(), "-I", XLA_FFI,
+                    os.path.join(XLA_FFI, "tests", "kernel_choice_attr_test.cc"), "-o", str(library)],
+                   check=True, capture_output=True)
+    handler = ctypes.cdll.LoadLibrary(str(library)).FastattnKernelChoiceEcho
+    jax.ffi.register_ffi_target("fastattn_kernel_choice_echo", jax.ffi.pycapsule(handler), platform="cpu")
+    echo = jax.ffi.ffi_call("fastattn_kernel_choice_echo", jax.ShapeDtypeStruct((2,), jnp.int32))
+    for forward in config.CUDA_FORWARD_KERNELS:
+        for layout in config.VOLTA_LAYOUTS:
+            kernel = config.KernelConfig(cuda_forward=forward, volta_layout=layout)
+            attrs = {**_attrs(kernel).as_ffi("fastattn_forward_cuda"), **_attrs(kernel).as_ffi("fastattn_forward_volta")}
+            codes = jax.jit(lambda: echo(cuda_forward=attrs["cuda_forward"], volta_layout=attrs["volta_layout"]))()
+            assert np.asarray(codes).tolist() == [CODES[forward], CODES[layout]]
+    with pytest.raises(Exception, match="expected S32 but got S64"):  # the enums are int32
+        jax.block_until_ready(echo(cuda_forward=np.int64(1), volta_layout=np.int32(0)))
+    # Why as_ffi gives each call only its own choices:
+    with pytest.raises(Exception, match="Wrong number of attributes"):
+        jax.block_until_ready(echo(cuda_forward=np.int32(1), volta_layout=np.int32(0), cuda_backward=np.int32(0)))
 
 
 def _sources():
