@@ -1,0 +1,192 @@
+"""Compile tp_attention_block for a mocked 2- and 8-GPU topology on one GPU
+and read the schedule XLA chose: the all-reduce start/done pairs and the
+compute scheduled between each start and its done.
+
+jax's `jax_mock_gpu_topology` ("<slices>x<hosts per slice>x<devices per
+host>", jax/_src/xla_bridge.py) makes the GPU client pretend to be one of
+several processes with mock NCCL: with one real GPU, "1xNx1" gives N devices
+that can be compiled for (not run). Each topology needs a fresh process, so
+this script runs itself once per topology.
+
+    python tools/gpu/tp_schedule.py --out $OUT/tp_schedule.json [--check]
+    python tools/gpu/tp_schedule.py --preset tiny --out /tmp/s.json   # CPU: reports no mock
+
+Variants compiled per topology: "default" (no options), "lhs" (latency-hiding
+scheduler only), "library" (overlap_compiler_options("gpu"): also the
+all-reduce combiner off), "library_o1" (that plus jax_optimization_level O1).
+--check exits 1 unless "library" has, at every topology, one start/done pair
+per chunk and compute between the start and done of every chunk but the last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PRESETS = {
+    # d_model, q heads, kv heads, head dim, seq len, chunks; compile only, so
+    # the shape need not fit anywhere.
+    "full": dict(d_model=4096, heads=32, kv_heads=8, head_dim=128, seq_len=4096, num_chunks=4),
+    "tiny": dict(d_model=64, heads=8, kv_heads=8, head_dim=16, seq_len=256, num_chunks=4),
+}
+COMPUTE_OPS = re.compile(r"\b(fusion|custom-call|convolution|dot|call)\(")
+
+
+def parse_schedule(hlo_text: str) -> dict:
+    """Async all-reduce pairs of the entry computation, in schedule order
+    (compiled GPU modules are scheduled: instruction order is issue order)."""
+    entry = hlo_text[hlo_text.index("ENTRY"):]
+    lines = [line.strip() for line in entry.splitlines()[1:] if line.strip() and line.strip() != "}"]
+    starts, pairs = {}, []
+    for index, line in enumerate(lines):
+        name = line.split(" = ")[0].lstrip("ROOT ").strip()
+        if re.search(r"all-reduce-start\(", line):
+            starts[name] = index
+        match = re.search(r"all-reduce-done\((%[\w.\-]+)", line)
+        if match and match.group(1) in starts:
+            begin = starts[match.group(1)]
+            between = [lines[i] for i in range(begin + 1, index) if COMPUTE_OPS.search(lines[i])]
+            shape = re.search(r"all-reduce-start\(([^)]*)\)", lines[begin])
+            pairs.append({"start_line": begin, "done_line": index, "compute_between": len(between),
+                          "compute_ops_between": [b.split(" = ")[0] for b in between][:8],
+                          "start": lines[begin][:200], "operands": shape.group(1)[:120] if shape else ""})
+    sync_reduces = sum(1 for line in lines if re.search(r"\ball-reduce\(", line))
+    excerpt = []
+    if pairs:
+        first, last = min(p["start_line"] for p in pairs), max(p["done_line"] for p in pairs)
+        for line in lines[first:last + 1]:
+            if "all-reduce" in line or COMPUTE_OPS.search(line):
+                excerpt.append(re.sub(r", metadata=\{.*", "", line)[:220])
+    return {"pairs": pairs, "sync_all_reduces": sync_reduces, "excerpt": excerpt}
+
+
+def child(num_devices: int, preset: str) -> dict:
+    """Runs in its own process: mock topology, compile the variants."""
+    import jax
+    result = {"num_devices": num_devices, "variants": {}}
+    try:
+        jax.config.update("jax_mock_gpu_topology", f"1x{num_devices}x1")
+        result["platform"] = jax.default_backend()
+        result["device_count"] = jax.device_count()
+        result["jax"] = jax.__version__
+    except Exception as error:  # noqa: BLE001 - record, do not die
+        result["error"] = f"mock topology: {type(error).__name__}: {error}"
+        return result
+    if jax.device_count() != num_devices:
+        result["error"] = (f"mock topology 1x{num_devices}x1 gave {jax.device_count()} {result['platform']} "
+                           "device(s); the mock works on the GPU client only")
+        return result
+    if result["platform"] != "gpu":
+        # Dry run on host devices (the parent sets their count): the same
+        # compiles and parsing, with synchronous CPU collectives.
+        result["note"] = "no GPU: compiled for host devices, not a mocked GPU topology"
+
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax_fastattn.parallel import tp_attention_block
+    from jax_fastattn.parallel.tiling_allreduce import overlap_compiler_options
+
+    shape = PRESETS[preset]
+    mesh = Mesh(np.array(jax.devices()), ("model",))
+    d, hq, hkv, dim, s = shape["d_model"], shape["heads"], shape["kv_heads"], shape["head_dim"], shape["seq_len"]
+    replicated = NamedSharding(mesh, P())
+    x = jax.ShapeDtypeStruct((1, s, d), jnp.bfloat16, sharding=replicated)
+    params = {name: jax.ShapeDtypeStruct(dims, jnp.bfloat16, sharding=NamedSharding(mesh, spec)) for name, dims, spec in
+              (("wq", (d, hq * dim), P(None, "model")), ("wk", (d, hkv * dim), P(None, "model")),
+               ("wv", (d, hkv * dim), P(None, "model")), ("wo", (hq * dim, d), P("model", None)))}
+    library = overlap_compiler_options("gpu")
+    variants = {"default": ({}, None), "lhs": ({"xla_gpu_enable_latency_hiding_scheduler": True}, None),
+                "library": (library, None), "library_o1": (library, "O1")}
+    result["options"] = {name: opts for name, (opts, _) in variants.items()}
+    for name, (options, level) in variants.items():
+        entry = {"optimization_level": level}
+        try:
+            if level:
+                jax.config.update("jax_optimization_level", level)
+            fn = jax.jit(lambda x, p: tp_attention_block(x, p, mesh=mesh, num_chunks=shape["num_chunks"],
+                                                         num_heads=hq, num_kv_heads=hkv),
+                         compiler_options=options or None)
+            begin = time.perf_counter()
+            text = fn.lower(x, params).compile().as_text()
+            entry["compile_s"] = round(time.perf_counter() - begin, 2)
+            entry.update(parse_schedule(text))
+        except Exception as error:  # noqa: BLE001
+            entry["error"] = f"{type(error).__name__}: {str(error)[:600]}"
+        finally:
+            if level:
+                jax.config.update("jax_optimization_level", "UNKNOWN")
+        result["variants"][name] = entry
+    return result
+
+
+def verdict(result: dict, num_chunks: int) -> str:
+    entry = result.get("variants", {}).get("library", {})
+    if "error" in result or "error" in entry:
+        return "error: " + result.get("error", entry.get("error", ""))
+    if result.get("platform") != "gpu":
+        return "cpu dry run: " + f"{entry['sync_all_reduces']} synchronous all-reduces, no async pairs"
+    pairs = entry["pairs"]
+    if len(pairs) != num_chunks:
+        return f"{len(pairs)} async all-reduce pairs, expected {num_chunks} ({entry['sync_all_reduces']} sync)"
+    overlapped = sum(1 for pair in pairs if pair["compute_between"] > 0)
+    if overlapped < num_chunks - 1:
+        return f"only {overlapped} of {num_chunks} pairs have compute between start and done"
+    return "ok"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    parser.add_argument("--devices", type=int, nargs="+", default=[2, 8])
+    parser.add_argument("--check", action="store_true")
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.preset)))
+        return 0
+    results = []
+    for n in args.devices:
+        # The host device count only matters for the CPU dry run.
+        env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}")}
+        try:
+            run = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", str(n), "--preset",
+                                  args.preset, "--out", args.out], capture_output=True, text=True, timeout=300,
+                                 env=env)
+            lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
+            result = json.loads(lines[-1]) if lines else {"num_devices": n, "error": run.stderr[-2000:]}
+        except Exception as error:  # noqa: BLE001
+            result = {"num_devices": n, "error": f"{type(error).__name__}: {error}"}
+        result["verdict"] = verdict(result, PRESETS[args.preset]["num_chunks"])
+        results.append(result)
+    report = {"preset": args.preset, "shape": PRESETS[args.preset], "results": results}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"{'GPUs':>4} {'variant':>11} {'pairs':>5} {'sync':>4} {'compute between start/done':>28}")
+    for result in results:
+        if "error" in result:
+            print(f"{result['num_devices']:>4} {'-':>11} {result['error'][:200]}")
+            continue
+        for name, entry in result["variants"].items():
+            if "error" in entry:
+                print(f"{result['num_devices']:>4} {name:>11} error: {entry['error'][:150]}")
+                continue
+            between = ",".join(str(p["compute_between"]) for p in entry["pairs"])
+            print(f"{result['num_devices']:>4} {name:>11} {len(entry['pairs']):>5} {entry['sync_all_reduces']:>4} "
+                  f"{between:>28}")
+        print(f"     verdict ({result['num_devices']} GPUs, library options): {result['verdict']}")
+    if args.check:
+        return 0 if all(r["verdict"] == "ok" for r in results) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
