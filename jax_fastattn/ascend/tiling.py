@@ -262,7 +262,10 @@ def plan(shape, dtype="float16", hw: AscendHardware = ASCEND_910B, *, causal: bo
     """
     hw = get_hardware(hw)
     shape = AttentionShape.of(shape)
-    dtype = str(np.dtype(dtype)) if dtype not in DTYPE_BYTES else dtype
+    try:
+        dtype = str(np.dtype(dtype)) if dtype not in DTYPE_BYTES else dtype
+    except TypeError:
+        pass  # an unknown name: reported below
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)} (Cube inputs; fp32 accumulation), got {dtype}")
     es = DTYPE_BYTES[dtype]
