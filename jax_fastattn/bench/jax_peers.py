@@ -129,6 +129,6 @@ def versions(name: str) -> dict:
     import jax
     found = {"jax": jax.__version__}
     if name == "tokamax":
-        import tokamax
-        found["tokamax"] = getattr(tokamax, "__version__", "?")
+        import importlib.metadata
+        found["tokamax"] = importlib.metadata.version("tokamax")
     return found

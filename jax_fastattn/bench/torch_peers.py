@@ -9,6 +9,8 @@ three read-modify-writes per step that the JAX peers do not do).
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
+import os
 from typing import Callable
 
 from jax_fastattn.bench import timing
@@ -18,8 +20,15 @@ SDPA_BACKENDS = {"torch-flash": "FLASH_ATTENTION", "torch-cudnn": "CUDNN_ATTENTI
 TORCH_IMPLS = set(SDPA_BACKENDS) | {"fa4"}
 
 
+def heads_first(name: str) -> bool:
+    """Whether the implementation's own layout is [B, H, S, D] (torch SDPA)
+    rather than [B, S, H, D]: its inputs are made contiguous in it."""
+    return name in SDPA_BACKENDS
+
+
 def attention_fn(name: str, case: Case) -> Callable:
-    """attend(q, k, v) -> out, all torch tensors [B, S, H, D]."""
+    """attend(q, k, v) -> out, torch tensors in the implementation's own
+    layout (heads_first)."""
     import torch
 
     if name in SDPA_BACKENDS:
@@ -27,11 +36,10 @@ def attention_fn(name: str, case: Case) -> Callable:
         backend = getattr(SDPBackend, SDPA_BACKENDS[name])
         gqa = case.heads != case.kv_heads
 
-        def attend(q, k, v):  # SDPA's layout is [B, H, S, D]: transposed views, no copies
+        def attend(q, k, v):
             with sdpa_kernel(backend):
-                out = torch.nn.functional.scaled_dot_product_attention(
-                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=case.causal, enable_gqa=gqa)
-            return out.transpose(1, 2)
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=case.causal,
+                                                                        enable_gqa=gqa)
         return attend
     if name == "fa4":
         from flash_attn.cute import flash_attn_func  # takes [B, S, H, D] and GQA k/v
@@ -57,15 +65,23 @@ def step_fn(attend: Callable, q, k, v, dout=None) -> Callable:
 
 
 def run(name: str, case: Case, repeats: int) -> dict:
+    # Nothing here uses JAX's GPU client, but should anything start it in
+    # this process it must not take 75 % of the memory torch needs.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import torch
 
     if case.mode not in ("fwd", "fwd_bwd"):
         raise ValueError(f"torch peers take fwd or fwd_bwd cases, got mode {case.mode!r}")
     host = make_inputs(case)
     grad = case.mode == "fwd_bwd"
-    # numpy has no bfloat16 of its own: go through float32, then cast on the device.
-    to_device = lambda x, req: torch.from_numpy(x.astype("float32")).to("cuda", getattr(torch, case.dtype)) \
-        .requires_grad_(req)
+    # [B, S, H, D] <-> the implementation's layout (a transpose is its own inverse).
+    own_layout = (lambda t: t.transpose(1, 2)) if heads_first(name) else (lambda t: t)
+
+    def to_device(x, requires_grad):
+        # numpy has no bfloat16 of its own: through float32, cast on the device.
+        t = own_layout(torch.from_numpy(x.astype("float32"))).contiguous()
+        return t.to("cuda", getattr(torch, case.dtype)).requires_grad_(requires_grad)
+
     q, k, v = (to_device(host[n], grad) for n in ("q", "k", "v"))
     dout = to_device(host["dout"], False) if grad else None
     step = step_fn(attention_fn(name, case), q, k, v, dout)
@@ -73,11 +89,11 @@ def run(name: str, case: Case, repeats: int) -> dict:
     torch.cuda.synchronize()
     times, median = timing.sample_seconds(step, lambda _: torch.cuda.synchronize(), repeats,
                                           timing.GPU_CALLS_PER_SAMPLE)
-    values = probe(case, result[0].float().cpu(), result[2].float().cpu()) if grad else probe(case, result.float().cpu())
+    as_bshd = lambda t: own_layout(t).float().cpu()
+    values = probe(case, as_bshd(result[0]), as_bshd(result[2])) if grad else probe(case, as_bshd(result))
     found = {"torch": torch.__version__}
     if name == "fa4":
-        import flash_attn
-        found["flash_attn"] = getattr(flash_attn, "__version__", "?")
+        found["flash-attn-4"] = importlib.metadata.version("flash-attn-4")
     return {"impl": name, "case": dataclasses.asdict(case), "times_s": times, "median_s": median,
             "calls_per_sample": timing.GPU_CALLS_PER_SAMPLE, "tflops": case.flops / median / 1e12, "gbps": 0.0,
             "peak_mb": 0.0, "probe": values, "device": torch.cuda.get_device_name(), "versions": found}

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The attention benchmark tables of docs/BENCHMARKS.md, every implementation
-# in the same invocation (ours, cuDNN through jax and torch, tokamax,
-# FlashAttention-4, FlashAttention-2, Pallas, XLA), bf16, Hq = 32,
-# B·S = 16K tokens, 12 samples of 10 back-to-back calls each:
+# of a group in the same invocation (ours, cuDNN through jax and torch,
+# tokamax, FlashAttention-4, FlashAttention-2; PEERS / DECODE_PEERS override
+# the lists), bf16, Hq = 32, B·S = 16K tokens, 12 samples of 10
+# back-to-back calls each:
 #   bash tools/gpu/install_peer_wheels.sh && source /tmp/site/peers.env   # tokamax, fa4
 #   bash tools/gpu/bench_peers.sh GROUP ...      # groups below; default: all
 # Results: $OUT/bench/GROUP/{results.json,plot.png}, tables in $OUT/bench.txt.
@@ -10,7 +11,6 @@
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT/bench"
-export XLA_PYTHON_CLIENT_PREALLOCATE=false  # each worker is alone on the GPU, but torch and jax may share a process
 PEERS=${PEERS:-"fastattn-cuda jax.nn-cudnn torch-cudnn tokamax fa4 torch-flash"}
 DECODE_PEERS=${DECODE_PEERS:-"memcpy-device fastattn-cuda jax.nn-cudnn jax.nn-xla"}
 COMMON="--backend cuda --dtype bfloat16 --heads 32 --tokens 16384 --repeats 12 --timeout 300"
