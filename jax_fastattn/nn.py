@@ -158,7 +158,10 @@ def dot_product_attention(q, k, v, *, implementation: str = "fastattn", causal: 
     mask = _dense_mask(q.shape[0], q_len, kv_len, causal, sliding_window,
                        None if segment_ids is None else jnp.asarray(segment_ids),
                        None if kv_segment_ids is None else jnp.asarray(kv_segment_ids))
-    return _jax_attention(q, k, v, bias, mask, implementation, softmax_scale)
+    out = _jax_attention(q, k, v, bias, mask, implementation, softmax_scale)
+    # jax averages over all keys in a row that sees none; ours return zeros.
+    sees_some = jnp.any(mask, axis=-1)[:, 0, :, None, None]  # [B|1, Sq, 1, 1]
+    return jnp.where(sees_some, out, jnp.zeros_like(out))
 
 
 def attend_cache(q, k_cache, v_cache, lengths, *, page_table=None, implementation: str = "fastattn",
