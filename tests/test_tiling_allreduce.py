@@ -113,16 +113,28 @@ def test_block_matches_unsharded_reference(mesh_shape, num_chunks, causal):
         np.testing.assert_allclose(dparams[name], ref_dparams[name], rtol=2e-5, atol=2e-5, err_msg=name)
 
 
-def test_eager_call_rope_segments_mha():
-    """Called outside jit (compiles itself), MHA, RoPE and packed documents."""
+def test_eager_call_rope_segments_mha_return_kv():
+    """Called outside jit (compiles itself), MHA, RoPE from positions, packed
+    documents, and the keys/values a prefill would cache."""
+    from jax_fastattn.parallel.tiling_allreduce import rope_tables as block_rope_tables
     mesh = make_mesh((2, 4))
     x, params = make_inputs(seed=3, hq=8, hkv=8)
-    rope = rope_tables()
+    cos, sin = rope_tables()
+    positions = jnp.broadcast_to(jnp.arange(S), (B, S))
+    inv_freq = 1.0 / 10000.0 ** (np.arange(0, D, 2) / D)
     segment_ids = jnp.asarray(np.repeat(np.array([[0, 1, 1, 2], [0, 0, 3, 3]]), S // 4, axis=1), jnp.int32)
-    out = tp_attention_block(x, params, mesh=mesh, num_chunks=4, causal=True, num_heads=8, rope=rope,
-                             mask=masks.Segments(segment_ids, segment_ids))
-    ref = reference_block(x, params, 8, 8, True, rope=rope, segment_ids=segment_ids)
+    out, k, v = tp_attention_block(x, params, mesh=mesh, num_chunks=4, causal=True, num_heads=8,
+                                   rope=block_rope_tables(positions, inv_freq), return_kv=True,
+                                   mask=masks.Segments(segment_ids, segment_ids))
+    ref = reference_block(x, params, 8, 8, True, rope=(cos, sin), segment_ids=segment_ids)
     np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5)
+    # Keys rotated pairwise (i, i + D/2) by position * inv_freq[i].
+    k_plain = (x @ params["wk"]).reshape(B, S, 8, D)
+    c, s_ = cos[None, :, None, : D // 2], sin[None, :, None, : D // 2]
+    first, second = k_plain[..., : D // 2], k_plain[..., D // 2:]
+    k_ref = jnp.concatenate([first * c - second * s_, second * c + first * s_], axis=-1)
+    np.testing.assert_allclose(k, k_ref, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(v, (x @ params["wv"]).reshape(B, S, 8, D), rtol=2e-5, atol=2e-5)
 
 
 def test_sliding_window():

@@ -76,6 +76,15 @@ def apply_rope(x, cos, sin):
     return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
+def rope_tables(positions, inv_freq):
+    """(cos, sin) [B, S, D] for `rope=`, from positions [B, S] and the D/2
+    inverse frequencies (jax_fastattn.nn.rope_inv_freq): angles repeated over
+    the two halves, as Hugging Face Llama and jax_fastattn.nn.apply_rope."""
+    angles = jnp.asarray(positions, jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
 def _split_mask(mask, causal: bool):
     """(prefix_keys, band_mask, segments) from the user's mask.
 
@@ -139,7 +148,7 @@ def _check_args(x, params, mesh, axis, num_heads, num_kv_heads, head_dim):
 def tp_attention_block(x, params, *, mesh: Mesh, axis: str = "model", num_chunks=1, causal: bool = True,
                        mask: Optional[masks.Mask] = None, backend: str = "auto", num_heads: int,
                        num_kv_heads: Optional[int] = None, head_dim: Optional[int] = None, rope=None,
-                       softmax_scale: Optional[float] = None):
+                       softmax_scale: Optional[float] = None, return_kv: bool = False):
     """Attention block (QKV projection, attention, output projection) with
     heads sharded over `mesh` axis `axis` and the output all-reduce tiled.
 
@@ -160,14 +169,18 @@ def tp_attention_block(x, params, *, mesh: Mesh, axis: str = "model", num_chunks
       rope: None or (cos, sin), each [S, D] or [B, S, D], applied to q and k
         in the half-split convention (`apply_rope`).
       softmax_scale: default 1/sqrt(head_dim).
+      return_kv: also return the keys (after RoPE) and values, [B, S, Hkv,
+        D] with heads sharded over `axis` (what a prefill writes to its cache).
 
-    Returns [B, S, d_model] in x's dtype, replicated over `axis`.
+    Returns [B, S, d_model] in x's dtype, replicated over `axis` (and k, v).
     """
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     if head_dim is None and isinstance(params, dict) and "wq" in params and isinstance(num_heads, int) \
             and num_heads > 0:
         head_dim = params["wq"].shape[1] // num_heads
     _check_args(x, params, mesh, axis, num_heads, num_kv_heads, head_dim)
+    if not isinstance(return_kv, bool):
+        raise ValueError(f"return_kv must be a Python bool, got {type(return_kv).__name__}")
     if not isinstance(causal, bool):
         raise ValueError(f"causal must be a Python bool, got {type(causal).__name__}")
     prefix_keys, band, segments = _split_mask(mask, causal)
@@ -204,7 +217,7 @@ def tp_attention_block(x, params, *, mesh: Mesh, axis: str = "model", num_chunks
     batch_axes = other_axes if other_axes and batch % other_size == 0 else None
     plan = _BlockPlan(bounds=bounds, prefix_keys=prefix_keys, causal=causal, band=band, axis=axis,
                       local_q_heads=num_heads // devices, local_kv_heads=num_kv_heads // devices, head_dim=head_dim,
-                      backend=backend, softmax_scale=softmax_scale)
+                      backend=backend, softmax_scale=softmax_scale, return_kv=return_kv)
     row_spec = P(batch_axes)
     weights = tuple(params[name] for name in _PARAM_NAMES)
     weight_specs = (P(None, axis), P(None, axis), P(None, axis), P(axis, None))
@@ -213,7 +226,7 @@ def tp_attention_block(x, params, *, mesh: Mesh, axis: str = "model", num_chunks
         mesh=mesh,
         in_specs=(row_spec, weight_specs, row_spec if rope is not None else None,
                   row_spec if seg_ids is not None else None),
-        out_specs=row_spec)
+        out_specs=(row_spec, P(batch_axes, None, axis), P(batch_axes, None, axis)) if return_kv else row_spec)
     args = (x, weights, rope, seg_ids)
     if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(args)):
         # Inside someone's jit/grad/vmap: staged into their program, whose
@@ -260,4 +273,5 @@ def _local_block(plan: _BlockPlan, x, weights, rope, seg_ids):
         # Issued here, consumed only by the final concatenate: XLA may run it
         # while the next chunk computes.
         reduced.append(lax.psum(partial, plan.axis))
-    return reduced[0] if len(reduced) == 1 else jnp.concatenate(reduced, axis=1)
+    out = reduced[0] if len(reduced) == 1 else jnp.concatenate(reduced, axis=1)
+    return (out, k, v) if plan.return_kv else out
