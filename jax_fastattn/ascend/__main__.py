@@ -84,8 +84,15 @@ def _print_table(rows, args):
               f"| {m['band_bytes']} B | {m['dense_over_compressed']:.2f}x |")
 
 
+SIMULATE_MAX_SCORES = 1 << 24  # the simulator is a Python loop: ~seconds per million scores
+
+
 def _simulate(args):
     from .simulator import simulate
+    scores = args.batch * args.heads * args.seq * (args.kv_seq or args.seq)
+    if scores > SIMULATE_MAX_SCORES:
+        raise ValueError(f"--simulate runs the tile simulator in Python: B*H*Sq*Skv must be at most "
+                         f"{SIMULATE_MAX_SCORES:,}, got {scores:,} (the plan and the model above cover any size)")
     import ml_dtypes  # noqa: F401  (registers numpy's "bfloat16")
     rng = np.random.default_rng(0)
     kv_seq = args.kv_seq or args.seq

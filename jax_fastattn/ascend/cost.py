@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+from typing import Optional
 
 import numpy as np
 
@@ -84,7 +85,7 @@ def _busiest_core(blocks_per_unit: list, cores: int) -> int:
     return max(loads)
 
 
-def fused_time(tp: plan_lib.TilingPlan, sync_us: float = None) -> FusedTime:
+def fused_time(tp: plan_lib.TilingPlan, sync_us: Optional[float] = None) -> FusedTime:
     """Modelled time of the fused kernel that `tp` describes."""
     hw: AscendHardware = tp.hw
     c = tp.counters
