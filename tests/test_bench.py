@@ -168,3 +168,11 @@ def test_missing_peer_is_skipped_and_named(monkeypatch, tmp_path, capsys):
     bench.main(["--seq", "16", "--impls", "fake-peer", "--out", str(tmp_path)])
     assert "peer missing: fake-peer" in capsys.readouterr().err
     assert (tmp_path / "results.json").exists()
+
+
+def test_budget_skips_the_workers_it_leaves_no_time_for(tmp_path):
+    import json
+    bench.main(["--seq", "16", "32", "--impls", "fastattn-xla", "--budget", "1e-6", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert len(results) == 2 and all(r["error"].startswith("skipped: past --budget") for r in results)
+    assert not (tmp_path / "results.partial.json").exists()

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from typing import Dict, List
 
 from jax_fastattn.bench import report, timing
@@ -116,6 +117,8 @@ def parse_args(argv=None):
     parser.add_argument("--max-quadratic-gb", type=float, default=4.0,
                         help="skip O(S^2)-memory peers whose logits alone exceed this")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per implementation and case")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds for the whole invocation: later workers are skipped, the running one cut")
     parser.add_argument("--out", default="bench_out", help="folder for results.json and plot.png")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser, parser.parse_args(argv)
@@ -141,22 +144,29 @@ def main(argv=None) -> None:
     for name, why in missing.items():
         if why:
             print(f"peer missing: {name} ({why})", file=sys.stderr, flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    deadline = time.monotonic() + args.budget if args.budget else float("inf")
     results = []
     for case in cases:
         for impl in impls:
+            skip = None
             if missing[impl]:
-                results.append({"impl": impl, "case": dataclasses.asdict(case), "error": "peer missing"})
-                continue
-            if impl in QUADRATIC and case.mode != "decode" and case.logits_bytes > args.max_quadratic_gb * 2**30:
-                results.append({"impl": impl, "case": dataclasses.asdict(case),
-                                "error": f"skipped: logits need {case.logits_bytes / 2**30:.1f} GiB"})
+                skip = "peer missing"
+            elif impl in QUADRATIC and case.mode != "decode" and case.logits_bytes > args.max_quadratic_gb * 2**30:
+                skip = f"skipped: logits need {case.logits_bytes / 2**30:.1f} GiB"
+            elif time.monotonic() > deadline:
+                skip = f"skipped: past --budget {args.budget:.0f}s"
+            if skip:
+                results.append({"impl": impl, "case": dataclasses.asdict(case), "error": skip})
                 continue
             print(f"running {impl:<18} {case.label()}", file=sys.stderr, flush=True)
-            results.append(_measure(impl, case, repeats, args.timeout))
+            results.append(_measure(impl, case, repeats, min(args.timeout, max(1.0, deadline - time.monotonic()))))
+            # What is done so far survives a run cut short from outside.
+            with open(os.path.join(args.out, "results.partial.json"), "w") as f:
+                json.dump([{k: v for k, v in r.items() if k != "probe"} for r in results], f)
     report.add_diffs(results)
     gpu = args.backend != "cpu"
     print(report.table(results, gpu))
-    os.makedirs(args.out, exist_ok=True)
     meta = next((r for r in results if "device" in r), {})
     versions = {}
     for r in results:
@@ -169,5 +179,8 @@ def main(argv=None) -> None:
                               "statistic": "median", "flops": "4*B*Hq*S*S*D, causal half, fwd_bwd 3.5x"},
                    "results": results}, f, indent=1)
     report.plot(results, os.path.join(args.out, "plot.png"), gpu, title=meta.get("device"))
+    partial = os.path.join(args.out, "results.partial.json")
+    if os.path.exists(partial):
+        os.remove(partial)
     print(f"\nwrote {args.out}/results.json and {args.out}/plot.png")
 

@@ -7,6 +7,9 @@
 #   bash tools/gpu/install_peer_wheels.sh && source /tmp/site/peers.env   # tokamax, fa4
 #   bash tools/gpu/bench_peers.sh GROUP ...      # groups below; default: all
 # Results: $OUT/bench/GROUP/{results.json,plot.png}, tables in $OUT/bench.txt.
+# DEADLINE_S (default 540): seconds for the whole script; a group gets what
+# is left as the bench's --budget (later workers skipped, the running one
+# cut), so that one device call of 600 s still brings its results back.
 # SMALL=1: the same groups at toy sizes on the CPU backend (a dry run).
 set -uo pipefail
 OUT=${OUT:-gpu_out}
@@ -43,9 +46,11 @@ for group in ${@:-$ORDER}; do
   [[ "${SMALL:-0}" == 1 ]] && SEQ_ARGS=$(echo "$SEQ_ARGS" | sed -E 's/--seq [0-9 ]+/--seq 64 128 /; s/--head-dim [0-9]+/--head-dim 16/; s/--kv-heads 8/--kv-heads 2/; s/--batch [0-9]+/--batch 2/')
   echo "== $group: $SEQ_ARGS" | tee -a "$OUT/bench.txt"
   start=$SECONDS
+  left=$(( ${DEADLINE_S:-540} - SECONDS ))
+  (( left >= 30 )) || { echo "($group: not run, ${left}s left of DEADLINE_S)" | tee -a "$OUT/bench.txt"; continue; }
   impls=$PEERS
   [[ "$group" == decode-* ]] && impls=$DECODE_PEERS
-  python3 -m jax_fastattn.bench $COMMON $SEQ_ARGS --impls $impls --out "$OUT/bench/$group" 2>&1 \
+  python3 -m jax_fastattn.bench $COMMON $SEQ_ARGS --impls $impls --budget $left --out "$OUT/bench/$group" 2>&1 \
     | grep -v "^running" | tee -a "$OUT/bench.txt"
   echo "($group: $((SECONDS - start)) s)" | tee -a "$OUT/bench.txt"
 done
