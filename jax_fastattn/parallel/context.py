@@ -1,0 +1,434 @@
+"""Context parallelism: attention with the sequence axis sharded over a mesh
+axis, as a ring (K/V blocks travel by `lax.ppermute` while each device
+attends over the block it holds) or as an all-gather of K/V.
+
+Ring (haoliuhl/ringattention, zhuzilin/ring-flash-attention): every device
+keeps its queries; at ring step t it holds the K/V of device r - t, runs our
+kernel on each (query chunk, key chunk) pair with `return_lse=True` and
+merges the partial results exactly through their log-sum-exps
+(`merge_partials`). Which pairs run and under which band is a static plan
+(context_schedule.py): empty pairs are skipped, steps where every device's
+pairs are empty are not run at all, and with segment ids a pair whose id
+ranges do not meet is skipped at run time (`lax.switch`). The backward is a
+ring too: K/V travel again, with their dK/dV accumulators, and each pair's
+gradients come from its own vjp with rescaled cotangents (context_block.py),
+so no device ever holds more than two K/V blocks.
+
+All-gather: K/V (and key segment ids) are gathered once; each device runs
+one kernel call per local query chunk over the keys it can see. Fewer,
+larger calls and no per-step latency: better for short sequences.
+
+Choice (`strategy="auto"`, `choose_strategy`): the ring hides its transfers
+behind compute when a ring step's FLOPs per transferred K/V byte reach the
+machine balance. Per step a device multiplies its S/N queries (half of them
+under a causal mask) by S/N keys: 4 (S/N)^2 Hq D (x 1/2 causal) FLOPs for
+2 (S/N) Hkv D b bytes of K and V, an intensity of
+
+    I = 2 S Hq / (N Hkv b)   (halved when causal)
+
+FLOP/byte, MaxText's `seq_len * q_heads / (kv_heads * cp_size)` up to a
+constant. Ring when I >= RING_MIN_INTENSITY (1024 FLOP/byte: an H100/H200
+sustains ~500-650 bf16 attention TFLOP/s against ~450-900 GB/s of NVLink per
+GPU), all-gather otherwise. bf16 causal with Hq == Hkv: ring from 2048
+tokens per device; GQA 4:1: from 512. Pass `strategy=` to override.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from jax_fastattn import masks, merge_partials
+
+from . import context_schedule as schedule_lib
+from .context_block import block_attention, block_backward, empty_result
+from .context_schedule import LAYOUTS, from_zigzag, layout_order, to_zigzag  # noqa: F401  (re-exported)
+
+STRATEGIES = ("auto", "ring", "all_gather")
+INPUT_ORDERS = ("natural", "zigzag")
+RING_MIN_INTENSITY = 1024.0
+
+
+def choose_strategy(seq_len: int, q_heads: int, kv_heads: int, num_devices: int, *, causal: bool = True,
+                    dtype_bytes: int = 2, min_intensity: float = RING_MIN_INTENSITY) -> str:
+    """"ring" or "all_gather" by the cost rule in the module docstring."""
+    if num_devices <= 1:
+        return "all_gather"
+    intensity = 2.0 * seq_len * q_heads / (num_devices * kv_heads * dtype_bytes)
+    if causal:
+        intensity /= 2.0
+    return "ring" if intensity >= min_intensity else "all_gather"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Everything static about one call (hashable: a custom_vjp nondiff arg)."""
+
+    axis: str
+    num_devices: int
+    layout: str
+    chunk_len: int
+    band: tuple            # global (lo, hi), None = unbounded
+    schedule: Optional[schedule_lib.RingSchedule]
+    softmax_scale: float
+    backend: str
+    reorder: bool          # inputs in natural order: permute into zig-zag on device and back
+
+    @property
+    def slots(self) -> int:
+        return schedule_lib.chunks_per_device(self.layout)
+
+    @property
+    def positions(self) -> np.ndarray:
+        return schedule_lib.chunk_positions(self.layout, self.num_devices)
+
+
+# ----------------------------------------------------------------------------
+# Moving blocks between devices
+
+
+def _shift(tree, plan: _Plan, hops: int):
+    """Sends every device's buffers `hops` places along the ring (r -> r + hops)."""
+    hops %= plan.num_devices
+    if hops == 0:
+        return tree
+    perm = [(r, (r + hops) % plan.num_devices) for r in range(plan.num_devices)]
+    return jax.tree.map(lambda x: lax.ppermute(x, plan.axis, perm), tree)
+
+
+def _to_zigzag_local(x, plan: _Plan, seq_axis: int):
+    """Natural order (device r holds chunks 2r, 2r+1) -> zig-zag (chunks r,
+    2N-1-r) with two ppermutes: chunk c goes to device c if c < N, else
+    2N-1-c. Each device receives one even and one odd chunk (r + (2N-1-r)
+    is odd); which is its first slot depends on r's parity."""
+    n = plan.num_devices
+    dest = lambda c: c if c < n else 2 * n - 1 - c  # noqa: E731
+    first, second = jnp.split(x, 2, axis=seq_axis)
+    from_even = lax.ppermute(first, plan.axis, [(s, dest(2 * s)) for s in range(n)])
+    from_odd = lax.ppermute(second, plan.axis, [(s, dest(2 * s + 1)) for s in range(n)])
+    rank_even = lax.axis_index(plan.axis) % 2 == 0
+    return jnp.concatenate([jnp.where(rank_even, from_even, from_odd),
+                            jnp.where(rank_even, from_odd, from_even)], axis=seq_axis)
+
+
+def _from_zigzag_local(x, plan: _Plan, seq_axis: int):
+    """Inverse of `_to_zigzag_local`: the even chunk of device r's pair goes
+    back to slot 0 of device chunk // 2, the odd one to slot 1."""
+    n = plan.num_devices
+    first, second = jnp.split(x, 2, axis=seq_axis)
+    rank_even = lax.axis_index(plan.axis) % 2 == 0
+    even_chunk = jnp.where(rank_even, first, second)
+    odd_chunk = jnp.where(rank_even, second, first)
+    even_index = lambda r: r if r % 2 == 0 else 2 * n - 1 - r  # noqa: E731
+    odd_index = lambda r: 2 * n - 1 - r if r % 2 == 0 else r  # noqa: E731
+    to_slot0 = lax.ppermute(even_chunk, plan.axis, [(r, even_index(r) // 2) for r in range(n)])
+    to_slot1 = lax.ppermute(odd_chunk, plan.axis, [(r, odd_index(r) // 2) for r in range(n)])
+    return jnp.concatenate([to_slot0, to_slot1], axis=seq_axis)
+
+
+def _slot(x, plan: _Plan, index: int, axis: int = 1):
+    if x is None:
+        return None
+    return lax.slice_in_dim(x, index * plan.chunk_len, (index + 1) * plan.chunk_len, axis=axis)
+
+
+def _ids_may_meet(q_ids, kv_ids):
+    """Whether any row's ranges of non-negative ids overlap (exact for sorted
+    ids, as packed documents are; otherwise only a cheap over-estimate)."""
+    big = jnp.int32(2**31 - 1)
+    q_low = jnp.min(jnp.where(q_ids >= 0, q_ids, big), axis=1)
+    q_high = jnp.max(jnp.where(q_ids >= 0, q_ids, -1), axis=1)
+    kv_low = jnp.min(jnp.where(kv_ids >= 0, kv_ids, big), axis=1)
+    kv_high = jnp.max(jnp.where(kv_ids >= 0, kv_ids, -1), axis=1)
+    return jnp.any((q_low <= kv_high) & (kv_low <= q_high))
+
+
+def _pair_branch(plan: _Plan, table, step: int, a: int, b: int, q_ids, kv_ids):
+    """(static branch or None, traced branch index or None) of one pair."""
+    column = plan.schedule.branch_array()[:, step, a, b]
+    if q_ids is None and np.all(column == column[0]):
+        return int(column[0]), None
+    index = table[step, a, b]
+    if q_ids is not None:
+        index = jnp.where(_ids_may_meet(q_ids, kv_ids), index, 0)
+    return None, index
+
+
+# ----------------------------------------------------------------------------
+# Ring: forward and backward
+
+
+def _ring_forward(plan: _Plan, q, k, v, q_ids, kv_ids):
+    sched = plan.schedule
+    table = jnp.asarray(sched.branch_array())[lax.axis_index(plan.axis)]    # [steps, m, m]
+    f32_out = jnp.zeros(_slot(q, plan, 0).shape, jnp.float32)
+    acc = [empty_result(f32_out) for _ in range(plan.slots)]
+    travelling, held = (k, v, kv_ids), 0
+    for i, step in enumerate(sched.steps):
+        travelling, held = _shift(travelling, plan, step - held), step
+        k_now, v_now, kv_ids_now = travelling
+        for a in range(plan.slots):
+            q_a, q_ids_a = _slot(q, plan, a), _slot(q_ids, plan, a)
+            outs, lses = [acc[a][0]], [acc[a][1]]
+            for b in range(plan.slots):
+                args = (q_a, _slot(k_now, plan, b), _slot(v_now, plan, b), q_ids_a, _slot(kv_ids_now, plan, b))
+                static, index = _pair_branch(plan, table, i, a, b, q_ids_a, args[4])
+                if static == 0:
+                    continue
+                branches = [functools.partial(block_attention, band=band, softmax_scale=plan.softmax_scale,
+                                              backend=plan.backend) for band in sched.bands]
+                if static is not None:
+                    o, l = branches[static](*args)
+                else:
+                    o, l = lax.switch(index, branches, *args)
+                outs.append(o)
+                lses.append(l)
+            if len(outs) > 1:
+                acc[a] = merge_partials(outs, lses)
+    out = jnp.concatenate([o for o, _ in acc], axis=1).astype(q.dtype)
+    lse = jnp.concatenate([l for _, l in acc], axis=2)
+    return out, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ring(plan, q, k, v, q_ids, kv_ids):
+    return _ring_forward(plan, q, k, v, q_ids, kv_ids)
+
+
+def _ring_fwd(plan, q, k, v, q_ids, kv_ids):
+    out, lse = _ring_forward(plan, q, k, v, q_ids, kv_ids)
+    return (out, lse), (q, k, v, q_ids, kv_ids, out, lse)
+
+
+def _ring_bwd(plan, residuals, cotangents):
+    q, k, v, q_ids, kv_ids, out, lse = residuals
+    d_out, d_lse = cotangents
+    sched = plan.schedule
+    table = jnp.asarray(sched.branch_array())[lax.axis_index(plan.axis)]
+    d_q = [jnp.zeros(_slot(q, plan, a).shape, jnp.float32) for a in range(plan.slots)]
+    # dK/dV accumulators travel with the K/V they belong to.
+    d_kv = ([jnp.zeros(_slot(k, plan, b).shape, jnp.float32) for b in range(plan.slots)],
+            [jnp.zeros(_slot(v, plan, b).shape, jnp.float32) for b in range(plan.slots)])
+    travelling, held = (k, v, kv_ids), 0
+    for i, step in enumerate(sched.steps):
+        travelling = _shift(travelling, plan, step - held)
+        d_kv = _shift(d_kv, plan, step - held)
+        held = step
+        k_now, v_now, kv_ids_now = travelling
+        for a in range(plan.slots):
+            q_a, q_ids_a = _slot(q, plan, a), _slot(q_ids, plan, a)
+            merged = (_slot(out, plan, a), _slot(lse, plan, a, axis=2), _slot(d_out, plan, a),
+                      _slot(d_lse, plan, a, axis=2))
+            for b in range(plan.slots):
+                args = (q_a, _slot(k_now, plan, b), _slot(v_now, plan, b), q_ids_a, _slot(kv_ids_now, plan, b))
+                static, index = _pair_branch(plan, table, i, a, b, q_ids_a, args[4])
+                if static == 0:
+                    continue
+                branches = [functools.partial(block_backward, band=band, softmax_scale=plan.softmax_scale,
+                                              backend=plan.backend) for band in sched.bands]
+                if static is not None:
+                    g_q, g_k, g_v = branches[static](*args, *merged)
+                else:
+                    g_q, g_k, g_v = lax.switch(index, branches, *args, *merged)
+                d_q[a] = d_q[a] + g_q
+                d_kv[0][b] = d_kv[0][b] + g_k
+                d_kv[1][b] = d_kv[1][b] + g_v
+    d_kv = _shift(d_kv, plan, -held)   # device r holds the gradients of device r - held: send them home
+    d_k = jnp.concatenate(d_kv[0], axis=1).astype(k.dtype)
+    d_v = jnp.concatenate(d_kv[1], axis=1).astype(v.dtype)
+    return jnp.concatenate(d_q, axis=1).astype(q.dtype), d_k, d_v, None, None
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
+
+
+# ----------------------------------------------------------------------------
+# All-gather
+
+
+def _device_attention(plan: _Plan, rank: int, q, k, v, q_ids, kv_ids):
+    """Device `rank`'s local queries against all keys (natural order): one
+    kernel call per local chunk, over the key range its band can see."""
+    seq_len = k.shape[1]
+    lo, hi = plan.band
+    outs, lses = [], []
+    for a in range(plan.slots):
+        q_start = int(plan.positions[rank, a]) * plan.chunk_len
+        kv_start = 0 if lo is None else min(max(0, q_start + lo), seq_len)
+        kv_end = seq_len if hi is None else max(0, min(seq_len, q_start + plan.chunk_len + hi))
+        band = None
+        if kv_end > kv_start:
+            band = schedule_lib.block_band(lo, hi, kv_start - q_start, plan.chunk_len, kv_end - kv_start)
+        kv_ids_part = None if kv_ids is None else kv_ids[:, kv_start:kv_end]
+        o, l = block_attention(_slot(q, plan, a), k[:, kv_start:kv_end], v[:, kv_start:kv_end],
+                               _slot(q_ids, plan, a), kv_ids_part, band, plan.softmax_scale, plan.backend)
+        outs.append(o)
+        lses.append(l)
+    return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gathered(plan, q, k, v, q_ids, kv_ids):
+    branches = [functools.partial(_device_attention, plan, r) for r in range(plan.num_devices)]
+    return lax.switch(lax.axis_index(plan.axis), branches, q, k, v, q_ids, kv_ids)
+
+
+def _gathered_fwd(plan, q, k, v, q_ids, kv_ids):
+    # Residuals are the inputs only: a switch's own linearisation would keep
+    # every branch's residuals; the backward recomputes the one that ran.
+    return _gathered(plan, q, k, v, q_ids, kv_ids), (q, k, v, q_ids, kv_ids)
+
+
+def _gathered_bwd(plan, residuals, cotangents):
+    q, k, v, q_ids, kv_ids = residuals
+
+    def branch(rank, q, k, v, q_ids, kv_ids, cotangents):
+        _, vjp = jax.vjp(lambda q, k, v: _device_attention(plan, rank, q, k, v, q_ids, kv_ids), q, k, v)
+        return vjp(cotangents)
+
+    branches = [functools.partial(branch, r) for r in range(plan.num_devices)]
+    d_q, d_k, d_v = lax.switch(lax.axis_index(plan.axis), branches, q, k, v, q_ids, kv_ids, cotangents)
+    return d_q, d_k, d_v, None, None
+
+
+_gathered.defvjp(_gathered_fwd, _gathered_bwd)
+
+
+def _gather_natural(x, plan: _Plan):
+    """All-gathers the sequence axis (1) and puts the chunks in natural order."""
+    if x is None:
+        return None
+    gathered = lax.all_gather(x, plan.axis, axis=1, tiled=True)
+    chunks = plan.num_devices * plan.slots
+    natural = np.argsort(plan.positions.reshape(-1))
+    split = gathered.reshape(gathered.shape[:1] + (chunks, plan.chunk_len) + gathered.shape[2:])
+    return jnp.take(split, natural, axis=1).reshape(gathered.shape)
+
+
+# ----------------------------------------------------------------------------
+# Per-device body and the public function
+
+
+def _local(plan: _Plan, strategy: str, q, k, v, ids):
+    q_ids, kv_ids = ids.get("q_ids"), ids.get("kv_ids")
+    if plan.reorder:
+        q, k, v = (_to_zigzag_local(x, plan, 1) for x in (q, k, v))
+        q_ids, kv_ids = (None if x is None else _to_zigzag_local(x, plan, 1) for x in (q_ids, kv_ids))
+    if strategy == "ring":
+        out, lse = _ring(plan, q, k, v, q_ids, kv_ids)
+    else:
+        out, lse = _gathered(plan, q, _gather_natural(k, plan), _gather_natural(v, plan), q_ids,
+                             _gather_natural(kv_ids, plan))
+    if plan.reorder:
+        out, lse = _from_zigzag_local(out, plan, 1), _from_zigzag_local(lse, plan, 2)
+    return out, lse
+
+
+def _band_of(plan: masks.MaskPlan):
+    lo = None if plan.band_lo <= -masks.UNBOUNDED else int(plan.band_lo)
+    hi = None if plan.band_hi >= masks.UNBOUNDED else int(plan.band_hi)
+    return lo, hi
+
+
+def _check(q, k, v, mesh, axis, batch_axis, strategy, layout, input_order):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if np.ndim(x) != 4:
+            raise ValueError(f"{name} must have rank 4 [B, S, H, D], got shape {np.shape(x)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {k.shape} and {v.shape}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q and k must agree on batch and head dim, got {q.shape} and {k.shape}")
+    if q.shape[1] != k.shape[1]:
+        raise ValueError("context_parallel_attention is self-attention over one sharded sequence: q and k must "
+                         f"have the same sequence length, got {q.shape[1]} and {k.shape[1]}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"q heads ({q.shape[2]}) must be a multiple of k/v heads ({k.shape[2]})")
+    if not isinstance(mesh, Mesh):
+        raise ValueError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    if axis not in mesh.axis_names:
+        raise ValueError(f"axis must be one of the mesh axes {mesh.axis_names}, got {axis!r}")
+    if batch_axis is not None and (batch_axis not in mesh.axis_names or batch_axis == axis):
+        raise ValueError(f"batch_axis must be None or a mesh axis other than axis={axis!r} "
+                         f"(mesh axes {mesh.axis_names}), got {batch_axis!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if input_order not in INPUT_ORDERS:
+        raise ValueError(f"input_order must be one of {INPUT_ORDERS}, got {input_order!r}")
+    if input_order == "zigzag" and layout != "zigzag":
+        raise ValueError(f"input_order='zigzag' needs layout='zigzag', got layout={layout!r}")
+
+
+def context_parallel_attention(q, k, v, *, mesh: Mesh, axis: str, causal: bool = False,
+                               mask: Optional[masks.Mask] = None, softmax_scale: Optional[float] = None,
+                               strategy: str = "auto", layout: str = "zigzag", input_order: str = "natural",
+                               batch_axis: Optional[str] = None, return_lse: bool = False,
+                               backend: str = "auto"):
+    """Self-attention with the sequence axis sharded over mesh axis `axis`.
+
+    Args:
+      q: [B, S, Hq, D]; k, v: [B, S, Hkv, D] (any sharding; inside the call
+        the sequence axis is split over `axis`, the batch over `batch_axis`).
+      mesh, axis: the mesh and its axis the sequence is split over (N devices).
+      causal, mask: as `flash_attention` (Causal, SlidingWindow, Segments and
+        their `&`; Dense masks and bias are not supported). Segment ids are
+        split along with the sequence; key ids travel with K/V.
+      strategy: "ring", "all_gather" or "auto" (`choose_strategy`).
+      layout: "zigzag" (device r holds chunks r and 2N-1-r of 2N: equal work
+        under causal masks) or "contiguous" (chunk r of N).
+      input_order: "natural" (tokens in order; any length: padded to a
+        multiple of 2N (zigzag) or N with padded keys masked, and moved into
+        the layout on device by ppermute) or "zigzag" (already permuted with
+        `to_zigzag`, length a multiple of 2N; output in the same order).
+      return_lse: also return the f32 log-sum-exp [B, Hq, S].
+      backend: the per-block kernel, as `flash_attention`'s `backend`.
+
+    Returns out [B, S, Hq, D] (and lse), differentiable in q, k, v.
+    """
+    _check(q, k, v, mesh, axis, batch_axis, strategy, layout, input_order)
+    batch, seq_len, q_heads, head_dim = q.shape
+    num_devices = mesh.shape[axis]
+    mask_plan = masks.make_plan(mask, bool(causal), batch, q_heads, seq_len, seq_len)
+    if mask_plan.dense is not None:
+        raise ValueError("mask: context_parallel_attention supports Causal, SlidingWindow and Segments "
+                         "(and their &), not Dense masks")
+    lo, hi = _band_of(mask_plan)
+    q_ids, kv_ids = mask_plan.q_segment_ids, mask_plan.kv_segment_ids
+    if strategy == "auto":
+        strategy = choose_strategy(seq_len, q_heads, k.shape[2], num_devices, causal=hi is not None and hi <= 0,
+                                   dtype_bytes=jnp.dtype(k.dtype).itemsize)
+    chunks = schedule_lib.chunks_per_device(layout) * num_devices
+    padded_len = -(-seq_len // chunks) * chunks
+    if padded_len != seq_len:
+        if input_order == "zigzag":
+            raise ValueError(f"input_order='zigzag' needs a sequence length that is a multiple of {chunks} "
+                             f"(2 x {num_devices} devices), got {seq_len}: pad before `to_zigzag`")
+        pad = padded_len - seq_len
+        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+        if q_ids is None and (hi is None or hi > 0):   # padded keys visible to real queries: mask them
+            q_ids = kv_ids = jnp.zeros((batch, seq_len), jnp.int32)
+        if q_ids is not None:
+            q_ids, kv_ids = (jnp.pad(x, ((0, 0), (0, pad)), constant_values=-1) for x in (q_ids, kv_ids))
+    chunk_len = padded_len // chunks
+    ring_schedule = (schedule_lib.build_ring_schedule(layout, num_devices, chunk_len, lo, hi)
+                     if strategy == "ring" else None)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    plan = _Plan(axis, num_devices, layout, chunk_len, (lo, hi), ring_schedule, scale, backend,
+                 reorder=layout == "zigzag" and input_order == "natural" and num_devices > 1)
+    ids = {} if q_ids is None else {"q_ids": q_ids, "kv_ids": kv_ids}
+    seq_spec, ids_spec = P(batch_axis, axis, None, None), P(batch_axis, axis)
+    run = jax.shard_map(functools.partial(_local, plan, strategy), mesh=mesh,
+                        in_specs=(seq_spec, seq_spec, seq_spec, {name: ids_spec for name in ids}),
+                        out_specs=(seq_spec, P(batch_axis, None, axis)), check_vma=False)
+    out, lse = run(q, k, v, ids)
+    if padded_len != seq_len:
+        out, lse = out[:, :seq_len], lse[:, :, :seq_len]
+    return (out, lse) if return_lse else out
