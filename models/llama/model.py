@@ -105,6 +105,8 @@ class Llama(nnx.Module):
                  dtype=jnp.float32, param_dtype=jnp.float32):
         if not isinstance(cfg, LlamaConfig):
             raise ValueError(f"cfg must be a LlamaConfig, got {type(cfg).__name__}")
+        if attention not in fa_nn.IMPLEMENTATIONS:
+            raise ValueError(f"attention must be one of {fa_nn.IMPLEMENTATIONS}, got {attention!r}")
         fa_nn.check_implementation(attention)
         self.cfg, self.attention, self.dtype = cfg, attention, dtype
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
