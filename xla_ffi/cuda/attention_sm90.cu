@@ -40,14 +40,13 @@
 // two plan tiles is not full. Under the band mask alone the producer
 // derives the same classes from the band, without reading the plan.
 //
-// Measured on an H100 (kernel alone, bf16, TFLOP/s; B=4 S=4K H=32 full /
-// causal, then B=16 S=1K causal), fifth session: D=128 601 / 510 / 366
-// persistent with step records, 592 / 456 / 296 with a CTA per item (the
-// consumers reading the tile plan themselves; 568 / 483 / 295 with step
-// records), 562 / 433 with the pipeline and two stages, 525 / 428 without the
-// pipeline, 356 / 299 without warp specialisation (all threads loading with
-// cp.async, a CTA barrier per tile); the mma.sync kernel 310 / 283. D=64: 363
-// / 312 / 248 persistent, 359 / 273 / 190 a CTA per item.
+// Why this structure (H100, kernel alone, bf16, D=128, TFLOP/s at B=4 S=4K
+// H=32 full / causal, then B=16 S=1K causal): persistent CTAs with step
+// records 601 / 510 / 366 against 592 / 456 / 296 with a CTA per item;
+// without the intra-warpgroup pipeline 525 / 428; without warp
+// specialisation (all threads loading with cp.async, a CTA barrier per
+// tile) 356 / 299; the mma.sync kernel 310 / 283. At D=64 persistent CTAs
+// give 363 / 312 / 248 against 359 / 273 / 190.
 #include <algorithm>
 #include <cstdint>
 
