@@ -176,3 +176,16 @@ def test_budget_skips_the_workers_it_leaves_no_time_for(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())["results"]
     assert len(results) == 2 and all(r["error"].startswith("skipped: past --budget") for r in results)
     assert not (tmp_path / "results.partial.json").exists()
+
+
+@pytest.mark.parametrize("dtype, mode", [("bfloat16", "fwd_bwd"), ("float32", "decode")])
+def test_inputs_are_shared_through_the_folder_bit_for_bit(tmp_path, dtype, mode):
+    case = bench.Case(2, 24, 4, 2, 8, True, dtype, mode)
+    drawn = bench.make_inputs(case, str(tmp_path))
+    assert len(list(tmp_path.iterdir())) == 1  # written whole, no temporary left
+    read = bench.make_inputs(case, str(tmp_path))
+    assert sorted(read) == sorted(drawn)
+    for name in drawn:
+        assert read[name].dtype == drawn[name].dtype and read[name].shape == drawn[name].shape
+        np.testing.assert_array_equal(read[name].view(np.uint8), drawn[name].view(np.uint8))
+    np.testing.assert_array_equal(bench.make_inputs(case)["k"].astype(np.float32), drawn["k"].astype(np.float32))

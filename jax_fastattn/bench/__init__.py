@@ -2,7 +2,8 @@
 
 Every implementation runs in its own subprocess, one after another on the
 same machine in the same invocation, so that its peak memory is its own.
-All of them see the same inputs (numpy, fixed seed) and are timed by one
+All of them see the same inputs (numpy, fixed seed, drawn once per case and
+shared through a temporary folder) and are timed by one
 method (timing.sample_seconds): one warm-up call, then --repeats samples,
 each dispatching GPU_CALLS_PER_SAMPLE calls back to back on a GPU (one on
 the CPU) and waiting once (`block_until_ready` / `torch.cuda.synchronize`);

@@ -10,8 +10,9 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from jax_fastattn.bench import report, timing
 from jax_fastattn.bench.cases import Case
@@ -52,8 +53,9 @@ def missing_peer(name: str):
     return None if found else f"no module named {module}"
 
 
-def run_worker(name: str, case: Case, repeats: int) -> dict:
-    """Times one implementation on one case in this process."""
+def run_worker(name: str, case: Case, repeats: int, inputs_dir: Optional[str] = None) -> dict:
+    """Times one implementation on one case in this process; inputs_dir
+    holds (or receives) the case's inputs, shared by its implementations."""
     if name == "memcpy-numpy":
         times, median, rate = timing.numpy_copy_bandwidth(case.kv_bytes, repeats)
         return {"impl": name, "case": dataclasses.asdict(case), "times_s": times, "median_s": median,
@@ -66,13 +68,13 @@ def run_worker(name: str, case: Case, repeats: int) -> dict:
                 "tflops": 0.0, "device": str(jax.devices()[0].device_kind), "versions": {"jax": jax.__version__}}
     from jax_fastattn.bench import torch_peers
     if name in torch_peers.TORCH_IMPLS:
-        return torch_peers.run(name, case, repeats)
+        return torch_peers.run(name, case, repeats, inputs_dir)
     from jax_fastattn.bench import jax_peers
-    return jax_peers.run(name, case, repeats)
+    return jax_peers.run(name, case, repeats, inputs_dir)
 
 
-def _measure(name: str, case: Case, repeats: int, timeout: float) -> dict:
-    spec = json.dumps({"impl": name, "case": dataclasses.asdict(case), "repeats": repeats})
+def _measure(name: str, case: Case, repeats: int, timeout: float, inputs_dir: str) -> dict:
+    spec = json.dumps({"impl": name, "case": dataclasses.asdict(case), "repeats": repeats, "inputs_dir": inputs_dir})
     try:
         proc = subprocess.run([sys.executable, "-m", "jax_fastattn.bench", "--worker", spec],
                               capture_output=True, text=True, timeout=timeout)
@@ -128,7 +130,8 @@ def main(argv=None) -> None:
     parser, args = parse_args(argv)
     if args.worker:
         spec = json.loads(args.worker)
-        print("RESULT " + json.dumps(run_worker(spec["impl"], Case(**spec["case"]), spec["repeats"])), flush=True)
+        result = run_worker(spec["impl"], Case(**spec["case"]), spec["repeats"], spec.get("inputs_dir"))
+        print("RESULT " + json.dumps(result), flush=True)
         return
 
     seqs = [1024] if args.quick else args.seq
@@ -147,6 +150,7 @@ def main(argv=None) -> None:
     os.makedirs(args.out, exist_ok=True)
     deadline = time.monotonic() + args.budget if args.budget else float("inf")
     results = []
+    inputs_dir = tempfile.mkdtemp(prefix="fastattn_bench_")
     for case in cases:
         for impl in impls:
             skip = None
@@ -160,10 +164,14 @@ def main(argv=None) -> None:
                 results.append({"impl": impl, "case": dataclasses.asdict(case), "error": skip})
                 continue
             print(f"running {impl:<18} {case.label()}", file=sys.stderr, flush=True)
-            results.append(_measure(impl, case, repeats, min(args.timeout, max(1.0, deadline - time.monotonic()))))
+            timeout = min(args.timeout, max(1.0, deadline - time.monotonic()))
+            results.append(_measure(impl, case, repeats, timeout, inputs_dir))
             # What is done so far survives a run cut short from outside.
             with open(os.path.join(args.out, "results.partial.json"), "w") as f:
                 json.dump([{k: v for k, v in r.items() if k != "probe"} for r in results], f)
+        for leftover in os.listdir(inputs_dir):  # this case's inputs: up to GBs
+            os.remove(os.path.join(inputs_dir, leftover))
+    os.rmdir(inputs_dir)
     report.add_diffs(results)
     gpu = args.backend != "cpu"
     print(report.table(results, gpu))

@@ -8,7 +8,7 @@ returning (dq, dk, dv), which is what torch's `autograd.grad` computes.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Optional
 
 from jax_fastattn.bench import timing
 from jax_fastattn.bench.cases import Case, make_inputs, probe
@@ -94,12 +94,13 @@ def _xla_flops(compiled) -> float:
         return 0.0
 
 
-def run(name: str, case: Case, repeats: int) -> dict:
-    """Times implementation `name` on `case` in this process."""
+def run(name: str, case: Case, repeats: int, inputs_dir: Optional[str] = None) -> dict:
+    """Times implementation `name` on `case` in this process (inputs from
+    make_inputs(case, inputs_dir))."""
     import jax
     import jax.numpy as jnp
 
-    host = make_inputs(case)
+    host = make_inputs(case, inputs_dir)
     names = ("q", "k", "v", "lengths") if case.mode == "decode" else ("q", "k", "v", "dout")
     args = tuple(jnp.asarray(host[n]) for n in names if n in host)
     jax.block_until_ready(args)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import os
-from typing import Callable
+from typing import Callable, Optional
 
 from jax_fastattn.bench import timing
 from jax_fastattn.bench.cases import Case, make_inputs, probe
@@ -64,7 +64,7 @@ def step_fn(attend: Callable, q, k, v, dout=None) -> Callable:
     return step
 
 
-def run(name: str, case: Case, repeats: int) -> dict:
+def run(name: str, case: Case, repeats: int, inputs_dir: Optional[str] = None) -> dict:
     # Nothing here uses JAX's GPU client, but should anything start it in
     # this process it must not take 75 % of the memory torch needs.
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -72,7 +72,7 @@ def run(name: str, case: Case, repeats: int) -> dict:
 
     if case.mode not in ("fwd", "fwd_bwd"):
         raise ValueError(f"torch peers take fwd or fwd_bwd cases, got mode {case.mode!r}")
-    host = make_inputs(case)
+    host = make_inputs(case, inputs_dir)
     grad = case.mode == "fwd_bwd"
     # [B, S, H, D] <-> the implementation's layout (a transpose is its own inverse).
     own_layout = (lambda t: t.transpose(1, 2)) if heads_first(name) else (lambda t: t)
