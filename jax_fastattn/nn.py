@@ -335,6 +335,9 @@ class Attention(nnx.Module):
     def prefill(self, x, cache: KVCache, lengths, *, positions=None):
         """Causal self-attention over a right-padded prompt x [B, S, d_model];
         stores its keys/values at [0, S) and sets the cache lengths."""
+        capacity = cache.k.shape[1] * (1 if cache.page_table is None else cache.page_table.shape[1])
+        if x.shape[1] > capacity:
+            raise ValueError(f"x has {x.shape[1]} positions, more than the cache holds ({capacity})")
         q, k, v = self.project(x, self._positions(x, positions))
         cache = cache.write(k, v, jnp.zeros((x.shape[0],), jnp.int32))
         cache = cache.replace(lengths=jnp.asarray(lengths, jnp.int32))

@@ -159,6 +159,7 @@ def test_sample_top_k_top_p_and_temperature():
     np.testing.assert_array_equal(draw(temperature=0.0, top_k=None, top_p=None), 0)
 
 
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (XLA_FLAGS, see conftest.py)")
 @pytest.mark.parametrize("shape", ["2x4", "1x8"])
 def test_sharded_generate_equals_unsharded_with_no_cache_gather(model, prompts, greedy, shape):
     mesh = sharding.make_mesh(shape)

@@ -95,7 +95,7 @@ def main(argv=None):
     p.add_argument("--size", default="full", choices=sorted(SIZES))
     p.add_argument("--cases", default=None, help="comma-separated subset of: " + ", ".join(case_names("full")))
     p.add_argument("--attention", default=",".join(ATTENTIONS))
-    p.add_argument("--budget-s", type=float, default=400.0, help="start no case after this many seconds")
+    p.add_argument("--budget-s", type=float, default=360.0, help="start no case after this many seconds")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     t0 = time.perf_counter()
