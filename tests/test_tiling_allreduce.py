@@ -261,7 +261,7 @@ def llama_forward_with_tp_block(model, tokens, mesh, num_chunks):
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     d_model = x.shape[-1]
     for index in range(model.cfg.num_hidden_layers):
-        layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[index], stacked))
+        layer = nnx.merge(graphdef, jax.tree.map(lambda a, i=index: a[i], stacked))
         attn = layer.self_attn
         # LinearGeneral kernels [d, H, D] / [H, D, d] are head-major once flattened.
         params = {"wq": attn.query.kernel[...].reshape(d_model, -1), "wk": attn.key.kernel[...].reshape(d_model, -1),

@@ -44,7 +44,7 @@ def parse_schedule(hlo_text: str) -> dict:
     lines = [line.strip() for line in entry.splitlines()[1:] if line.strip() and line.strip() != "}"]
     starts, pairs = {}, []
     for index, line in enumerate(lines):
-        name = line.split(" = ")[0].lstrip("ROOT ").strip()
+        name = line.split(" = ")[0].removeprefix("ROOT").strip()
         if re.search(r"all-reduce-start\(", line):
             starts[name] = index
         match = re.search(r"all-reduce-done\((%[\w.\-]+)", line)
