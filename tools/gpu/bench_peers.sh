@@ -10,7 +10,9 @@
 # DEADLINE_S (default 540): seconds for the whole script; a group gets what
 # is left as the bench's --budget (later workers skipped, the running one
 # cut), so that one device call of 600 s still brings its results back.
-# SMALL=1: the same groups at toy sizes on the CPU backend (a dry run).
+# PACK=1: the per-group folders end up in one $OUT/bench_<first group>.tgz
+# (fewer files to bring back). SMALL=1: the same groups at toy sizes on the
+# CPU backend (a dry run).
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT/bench"
@@ -54,3 +56,7 @@ for group in ${@:-$ORDER}; do
     | grep -v "^running" | tee -a "$OUT/bench.txt"
   echo "($group: $((SECONDS - start)) s)" | tee -a "$OUT/bench.txt"
 done
+if [[ "${PACK:-0}" == 1 ]]; then
+  first=(${@:-$ORDER})
+  tar czf "$OUT/bench_${first[0]}.tgz" -C "$OUT" bench && rm -rf "$OUT/bench" && echo "packed $OUT/bench_${first[0]}.tgz"
+fi
