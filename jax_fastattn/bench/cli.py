@@ -99,7 +99,8 @@ def _gpu_driver() -> str:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m jax_fastattn.bench", description=__doc__,
+    method = sys.modules["jax_fastattn.bench"].__doc__  # the package's: what is timed and how
+    parser = argparse.ArgumentParser(prog="python -m jax_fastattn.bench", description=method,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", default="cpu", choices=sorted(set(PEERS) | set(DECODE_PEERS)))
     parser.add_argument("--quick", action="store_true", help="one small case (S=1024), 5 repeats (a demo)")
