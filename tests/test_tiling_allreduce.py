@@ -313,6 +313,38 @@ def test_llama_generates_same_tokens_on_a_model_mesh(monkeypatch):
         pytest.skip("models/llama prefill does not call tp_attention_block (not wired in)")
 
 
+SCHEDULED_GPU_HLO = """HloModule jit_block, is_scheduled=true
+
+ENTRY %main.7_spmd (param: bf16[1,256,64]) -> bf16[1,256,64] {
+  %param = bf16[1,256,64]{2,1,0} parameter(0)
+  %fusion.1 = bf16[1,128,64]{2,1,0} fusion(%param), kind=kCustom, calls=%gemm_1
+  %all-reduce-start = bf16[1,128,64]{2,1,0} all-reduce-start(%fusion.1), channel_id=1, to_apply=%add
+  %custom-call.2 = (bf16[1,128,4,16]{3,2,1,0}, f32[1,4,128]{2,1,0}) custom-call(%param), custom_call_target="attn"
+  %fusion.2 = bf16[1,128,64]{2,1,0} fusion(%custom-call.2), kind=kCustom, calls=%gemm_2
+  %all-reduce-start.1 = bf16[1,128,64]{2,1,0} all-reduce-start(%fusion.2), channel_id=2, to_apply=%add
+  %all-reduce-done = bf16[1,128,64]{2,1,0} all-reduce-done(%all-reduce-start)
+  %all-reduce-done.1 = bf16[1,128,64]{2,1,0} all-reduce-done(%all-reduce-start.1)
+  ROOT %concatenate = bf16[1,256,64]{2,1,0} concatenate(%all-reduce-done, %all-reduce-done.1), dimensions={1}
+}
+"""
+
+
+def test_schedule_parser_reads_async_pairs():
+    """tools/gpu/tp_schedule.py's reading of a scheduled GPU module: pairs
+    matched by name, compute counted between start and done."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("tp_schedule", os.path.join(ROOT, "tools", "gpu", "tp_schedule.py"))
+    tp_schedule = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tp_schedule)
+    schedule = tp_schedule.parse_schedule(SCHEDULED_GPU_HLO)
+    assert [p["compute_between"] for p in schedule["pairs"]] == [2, 0]
+    assert schedule["pairs"][0]["compute_ops_between"] == ["%custom-call.2", "%fusion.2"]
+    assert schedule["sync_all_reduces"] == 0
+    result = {"platform": "gpu", "variants": {"library": schedule}}
+    assert tp_schedule.verdict(result, 2) == "ok"
+    assert tp_schedule.verdict(result, 4).startswith("2 async all-reduce pairs")
+
+
 @pytest.mark.gpu
 def test_gpu_schedule_has_async_allreduce_pairs_with_compute_between(tmp_path):
     """Mocked 2- and 8-GPU topologies on one GPU (tools/gpu/tp_schedule.py

@@ -46,8 +46,11 @@ OVERLAP_COMPILER_OPTIONS = {
         # all-reduce-start and all-reduce-done.
         "xla_gpu_enable_latency_hiding_scheduler": True,
         # Otherwise the combiner merges the chunks' independent all-reduces
-        # into one at the end, which undoes the tiling. 0 disables it.
+        # into one at the end, which undoes the tiling. A threshold of 0
+        # makes the combiner skip; the pass is also named off, in case a
+        # version derives its own threshold.
         "xla_gpu_all_reduce_combine_threshold_bytes": 0,
+        "xla_disable_hlo_passes": "gpu-all-reduce-combiner,all-reduce-combiner",
     },
     # The CPU compiler runs collectives synchronously, so nothing overlaps;
     # its combiner is off too so that the program has the same structure

@@ -12,8 +12,9 @@ this script runs itself once per topology.
     python tools/gpu/tp_schedule.py --preset tiny --out /tmp/s.json   # CPU: reports no mock
 
 Variants compiled per topology: "default" (no options), "lhs" (latency-hiding
-scheduler only), "library" (overlap_compiler_options("gpu"): also the
-all-reduce combiner off), "library_o1" (that plus jax_optimization_level O1).
+scheduler only), "lhs_threshold0" (plus combiner threshold 0), "library"
+(overlap_compiler_options("gpu"): also the combiner passes named off),
+"library_o1" (that plus jax_optimization_level O1).
 --check exits 1 unless "library" has, at every topology, one start/done pair
 per chunk and compute between the start and done of every chunk but the last.
 """
@@ -101,7 +102,9 @@ def child(num_devices: int, preset: str) -> dict:
               (("wq", (d, hq * dim), P(None, "model")), ("wk", (d, hkv * dim), P(None, "model")),
                ("wv", (d, hkv * dim), P(None, "model")), ("wo", (hq * dim, d), P("model", None)))}
     library = overlap_compiler_options("gpu")
-    variants = {"default": ({}, None), "lhs": ({"xla_gpu_enable_latency_hiding_scheduler": True}, None),
+    lhs = {"xla_gpu_enable_latency_hiding_scheduler": True}
+    variants = {"default": ({}, None), "lhs": (lhs, None),
+                "lhs_threshold0": ({**lhs, "xla_gpu_all_reduce_combine_threshold_bytes": 0}, None),
                 "library": (library, None), "library_o1": (library, "O1")}
     result["options"] = {name: opts for name, (opts, _) in variants.items()}
     for name, (options, level) in variants.items():
@@ -154,7 +157,10 @@ def main() -> int:
     results = []
     for n in args.devices:
         # The host device count only matters for the CPU dry run.
+        # Compile only: no preallocation, so it runs beside a process (pytest)
+        # that already holds the GPU's memory.
         env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
                "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}")}
         try:
             run = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", str(n), "--preset",
@@ -170,17 +176,17 @@ def main() -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
-    print(f"{'GPUs':>4} {'variant':>11} {'pairs':>5} {'sync':>4} {'compute between start/done':>28}")
+    print(f"{'GPUs':>4} {'variant':>14} {'pairs':>5} {'sync':>4} {'compute between start/done':>28}")
     for result in results:
         if "error" in result:
-            print(f"{result['num_devices']:>4} {'-':>11} {result['error'][:200]}")
+            print(f"{result['num_devices']:>4} {'-':>14} {result['error'][:200]}")
             continue
         for name, entry in result["variants"].items():
             if "error" in entry:
-                print(f"{result['num_devices']:>4} {name:>11} error: {entry['error'][:150]}")
+                print(f"{result['num_devices']:>4} {name:>14} error: {entry['error'][:150]}")
                 continue
             between = ",".join(str(p["compute_between"]) for p in entry["pairs"])
-            print(f"{result['num_devices']:>4} {name:>11} {len(entry['pairs']):>5} {entry['sync_all_reduces']:>4} "
+            print(f"{result['num_devices']:>4} {name:>14} {len(entry['pairs']):>5} {entry['sync_all_reduces']:>4} "
                   f"{between:>28}")
         print(f"     verdict ({result['num_devices']} GPUs, library options): {result['verdict']}")
     if args.check:
