@@ -183,7 +183,7 @@ THROUGHPUTS = offload.Throughputs(pcie_bytes_per_s=50e9, accelerator_bytes_per_s
 
 def small_plan(strategy, context, bytes_per_token, device_tokens, block_tokens=16):
     p = offload.plan(context, kv_bytes_per_token=bytes_per_token, device_kv_bytes=device_tokens * bytes_per_token,
-                     throughputs=THROUGHPUTS, strategy=strategy)
+                     throughputs=THROUGHPUTS, strategy=strategy, position_quantum=1)
     return dataclasses.replace(p, block_tokens=block_tokens)    # test-sized blocks (the planner's are >= 1 MiB)
 
 
@@ -334,6 +334,7 @@ def test_plan_balances_pcie_against_cpu(pcie, cpu):
                      grid=4096)
     host = context - device
     assert p.device_tokens == device and p.stream_tokens + p.cpu_tokens == host
+    assert p.device_tokens % 1024 == 0 and p.cpu_tokens % 1024 == 0     # foldable into equal chunks
     assert p.stream_tokens / host == pytest.approx(pcie / (pcie + cpu), abs=2e-3)
     assert p.strategy == "stream+split"
     assert p.block_tokens * per_token / 2 >= 1 << 20

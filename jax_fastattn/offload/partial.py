@@ -31,8 +31,10 @@ from ..masks import Segments
 from ..merge import merge_partials
 
 # Work items the folded flash_attention call aims for: several per core of a
-# 16-core host, enough CTAs for a GPU to stream the part at full bandwidth.
-_TARGET_ITEMS = 256
+# 16-core host; on a GPU, about 8 CTAs per SM of a 132-SM H100/H200, as the
+# CUDA decode kernel aims for, so that enough loads are in flight to stream
+# the part at full bandwidth.
+_TARGET_ITEMS = {"cpu": 256, "gpu": 1024}
 _MIN_CHUNK_KEYS = 256
 
 
@@ -71,14 +73,24 @@ def partial_decode_einsum(q, k, v, lengths, softmax_scale: float):
     return out.reshape(batch, heads, dim).astype(q.dtype), lse.reshape(batch, heads)
 
 
-def default_kv_chunks(batch: int, kv_heads: int, seq: int) -> int:
+def default_kv_chunks(batch: int, kv_heads: int, seq: int, platform: str = "cpu") -> int:
     """Chunks n of the key axis folded into the batch: a divisor of seq (a free
-    reshape) giving about _TARGET_ITEMS work items of >= _MIN_CHUNK_KEYS keys."""
-    wanted = max(1, min(_TARGET_ITEMS // max(1, batch * kv_heads), seq // _MIN_CHUNK_KEYS))
+    reshape) giving about _TARGET_ITEMS work items of >= _MIN_CHUNK_KEYS keys.
+    (The planner makes parts whole multiples of 1024 positions.)"""
+    target = _TARGET_ITEMS["cpu" if platform == "cpu" else "gpu"]
+    wanted = max(1, min(target // max(1, batch * kv_heads), seq // _MIN_CHUNK_KEYS))
     for n in range(wanted, 0, -1):
         if seq % n == 0:
             return n
     return 1
+
+
+def _platform(x) -> str:
+    """The platform x lives on; under a trace, the default backend's."""
+    try:
+        return next(iter(x.devices())).platform
+    except (AttributeError, jax.errors.ConcretizationTypeError, StopIteration):
+        return jax.default_backend()
 
 
 def partial_decode_folded(q, k, v, lengths, softmax_scale: float, backend: str, kv_chunks: Optional[int] = None):
@@ -86,7 +98,7 @@ def partial_decode_folded(q, k, v, lengths, softmax_scale: float, backend: str, 
     batch, heads, dim = q.shape
     seq, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads
-    chunks = kv_chunks or default_kv_chunks(batch, kv_heads, seq)
+    chunks = kv_chunks or default_kv_chunks(batch, kv_heads, seq, "cpu" if backend == "cpu" else _platform(k))
     if seq % chunks:
         raise ValueError(f"kv_chunks must divide the part's length {seq}, got {chunks}")
     chunk = seq // chunks

@@ -38,6 +38,9 @@ from .partial import partial_decode_jit
 
 STRATEGIES = ("auto", "stream", "split", "both")
 GiB = 1 << 30
+# Device and CPU parts are whole multiples of this many positions, so that a
+# kernel can fold a part's keys into equal chunks with a free reshape.
+POSITION_QUANTUM = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +112,7 @@ def predict(device_tokens: int, stream_tokens: int, cpu_tokens: int, block_token
 
 def plan(context_tokens: int, *, kv_bytes_per_token: int, device_kv_bytes: int, throughputs: Throughputs,
          host_kv_bytes: Optional[int] = None, strategy: str = "auto", block_bytes: int = 16 << 20,
-         grid: int = 1024) -> Plan:
+         grid: int = 1024, position_quantum: int = POSITION_QUANTUM) -> Plan:
     """Chooses device, stream and cpu positions for one layer's cache.
 
     Args:
@@ -125,6 +128,7 @@ def plan(context_tokens: int, *, kv_bytes_per_token: int, device_kv_bytes: int, 
       block_bytes: bytes of one streamed K (or V) block, >= 1 MiB so a copy
         runs at DMA speed (vLLM measured 4-5x from 0.5 MB blocks over
         8-72 KB ones).
+      position_quantum: device and cpu parts are whole multiples of it.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -136,7 +140,9 @@ def plan(context_tokens: int, *, kv_bytes_per_token: int, device_kv_bytes: int, 
                          f"{block_bytes}")
     b = kv_bytes_per_token
     block_tokens = max(1, math.ceil(block_bytes / (b / 2)))
-    device_tokens = min(context_tokens, device_kv_bytes // b)
+    if position_quantum < 1:
+        raise ValueError(f"position_quantum must be >= 1, got {position_quantum}")
+    device_tokens = min(context_tokens, device_kv_bytes // b // position_quantum * position_quantum)
     host_tokens = context_tokens - device_tokens
     if host_kv_bytes is not None and host_tokens * b > host_kv_bytes:
         raise ValueError(f"context_tokens={context_tokens:,} needs {host_tokens * b / GiB:.2f} GiB of host memory "
@@ -151,7 +157,9 @@ def plan(context_tokens: int, *, kv_bytes_per_token: int, device_kv_bytes: int, 
     elif strategy == "split":
         candidates = [host_tokens]
     else:
-        candidates = sorted({int(round(host_tokens * i / grid)) for i in range(grid + 1)})
+        quantum = position_quantum
+        candidates = sorted({min(host_tokens, int(round(host_tokens * i / grid / quantum)) * quantum)
+                             for i in range(grid + 1)} | {host_tokens})
     best = None
     for cpu_tokens in candidates:
         times = predict(device_tokens, host_tokens - cpu_tokens, cpu_tokens, block_tokens, b, throughputs)
