@@ -8,33 +8,37 @@ from typing import Optional
 import jax.numpy as jnp
 import numpy as np
 
-from . import ffi, masks, sharding
-from .attention import check_inputs, flash_attention, resolve_backend
+from . import backends, ffi, masks, sharding
+from .attention import check_inputs, flash_attention
+from .errors import ArgumentError
+
+
+_NAMES = ("q", "k_cache", "v_cache")
 
 
 def _check(q, k_cache, v_cache, lengths, page_table, softmax_scale):
     if not hasattr(q, "ndim") or q.ndim != 3:
-        raise ValueError(f"q must have rank 3 [B, Hq, D] (one new token per row), got shape {np.shape(q)}")
+        raise ArgumentError(f"q must have rank 3 [B, Hq, D] (one new token per row), got shape {np.shape(q)}")
     layout = "[num_pages, page_size, Hkv, D]" if page_table is not None else "[B, Smax, Hkv, D]"
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
         if not hasattr(cache, "ndim") or cache.ndim != 4:
-            raise ValueError(f"{name} must have rank 4 {layout}, got shape {np.shape(cache)}")
+            raise ArgumentError(f"{name} must have rank 4 {layout}, got shape {np.shape(cache)}")
     batch = q.shape[0]
     if np.shape(lengths) != (batch,):
-        raise ValueError(f"lengths must have shape [B] = ({batch},), got {np.shape(lengths)}")
+        raise ArgumentError(f"lengths must have shape [B] = ({batch},), got {np.shape(lengths)}")
     if not jnp.issubdtype(jnp.result_type(lengths), jnp.integer):
-        raise TypeError(f"lengths must be an integer array, got dtype {jnp.result_type(lengths)}")
+        raise ArgumentError(f"lengths must be an integer array, got dtype {jnp.result_type(lengths)}")
     if page_table is not None:
         if np.ndim(page_table) != 2 or np.shape(page_table)[0] != batch:
-            raise ValueError(f"page_table must have shape [B, max_pages] with B={batch}, got {np.shape(page_table)}")
+            raise ArgumentError(f"page_table must have shape [B, max_pages] with B={batch}, got {np.shape(page_table)}")
         if not jnp.issubdtype(jnp.result_type(page_table), jnp.integer):
-            raise TypeError(f"page_table must be an integer array, got dtype {jnp.result_type(page_table)}")
+            raise ArgumentError(f"page_table must be an integer array, got dtype {jnp.result_type(page_table)}")
         # Checked as attention over the pages' rows: same dtype, D and heads.
-        check_inputs(q[:1, None], k_cache[:1], v_cache[:1], None, softmax_scale)
+        check_inputs(q[:1, None], k_cache[:1], v_cache[:1], None, softmax_scale, names=_NAMES)
     else:
         if k_cache.shape[0] != batch:
-            raise ValueError(f"k_cache batch ({k_cache.shape[0]}) must equal q batch ({batch})")
-        check_inputs(q[:, None], k_cache, v_cache, None, softmax_scale)
+            raise ArgumentError(f"k_cache batch ({k_cache.shape[0]}) must equal q batch ({batch})")
+        check_inputs(q[:, None], k_cache, v_cache, None, softmax_scale, names=_NAMES)
 
 
 # Enough CTAs to fill an H100 (132 SMs) several times over, even for B = 1.
@@ -71,11 +75,11 @@ def decode_attention(q, k_cache, v_cache, lengths, *, page_table=None, softmax_s
     of flash_attention (pages gathered first).
     """
     _check(q, k_cache, v_cache, lengths, page_table, softmax_scale)
-    concrete = resolve_backend(backend, op="decode")
+    concrete = backends.resolve(backend, "decode", q.dtype, q.shape[-1]).name
     if concrete == "cuda":
         itemsize = jnp.dtype(q.dtype).itemsize
         if q.shape[-1] * itemsize % 16 != 0:
-            raise ValueError(f"backend='cuda' decode needs rows of whole 16-byte vectors: head dim D must be a "
+            raise ArgumentError(f"backend='cuda' decode needs rows of whole 16-byte vectors: head dim D must be a "
                              f"multiple of {16 // itemsize} for {q.dtype}, got D={q.shape[-1]}; use backend='xla'")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     lengths = jnp.asarray(lengths, jnp.int32)

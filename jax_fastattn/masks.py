@@ -19,6 +19,8 @@ from typing import Any, Optional
 import jax.numpy as jnp
 import numpy as np
 
+from .errors import ArgumentError
+
 EMPTY, PARTIAL, FULL = 0, 1, 2
 # Band bound meaning "no bound on this side"; kept well inside int64.
 UNBOUNDED = 1 << 62
@@ -31,7 +33,7 @@ class Mask:
 
     def __and__(self, other: "Mask") -> "Mask":
         if not isinstance(other, Mask):
-            raise TypeError(f"mask: can only intersect masks with masks, got {type(other).__name__}")
+            raise ArgumentError(f"mask: can only intersect masks with masks, got {type(other).__name__}")
         return And(_parts(self) + _parts(other))
 
 
@@ -41,7 +43,7 @@ def _parts(mask: Mask) -> tuple:
 
 def _check_align(align: str) -> None:
     if align not in _ALIGNS:
-        raise ValueError(f"mask: align must be one of {_ALIGNS}, got {align!r}")
+        raise ArgumentError(f"mask: align must be one of {_ALIGNS}, got {align!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +73,7 @@ class SlidingWindow(Mask):
         for name in ("left", "right"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0):
-                raise ValueError(f"mask: SlidingWindow {name} must be a non-negative int or None, got {value!r}")
+                raise ArgumentError(f"mask: SlidingWindow {name} must be a non-negative int or None, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -129,7 +131,7 @@ def make_plan(mask: Optional[Mask], causal: bool, batch: int, heads: int, q_len:
     """Lowers `mask` (and `causal=True`) for these shapes, checking the shapes
     and dtypes of mask arrays. Raises ValueError/TypeError naming `mask`."""
     if mask is not None and not isinstance(mask, Mask):
-        raise TypeError(
+        raise ArgumentError(
             "mask must be a jax_fastattn.masks mask (Causal, SlidingWindow, Segments, Dense or their `&`), "
             f"got {type(mask).__name__}")
     parts = list(_parts(mask)) if mask is not None else []
@@ -158,18 +160,18 @@ def make_plan(mask: Optional[Mask], causal: bool, batch: int, heads: int, q_len:
             checked = _check_dense(part, batch, heads, q_len, kv_len)
             dense = checked if dense is None else dense & checked
         else:
-            raise TypeError(f"mask: unknown mask part {type(part).__name__}")
+            raise ArgumentError(f"mask: unknown mask part {type(part).__name__}")
     return MaskPlan(q_len, kv_len, lo, hi, q_ids, kv_ids, dense)
 
 
 def _check_segments(part: Segments, batch: int, q_len: int, kv_len: int):
     for name, ids, length in (("q_ids", part.q_ids, q_len), ("kv_ids", part.kv_ids, kv_len)):
         if np.shape(ids) != (batch, length):
-            raise ValueError(
+            raise ArgumentError(
                 f"mask: Segments {name} must have shape [B, {'Sq' if name == 'q_ids' else 'Skv'}] = "
                 f"{(batch, length)}, got {_shape_str(ids)}")
         if not jnp.issubdtype(jnp.result_type(ids), jnp.integer):
-            raise TypeError(f"mask: Segments {name} must be an integer array, got dtype {jnp.result_type(ids)}")
+            raise ArgumentError(f"mask: Segments {name} must be an integer array, got dtype {jnp.result_type(ids)}")
     return jnp.asarray(part.q_ids, jnp.int32), jnp.asarray(part.kv_ids, jnp.int32)
 
 
@@ -178,11 +180,11 @@ def _check_dense(part: Dense, batch: int, heads: int, q_len: int, kv_len: int):
     ok = (len(shape) == 4 and shape[0] in (1, batch) and shape[1] in (1, heads)
           and shape[2] == q_len and shape[3] == kv_len)
     if not ok:
-        raise ValueError(
+        raise ArgumentError(
             f"mask: Dense mask must have shape [B|1, H|1, Sq, Skv] with B={batch}, H={heads}, "
             f"Sq={q_len}, Skv={kv_len}; got {_shape_str(part.mask)}")
     if jnp.result_type(part.mask) != jnp.bool_:
-        raise TypeError(f"mask: Dense mask must be bool (True = attend), got dtype {jnp.result_type(part.mask)}")
+        raise ArgumentError(f"mask: Dense mask must be bool (True = attend), got dtype {jnp.result_type(part.mask)}")
     return jnp.asarray(part.mask)
 
 

@@ -31,14 +31,70 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from . import ffi
 
-# Which inputs may keep a batch dim of 1 (broadcast) instead of B; the rest
-# of the layout is fixed by the argument order of ffi.py.
+# One layout per argument and result, by its own name: the factors of its
+# dims, left to right. "(k g)" is a q-side head axis: q head h reads kv head
+# h // g, so it splits kv-major into kv heads k and the group g. b batch, s
+# query positions, t key positions, d head dim, nq/nk plan tiles, p cache
+# pages, mp pages per row, w a workspace axis. Both the Shardy rule and the
+# PartitionSpecs of the partition callback are derived from these strings.
+LAYOUTS = {
+    # attention forward
+    "q": "b s (k g) d", "k": "b t k d", "v": "b t k d",
+    "bias": "b (k g) s t", "q_ids": "b s", "kv_ids": "b t", "dense": "b (k g) s t",
+    "tile_class": "b (k g) nq nk",
+    "out": "b s (k g) d", "lse": "b (k g) s",
+    "work_counter": "b (k g) w",     # CUDA: the dynamic scheduler's counter, one per shard
+    # attention backward
+    "d_out": "b s (k g) d", "d_lse": "b (k g) s",
+    "d_q": "b s (k g) d", "d_k": "b t k d", "d_v": "b t k d", "d_bias": "b (k g) s t",
+    "delta": "b (k g) s",            # CUDA: rowsum(d_out * out), the kernels' workspace
+    # decode
+    "decode_q": "b (k g) d", "k_cache": "b t k d", "v_cache": "b t k d",
+    "k_pages": "p t k d", "v_pages": "p t k d", "lengths": "b", "page_table": "b mp",
+    "decode_out": "b (k g) d",
+    "split_partials": "b (k g) w",   # CUDA: the split-KV partials (out, max, sum) per split
+}
+# Arguments whose batch and head dims may be 1 (broadcast) instead of B, Hq.
+_BROADCASTABLE = {"bias", "dense", "tile_class"}
+# Factors never split: a sharded sequence axis is gathered before the call.
+_REPLICATED_FACTORS = ("s", "t", "g", "d", "nq", "nk", "p", "mp", "w")
+_SHARDED_FACTORS = ("b", "k")
+
 FORWARD_ARGS = ("q", "k", "v", "bias", "q_ids", "kv_ids", "dense", "tile_class")
 BACKWARD_ARGS = ("q", "k", "v", "out", "lse", "d_out", "d_lse", "bias", "q_ids", "kv_ids", "dense",
                  "tile_class")
-_BROADCASTABLE = {"bias", "dense", "tile_class"}
-_REPLICATED_FACTORS = ("s", "t", "g", "d", "nq", "nk", "p", "mp", "w")
-DECODE_ARGS = ("dq", "dk", "dv", "lengths", "page_table")
+DECODE_ARGS = ("decode_q", "k_cache", "v_cache", "lengths", "page_table")
+DECODE_PAGED_ARGS = ("decode_q", "k_pages", "v_pages", "lengths", "page_table")
+
+
+def _parse(layout: str) -> list:
+    """'b s (k g) d' -> [('b',), ('s',), ('k', 'g'), ('d',)]."""
+    dims, group = [], None
+    for token in layout.replace("(", " ( ").replace(")", " ) ").split():
+        if token == "(":
+            group = []
+        elif token == ")":
+            dims.append(tuple(group))
+            group = None
+        elif group is not None:
+            group.append(token)
+        else:
+            dims.append((token,))
+    return dims
+
+
+_PARSED = {name: _parse(layout) for name, layout in LAYOUTS.items()}
+
+
+def _is_absent(shape) -> bool:
+    return len(shape) == 1 and shape[0] == 0
+
+
+def _is_broadcast(name: str, dim: tuple, size: int, batch: int, q_heads: int) -> bool:
+    """A size-1 batch or head dim of a broadcastable argument."""
+    if name not in _BROADCASTABLE:
+        return False
+    return (dim == ("b",) and size != batch) or (dim == ("k", "g") and size != q_heads)
 
 
 # ----------------------------------------------------------------------------
@@ -49,8 +105,13 @@ def _shape(value_type) -> tuple:
     return tuple(value_type.shape)
 
 
-def _head_factor(q_heads: int, kv_heads: int):
-    """q's head dim: (k g) kv-major; a size-1 part cannot be in a compound."""
+def _head_factor(q_heads: int, kv_heads: int, heads_split: bool):
+    """The factor of a '(k g)' dim. A size-1 part cannot be in a compound;
+    a head count some mesh axis does not divide gets a factor of its own
+    ("h"), unlinked from k/v, so that no sub-axis sharding of the kv heads
+    can propagate through a compound factor (both then stay replicated)."""
+    if not heads_split:
+        return "h"
     if q_heads == kv_heads:
         return "k"
     if kv_heads == 1:
@@ -58,52 +119,30 @@ def _head_factor(q_heads: int, kv_heads: int):
     return CompoundFactor("k", "g")
 
 
-def _mapping(name: str, shape: tuple, batch: int, q_heads: int, heads, unique: str,
-             paged: bool = False) -> ArrayMapping:
-    """Factor names of one argument, by its role. Size-1 broadcast dims and
-    absent (empty) inputs get factors of their own, never sharded."""
-    if len(shape) == 1 and shape[0] == 0:
+def _mapping(name: str, shape: tuple, batch: int, q_heads: int, heads, unique: str) -> ArrayMapping:
+    """Factors of one argument from its layout. Broadcast dims and absent
+    (empty) inputs get factors of their own, never sharded."""
+    if _is_absent(shape):
         return ArrayMapping(f"{unique}0")
-    if name in ("q", "out", "d_out"):
-        return ArrayMapping("b", "s", heads, "d")
-    if name in ("dq", "dout"):  # decode: one token, [B, Hq, D]
-        return ArrayMapping("b", heads, "d")
-    if name in ("dk", "dv"):  # decode cache: contiguous [B, ...] or a pool of pages
-        return ArrayMapping("p" if paged else "b", "t", "k", "d")
-    if name == "lengths":
-        return ArrayMapping("b")
-    if name == "workspace":
-        return ArrayMapping("b", heads, "w")
-    if name == "page_table":
-        return ArrayMapping("b", "mp")
-    if name in ("k", "v"):
-        return ArrayMapping("b", "t", "k", "d")
-    if name in ("lse", "d_lse"):
-        return ArrayMapping("b", heads, "s")
-    if name == "q_ids":
-        return ArrayMapping("b", "s")
-    if name == "kv_ids":
-        return ArrayMapping("b", "t")
-    if name in ("bias", "dense", "d_bias"):
-        b = "b" if shape[0] == batch else f"{unique}b"
-        h = heads if shape[1] == q_heads else f"{unique}h"
-        return ArrayMapping(b, h, "s", "t")
-    if name == "tile_class":
-        b = "b" if shape[0] == batch else f"{unique}b"
-        h = heads if shape[1] == q_heads else f"{unique}h"
-        return ArrayMapping(b, h, "nq", "nk")
-    raise ValueError(name)
+    factors = []
+    for i, (dim, size) in enumerate(zip(_PARSED[name], shape)):
+        if _is_broadcast(name, dim, size, batch, q_heads):
+            factors.append(f"{unique}{i}")
+        elif dim == ("k", "g"):
+            factors.append(heads)
+        elif dim == ("k",) and heads == "h":
+            factors.append("k")
+        else:
+            factors.append(dim[0])
+    return ArrayMapping(*factors)
 
 
 def _sizes(arg_names, shapes):
-    """(batch, q heads, kv heads) of a call, from its q and k arguments."""
-    q_shape, k_shape = shapes[0], shapes[1]
-    q_heads = q_shape[1] if arg_names[0] == "dq" else q_shape[2]
-    return q_shape[0], q_heads, k_shape[2]
-
-
-def _is_paged(arg_names, shapes) -> bool:
-    return any(n == "page_table" and s != (0,) for n, s in zip(arg_names, shapes))
+    """(batch, q heads, kv heads) of a call, from its first two arguments
+    (q and k, or decode's q and k cache)."""
+    q_dims = _PARSED[arg_names[0]]
+    q_heads = shapes[0][q_dims.index(("k", "g"))]
+    return shapes[0][0], q_heads, shapes[1][2]
 
 
 def _splits_evenly(mesh, size: int) -> bool:
@@ -119,15 +158,11 @@ def sharding_rule(arg_names: Sequence[str], result_names: Sequence[str], value_t
     """SdyShardingRule for a call whose arguments are named by arg_names."""
     shapes = [_shape(t) for t in value_types]
     batch, q_heads, kv_heads = _sizes(arg_names, shapes)
-    paged = _is_paged(arg_names, shapes)
     heads_split = _splits_evenly(mesh, kv_heads)
-    # A head count some mesh axis does not divide: q heads get a factor of
-    # their own ("h"), unlinked from k/v, so that no sub-axis sharding of the
-    # kv heads can propagate through a compound factor; both stay replicated.
-    heads = _head_factor(q_heads, kv_heads) if heads_split else "h"
-    operands = tuple(_mapping(n, s, batch, q_heads, heads, f"x{i}_", paged)
+    heads = _head_factor(q_heads, kv_heads, heads_split)
+    operands = tuple(_mapping(n, s, batch, q_heads, heads, f"x{i}_")
                      for i, (n, s) in enumerate(zip(arg_names, shapes)))
-    results = tuple(_mapping(n, _shape(t), batch, q_heads, heads, f"y{i}_", paged)
+    results = tuple(_mapping(n, _shape(t), batch, q_heads, heads, f"y{i}_")
                     for i, (n, t) in enumerate(zip(result_names, result_types)))
     # Factors in order of first appearance: Shardy wants special factors
     # listed in that (index) order.
@@ -171,32 +206,18 @@ def choose_axes(mesh, q_sharding, batch: int, kv_heads: int, head_dim_index: int
     return batch_axes, head_axes
 
 
-def _spec_for(name: str, shape: tuple, batch: int, q_heads: int, batch_axes, head_axes,
-              paged: bool = False) -> P:
-    if len(shape) == 1 and shape[0] == 0:
+def _spec_for(name: str, shape: tuple, batch: int, q_heads: int, batch_axes, head_axes) -> P:
+    """PartitionSpec of one argument from its layout: batch axes on 'b',
+    head axes on 'k' and '(k g)', nothing elsewhere."""
+    if _is_absent(shape):
         return P(None)
-    b = batch_axes if shape[0] == batch else None
-    if name in ("dq", "dout", "workspace"):
-        return P(batch_axes, head_axes, None)
-    if name in ("dk", "dv"):
-        return P(None if paged else batch_axes, None, head_axes, None)
-    if name == "lengths":
-        return P(batch_axes)
-    if name == "page_table":
-        return P(batch_axes, None)
-    if name in ("q", "out", "d_out", "k", "v"):
-        return P(batch_axes, None, head_axes, None)
-    if name in ("lse", "d_lse"):
-        return P(batch_axes, head_axes, None)
-    if name in ("q_ids", "kv_ids"):
-        return P(batch_axes, None)
-    if name in ("bias", "dense", "tile_class", "d_bias"):
-        return P(b, head_axes if shape[1] == q_heads else None, None, None)
-    raise ValueError(name)
+    axes = {("b",): batch_axes, ("k",): head_axes, ("k", "g"): head_axes}
+    return P(*(None if _is_broadcast(name, dim, size, batch, q_heads) else axes.get(dim)
+               for dim, size in zip(_PARSED[name], shape)))
 
 
-def _shardings(mesh, names, shapes, batch, q_heads, batch_axes, head_axes, paged):
-    return tuple(NamedSharding(mesh, _spec_for(n, s, batch, q_heads, batch_axes, head_axes, paged))
+def _shardings(mesh, names, shapes, batch, q_heads, batch_axes, head_axes):
+    return tuple(NamedSharding(mesh, _spec_for(n, s, batch, q_heads, batch_axes, head_axes))
                  for n, s in zip(names, shapes))
 
 
@@ -210,12 +231,11 @@ def _partitioned(raw_call, arg_names, result_names):
     def plan(mesh, arg_shapes, result_shapes):
         shapes = [tuple(a.shape) for a in arg_shapes]
         batch, q_heads, kv_heads = _sizes(arg_names, shapes)
-        paged = _is_paged(arg_names, shapes)
-        head_dim = 1 if arg_names[0] == "dq" else 2
-        batch_axes, head_axes = choose_axes(mesh, arg_shapes[0].sharding, batch, kv_heads, head_dim)
-        args = _shardings(mesh, arg_names, shapes, batch, q_heads, batch_axes, head_axes, paged)
+        head_index = _PARSED[arg_names[0]].index(("k", "g"))
+        batch_axes, head_axes = choose_axes(mesh, arg_shapes[0].sharding, batch, kv_heads, head_index)
+        args = _shardings(mesh, arg_names, shapes, batch, q_heads, batch_axes, head_axes)
         results = _shardings(mesh, result_names, [tuple(r.shape) for r in result_shapes], batch, q_heads,
-                             batch_axes, head_axes, paged)
+                             batch_axes, head_axes)
         return args, results
 
     def infer_sharding_from_operands(mesh, arg_shapes, result_shapes):
@@ -300,8 +320,7 @@ def _varying_like(call):
 def forward_call(platform: str, attrs: ffi.CallAttrs):
     """fn(q, k, v, bias, q_ids, kv_ids, dense, tile_class) -> (out, lse)."""
     raw = ffi.forward_ffi(platform, attrs)
-    # CUDA's extra work counter is laid out as the decode workspace ([B, Hq, 1]).
-    names = ("out", "lse") + (("workspace",) if platform == "cuda" else ())
+    names = ("out", "lse") + (("work_counter",) if platform == "cuda" else ())
     call = _varying_like(_batched(_partitioned(raw, FORWARD_ARGS, names), FORWARD_ARGS))
     return lambda *args: call(*args)[:2]
 
@@ -311,8 +330,7 @@ def backward_call(platform: str, attrs: ffi.CallAttrs):
     """fn(q, k, v, out, lse, d_out, d_lse, bias, q_ids, kv_ids, dense,
     tile_class) -> (dq, dk, dv, dbias)."""
     raw = ffi.backward_ffi(platform, attrs)
-    # CUDA's extra delta workspace is laid out like lse ([B, Hq, Sq]).
-    names = ("q", "k", "v", "d_bias") + (("lse",) if platform == "cuda" else ())
+    names = ("d_q", "d_k", "d_v", "d_bias") + (("delta",) if platform == "cuda" else ())
     call = _varying_like(_batched(_partitioned(raw, BACKWARD_ARGS, names), BACKWARD_ARGS))
     return lambda *args: call(*args)[:4]
 
@@ -322,11 +340,10 @@ def decode_call(platform: str, softmax_scale: float, paged: bool, num_splits: in
     """fn(q [B, Hq, D], k, v, lengths [B], page_table) -> (out,) or (out,
     workspace) on CUDA."""
     raw = ffi.decode_ffi(platform, softmax_scale, num_splits)
-    names = ("dout", "workspace") if platform == "cuda" else ("dout",)
-    call = _partitioned(raw, DECODE_ARGS, names)
+    names = ("decode_out", "split_partials") if platform == "cuda" else ("decode_out",)
     if paged:
-        return _varying_like(_batched_paged(call))
-    return _varying_like(_batched(call, DECODE_ARGS))
+        return _varying_like(_batched_paged(_partitioned(raw, DECODE_PAGED_ARGS, names)))
+    return _varying_like(_batched(_partitioned(raw, DECODE_ARGS, names), DECODE_ARGS))
 
 
 def _batched_paged(call):

@@ -169,6 +169,28 @@ def test_rule_functions_directly():
     assert rule.factor_sizes == {"g": 4}
     assert rule.operand_mappings[0][2] == ("k", "g")  # q heads: kv-head major
     assert "t" in rule.need_replication_factors and "g" in rule.need_replication_factors
+    # The broadcast bias [1, 8, 5, 6]: its batch dim gets a factor of its own, its heads q's.
+    assert rule.operand_mappings[3][0] not in ("b",) and rule.operand_mappings[3][1] == ("k", "g")
+
+
+def test_layouts_are_written_once_and_name_every_argument():
+    """Every argument and result of every call has its own layout string, and
+    the Shardy factors and the PartitionSpec both come from it."""
+    names = set(sharding.FORWARD_ARGS + sharding.BACKWARD_ARGS + sharding.DECODE_ARGS
+                + sharding.DECODE_PAGED_ARGS)
+    names |= {"out", "lse", "work_counter", "d_q", "d_k", "d_v", "d_bias", "delta", "decode_out",
+              "split_partials"}
+    assert names <= set(sharding.LAYOUTS)
+    for name, layout in sharding.LAYOUTS.items():
+        dims = sharding._parse(layout)
+        assert " ".join("(" + " ".join(d) + ")" if len(d) > 1 else d[0] for d in dims) == layout
+    mesh = make_mesh((2, 4))
+    spec = sharding._spec_for("q", (8, 5, 8, 4), 8, 8, "batch", "heads")
+    assert spec == P("batch", None, "heads", None)
+    assert sharding._spec_for("k_pages", (30, 16, 8, 4), 8, 8, "batch", "heads") == P(None, None, "heads", None)
+    assert sharding._spec_for("bias", (1, 8, 5, 6), 8, 8, "batch", "heads") == P(None, "heads", None, None)
+    assert sharding._spec_for("tile_class", (8, 1, 2, 2), 8, 8, "batch", "heads") == P("batch", None, None, None)
+    assert mesh is not None
 
 
 def test_cuda_forward_declares_a_work_counter_per_shard():
@@ -191,7 +213,7 @@ def test_cuda_forward_declares_a_work_counter_per_shard():
     class T:
         def __init__(self, shape):
             self.shape = shape
-    rule = sharding.sharding_rule(sharding.FORWARD_ARGS, ("out", "lse", "workspace"),
+    rule = sharding.sharding_rule(sharding.FORWARD_ARGS, ("out", "lse", "work_counter"),
                                   [T(a.shape) for a in args],
                                   [T(r.shape) for r in raw])
     # Batch and the q heads (kv-major compound), as out and lse: one counter per shard.
