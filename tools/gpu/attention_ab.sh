@@ -3,7 +3,7 @@
 # ncu figures of one launch of each: bash tools/gpu/attention_ab.sh
 set -uo pipefail
 nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a --use_fast_math -Ixla_ffi \
-  xla_ffi/tests/cuda_attention_bench.cu xla_ffi/cuda/attention_sm80.cu xla_ffi/cuda/attention_sm90.cu \
+  xla_ffi/tests/cuda_attention_bench.cu xla_ffi/cuda/dispatch.cc xla_ffi/cuda/attention_sm80.cu xla_ffi/cuda/attention_sm90.cu \
   xla_ffi/cuda/attention_backward_sm80.cu xla_ffi/cuda/attention_backward_sm90.cu \
   -o /tmp/attention_bench || exit 1
 for pass in fwd bwd; do

@@ -15,7 +15,7 @@ OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 LOG="$OUT/forward_ab.txt"
 flags="-std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a --use_fast_math -Ixla_ffi -Ixla_ffi/cuda"
-common="xla_ffi/tests/cuda_attention_bench.cu xla_ffi/cuda/attention_backward_sm80.cu \
+common="xla_ffi/tests/cuda_attention_bench.cu xla_ffi/cuda/dispatch.cc xla_ffi/cuda/attention_backward_sm80.cu \
   xla_ffi/cuda/attention_backward_sm90.cu"
 sm80=xla_ffi/cuda/attention_sm80.cu
 sm90=xla_ffi/cuda/attention_sm90.cu

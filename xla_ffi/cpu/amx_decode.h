@@ -8,7 +8,7 @@
 // = the output rows in "pair order" (bf16_dot.h), loaded from and stored
 // back to the accumulators. 32 keys fill the tile depth of pass 2 (K = 32)
 // and halve the per-head softmax work per key against 16-key blocks.
-// On this project's CPU machine (Xeon with AMX, 2 vCPUs), pass 1 took 110
+// On a 2-vCPU Xeon with AMX, pass 1 took 110
 // ns per key with vdpbf16ps and 44 ns on AMX (cache-resident micro benchmark,
 // D=128, 8 kv heads x 4 q heads). Built where the compiler targets
 // AMX-BF16; used only after Linux granted the tile state (arch_prctl).

@@ -1,9 +1,8 @@
 // bfloat16 dot products with AVX512-BF16 (vdpbf16ps) for the decode kernel:
 // one instruction multiplies 32 bf16 pairs exactly and adds them into 16
 // float32 lanes, instead of widening 16 values (2 instructions) and one FMA.
-// On this project's 2-vCPU machine decode was bound by instruction issue,
-// not memory (docs/BENCHMARKS.md), so fewer instructions per byte is what
-// moves it. Built only where the compiler targets AVX512-BF16.
+// On a 2-vCPU Xeon decode is bound by instruction issue, not memory
+// (docs/CPU_KERNEL.md), so fewer instructions per byte is what moves it. Built only where the compiler targets AVX512-BF16.
 #pragma once
 
 #if defined(__AVX512BF16__)

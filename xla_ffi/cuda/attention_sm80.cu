@@ -11,9 +11,8 @@
 // leaves registers. At D=64, and at D=128 under the band mask alone, the
 // tall kernel below runs instead: FlashAttention-2's 128 x 64 tile (4
 // warps x 32 rows, Q fragments from shared memory, single K and V
-// buffers), 13-19 % faster on an H100. (A first 32-rows-per-warp variant,
-// Q in registers and double buffers, spilled and measured slower on an
-// H200, D=128: 165 vs 172 TFLOP/s; D=64: 103 vs 162.) At D=256 the O
+// buffers), 13-19 % faster on an H100 (keeping Q in registers with double
+// buffers at 32 rows per warp spills registers). At D=256 the O
 // accumulator alone takes 128 registers per thread, so Q fragments are
 // read from shared memory per k step instead of living in registers, and
 // the 160 KiB of tiles leave one CTA per SM.

@@ -322,9 +322,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const float scale_log2 = p.softmax_scale * kLog2e;
   // With the band mask alone the softmax takes raw scores and folds the
   // scale into its exp2 FFMAs (kernel alone, H100, B=4 S=4K, TFLOP/s: D=64
-  // full 359 -> 394, causal 311 -> 332; D=128, once the consumers took
-  // turns, full 620 -> 648, causal 530 -> 556; before the turns it
-  // measured 1-4 % slower at D=128).
+  // full 359 -> 394, causal 311 -> 332; D=128 full 620 -> 648, causal
+  // 530 -> 556).
   constexpr bool kRawScores = kBandOnly;
   // Lane 0 reads what the producer left and tells its warp, so that only
   // lane 0, which releases the stage or Q, has read it.

@@ -363,9 +363,8 @@ __device__ __forceinline__ void store_output_rows(const float (&o)[D / 8][4],
 // row + 8 (t = lane % 4 picks its columns), into rows of `stride` elements
 // from row 0 of the (batch, head); rows at or past `len` are not stored.
 // dQ: the accumulator times `scale` (taken by reference, so that the
-// kernels read the softmax scale where they use it, as they did before
-// these helpers: a copy changed the register allocation of the D=128 dK/dV
-// kernels).
+// kernels read the softmax scale where they use it: a copy changes the
+// register allocation of the D=128 dK/dV kernels).
 template <int D, typename T>
 __device__ __forceinline__ void store_scaled_rows(const float (&acc)[D / 8][4], T* out,
                                                   int64_t stride, int64_t row, int64_t len,

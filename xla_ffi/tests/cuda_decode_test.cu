@@ -1,7 +1,7 @@
 // The CUDA decode kernels (no XLA) against the CPU decode kernel, on ragged
 // lengths (0, 1, full), GQA/MQA/MHA, contiguous and paged caches, with NaN
 // garbage past every length. Exit code 0 = pass. Built and run on a GPU
-// machine (tests/gpu/run_on_device.sh), also under compute-sanitizer.
+// machine (tools/gpu/run_on_device.sh), also under compute-sanitizer.
 #include <cuda_runtime.h>
 
 #include <algorithm>
