@@ -24,6 +24,7 @@ are not used.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Optional
 
@@ -123,6 +124,8 @@ def _split_mask(mask, causal: bool):
 def _check_args(x, params, mesh, axis, num_heads, num_kv_heads, head_dim):
     if not hasattr(x, "ndim") or x.ndim != 3:
         raise ValueError(f"x must be an array [B, S, d_model], got {getattr(x, 'shape', type(x).__name__)}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"x must be a float array (float32, bfloat16, float16), got {x.dtype}")
     if not isinstance(params, dict) or any(name not in params for name in _PARAM_NAMES):
         raise ValueError(f"params must be a dict with keys {_PARAM_NAMES}, got "
                          f"{sorted(params) if isinstance(params, dict) else type(params).__name__}")
@@ -240,11 +243,21 @@ def tp_attention_block(x, params, *, mesh: Mesh, axis: str = "model", num_chunks
     return jax.jit(block, compiler_options=options or None)(*args)
 
 
+@dataclasses.dataclass(frozen=True)
 class _BlockPlan:
     """Static description of the per-device computation."""
 
-    def __init__(self, **fields):
-        self.__dict__.update(fields)
+    bounds: tuple             # ((start, end), ...) of the sequence chunks
+    prefix_keys: bool         # chunk [start, end) attends to keys [0, end)
+    causal: bool
+    band: Optional[masks.Mask]
+    axis: str
+    local_q_heads: int
+    local_kv_heads: int
+    head_dim: int
+    backend: str
+    softmax_scale: Optional[float]
+    return_kv: bool
 
 
 def _local_block(plan: _BlockPlan, x, weights, rope, seg_ids):
@@ -268,8 +281,9 @@ def _local_block(plan: _BlockPlan, x, weights, rope, seg_ids):
         if seg_ids is not None:
             segments = masks.Segments(seg_ids[0][:, start:end], seg_ids[1][:, :kv_end])
             chunk_mask = segments if chunk_mask is None else chunk_mask & segments
-        attended = flash_attention(q, k[:, :kv_end], v[:, :kv_end], mask=chunk_mask,
-                                   causal=plan.causal,
+        # The prefix slices are copied for the custom call: at most n/2 times
+        # this device's K/V in extra traffic, small next to the attention.
+        attended = flash_attention(q, k[:, :kv_end], v[:, :kv_end], mask=chunk_mask, causal=plan.causal,
                                    softmax_scale=plan.softmax_scale, backend=plan.backend)
         partial = jnp.dot(attended.reshape(batch, rows, heads_q * dim), wo,
                           preferred_element_type=jnp.float32).astype(x.dtype)
