@@ -187,6 +187,21 @@ def test_sharded_generate_equals_unsharded_with_no_cache_gather(model, prompts, 
     assert k_out.sharding.is_equivalent_to(cache_sharding, k_out.ndim)
 
 
+def test_decode_loop_donates_the_cache_and_never_copies_it(model):
+    """The token loop's cache is aliased to its input (donated) and no copy of
+    a whole cache appears in the compiled loop: the writes are in place."""
+    graphdef, state = nnx.split(model)
+    k_cache, v_cache = model.init_cache(2, 24)
+    compiled = generation.decode.lower(graphdef, state, jnp.zeros((2, model.cfg.vocab_size)), k_cache, v_cache,
+                                       jnp.array([3, 5]), jax.random.key(0), max_new_tokens=4).compile()
+    hlo = compiled.as_text()
+    cache_type = "f32[" + ",".join(map(str, k_cache.shape)) + "]"
+    alias = hlo.split("input_output_alias={", 1)[1].split("}, entry", 1)[0]
+    assert "{1}: (" in alias and "{2}: (" in alias  # outputs 1, 2 (k_cache, v_cache) reuse input buffers
+    copies = [line for line in hlo.splitlines() if f"= {cache_type}" in line and " copy(" in line]
+    assert not copies, copies
+
+
 # ----------------------------------------------------------------------------
 # CLI and argument errors
 
