@@ -71,7 +71,13 @@ def child(num_devices: int, preset: str) -> dict:
     import jax
     result = {"num_devices": num_devices, "variants": {}}
     try:
-        jax.config.update("jax_mock_gpu_topology", f"1x{num_devices}x1")
+        try:
+            jax.config.update("jax_mock_gpu_topology", f"1x{num_devices}x1")
+            result["mock"] = f"jax_mock_gpu_topology=1x{num_devices}x1"
+        except (AttributeError, KeyError, ValueError):
+            # Older/newer spelling: N mock processes of the local devices.
+            jax.config.update("mock_num_gpu_processes", num_devices)
+            result["mock"] = f"mock_num_gpu_processes={num_devices}"
         result["platform"] = jax.default_backend()
         result["device_count"] = jax.device_count()
         result["jax"] = jax.__version__
