@@ -15,7 +15,6 @@ import os
 from typing import Optional
 
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from .config import LlamaConfig

@@ -12,7 +12,6 @@ where decode attention reads the cache.
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
