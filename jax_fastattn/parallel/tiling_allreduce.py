@@ -19,8 +19,8 @@ and the all-reduce combiner must not merge them back into one.
 `OVERLAP_COMPILER_OPTIONS` holds the settings; this module passes them when
 it compiles the block itself (called outside `jit`); a caller that jits a
 larger program (a model's prefill) passes `overlap_compiler_options(...)` to
-its own `jax.jit(..., compiler_options=...)`, because options of a nested jit
-are not used.
+its own `jax.jit(..., compiler_options=...)`, because jax refuses options on
+a nested jit.
 """
 from __future__ import annotations
 
@@ -61,9 +61,16 @@ OVERLAP_COMPILER_OPTIONS = {
 
 
 def overlap_compiler_options(platform: Optional[str] = None) -> dict:
-    """Compiler options for a jit that contains `tp_attention_block`, for
-    `platform` ("gpu", "cpu"; default: jax's default backend)."""
-    platform = platform or jax.default_backend()
+    """Compiler options for a jit that contains `tp_attention_block`.
+
+    platform: "gpu" or "cpu" for that platform's options; None (default) for
+    their union, which every platform accepts (the options are fields of
+    XLA's DebugOptions; each backend ignores the other's), so that a module
+    can pass it to `jax.jit` at import time without asking for a backend."""
+    if platform is None:
+        gpu, cpu = OVERLAP_COMPILER_OPTIONS["gpu"], OVERLAP_COMPILER_OPTIONS["cpu"]
+        passes = ",".join(p for opts in (gpu, cpu) for p in opts.get("xla_disable_hlo_passes", "").split(",") if p)
+        return {**gpu, **cpu, "xla_disable_hlo_passes": passes}
     platform = "gpu" if platform in ("cuda", "rocm") else platform
     return dict(OVERLAP_COMPILER_OPTIONS.get(platform, {}))
 
