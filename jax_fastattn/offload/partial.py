@@ -6,9 +6,9 @@ them with `jax_fastattn.merge_partials`. `decode_attention` returns no lse,
 so the partials come from one of two paths:
 
 - "einsum": plain JAX (logits by einsum, masked softmax, P·V in the cache's
-  dtype with float32 accumulation). XLA turns it into two batched GEMVs and a
-  reduction; bandwidth-bound like the decode kernels, and runnable on any
-  device. It needs finite values in cache slots past the length (a 0-weight
+  dtype with float32 accumulation), as two matrix products over the cache in
+  its stored layout (partial_decode_einsum); bandwidth-bound like the decode
+  kernels, and runnable on any device. It needs finite values in cache slots past the length (a 0-weight
   NaN in V would still poison P·V); the offload cache keeps them zero.
 - a flash_attention backend ("auto", "cpu", "cuda", "xla", ...): the GQA
   group is folded into the query axis (q [B, Hq, D] -> [B, g, Hkv, D], so
@@ -54,23 +54,38 @@ def check_partial_inputs(q, k, v, lengths):
 
 
 def partial_decode_einsum(q, k, v, lengths, softmax_scale: float):
-    """(out [B, Hq, D] in q's dtype, lse float32 [B, Hq]) over k[:, :lengths]."""
+    """(out [B, Hq, D] in q's dtype, lse float32 [B, Hq]) over k[:, :lengths].
+
+    Written as two plain matrix products over the cache in its own layout
+    [B, S, Hkv*D], so that no transposed copy of K or V is made (a dot with
+    the kv head as a batch dimension would need it major): q becomes a
+    block-diagonal [Hkv*D, Hkv*g] matrix (kv head h's block holds its g query
+    heads), logits = K @ q_bd; P·V gives [Hkv*g, Hkv*D], whose diagonal
+    blocks are the outputs. Hkv times the FLOPs of the grouped form, still
+    far below the bytes' time on a bandwidth-bound decode."""
     batch, heads, dim = q.shape
-    kv_heads, seq = k.shape[2], k.shape[1]
+    seq, kv_heads = k.shape[1], k.shape[2]
     group = heads // kv_heads
+    eye = jnp.eye(kv_heads, dtype=k.dtype)
     q_grouped = q.reshape(batch, kv_heads, group, dim).astype(k.dtype)
-    logits = jnp.einsum("bhgd,bshd->bhgs", q_grouped, k, preferred_element_type=jnp.float32) * softmax_scale
-    visible = (jnp.arange(seq, dtype=jnp.int32)[None, :] < lengths[:, None])[:, None, None, :]
+    q_block_diagonal = jnp.einsum("bhgd,hk->bhdkg", q_grouped, eye).reshape(batch, kv_heads * dim, heads)
+    keys = k.reshape(batch, seq, kv_heads * dim)
+    logits = jnp.einsum("bsc,bcn->bsn", keys, q_block_diagonal, preferred_element_type=jnp.float32)
+    logits = logits * softmax_scale                                       # [B, S, Hq]
+    visible = (jnp.arange(seq, dtype=jnp.int32)[None, :] < lengths[:, None])[:, :, None]
     logits = jnp.where(visible, logits, -jnp.inf)
-    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    row_max = jnp.max(logits, axis=1, keepdims=True)
     safe_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
     probs = jnp.exp(logits - safe_max)                                    # 0 where masked
-    row_sum = jnp.sum(probs, axis=-1, keepdims=True)
+    row_sum = jnp.sum(probs, axis=1)                                      # [B, Hq]
     seen = row_sum > 0
-    out = jnp.einsum("bhgs,bshd->bhgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    out = out / jnp.where(seen, row_sum, 1.0)
-    lse = jnp.where(seen, safe_max + jnp.log(jnp.where(seen, row_sum, 1.0)), -jnp.inf)
-    return out.reshape(batch, heads, dim).astype(q.dtype), lse.reshape(batch, heads)
+    values = v.reshape(batch, seq, kv_heads * dim)
+    products = jnp.einsum("bsn,bsc->bnc", probs.astype(v.dtype), values, preferred_element_type=jnp.float32)
+    products = products.reshape(batch, kv_heads, group, kv_heads, dim)
+    out = jnp.einsum("bhghd->bhgd", products).reshape(batch, heads, dim)   # the diagonal blocks
+    out = out / jnp.where(seen, row_sum, 1.0)[..., None]
+    lse = jnp.where(seen, safe_max[:, 0] + jnp.log(jnp.where(seen, row_sum, 1.0)), -jnp.inf)
+    return out.astype(q.dtype), lse
 
 
 def default_kv_chunks(batch: int, kv_heads: int, seq: int, platform: str = "cpu") -> int:
