@@ -224,6 +224,26 @@ def test_stream_only_runs_under_jit_with_host_arrays():
     assert "pinned_host" in text                      # the blocks enter the jit as host-memory arguments
 
 
+@pytest.mark.parametrize("strategy", ["stream", "both"])
+def test_separate_stream_blocks_equal_single_cache(strategy):
+    """Blocks as separate host arrays (each moved whole) give the same result."""
+    b, s, hq, hkv, d = 1, 120, 4, 2, 8
+    q, k, v = random(40, b, hq, d), random(41, b, s, hkv, d), random(42, b, s, hkv, d)
+    p = small_plan("stream", s, 2 * b * hkv * d * 4, 24)
+    if strategy == "both":
+        p = dataclasses.replace(p, stream_tokens=60, cpu_tokens=36)
+    cache = offload.OffloadedKV.build(k, v, p, stream_blocks="separate")
+    assert isinstance(cache.stream_k, tuple) and cache.num_blocks == -(-p.stream_tokens // 16)
+    assert all(block.sharding.memory_kind == "pinned_host" for block in cache.stream_k)
+    lengths = jnp.array([111], jnp.int32)
+    out, lse = offload.decode_attention_offloaded(q, cache, lengths, return_lse=True)
+    expected, expected_lse = np_decode(q, k, v, lengths)
+    assert_close(out, expected, 1e-5)
+    assert_close(lse, expected_lse, 1e-5)
+    with pytest.raises(ValueError, match="stream_blocks"):
+        offload.OffloadedKV.build(k, v, p, stream_blocks="paged")
+
+
 def test_split_refuses_tracing():
     b, s, h, d = 1, 40, 1, 8
     q, k, v = random(23, b, h, d), random(24, b, s, h, d), random(25, b, s, h, d)

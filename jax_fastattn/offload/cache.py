@@ -5,8 +5,10 @@ Positions of a row are laid out as three consecutive ranges:
 
     [0, cpu_tokens)                         cpu part:    [B, Sc, Hkv, D] on the CPU device
     [cpu_tokens, + stream_tokens)           stream part: [num_blocks, B, block, Hkv, D] in the
-                                            accelerator's host memory ("pinned_host"); the last
-                                            block may be partly unused (stream_length)
+                                            accelerator's host memory ("pinned_host"), or a tuple
+                                            of num_blocks [B, block, Hkv, D] arrays there
+                                            (stream_blocks="separate"); the last block may be
+                                            partly unused (stream_length)
     [device_start, + device capacity)       device part: [B, Sd, Hkv, D] in device memory
 
 Each stream block is one contiguous array slice of block * Hkv * D * B
@@ -74,7 +76,7 @@ class OffloadedKV:
     lives on another device and is used outside the accelerator's jit."""
     device_k: jax.Array
     device_v: jax.Array
-    stream_k: Optional[jax.Array] = None
+    stream_k: Optional[jax.Array] = None          # [nb, B, blk, Hkv, D], or a tuple of [B, blk, Hkv, D]
     stream_v: Optional[jax.Array] = None
     cpu_k: Optional[jax.Array] = None
     cpu_v: Optional[jax.Array] = None
@@ -89,12 +91,20 @@ class OffloadedKV:
         """Positions of the stream part (its last block may be partly unused)."""
         if self.stream_k is None:
             return 0
-        capacity = self.stream_k.shape[0] * self.stream_k.shape[2]
+        capacity = self.num_blocks * self.block_tokens
         return capacity if self.stream_length is None else self.stream_length
 
     @property
     def block_tokens(self) -> int:
-        return 0 if self.stream_k is None else self.stream_k.shape[2]
+        if self.stream_k is None:
+            return 0
+        return self.stream_k[0].shape[1] if isinstance(self.stream_k, tuple) else self.stream_k.shape[2]
+
+    @property
+    def num_blocks(self) -> int:
+        if self.stream_k is None:
+            return 0
+        return len(self.stream_k) if isinstance(self.stream_k, tuple) else self.stream_k.shape[0]
 
     @property
     def device_start(self) -> int:
@@ -113,7 +123,7 @@ class OffloadedKV:
         return cpu, stream, device
 
     def nbytes(self) -> dict:
-        size = lambda *xs: int(sum(x.nbytes for x in xs if x is not None))  # noqa: E731
+        size = lambda *xs: int(sum(x.nbytes for x in jax.tree.leaves(xs)))  # noqa: E731
         return {"device": size(self.device_k, self.device_v), "stream": size(self.stream_k, self.stream_v),
                 "cpu": size(self.cpu_k, self.cpu_v)}
 
@@ -137,13 +147,18 @@ class OffloadedKV:
     @classmethod
     def from_parts(cls, device_kv, stream_kv=None, cpu_kv=None, *, block_tokens: Optional[int] = None,
                    stream_length: Optional[int] = None, device=None, cpu_device=None,
-                   host_memory_kind: str = "pinned_host"):
+                   host_memory_kind: str = "pinned_host", stream_blocks: str = "stacked"):
         """Places each part: device_kv (k, v) [B, Sd, Hkv, D] in device memory;
         stream_kv [B, Ss, Hkv, D] cut into blocks of block_tokens (Ss a multiple)
         and moved to `host_memory_kind` of the accelerator; cpu_kv onto the CPU
         device. Parts may be None (stream, cpu) or length 0. stream_length:
         the stream part's positions when fewer than Ss (the rest is padding to
-        whole blocks)."""
+        whole blocks). stream_blocks: "stacked" (one [nb, B, blk, Hkv, D]
+        array per K or V, which the stream loop slices inside jit) or
+        "separate" (one host array per block, each moved whole: for backends
+        whose host offloading cannot slice a host-memory array in a loop)."""
+        if stream_blocks not in ("stacked", "separate"):
+            raise ValueError(f"stream_blocks must be 'stacked' or 'separate', got {stream_blocks!r}")
         device = device or jax.devices()[0]
         on_device = SingleDeviceSharding(device, memory_kind="device")
         device_k, device_v = (jax.device_put(x, on_device) for x in device_kv)
@@ -153,7 +168,14 @@ class OffloadedKV:
             if not block_tokens or block_tokens <= 0:
                 raise ValueError(f"block_tokens must be a positive int when stream_kv is given, got {block_tokens}")
             on_host = SingleDeviceSharding(device, memory_kind=host_memory_kind)
-            stream_k, stream_v = (jax.device_put(to_blocks(x, block_tokens), on_host) for x in stream_kv)
+            if stream_blocks == "stacked":
+                stream_k, stream_v = (jax.device_put(to_blocks(x, block_tokens), on_host) for x in stream_kv)
+            else:
+                stream_k, stream_v = (tuple(jax.device_put(x[:, i:i + block_tokens], on_host)
+                                            for i in range(0, x.shape[1], block_tokens)) for x in stream_kv)
+                if stream_kv[0].shape[1] % block_tokens:
+                    raise ValueError(f"stream part length {stream_kv[0].shape[1]} must be a multiple of "
+                                     f"block_tokens={block_tokens}")
         if cpu_kv is not None and cpu_kv[0].shape[1] > 0:
             cpu_device = cpu_device or default_cpu_device(device)
             cpu_k, cpu_v = (jax.device_put(x, cpu_device) for x in cpu_kv)
@@ -164,14 +186,15 @@ class OffloadedKV:
         cache = cls(device_k, device_v, stream_k, stream_v, cpu_k, cpu_v, stream_length)
         shapes = {name: x.shape for name, x in (("device_k", device_k), ("cpu_k", cpu_k)) if x is not None}
         if stream_k is not None:
-            shapes["stream_k"] = (stream_k.shape[1], None) + stream_k.shape[3:]
+            block_shape = stream_k[0].shape if isinstance(stream_k, tuple) else stream_k.shape[1:]
+            shapes["stream_k"] = (block_shape[0], None) + block_shape[2:]
         if len({(s[0],) + s[2:] for s in shapes.values()}) > 1:
             raise ValueError(f"parts must agree in B, Hkv and D, got shapes {shapes}")
         return cache
 
     @classmethod
     def build(cls, k, v, plan, *, device_capacity: Optional[int] = None, device=None, cpu_device=None,
-              host_memory_kind: str = "pinned_host"):
+              host_memory_kind: str = "pinned_host", stream_blocks: str = "stacked"):
         """Splits a full cache k/v [B, S, Hkv, D] (S = plan.context_tokens) as
         `plan` says (cpu, stream, device, in position order). The device part
         gets device_capacity positions (default: its share plus none), so
@@ -200,4 +223,4 @@ class OffloadedKV:
         return cls.from_parts((k_dev, v_dev), (k_stream, v_stream), (k_cpu, v_cpu),
                               block_tokens=plan.block_tokens, stream_length=plan.stream_tokens or None,
                               device=device, cpu_device=cpu_device,
-                              host_memory_kind=host_memory_kind)
+                              host_memory_kind=host_memory_kind, stream_blocks=stream_blocks)

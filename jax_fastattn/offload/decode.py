@@ -30,24 +30,26 @@ from .cache import OffloadedKV
 from .partial import check_partial_inputs, partial_decode
 
 
+def _attend_block(q, i, k_block, v_block, stream_lengths, scale, backend):
+    block = k_block.shape[1]
+    block_lengths = jnp.clip(stream_lengths - i * block, 0, block)
+    out, lse = partial_decode(q, k_block, v_block, block_lengths, softmax_scale=scale, backend=backend)
+    return out.astype(jnp.float32), lse
+
+
 def _stream_partial(q, stream_k, stream_v, stream_lengths, scale, backend):
     """Double-buffered scan over host blocks [nb, B, blk, Hkv, D]."""
-    num_blocks, block = stream_k.shape[0], stream_k.shape[2]
+    num_blocks = stream_k.shape[0]
 
     def fetch(i):
         take = lambda x: jax.lax.dynamic_index_in_dim(x, i, axis=0, keepdims=False)  # noqa: E731
         return (jax.device_put(take(stream_k), jax.memory.Space.Device),
                 jax.device_put(take(stream_v), jax.memory.Space.Device))
 
-    def attend(i, k_block, v_block):
-        block_lengths = jnp.clip(stream_lengths - i * block, 0, block)
-        out, lse = partial_decode(q, k_block, v_block, block_lengths, softmax_scale=scale, backend=backend)
-        return out.astype(jnp.float32), lse
-
     def step(carry, i):
         (k_block, v_block), acc_out, acc_lse = carry
         next_block = fetch(i + 1)                      # in flight while block i is attended
-        out, lse = attend(i, k_block, v_block)
+        out, lse = _attend_block(q, i, k_block, v_block, stream_lengths, scale, backend)
         acc_out, acc_lse = merge_partials([acc_out, out], [acc_lse, lse])
         return (next_block, acc_out, acc_lse), None
 
@@ -57,8 +59,24 @@ def _stream_partial(q, stream_k, stream_v, stream_lengths, scale, backend):
     if num_blocks > 1:
         carry, _ = jax.lax.scan(step, carry, jnp.arange(num_blocks - 1))
     (k_block, v_block), acc_out, acc_lse = carry
-    out, lse = attend(num_blocks - 1, k_block, v_block)
+    out, lse = _attend_block(q, num_blocks - 1, k_block, v_block, stream_lengths, scale, backend)
     return merge_partials([acc_out, out], [acc_lse, lse])
+
+
+def _stream_partial_separate(q, stream_k, stream_v, stream_lengths, scale, backend):
+    """Blocks as separate host arrays: each moved whole (no slicing of host
+    memory), the loop unrolled; block i+1's copy is issued before block i's
+    attention, and XLA's scheduler overlaps the asynchronous copies."""
+    to_device = lambda x: jax.device_put(x, jax.memory.Space.Device)  # noqa: E731
+    outs, lses = [], []
+    current = (to_device(stream_k[0]), to_device(stream_v[0]))
+    for i in range(len(stream_k)):
+        following = (to_device(stream_k[i + 1]), to_device(stream_v[i + 1])) if i + 1 < len(stream_k) else None
+        out, lse = _attend_block(q, i, *current, stream_lengths, scale, backend)
+        outs.append(out)
+        lses.append(lse)
+        current = following
+    return merge_partials(outs, lses)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "backend"))
@@ -74,7 +92,8 @@ def accelerator_partial(q, cache: OffloadedKV, lengths, *, scale: float, backend
         outs.append(out.astype(jnp.float32))
         lses.append(lse)
     if cache.stream_k is not None:
-        out, lse = _stream_partial(q, cache.stream_k, cache.stream_v, stream_len, scale, backend)
+        stream = _stream_partial_separate if isinstance(cache.stream_k, tuple) else _stream_partial
+        out, lse = stream(q, cache.stream_k, cache.stream_v, stream_len, scale, backend)
         outs.append(out)
         lses.append(lse)
     if not outs:

@@ -214,7 +214,7 @@ def random_kv(key, shape, device):
         device, memory_kind="device"))(key)
 
 
-def build_caches(cfg, plan, device, cpu_device, seed):
+def build_caches(cfg, plan, device, cpu_device, seed, stream_blocks):
     """Per layer: host parts first (they pass through device memory on the
     way), then the device part. Random bf16 values."""
     b, hkv, hd = 1, cfg["kv_heads"], cfg["head_dim"]
@@ -230,7 +230,7 @@ def build_caches(cfg, plan, device, cpu_device, seed):
         device_kv = tuple(random_kv(keys[i], (b, plan.device_tokens, hkv, hd), device) for i in (4, 5))
         cache = offload.OffloadedKV.from_parts(device_kv, stream, cpu, block_tokens=plan.block_tokens,
                                                stream_length=plan.stream_tokens or None, device=device,
-                                               cpu_device=cpu_device)
+                                               cpu_device=cpu_device, stream_blocks=stream_blocks)
         del stream, cpu, device_kv
         caches.append(cache)
     jax.block_until_ready(caches)
@@ -240,7 +240,7 @@ def build_caches(cfg, plan, device, cpu_device, seed):
 # --------------------------------------------------------------------------- cases
 
 def run_case(cfg, args, context, strategy, throughputs, weights, lm_head, embed, device, cpu_device, copy):
-    record = {"context_tokens": context, "strategy": strategy}
+    record = {"context_tokens": context, "strategy": strategy, "stream_blocks": args.stream_blocks}
     caches = None
     try:
         per_token = 2 * cfg["kv_heads"] * cfg["head_dim"] * 2          # K+V bytes of one layer, bf16, B=1
@@ -250,7 +250,7 @@ def run_case(cfg, args, context, strategy, throughputs, weights, lm_head, embed,
         print(f"  {p}", flush=True)
         record.update(plan=str(p), plan_fields=dataclasses.asdict(p), predicted_token_s=p.layer_s * cfg["layers"])
         start = time.perf_counter()
-        caches = build_caches(cfg, p, device, cpu_device, seed=context % 997)
+        caches = build_caches(cfg, p, device, cpu_device, seed=context % 997, stream_blocks=args.stream_blocks)
         record["build_s"] = time.perf_counter() - start
         record["kv_bytes"] = {part: sum(c.nbytes()[part] for c in caches) for part in ("device", "stream", "cpu")}
         scale = 1.0 / math.sqrt(cfg["head_dim"])
@@ -308,6 +308,9 @@ def main(argv=None):
     parser.add_argument("--backend", default=None, help="accelerator attention: einsum or a flash_attention "
                         "backend (default: the faster of einsum and auto, measured)")
     parser.add_argument("--cpu-backend", default="cpu")
+    parser.add_argument("--stream-blocks", choices=["stacked", "separate"], default="stacked",
+                        help="host block layout (OffloadedKV.from_parts); a failed stacked case is retried "
+                        "with separate blocks, which are then kept")
     parser.add_argument("--steps", type=int)
     args = parser.parse_args(argv)
     cfg = dict(PRESETS[args.preset])
@@ -357,6 +360,18 @@ def main(argv=None):
         if tp is not None:
             measured[backend] = tp
             results[f"throughputs_{backend}"] = dataclasses.asdict(tp)
+    if not measured and args.cpu_backend != "einsum":
+        print("retrying the throughputs with cpu_backend='einsum'", flush=True)
+        args.cpu_backend = "einsum"
+        for backend in candidates:
+            tp = attempt(f"throughputs_{backend}_cpu_einsum", lambda: offload.measure_throughputs(
+                kv_heads=cfg["kv_heads"], head_dim=cfg["head_dim"], q_heads=cfg["q_heads"], dtype=jnp.bfloat16,
+                device=device, cpu_device=cpu_device, copy_bytes=cfg["copy_mib"] << 20,
+                accelerator_tokens=cfg["probe_tokens"], cpu_tokens=cfg["cpu_probe_tokens"], backend=backend,
+                cpu_backend="einsum"))
+            if tp is not None:
+                measured[backend] = tp
+    results["cpu_backend"] = args.cpu_backend
     if not measured or copy is None:
         save()
         print("no throughputs / copy measured; stopping")
@@ -385,8 +400,16 @@ def main(argv=None):
         context = max_context if context == "max" else context
         for strategy in (strategies if context in split_contexts else ["stream"]):
             print(f"context {context:,} strategy {strategy}", flush=True)
-            results["cases"].append(run_case(cfg, args, context, strategy, throughputs, weights, lm_head, embed,
-                                             device, cpu_device, copy))
+            case = run_case(cfg, args, context, strategy, throughputs, weights, lm_head, embed, device,
+                            cpu_device, copy)
+            if case["status"] != "ok" and args.stream_blocks == "stacked" and case.get("plan_fields", {}).get(
+                    "stream_tokens"):
+                results["cases"].append(case)
+                print("  retrying with separate host blocks", flush=True)
+                args.stream_blocks = "separate"
+                case = run_case(cfg, args, context, strategy, throughputs, weights, lm_head, embed, device,
+                                cpu_device, copy)
+            results["cases"].append(case)
             save()
     by_key = {(c["context_tokens"], c["strategy"]): c for c in results["cases"] if c.get("status") == "ok"}
     for (context, strategy), case in by_key.items():
