@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import masks
+from .sharding import vary_like
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -114,6 +115,7 @@ def forward(q, k, v, bias, plan: masks.MaskPlan, softmax_scale: float, tile_q: i
     t = _Tiles(q, k, v, bias, plan, tile_q, tile_kv)
     b, hk, g, tq, d = t.batch, t.kv_heads, t.group, t.tile_q, t.head_dim
     q_all = _pad_to(q.astype(jnp.float32) * softmax_scale, 1, t.q_pad).reshape(b, t.q_pad, hk, g, d)
+    inputs = (q, k, v, bias, plan.q_segment_ids, plan.kv_segment_ids, plan.dense)
 
     def q_tile_step(qt):
         q_scaled = t.q_rows(q_all, qt)
@@ -133,8 +135,8 @@ def forward(q, k, v, bias, plan: masks.MaskPlan, softmax_scale: float, tile_q: i
             branches = [lambda c: c, lambda c: update(c, kt, True), lambda c: update(c, kt, False)]
             return lax.switch(t.classes[qt, kt], branches, carry)
 
-        init = (jnp.full((b, hk, g, tq), -jnp.inf, jnp.float32), jnp.zeros((b, hk, g, tq), jnp.float32),
-                jnp.zeros((b, hk, g, tq, d), jnp.float32))
+        init = vary_like((jnp.full((b, hk, g, tq), -jnp.inf, jnp.float32), jnp.zeros((b, hk, g, tq), jnp.float32),
+                          jnp.zeros((b, hk, g, tq, d), jnp.float32)), *inputs)
         row_max, row_sum, acc = lax.fori_loop(0, t.nk, kv_step, init)
         seen = row_sum > 0
         out = jnp.where(seen[..., None], acc / jnp.where(seen, row_sum, 1.0)[..., None], 0.0)
@@ -189,12 +191,13 @@ def backward(q, k, v, bias, plan: masks.MaskPlan, softmax_scale: float, out, lse
             return lax.switch(t.classes[qt, kt], branches, inner)
 
         d_k, d_v, d_bias = carry
-        d_q = jnp.zeros((b, tq, hk, g, d), f32)
+        (d_q,) = vary_like((jnp.zeros((b, tq, hk, g, d), f32),), *inputs)
         d_q, d_k, d_v, d_bias = lax.fori_loop(0, t.nk, kv_step, (d_q, d_k, d_v, d_bias))
         return (d_k, d_v, d_bias), d_q
 
-    init = (jnp.zeros((b, t.kv_pad, hk, d), f32), jnp.zeros((b, t.kv_pad, hk, d), f32),
-            None if bias is None else jnp.zeros((b, t.q_heads, t.q_pad, t.kv_pad), f32))
+    inputs = (q, k, v, bias, out, lse, d_out, d_lse, plan.q_segment_ids, plan.kv_segment_ids, plan.dense)
+    init = vary_like((jnp.zeros((b, t.kv_pad, hk, d), f32), jnp.zeros((b, t.kv_pad, hk, d), f32),
+                      None if bias is None else jnp.zeros((b, t.q_heads, t.q_pad, t.kv_pad), f32)), *inputs)
     (d_k, d_v, d_bias), d_q = lax.scan(q_tile_step, init, jnp.arange(t.nq))
     d_q = (d_q * softmax_scale).transpose(1, 0, 2, 3, 4, 5).reshape(b, t.q_pad, t.q_heads, d)[:, :t.q_len]
     d_k = d_k[:, :t.kv_len]

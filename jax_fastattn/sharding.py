@@ -300,6 +300,19 @@ def _varying_axes(x) -> frozenset:
     return frozenset(getattr(aval, "vma", ()))
 
 
+def vary_like(arrays, *refs):
+    """Inside shard_map, casts each array to vary over every manual mesh axis
+    that any of `refs` varies over (loop carries created with jnp.zeros are
+    invariant, while the loop body's results vary as its inputs do; lax.switch
+    and fori_loop need both to agree). Outside shard_map, a no-op."""
+    axes = frozenset().union(*(_varying_axes(r) for r in refs if r is not None))
+    if not axes:
+        return arrays
+    cast = lambda x: (jax.lax.pcast(x, tuple(sorted(axes - _varying_axes(x))), to="varying")
+                      if x is not None and axes - _varying_axes(x) else x)
+    return tuple(cast(x) for x in arrays)
+
+
 def _varying_like(call):
     """Inside shard_map, results vary over the manual mesh axes that any
     input varies over (the custom call itself carries no such type)."""

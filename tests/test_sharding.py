@@ -122,13 +122,16 @@ def test_sharded_sequence_axes_are_gathered_not_wrong(shardy):
     assert_close(out, flash_attention(q, k, v, causal=True, backend="reference"), jnp.float32)
 
 
-def test_shard_map_over_batch_and_heads():
+@pytest.mark.parametrize("backend", ["cpu", "xla"])
+def test_shard_map_over_batch_and_heads(backend):
+    """Inside shard_map the kernels and the pure-JAX backend (whose loop
+    carries must vary over the manual axes as its inputs do) run per shard."""
     shard_map = jax.shard_map
     mesh = make_mesh((2, 4))
     q, k, v = random_qkv(7, 4, 30, 30, 8, 4, 16)
 
     def local(q, k, v):
-        return flash_attention(q, k, v, causal=True, backend="cpu")
+        return flash_attention(q, k, v, causal=True, backend=backend)
 
     fn = jax.jit(shard_map(local, mesh=mesh, in_specs=(QKV_SPEC,) * 3, out_specs=QKV_SPEC))
     out = fn(q, k, v)
