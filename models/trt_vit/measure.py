@@ -1,0 +1,91 @@
+"""Parameters, FLOPs (XLA cost analysis) and latency of an NNX model.
+
+FLOPs come from `jax.jit(...).lower(...).cost_analysis()` of the model with
+its attention switched to plain einsum + softmax ("plain"): XLA counts no
+FLOPs inside a custom call, so the fused kernel would hide the attention's
+matmuls. Latency is measured on the model as deployed (attention through
+`flash_attention`, backend "auto").
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Dict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .blocks import SpatialReductionAttention, set_attention_backend
+
+
+def count_params(model: nnx.Module) -> int:
+    """Trainable parameters (nnx.Param; batch-norm statistics excluded).
+    Works on abstract models from nnx.eval_shape too."""
+    return int(sum(np.prod(p.shape) for p in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+def _attention_backends(model: nnx.Module) -> list:
+    return [m.attention_backend for _, m in model.iter_modules() if isinstance(m, SpatialReductionAttention)]
+
+
+def _forward(graphdef):
+    def forward(state, x):
+        return nnx.merge(graphdef, state)(x)
+    return forward
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+
+
+def xla_flops(model: nnx.Module, input_shape, dtype=jnp.float32) -> float:
+    """FLOPs of one forward pass on an input of `input_shape`, by XLA's cost
+    analysis of the lowered (unoptimised) HLO, attention as plain einsums.
+    The model's attention backends are restored afterwards."""
+    saved = _attention_backends(model)
+    set_attention_backend(model, "plain")
+    try:
+        graphdef, state = nnx.split(model)
+        lowered = jax.jit(_forward(graphdef)).lower(_abstract(state), jax.ShapeDtypeStruct(tuple(input_shape), dtype))
+        cost = lowered.cost_analysis()
+    finally:
+        attention_layers = [m for _, m in model.iter_modules() if isinstance(m, SpatialReductionAttention)]
+        for layer, backend in zip(attention_layers, saved):
+            layer.attention_backend = backend
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
+        cost = cost[0]
+    return float(cost["flops"])
+
+
+def cast_state(model: nnx.Module, dtype):
+    """(graphdef, state) with every floating array cast to `dtype`."""
+    graphdef, state = nnx.split(model)
+    state = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, state)
+    return graphdef, state
+
+
+def latency(model: nnx.Module, input_shape, dtype, *, warmup: int = 10, repeats: int = 100,
+            clock: Callable[[], float] = time.perf_counter) -> Dict[str, float]:
+    """Median/p10/p90 wall time (ms) of one jitted forward in `dtype`
+    (weights and input), each call timed to block_until_ready, after
+    `warmup` calls (the first compiles; compile time reported apart)."""
+    if repeats < 1 or warmup < 1:
+        raise ValueError(f"warmup and repeats must be >= 1, got {warmup}, {repeats}")
+    model.eval()
+    graphdef, state = cast_state(model, dtype)
+    forward = jax.jit(_forward(graphdef))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(input_shape), dtype)
+    start = clock()
+    forward(state, x).block_until_ready()
+    compile_s = clock() - start
+    for _ in range(warmup - 1):
+        forward(state, x).block_until_ready()
+    times = np.empty(repeats)
+    for i in range(repeats):
+        start = clock()
+        forward(state, x).block_until_ready()
+        times[i] = clock() - start
+    times_ms = 1e3 * times
+    return {"median_ms": float(np.median(times_ms)), "p10_ms": float(np.percentile(times_ms, 10)),
+            "p90_ms": float(np.percentile(times_ms, 90)), "compile_s": float(compile_s), "repeats": repeats}
