@@ -150,15 +150,31 @@ def _ids_may_meet(q_ids, kv_ids):
     return jnp.any((q_low <= kv_high) & (kv_low <= q_high))
 
 
-def _pair_branch(plan: _Plan, table, step: int, a: int, b: int, q_ids, kv_ids):
-    """(static branch or None, traced branch index or None) of one pair."""
+def _pair_branches(plan: _Plan, table, step: int, a: int, b: int, q_ids, kv_ids):
+    """The bands one pair can see on any device (as indices into
+    schedule.bands) and which of them this device runs: a Python int when
+    every device runs the same one and no ids decide at run time, else a
+    traced index into the returned list (only the bands that occur are
+    compiled)."""
     column = plan.schedule.branch_array()[:, step, a, b]
-    if q_ids is None and np.all(column == column[0]):
-        return int(column[0]), None
-    index = table[step, a, b]
+    used = sorted(set(int(x) for x in column) | ({0} if q_ids is not None else set()))
+    if len(used) == 1:
+        return used, 0
+    lookup = np.zeros(len(plan.schedule.bands), np.int32)
+    lookup[used] = np.arange(len(used))
+    index = jnp.asarray(lookup)[table[step, a, b]]
     if q_ids is not None:
-        index = jnp.where(_ids_may_meet(q_ids, kv_ids), index, 0)
-    return None, index
+        index = jnp.where(_ids_may_meet(q_ids, kv_ids), index, used.index(0))
+    return used, index
+
+
+def _run_pair(fn, plan: _Plan, used, index, *args):
+    """Calls `fn(*args, band=...)` for the pair's band (a switch if it varies)."""
+    branches = [functools.partial(fn, band=plan.schedule.bands[u], softmax_scale=plan.softmax_scale,
+                                  backend=plan.backend) for u in used]
+    if isinstance(index, int):
+        return branches[index](*args)
+    return lax.switch(index, branches, *args)
 
 
 # ----------------------------------------------------------------------------
@@ -179,15 +195,10 @@ def _ring_forward(plan: _Plan, q, k, v, q_ids, kv_ids):
             outs, lses = [acc[a][0]], [acc[a][1]]
             for b in range(plan.slots):
                 args = (q_a, _slot(k_now, plan, b), _slot(v_now, plan, b), q_ids_a, _slot(kv_ids_now, plan, b))
-                static, index = _pair_branch(plan, table, i, a, b, q_ids_a, args[4])
-                if static == 0:
+                used, index = _pair_branches(plan, table, i, a, b, q_ids_a, args[4])
+                if used == [0]:
                     continue
-                branches = [functools.partial(block_attention, band=band, softmax_scale=plan.softmax_scale,
-                                              backend=plan.backend) for band in sched.bands]
-                if static is not None:
-                    o, l = branches[static](*args)
-                else:
-                    o, l = lax.switch(index, branches, *args)
+                o, l = _run_pair(block_attention, plan, used, index, *args)
                 outs.append(o)
                 lses.append(l)
             if len(outs) > 1:
@@ -228,15 +239,10 @@ def _ring_bwd(plan, residuals, cotangents):
                       _slot(d_lse, plan, a, axis=2))
             for b in range(plan.slots):
                 args = (q_a, _slot(k_now, plan, b), _slot(v_now, plan, b), q_ids_a, _slot(kv_ids_now, plan, b))
-                static, index = _pair_branch(plan, table, i, a, b, q_ids_a, args[4])
-                if static == 0:
+                used, index = _pair_branches(plan, table, i, a, b, q_ids_a, args[4])
+                if used == [0]:
                     continue
-                branches = [functools.partial(block_backward, band=band, softmax_scale=plan.softmax_scale,
-                                              backend=plan.backend) for band in sched.bands]
-                if static is not None:
-                    g_q, g_k, g_v = branches[static](*args, *merged)
-                else:
-                    g_q, g_k, g_v = lax.switch(index, branches, *args, *merged)
+                g_q, g_k, g_v = _run_pair(block_backward, plan, used, index, *args, *merged)
                 d_q[a] = d_q[a] + g_q
                 d_kv[0][b] = d_kv[0][b] + g_k
                 d_kv[1][b] = d_kv[1][b] + g_v
