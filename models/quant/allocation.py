@@ -7,7 +7,9 @@ exp(-beta * score_l) for PTQ (2-4 bits, x in [0.25, 0.5]). Layers given
 fixed bits (QAT: the first and the last at 8) count in S_fixed.
 
 `allocate_bits` solves it exactly as an integer program over the allowed
-bit-widths (scipy.optimize.milp, HiGHS). `allocate_bits_relaxed` is the
+bit-widths (scipy.optimize.milp, HiGHS); `allocate_bits_table` is the same
+program for any value per (layer, width), which the Hessian-trace baseline
+uses. `allocate_bits_relaxed` is the
 paper's route: the continuous LP, then each x rounded down to an allowed
 width and leftover budget spent greedily, for comparison.
 """
@@ -56,24 +58,31 @@ def _result(bits, params, theta, method):
     return Allocation(bits, model_size_mb(params, bits), float(np.dot(theta, np.asarray(bits) / 8)), method)
 
 
-def allocate_bits(scores, params, size_budget_mb: float, bit_choices=(4, 5, 6, 7, 8),
-                  fixed_bits: Optional[Dict[int, int]] = None, theta=None) -> Allocation:
-    """Exact integer program over bit_choices per layer (HiGHS via milp).
+def allocate_bits_table(values, params, size_budget_mb: float, bit_choices=(4, 5, 6, 7, 8),
+                        fixed_bits: Optional[Dict[int, int]] = None, method: str = "milp") -> Allocation:
+    """Exact integer program with a value per (layer, choice): maximise
+    sum_l values[l, c_l] subject to sum_l P_l * bits(c_l) / 8 <= budget
+    (HiGHS via milp). A multiple-choice knapsack: one width per layer.
 
-    theta defaults to the scores (QAT); pass exp(-beta * scores) for PTQ.
-    Raises ValueError if even the smallest widths exceed the budget.
+    CSMPQ's objective is values[l, c] = theta_l * bits_c / 8; a Hessian-trace
+    criterion (HAWQ-v2/v3) is values[l, c] = -Tr(H_l) / n_l * |Q_c(W_l) - W_l|^2.
+    Columns of `values` follow sorted(bit_choices); rows of fixed layers are
+    ignored. Raises ValueError if even the smallest widths exceed the budget.
     """
     fixed = dict(fixed_bits or {})
-    scores, params = _check(scores, params, bit_choices, fixed)
-    theta = scores if theta is None else np.asarray(theta, np.float64)
+    values = np.asarray(values, np.float64)
+    params = np.asarray(params, np.float64)
     choices = np.asarray(sorted(bit_choices), np.float64)
-    free = [l for l in range(len(scores)) if l not in fixed]
+    _check(np.zeros(len(params)), params, bit_choices, fixed)
+    if values.shape != (len(params), len(choices)):
+        raise ValueError(f"values must be [layers, choices] = {(len(params), len(choices))}, got {values.shape}")
+    free = [l for l in range(len(params)) if l not in fixed]
     fixed_mb = sum(params[l] * fixed[l] / 8 for l in fixed) / 2**20
     budget = size_budget_mb - fixed_mb
     p_mb = params / 2**20
     k = len(choices)
     # z[l, c] = 1 if free layer l takes choice c.
-    cost = -np.concatenate([theta[l] * choices / 8 for l in free])
+    cost = -np.concatenate([values[l] for l in free])
     one_choice = np.zeros((len(free), len(free) * k))
     for i in range(len(free)):
         one_choice[i, i * k:(i + 1) * k] = 1
@@ -87,12 +96,31 @@ def allocate_bits(scores, params, size_budget_mb: float, bit_choices=(4, 5, 6, 7
         raise ValueError(f"size_budget_mb={size_budget_mb:.4f} is infeasible: the smallest allocation needs "
                          f"{smallest:.4f} MB ({result.message})")
     picks = np.round(result.x).reshape(len(free), k).argmax(axis=1)
-    bits = np.zeros(len(scores), int)
+    bits = np.zeros(len(params), int)
     for l, c in zip(free, picks):
         bits[l] = int(choices[c])
     for l, b in fixed.items():
         bits[l] = b
-    return _result(bits, params, theta, "milp")
+    objective = float(sum(values[l, list(choices).index(bits[l])] for l in free))
+    bits = tuple(int(b) for b in bits)
+    return Allocation(bits, model_size_mb(params, bits), objective, method)
+
+
+def allocate_bits(scores, params, size_budget_mb: float, bit_choices=(4, 5, 6, 7, 8),
+                  fixed_bits: Optional[Dict[int, int]] = None, theta=None) -> Allocation:
+    """CSMPQ's exact integer program over bit_choices per layer: maximise
+    sum theta_l * bits_l / 8 under the size budget (`allocate_bits_table`).
+
+    theta defaults to the scores (QAT); pass exp(-beta * scores) for PTQ.
+    Raises ValueError if even the smallest widths exceed the budget.
+    """
+    fixed = dict(fixed_bits or {})
+    scores, params = _check(scores, params, bit_choices, fixed)
+    theta = scores if theta is None else np.asarray(theta, np.float64)
+    choices = np.asarray(sorted(bit_choices), np.float64)
+    values = theta[:, None] * choices[None, :] / 8
+    table = allocate_bits_table(values, params, size_budget_mb, bit_choices, fixed)
+    return _result(table.bits, params, theta, "milp")
 
 
 def allocate_bits_relaxed(scores, params, size_budget_mb: float, bit_choices=(4, 5, 6, 7, 8),

@@ -67,20 +67,21 @@ def _load(model: nnx.Module, path: str) -> None:
 
 
 def pretrained(name: str, width: float, data: Split, *, epochs: int, learning_rate: float = 0.05,
-               cache_dir: Optional[str] = None, data_seed: int = 0, progress=None) -> nnx.Module:
-    """The full-precision model, trained on data (or loaded from cache_dir if
-    an earlier run with the same settings, data split `data_seed` included,
-    saved it there)."""
-    model = build(name, width)
+               cache_dir: Optional[str] = None, data_seed: int = 0, seed: int = 0, progress=None) -> nnx.Module:
+    """The full-precision model, initialised and shuffled with `seed` and
+    trained on data (or loaded from cache_dir if an earlier run with the same
+    settings, data split `data_seed` and `seed` included, saved it there)."""
+    model = build(name, width, seed)
     path = None
     if cache_dir:
         os.makedirs(cache_dir, exist_ok=True)
-        path = os.path.join(cache_dir, f"fp_{name}_w{width}_e{epochs}_lr{learning_rate}_split{data_seed}.npz")
+        tag = f"split{data_seed}" + (f"_seed{seed}" if seed else "")
+        path = os.path.join(cache_dir, f"fp_{name}_w{width}_e{epochs}_lr{learning_rate}_{tag}.npz")
         if os.path.exists(path):
             _load(model, path)
             model.eval()
             return model
-    training.train(model, data.x_train, data.y_train, epochs=epochs, learning_rate=learning_rate,
+    training.train(model, data.x_train, data.y_train, epochs=epochs, learning_rate=learning_rate, seed=seed,
                    progress=progress)
     if path:
         _save(model, path)
@@ -110,23 +111,60 @@ def random_bits(params: Sequence[int], budget_mb: float, spec: ModeSpec, rng: np
     return tuple(bits)
 
 
+def fill_budget(bits: Sequence[int], params: Sequence[int], budget_mb: float, spec: ModeSpec,
+                rng: np.random.Generator) -> tuple:
+    """Repair an allocation that leaves budget unspent: raise a randomly
+    chosen free layer by one allowed width while any such step still fits,
+    until none does (the result is maximal: no single step fits)."""
+    choices = sorted(spec.bit_choices)
+    bits = list(bits)
+    free = [l for l in range(len(params)) if l not in spec.fixed_bits]
+    while True:
+        room = budget_mb - model_size_mb(params, bits)
+        steps = []
+        for l in free:
+            higher = [b for b in choices if b > bits[l]]
+            if higher and params[l] * (higher[0] - bits[l]) / 8 / 2**20 <= room + 1e-12:
+                steps.append((l, higher[0]))
+        if not steps:
+            return tuple(bits)
+        l, b = steps[rng.integers(len(steps))]
+        bits[l] = b
+
+
+def random_bits_full_budget(params: Sequence[int], budget_mb: float, spec: ModeSpec, rng: np.random.Generator,
+                            min_fill: float = 0.98, max_draws: int = 200) -> tuple:
+    """A random allocation that spends the budget as fully as the integer
+    program does: a `random_bits` draw, repaired by `fill_budget`, kept if it
+    uses at least `min_fill` of the budget (else drawn again)."""
+    if not 0 < min_fill <= 1:
+        raise ValueError(f"min_fill must be in (0, 1], got {min_fill}")
+    for _ in range(max_draws):
+        bits = fill_budget(random_bits(params, budget_mb, spec, rng), params, budget_mb, spec, rng)
+        if model_size_mb(params, bits) >= min_fill * budget_mb - 1e-12:
+            return bits
+    raise ValueError(f"no random allocation in {max_draws} draws used min_fill={min_fill} of the "
+                     f"{budget_mb:.4f} MB budget; lower min_fill")
+
+
 def qat_accuracy(model: nnx.Module, bits: Sequence[int], data: Split, *, epochs: int, learning_rate: float,
-                 progress=None) -> float:
-    """Fine-tune a fake-quantized copy (straight-through gradients) and test it."""
+                 seed: int = 0, progress=None) -> float:
+    """Fine-tune a fake-quantized copy (straight-through gradients, batches
+    shuffled with `seed`) and test it."""
     quantized = fake_quantized(model, bits, ACTIVATION_BITS, data.x_train[:64])
-    training.train(quantized, data.x_train, data.y_train, epochs=epochs, learning_rate=learning_rate,
+    training.train(quantized, data.x_train, data.y_train, epochs=epochs, learning_rate=learning_rate, seed=seed,
                    progress=progress)
     freeze_activation_ranges(quantized)
     return training.accuracy(quantized, data.x_test, data.y_test)
 
 
 def ptq_accuracy(model: nnx.Module, bits: Sequence[int], data: Split, *, calibration_size: int = 256,
-                 rounding: str = "adaround", steps: int = 200, progress=None) -> float:
+                 rounding: str = "adaround", steps: int = 200, seed: int = 0, progress=None) -> float:
     """Round weights (AdaRound, or to nearest), calibrate activation ranges on
     the calibration images, and test. Calibration images are training images."""
     calibration = data.x_train[:calibration_size]
     if rounding == "adaround":
-        rounded = adaround(model, bits, calibration, steps=steps, progress=progress)
+        rounded = adaround(model, bits, calibration, steps=steps, seed=seed, progress=progress)
     elif rounding == "nearest":
         rounded = nnx.clone(model)
         for layer, b in zip(rounded.quantizable_layers(), bits):
