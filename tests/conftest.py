@@ -56,11 +56,13 @@ CASES = {
     "xla": Case("xla", None, jnp.float32),
     "xla-small-tiles": Case("xla", SMALL_XLA_TILES, jnp.float32),
     "reference": Case("reference", None, jnp.float32),
+    # On sm90: the wgmma kernels (D 64/128; mma.sync at other head dims).
     "cuda-bf16": Case("cuda", None, jnp.bfloat16, gpu=True),
-    "cuda-f16": Case("cuda", None, jnp.float16, gpu=True),
-    "cuda-mma_sync-bf16": Case("cuda", MMA_SYNC, jnp.bfloat16, gpu=True),
+    # The mma.sync kernels that sm80/sm89 GPUs run, in float16.
+    "cuda-mma_sync-f16": Case("cuda", MMA_SYNC, jnp.float16, gpu=True),
     "volta-f16": Case("volta", None, jnp.float16, gpu=True),
-    "auto-bf16": Case("auto", None, jnp.bfloat16, gpu=True),
+    # float32 on a GPU: "auto" takes the pure-JAX backend (documented).
+    "auto-f32": Case("auto", None, jnp.float32, gpu=True),
 }
 
 

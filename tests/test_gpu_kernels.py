@@ -2,6 +2,8 @@
 persistent sm90a forward across many work items, long GQA sequences in the
 backward, the wgmma and mma.sync backwards agreeing bit for bit, bitwise
 reproducibility, and the Volta kernel's two shared-memory layouts."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +20,7 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture(params=[jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
 def cuda(request):
-    case = CASES["cuda-bf16" if request.param == jnp.bfloat16 else "cuda-f16"]
+    case = dataclasses.replace(CASES["cuda-bf16"], dtype=request.param)
     why_not = case.available()
     if why_not:
         pytest.skip(why_not)
@@ -90,7 +92,7 @@ def test_bitwise_reproducible_jit_and_vmap(cuda):
 def test_mma_sync_forward_long_masks(cuda):
     """The mma.sync forward (what sm80/sm89 run) on the shapes where sm90
     takes wgmma: full, causal and windowed, D 64 and 128."""
-    case = CASES["cuda-mma_sync-bf16"]
+    case = dataclasses.replace(CASES["cuda-mma_sync-f16"], dtype=jnp.bfloat16)
     for head_dim in (64, 128):
         q, k, v = random_qkv(10, 2, 300, 257, 4, 2, head_dim, case.dtype)
         for mask in (None, masks.Causal(), masks.SlidingWindow(50, 10)):

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Device-machine stages, run in order within one call: bash tools/gpu/stages.sh STAGE ...
+#   build   the extension for sm90a (skipped when this machine already built it)
+#   suite   the GPU test suite, unfiltered (pytest -m gpu over tests/), sharded over processes
+#   config  tools/gpu/kernel_config_check.py (each KernelConfig choice against a reference)
+#   bench   ours vs cuDNN (jax, torch), FlashAttention-2 and XLA: forward causal/full and
+#           forward+backward causal at S = 4K and 16K, bf16, H=32, D=128, B*S = 16K
+#   llama   tools/gpu/llama_bench.py (LLAMA_CASES selects cases)
+#   tp      tools/gpu/tp_block_model.py and tools/gpu/tp_schedule.py
+#   ring    tools/gpu/ring_step_time.py
+#   offload tools/gpu/offload_bench.py
+#   trtvit  python -m models.trt_vit.bench (latency table and guideline experiments)
+# Logs and JSON under $OUT (a few files, as the device tool brings back at most 8).
+source "$(dirname "$0")/common.sh"
+LOG="$OUT/log.txt"
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+stage_time() { echo "($1: $((SECONDS - $2)) s)" | tee -a "$LOG"; }
+for stage in "$@"; do
+  start=$SECONDS
+  echo "== $stage $(date -u +%H:%M:%S)" | tee -a "$LOG"
+  case $stage in
+    build)
+      nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee -a "$LOG"
+      python3 -c "import jax, jaxlib, torch; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'torch', torch.__version__, jax.devices())" 2>&1 | tee -a "$LOG"
+      if ! python3 -c "from jax_fastattn import ffi; assert 'fastattn_forward_cuda' in ffi.cuda_targets()" 2>/dev/null; then
+        build_extension "$LOG"
+      fi
+      python3 -c "from jax_fastattn import ffi; print('cuda targets', sorted(ffi.cuda_targets()))" 2>&1 | tee -a "$LOG" ;;
+    suite)
+      SHARDS=${SHARDS:-12} TEST_TIMEOUT=${TEST_TIMEOUT:-480} bash "$(dirname "$0")/pytest_shards.sh" tests/ 2>&1 | tee -a "$LOG"
+      cat "$OUT"/pytest_shard*.txt > "$OUT/gpu_suite.txt"; rm -f "$OUT"/pytest_shard*.txt ;;
+    config)
+      timeout 240 python3 tools/gpu/kernel_config_check.py --size full --out "$OUT/kernel_config.json" 2>&1 | tail -30 | tee -a "$LOG" ;;
+    bench)
+      timeout 420 python3 -m jax_fastattn.bench --backend cuda --dtype bfloat16 --heads 32 --tokens 16384 --repeats 12 \
+        --head-dim 128 --seq 4096 16384 --impls fastattn-cuda jax.nn-cudnn torch-cudnn torch-flash --budget 200 \
+        --out "$OUT/bench_fwd_causal" 2>&1 | grep -v "^running" | tee -a "$LOG"
+      timeout 300 python3 -m jax_fastattn.bench --backend cuda --dtype bfloat16 --heads 32 --tokens 16384 --repeats 12 \
+        --head-dim 128 --seq 4096 16384 --no-causal --impls fastattn-cuda jax.nn-cudnn torch-cudnn torch-flash --budget 150 \
+        --out "$OUT/bench_fwd_full" 2>&1 | grep -v "^running" | tee -a "$LOG"
+      timeout 300 python3 -m jax_fastattn.bench --backend cuda --dtype bfloat16 --heads 32 --tokens 16384 --repeats 12 \
+        --head-dim 128 --seq 4096 16384 --mode fwd_bwd --impls fastattn-cuda jax.nn-cudnn torch-cudnn torch-flash --budget 150 \
+        --out "$OUT/bench_fwdbwd_causal" 2>&1 | grep -v "^running" | tee -a "$LOG"
+      tar czf "$OUT/bench.tgz" -C "$OUT" bench_fwd_causal bench_fwd_full bench_fwdbwd_causal && \
+        rm -rf "$OUT"/bench_fwd_causal "$OUT"/bench_fwd_full "$OUT"/bench_fwdbwd_causal ;;
+    llama)
+      timeout 500 python3 tools/gpu/llama_bench.py --out "$OUT/llama.json" ${LLAMA_CASES:+--cases $LLAMA_CASES} \
+        --budget-s ${LLAMA_BUDGET:-300} 2>&1 | tail -40 | tee -a "$LOG" ;;
+    tp)
+      timeout 240 python3 tools/gpu/tp_block_model.py --out "$OUT/tp_model.json" --budget-s 120 2>&1 | tail -30 | tee -a "$LOG"
+      timeout 200 python3 tools/gpu/tp_schedule.py --out "$OUT/tp_schedule.json" 2>&1 | tail -30 | tee -a "$LOG" ;;
+    ring)
+      timeout 240 python3 tools/gpu/ring_step_time.py --out "$OUT/ring_steps.json" 2>&1 | tail -30 | tee -a "$LOG" ;;
+    offload)
+      timeout 420 python3 tools/gpu/offload_bench.py --preset ${OFFLOAD_PRESET:-full} --out "$OUT/offload.json" 2>&1 \
+        | tail -40 | tee -a "$LOG" ;;
+    trtvit)
+      timeout 300 python3 -m models.trt_vit.bench --out "$OUT/trt_vit.json" 2>&1 | tail -40 | tee -a "$LOG" ;;
+    *) echo "unknown stage $stage" | tee -a "$LOG"; exit 2 ;;
+  esac
+  stage_time "$stage" "$start"
+done
