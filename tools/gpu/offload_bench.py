@@ -51,7 +51,7 @@ GiB = 1 << 30
 # 128 KiB per token.
 PRESETS = {
     "h200": dict(layers=32, hidden=4096, ffn=14336, q_heads=32, kv_heads=8, head_dim=128, vocab=128256,
-                 contexts="1M,max", host_gib=88.0, device_reserve_gib=6.0, block_mib=16, steps=3,
+                 contexts="1M,max", host_gib=88.0, device_reserve_gib=8.0, block_mib=16, steps=3,
                  probe_tokens=262144, cpu_probe_tokens=65536, copy_mib=1024),
     "tiny": dict(layers=2, hidden=128, ffn=256, q_heads=4, kv_heads=2, head_dim=64, vocab=512,
                  contexts="32768", host_gib=0.25, device_kv_mib=8, device_reserve_gib=0.0, block_mib=1,
