@@ -289,3 +289,13 @@ def test_zigzag_input_order_needs_divisible_length(mesh):
     q, k, v, _, _ = inputs(30)
     with pytest.raises(ValueError, match="multiple of 16"):
         context_parallel_attention(q, k, v, mesh=mesh, axis="cp", input_order="zigzag", backend="cpu")
+
+
+def test_batch_axis_splits_the_batch_on_a_second_mesh_axis():
+    if len(jax.devices()) < DEVICES:
+        pytest.skip(f"needs {DEVICES} devices")
+    mesh_2d = Mesh(np.array(jax.devices()[:DEVICES]).reshape(2, DEVICES // 2), ("data", "cp"))
+    q, k, v, _, _ = inputs(20)
+    attend = jax.jit(lambda q, k, v: context_parallel_attention(
+        q, k, v, mesh=mesh_2d, axis="cp", batch_axis="data", causal=True, strategy="ring", backend="cpu"))
+    assert_close(attend(q, k, v), plain_attention(q, k, v, visibility(20, causal=True))[0], "out")
