@@ -299,3 +299,24 @@ def test_batch_axis_splits_the_batch_on_a_second_mesh_axis():
     attend = jax.jit(lambda q, k, v: context_parallel_attention(
         q, k, v, mesh=mesh_2d, axis="cp", batch_axis="data", causal=True, strategy="ring", backend="cpu"))
     assert_close(attend(q, k, v), plain_attention(q, k, v, visibility(20, causal=True))[0], "out")
+
+
+def test_speedup_model_reproduces_the_analytic_limits():
+    """With equal kernel throughput on every block (diag = full / 2), free
+    merges and an infinitely fast link, the model's zig-zag ring is linear and
+    its naive ring reaches N / (2N - 1) (53 % at N = 8, the published 52-54 %)."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "tools", "gpu", "ring_step_time.py")
+    spec = importlib.util.spec_from_file_location("ring_step_time", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    cfg = dict(heads=32, kv_heads=32, head_dim=128, dtype="bfloat16")
+    block = {"full": {"fwd_s": 1.0, "fwd_bwd_s": 3.5}, "diag": {"fwd_s": 0.5, "fwd_bwd_s": 1.75}, "merge_s": 0.0}
+    for n in (2, 4, 8):
+        measured = {"blocks": {"1024": block}, "single_device": {}}
+        row = tool.model_case(measured, cfg, n, 2 * n * 1024, link_gbps=1e12)
+        assert row["t1_source"] == "composed from blocks"
+        assert abs(row["eff_zigzag_fwd"] - 1.0) < 1e-9
+        assert abs(row["eff_naive_fwd"] - n / (2 * n - 1)) < 1e-9
+        assert abs(row["eff_zigzag_fwd_bwd_fused"] - 1.0) < 1e-9      # block backward from merged out/lse
+        assert abs(row["eff_zigzag_fwd_bwd"] - 3.5 / 4.5) < 1e-9        # each pair's forward re-run

@@ -51,6 +51,9 @@ from . import context_schedule as schedule_lib
 from .context_block import block_attention, block_backward, empty_result
 from .context_schedule import LAYOUTS, from_zigzag, layout_order, to_zigzag  # noqa: F401  (re-exported)
 
+__all__ = ["context_parallel_attention", "choose_strategy", "to_zigzag", "from_zigzag", "layout_order",
+           "RING_MIN_INTENSITY"]
+
 STRATEGIES = ("auto", "ring", "all_gather")
 INPUT_ORDERS = ("natural", "zigzag")
 RING_MIN_INTENSITY = 1024.0
