@@ -244,6 +244,35 @@ def test_separate_stream_blocks_equal_single_cache(strategy):
         offload.OffloadedKV.build(k, v, p, stream_blocks="paged")
 
 
+@pytest.mark.parametrize("strategy", ["stream", "both"])
+def test_chunked_prefill_over_offloaded_cache(strategy):
+    """Chunks attend over every cached position and causally over themselves;
+    appended chunk by chunk, the cache then decodes as one array would."""
+    b, hq, hkv, d, cached, chunk = 2, 4, 2, 8, 64, 12
+    total = cached + 2 * chunk
+    q_all, k_all, v_all = random(50, b, total, hq, d), random(51, b, total, hkv, d), random(52, b, total, hkv, d)
+    p = small_plan("stream", cached, 2 * b * hkv * d * 4, 16)
+    if strategy == "both":
+        p = dataclasses.replace(p, stream_tokens=32, cpu_tokens=16)
+    cache = offload.OffloadedKV.build(k_all[:, :cached], v_all[:, :cached], p,
+                                      device_capacity=p.device_tokens + 2 * chunk + 1)
+    lengths = jnp.array([cached, cached], jnp.int32)
+    for start in (cached, cached + chunk):
+        rows = slice(start, start + chunk)
+        out, lse = offload.prefill_attention_offloaded(q_all[:, rows], k_all[:, rows], v_all[:, rows], cache,
+                                                       lengths, backend="cpu", return_lse=True)
+        keys = np.arange(start + chunk)
+        visible = keys[None, :] <= np.arange(start, start + chunk)[:, None]          # causal over positions
+        expected, expected_lse = np_attention(q_all[:, rows], k_all[:, :start + chunk], v_all[:, :start + chunk],
+                                              visible[None, None], 1 / np.sqrt(d))
+        assert_close(out, expected, 1e-5)
+        assert_close(lse, expected_lse, 1e-5)
+        cache = cache.append(k_all[:, rows], v_all[:, rows], lengths)
+        lengths = lengths + chunk
+    q = random(53, b, hq, d)
+    assert_close(offload.decode_attention_offloaded(q, cache, lengths), np_decode(q, k_all, v_all, lengths)[0], 1e-5)
+
+
 def test_split_refuses_tracing():
     b, s, h, d = 1, 40, 1, 8
     q, k, v = random(23, b, h, d), random(24, b, s, h, d), random(25, b, s, h, d)

@@ -8,11 +8,14 @@ and host memory (docs/OFFLOAD.md).
     print(p)                                   # the split and its predicted time
     cache = offload.OffloadedKV.build(k, v, p) # per layer
     out = offload.decode_attention_offloaded(q, cache, lengths)
+    out = offload.prefill_attention_offloaded(q_chunk, k_chunk, v_chunk, cache, lengths)
 """
 from .cache import OffloadedKV, check_memory_kind
 from .decode import accelerator_partial, cpu_partial, decode_attention_offloaded
+from .prefill import prefill_attention_offloaded
 from .partial import partial_decode
 from .plan import Plan, Throughputs, measure_throughputs, plan
 
 __all__ = ["OffloadedKV", "Plan", "Throughputs", "accelerator_partial", "check_memory_kind", "cpu_partial",
-           "decode_attention_offloaded", "measure_throughputs", "partial_decode", "plan"]
+           "decode_attention_offloaded", "measure_throughputs", "partial_decode", "plan",
+           "prefill_attention_offloaded"]

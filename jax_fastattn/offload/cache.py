@@ -128,20 +128,25 @@ class OffloadedKV:
                 "cpu": size(self.cpu_k, self.cpu_v)}
 
     def append(self, k_new, v_new, lengths):
-        """Writes one token per row, k_new/v_new [B, Hkv, D], at position
-        lengths[b] (the row's current length) of the device part; returns the
-        new cache. Positions before device_start (a host part) or past the
-        capacity are dropped: the planner keeps only positions every row has
-        already filled on the host."""
-        batch = self.device_k.shape[0]
-        if k_new.shape != (batch,) + self.device_k.shape[2:] or v_new.shape != k_new.shape:
-            raise ValueError(f"k_new and v_new must have shape [B, Hkv, D] = "
-                             f"{(batch,) + self.device_k.shape[2:]}, got {k_new.shape} and {v_new.shape}")
-        slot = jnp.asarray(lengths, jnp.int32) - self.device_start
+        """Writes new tokens at positions lengths[b], lengths[b] + 1, ... (the
+        row's current length onwards) of the device part; returns the new
+        cache. k_new/v_new: [B, Hkv, D] (one token, decode) or [B, T, Hkv, D]
+        (a prefill chunk). Positions before device_start (a host part) or past
+        the capacity are dropped: the planner keeps only positions every row
+        has already filled on the host."""
+        batch, head_shape = self.device_k.shape[0], self.device_k.shape[2:]
+        one_token = k_new.ndim == 3
+        k_tokens, v_tokens = (x[:, None] if one_token else x for x in (k_new, v_new))
+        if (k_tokens.ndim != 4 or k_tokens.shape[0] != batch or k_tokens.shape[2:] != head_shape
+                or v_tokens.shape != k_tokens.shape):
+            raise ValueError(f"k_new and v_new must have shape [B, Hkv, D] or [B, T, Hkv, D] with B, Hkv, D = "
+                             f"{(batch,) + head_shape}, got {k_new.shape} and {v_new.shape}")
+        count = k_tokens.shape[1]
+        slot = jnp.asarray(lengths, jnp.int32)[:, None] - self.device_start + jnp.arange(count, dtype=jnp.int32)
         slot = jnp.where(slot >= 0, slot, self.device_k.shape[1])        # negative -> out of range, dropped
-        rows = jnp.arange(batch)
-        device_k = self.device_k.at[rows, slot].set(k_new.astype(self.device_k.dtype), mode="drop")
-        device_v = self.device_v.at[rows, slot].set(v_new.astype(self.device_v.dtype), mode="drop")
+        rows = jnp.arange(batch)[:, None]
+        device_k = self.device_k.at[rows, slot].set(k_tokens.astype(self.device_k.dtype), mode="drop")
+        device_v = self.device_v.at[rows, slot].set(v_tokens.astype(self.device_v.dtype), mode="drop")
         return dataclasses.replace(self, device_k=device_k, device_v=device_v)
 
     @classmethod

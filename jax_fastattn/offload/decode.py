@@ -30,53 +30,52 @@ from .cache import OffloadedKV
 from .partial import check_partial_inputs, partial_decode
 
 
-def _attend_block(q, i, k_block, v_block, stream_lengths, scale, backend):
-    block = k_block.shape[1]
-    block_lengths = jnp.clip(stream_lengths - i * block, 0, block)
-    out, lse = partial_decode(q, k_block, v_block, block_lengths, softmax_scale=scale, backend=backend)
-    return out.astype(jnp.float32), lse
+def _block_lengths(stream_lengths, i, block):
+    return jnp.clip(stream_lengths - i * block, 0, block)
 
 
-def _stream_partial(q, stream_k, stream_v, stream_lengths, scale, backend):
-    """Double-buffered scan over host blocks [nb, B, blk, Hkv, D]."""
-    num_blocks = stream_k.shape[0]
+def stream_partial(attend, stream_k, stream_v, stream_lengths, empty):
+    """Merged partial over the stream part, blocks moved host -> device.
+
+    attend(k_block, v_block, block_lengths) -> (out float32, lse) on one
+    device-resident block [B, blk, Hkv, D]; empty: the (out, lse) of no keys,
+    the accumulator's start. Stacked blocks [nb, B, blk, Hkv, D]: a
+    double-buffered scan (block i+1's copy in flight while block i is
+    attended). Separate blocks (a tuple): each moved whole, the loop unrolled
+    with block i+1's copy issued before block i's attention, overlapped by
+    XLA's scheduling of the asynchronous copies; no slicing of host memory."""
+    to_device = lambda x: jax.device_put(x, jax.memory.Space.Device)  # noqa: E731
+    if isinstance(stream_k, tuple):
+        block = stream_k[0].shape[1]
+        outs, lses = [empty[0]], [empty[1]]
+        current = (to_device(stream_k[0]), to_device(stream_v[0]))
+        for i in range(len(stream_k)):
+            following = (to_device(stream_k[i + 1]), to_device(stream_v[i + 1])) if i + 1 < len(stream_k) else None
+            out, lse = attend(*current, _block_lengths(stream_lengths, i, block))
+            outs.append(out)
+            lses.append(lse)
+            current = following
+        return merge_partials(outs, lses)
+
+    num_blocks, block = stream_k.shape[0], stream_k.shape[2]
 
     def fetch(i):
         take = lambda x: jax.lax.dynamic_index_in_dim(x, i, axis=0, keepdims=False)  # noqa: E731
-        return (jax.device_put(take(stream_k), jax.memory.Space.Device),
-                jax.device_put(take(stream_v), jax.memory.Space.Device))
+        return to_device(take(stream_k)), to_device(take(stream_v))
 
     def step(carry, i):
         (k_block, v_block), acc_out, acc_lse = carry
         next_block = fetch(i + 1)                      # in flight while block i is attended
-        out, lse = _attend_block(q, i, k_block, v_block, stream_lengths, scale, backend)
+        out, lse = attend(k_block, v_block, _block_lengths(stream_lengths, i, block))
         acc_out, acc_lse = merge_partials([acc_out, out], [acc_lse, lse])
         return (next_block, acc_out, acc_lse), None
 
-    acc_out = jnp.zeros(q.shape, jnp.float32)
-    acc_lse = jnp.full(q.shape[:2], -jnp.inf, jnp.float32)
-    carry = (fetch(0), acc_out, acc_lse)
+    carry = (fetch(0),) + tuple(empty)
     if num_blocks > 1:
         carry, _ = jax.lax.scan(step, carry, jnp.arange(num_blocks - 1))
     (k_block, v_block), acc_out, acc_lse = carry
-    out, lse = _attend_block(q, num_blocks - 1, k_block, v_block, stream_lengths, scale, backend)
+    out, lse = attend(k_block, v_block, _block_lengths(stream_lengths, num_blocks - 1, block))
     return merge_partials([acc_out, out], [acc_lse, lse])
-
-
-def _stream_partial_separate(q, stream_k, stream_v, stream_lengths, scale, backend):
-    """Blocks as separate host arrays: each moved whole (no slicing of host
-    memory), the loop unrolled; block i+1's copy is issued before block i's
-    attention, and XLA's scheduler overlaps the asynchronous copies."""
-    to_device = lambda x: jax.device_put(x, jax.memory.Space.Device)  # noqa: E731
-    outs, lses = [], []
-    current = (to_device(stream_k[0]), to_device(stream_v[0]))
-    for i in range(len(stream_k)):
-        following = (to_device(stream_k[i + 1]), to_device(stream_v[i + 1])) if i + 1 < len(stream_k) else None
-        out, lse = _attend_block(q, i, *current, stream_lengths, scale, backend)
-        outs.append(out)
-        lses.append(lse)
-        current = following
-    return merge_partials(outs, lses)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "backend"))
@@ -92,8 +91,12 @@ def accelerator_partial(q, cache: OffloadedKV, lengths, *, scale: float, backend
         outs.append(out.astype(jnp.float32))
         lses.append(lse)
     if cache.stream_k is not None:
-        stream = _stream_partial_separate if isinstance(cache.stream_k, tuple) else _stream_partial
-        out, lse = stream(q, cache.stream_k, cache.stream_v, stream_len, scale, backend)
+        def attend(k_block, v_block, block_lengths):
+            out, lse = partial_decode(q, k_block, v_block, block_lengths, softmax_scale=scale, backend=backend)
+            return out.astype(jnp.float32), lse
+
+        empty = (jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:2], -jnp.inf, jnp.float32))
+        out, lse = stream_partial(attend, cache.stream_k, cache.stream_v, stream_len, empty)
         outs.append(out)
         lses.append(lse)
     if not outs:

@@ -104,7 +104,8 @@ def predict(device_tokens: int, stream_tokens: int, cpu_tokens: int, block_token
     b = kv_bytes_per_token
     accelerator = (device_tokens + stream_tokens) * b / tp.accelerator_bytes_per_s
     if stream_tokens:
-        copy = stream_tokens * b / tp.pcie_bytes_per_s + min(stream_tokens, block_tokens) * b / tp.accelerator_bytes_per_s
+        last_block = min(stream_tokens, block_tokens) * b / tp.accelerator_bytes_per_s
+        copy = stream_tokens * b / tp.pcie_bytes_per_s + last_block
         accelerator = max(accelerator, copy)
     cpu = cpu_tokens * b / tp.cpu_bytes_per_s + tp.cpu_fixed_s if cpu_tokens else 0.0
     return accelerator, cpu
@@ -179,6 +180,14 @@ def _best_time(fn, repeats: int) -> float:
     return best
 
 
+def _copy_rate(device, host_memory_kind, nbytes, dtype, repeats) -> float:
+    """Bytes/s of one host_memory_kind -> device memory copy of nbytes."""
+    on_host = SingleDeviceSharding(device, memory_kind=host_memory_kind)
+    on_device = SingleDeviceSharding(device, memory_kind="device")
+    host_block = jax.device_put(np.zeros((nbytes // jnp.dtype(dtype).itemsize,), dtype), on_host)
+    return nbytes / _best_time(lambda: jax.device_put(host_block, on_device), repeats)
+
+
 def measure_throughputs(*, kv_heads: int, head_dim: int, q_heads: Optional[int] = None, dtype=jnp.bfloat16,
                         device=None, cpu_device=None, host_memory_kind: str = "pinned_host",
                         copy_bytes: int = 256 << 20, accelerator_tokens: int = 65536, cpu_tokens: int = 16384,
@@ -191,12 +200,7 @@ def measure_throughputs(*, kv_heads: int, head_dim: int, q_heads: Optional[int] 
     check_memory_kind(device, host_memory_kind)
     cpu_device = cpu_device or default_cpu_device(device)
     q_heads = q_heads or kv_heads
-    itemsize = jnp.dtype(dtype).itemsize
-    on_host = SingleDeviceSharding(device, memory_kind=host_memory_kind)
-    on_device = SingleDeviceSharding(device, memory_kind="device")
-    host_block = jax.device_put(np.zeros((copy_bytes // itemsize,), dtype), on_host)
-    pcie = copy_bytes / _best_time(lambda: jax.device_put(host_block, on_device), repeats)
-    del host_block
+    pcie = _copy_rate(device, host_memory_kind, copy_bytes, dtype, repeats)
 
     def attention_rate(target, tokens, kernel):
         key = jax.random.key(0)

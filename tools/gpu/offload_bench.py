@@ -165,7 +165,7 @@ def rms_norm(x):
 
 
 def make_layer_fns(cfg, scale, backend):
-    hq, hkv, hd = cfg["q_heads"], cfg["kv_heads"], cfg["head_dim"]
+    hq, hd = cfg["q_heads"], cfg["head_dim"]
 
     def project(x, w):
         qkv = rms_norm(x) @ w["wqkv"]
@@ -291,7 +291,7 @@ def run_case(cfg, args, context, strategy, throughputs, weights, lm_head, embed,
                       traceback=traceback.format_exc()[-3000:])
         print(f"  FAILED {record['error'][:300]}", flush=True)
     finally:
-        del caches
+        caches = None      # frees the case's device and host KV before the next case
         gc.collect()
     return record
 
