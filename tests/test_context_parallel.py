@@ -320,3 +320,15 @@ def test_speedup_model_reproduces_the_analytic_limits():
         assert abs(row["eff_naive_fwd"] - n / (2 * n - 1)) < 1e-9
         assert abs(row["eff_zigzag_fwd_bwd_fused"] - 1.0) < 1e-9      # block backward from merged out/lse
         assert abs(row["eff_zigzag_fwd_bwd"] - 3.5 / 4.5) < 1e-9        # each pair's forward re-run
+
+
+def test_ring_bfloat16_forward(mesh):
+    """bf16 inputs: block results merged in f32, within bf16 tolerance of the f32 reference."""
+    q, k, v, _, _ = inputs(48)
+    attend = jax.jit(lambda q, k, v: context_parallel_attention(
+        q, k, v, mesh=mesh, axis="cp", causal=True, strategy="ring", backend="cpu"))
+    out = attend(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
+    assert out.dtype == jnp.bfloat16
+    rounded = [x.astype(jnp.bfloat16).astype(jnp.float32) for x in (q, k, v)]
+    assert_close(out.astype(jnp.float32), plain_attention(*rounded, visibility(48, causal=True))[0], "out",
+                 tolerance=2e-2)
