@@ -180,11 +180,17 @@ def trt_vit(variant: str, *, rngs: nnx.Rngs, **overrides) -> Backbone:
 
 
 def tiny_config(variant: str = "A", *, width: float = 0.125, num_classes: int = 10, in_channels: int = 1,
-                head_dim: int = 16, attention_backend: str = "auto") -> BackboneConfig:
+                head_dim: int = 16, max_depth: int | None = None, attention_backend: str = "auto") -> BackboneConfig:
     """A narrow copy of a variant for 28x28 images on a CPU: stem 3x3/1 (no
-    down-sampling), channels times `width`, head_dim 16, same kinds, depths,
-    strides and sr ratios as the full variant."""
+    down-sampling), channels times `width`, head_dim 16, same kinds,
+    strides and sr ratios as the full variant, depths capped at `max_depth`
+    (None: the variant's)."""
     check_choice("variant", variant, tuple(VARIANTS))
+    if max_depth is not None and max_depth < 1:
+        raise ValueError(f"max_depth must be >= 1 or None, got {max_depth}")
     base = VARIANTS[variant].replace(head_dim=head_dim, stem="small", num_classes=num_classes,
                                      in_channels=in_channels, attention_backend=attention_backend)
+    if max_depth is not None:
+        base = base.replace(stages=tuple(dataclasses.replace(s, depth=min(s.depth, max_depth))
+                                         for s in base.stages))
     return base.scaled(width, name=f"{base.name}-tiny")

@@ -170,7 +170,7 @@ class MixedBlock(nnx.Module):
 def set_attention_backend(model: nnx.Module, backend: str) -> nnx.Module:
     """Points every attention layer of `model` at `backend` (in place)."""
     check_choice("backend", backend, ATTENTION_BACKENDS)
-    for _, module in model.iter_modules():
+    for _, module in nnx.iter_modules(model):
         if isinstance(module, SpatialReductionAttention):
             module.attention_backend = backend
     return model

@@ -26,7 +26,7 @@ def count_params(model: nnx.Module) -> int:
 
 
 def _attention_backends(model: nnx.Module) -> list:
-    return [m.attention_backend for _, m in model.iter_modules() if isinstance(m, SpatialReductionAttention)]
+    return [m.attention_backend for _, m in nnx.iter_modules(model) if isinstance(m, SpatialReductionAttention)]
 
 
 def _forward(graphdef):
@@ -50,7 +50,7 @@ def xla_flops(model: nnx.Module, input_shape, dtype=jnp.float32) -> float:
         lowered = jax.jit(_forward(graphdef)).lower(_abstract(state), jax.ShapeDtypeStruct(tuple(input_shape), dtype))
         cost = lowered.cost_analysis()
     finally:
-        attention_layers = [m for _, m in model.iter_modules() if isinstance(m, SpatialReductionAttention)]
+        attention_layers = [m for _, m in nnx.iter_modules(model) if isinstance(m, SpatialReductionAttention)]
         for layer, backend in zip(attention_layers, saved):
             layer.attention_backend = backend
     if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
