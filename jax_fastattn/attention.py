@@ -198,3 +198,39 @@ def flash_attention(q, k, v, *, mask: Optional[masks.Mask] = None, causal: bool 
                 kernel)
     out, lse = _attention(call, q, k, v, bias, plan.q_segment_ids, plan.kv_segment_ids, plan.dense)
     return (out, lse) if return_lse else out
+
+
+def flash_attention_backward(q, k, v, out, lse, d_out, d_lse=None, *, mask: Optional[masks.Mask] = None,
+                             causal: bool = False, softmax_scale: Optional[float] = None, backend: str = "auto",
+                             config: Optional[KernelConfig] = None):
+    """(d_q, d_k, d_v) of attention over these keys, given `out` and `lse`.
+
+    The fused backward needs only the softmax's normaliser (lse) and
+    rowsum(d_out * out); when they come from a larger softmax, of which
+    these keys are one part (ring attention: the merged out and lse of all
+    steps), this gives that part's exact gradients without recomputing its
+    forward. `out` [B, Sq, Hq, D] and `d_out` like q; `lse` and `d_lse`
+    float32 [B, Hq, Sq] (d_lse None = 0). Same masks, scale, backends and
+    config as flash_attention (no bias).
+    """
+    check_inputs(q, k, v, None, softmax_scale)
+    b, sq, hq, d = q.shape
+    lse_shape = (b, hq, sq)
+    for name, x, shape in (("out", out, q.shape), ("d_out", d_out, q.shape), ("lse", lse, lse_shape),
+                           ("d_lse", d_lse, lse_shape)):
+        if x is not None and tuple(np.shape(x)) != tuple(shape):
+            raise ArgumentError(f"{name} must have shape {tuple(shape)}, got {tuple(np.shape(x))}")
+    skv = k.shape[1]
+    plan = masks.make_plan(mask, bool(causal), b, hq, sq, skv)
+    record = backends.resolve(backend, "attention", q.dtype, d)
+    kernel = check_config(config, record, d, False)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
+    call = Call(record.name, scale, sq, skv, int(plan.band_lo), int(plan.band_hi), kernel.tiles or record.tiles,
+                kernel)
+    d_lse = jnp.zeros(lse_shape, jnp.float32) if d_lse is None else d_lse.astype(jnp.float32)
+    # The reference backward differentiates its own forward (this part's
+    # softmax alone); the blockwise one, like the kernels', uses the given lse.
+    backward = backends.BACKENDS["xla"].backward if record.name == "reference" else record.backward
+    d_q, d_k, d_v, _ = backward(call, q, k, v, None, plan.q_segment_ids, plan.kv_segment_ids, plan.dense,
+                                       out.astype(q.dtype), lse.astype(jnp.float32), d_out.astype(q.dtype), d_lse)
+    return d_q, d_k, d_v

@@ -12,7 +12,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import oracle
 from helpers import GRAD_TOLERANCE, TOLERANCE, assert_close, random_qkv
-from jax_fastattn import flash_attention, masks
+from jax_fastattn import flash_attention, flash_attention_backward, masks
 from jax_fastattn.errors import ArgumentError
 
 DTYPES = [jnp.float32, jnp.bfloat16, jnp.float16]
@@ -286,3 +286,29 @@ def test_sharded_batch_and_heads(case, mesh_shape):
     assert_close(sharded_out, fn(q, k, v), case.dtype, tolerance=tol / 10)
     for g, r in zip(jax.jit(grad)(*placed), grad(q, k, v)):
         assert_close(g, r, case.dtype, tolerance=tol / 10)
+
+
+def test_backward_given_the_merged_lse(case):
+    """flash_attention_backward over each part of the keys, given the out and
+    lse of attention over all of them (as ring attention has), sums to the
+    gradients of the whole (causal, bottom-right: part [lo, hi) of Skv keys
+    sees keys up to i + Skv - Sq, a window with right = Skv - hi)."""
+    q, k, v = random_qkv(26, 2, 37, 50, 4, 2, 64, case.dtype)
+    if not case.supports(q.dtype, 64):
+        return expect_unsupported(case, q, k, v)
+    d_out = jax.random.normal(jax.random.PRNGKey(27), q.shape).astype(q.dtype)
+    out, lse = attend(case, q, k, v, causal=True, return_lse=True)
+    d_q = 0.0
+    d_k, d_v = [], []
+    for lo, hi in ((0, 20), (20, 50)):
+        grads = flash_attention_backward(q, k[:, lo:hi], v[:, lo:hi], out, lse, d_out, backend=case.backend,
+                                         config=case.config, mask=masks.SlidingWindow(None, 50 - hi))
+        d_q = d_q + grads[0].astype(jnp.float32)
+        d_k.append(grads[1])
+        d_v.append(grads[2])
+    up = lambda x: x.astype(jnp.float32)
+    _, vjp = jax.vjp(lambda q, k, v: oracle.attention(q, k, v, causal=True)[0], up(q), up(k), up(v))
+    tol = GRAD_TOLERANCE[jnp.dtype(case.dtype).name]
+    for name, got, ref in zip(("d_q", "d_k", "d_v"), (d_q, jnp.concatenate(d_k, 1), jnp.concatenate(d_v, 1)),
+                              vjp(up(d_out))):
+        assert_close(got, ref, case.dtype, tolerance=tol, what=name)

@@ -16,6 +16,9 @@ import importlib
 _EXPORTS = {
     "tp_attention_block": "tiling_allreduce",
     "context_parallel_attention": "context",
+    "choose_strategy": "context",
+    "to_zigzag": "context",
+    "from_zigzag": "context",
 }
 
 __all__ = sorted(_EXPORTS)
