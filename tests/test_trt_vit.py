@@ -170,31 +170,35 @@ def test_baseline_params_match_published_counts():
     assert count_params(_abstract(PVT_SMALL)) == _expected_params(PVT_SMALL)
 
 
-def test_tiny_forward_backward_matches_plain_attention():
-    """One training-mode forward/backward of a tiny variant; flash_attention
-    (CPU kernel) and the einsum attention give the same loss and gradients."""
+def test_tiny_forward_backward_step():
+    """One training-mode forward/backward of a depth-1 copy of TRT-ViT-A:
+    finite loss, finite gradients reaching (nearly) every parameter."""
     x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 28, 28, 1)), jnp.float32)
     y = jnp.asarray([0, 1, 2, 3])
+    model = Backbone(tiny_config("A", width=0.0625, max_depth=1), rngs=nnx.Rngs(0))
+    model.train()
 
-    def loss_and_grads(backend):
-        cfg = tiny_config("A", width=0.0625, max_depth=1, attention_backend=backend)
-        model = Backbone(cfg, rngs=nnx.Rngs(0))
-        model.train()
+    def loss_fn(m):
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(m(x)), y[:, None], axis=1))
 
-        def loss_fn(m):
-            logits = m(x)
-            return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
-        return nnx.jit(nnx.value_and_grad(loss_fn))(model)
-
-    loss, grads = loss_and_grads("auto")
-    loss_plain, grads_plain = loss_and_grads("plain")
-    leaves, leaves_plain = jax.tree.leaves(grads), jax.tree.leaves(grads_plain)
-    assert np.isfinite(float(loss))
+    loss, grads = nnx.jit(nnx.value_and_grad(loss_fn))(model)
+    leaves = jax.tree.leaves(grads)
+    assert np.isfinite(float(loss)) and float(loss) > 0
     assert all(np.all(np.isfinite(np.asarray(g))) for g in leaves)
-    np.testing.assert_allclose(float(loss), float(loss_plain), rtol=1e-5)
-    for g, g_plain in zip(leaves, leaves_plain):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(g_plain), rtol=1e-3, atol=1e-5)
     assert sum(float(jnp.abs(g).sum()) > 0 for g in leaves) > 0.9 * len(leaves)
+
+
+def test_transformer_block_gradients_match_plain_attention():
+    """flash_attention (CPU kernel, its fused backward) and the einsum
+    attention give the same block gradients."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 4, 4, 32)), jnp.float32)
+
+    def grads(backend):
+        block = TransformerBlock(32, 2, 2, 2.0, backend, rngs=nnx.Rngs(3))
+        return jax.tree.leaves(nnx.grad(lambda b: jnp.sum(jnp.sin(b(x))))(block))
+
+    for g, g_plain in zip(grads("auto"), grads("plain")):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(g_plain), rtol=1e-3, atol=1e-5)
 
 
 def test_loss_falls_on_mnist_sample():

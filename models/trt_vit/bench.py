@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import platform
 import sys
 import time
@@ -231,13 +230,18 @@ def main(argv=None) -> Dict:
         wanted = args.only.split(",")
         entries = [e for e in entries if any(w in e.name for w in wanted)]
     rows, start = [], time.perf_counter()
+    result = {"experiments": args.experiments, "preset": args.preset, "settings": settings,
+              "attention_backend": args.attention_backend, "environment": environment(), "complete": False,
+              "rows": rows}
     for entry in entries:
         case_start = time.perf_counter()
         rows += measure_entry(entry, dtypes, settings["batch"], settings["image_size"], settings["warmup"],
                               settings["repeats"], args.attention_backend)
         print(f"  {entry.name}: {time.perf_counter() - case_start:.1f} s", file=sys.stderr, flush=True)
-    result = {"experiments": args.experiments, "preset": args.preset, "settings": settings,
-              "environment": environment(), "wall_s": time.perf_counter() - start, "rows": rows}
+        result["wall_s"] = time.perf_counter() - start
+        with open(args.out, "w") as f:  # partial results survive a run cut short
+            json.dump(result, f, indent=1)
+    result["complete"] = True
     if args.experiments == "models":
         result["resnet50_check"] = resnet50_check(rows)
     else:
