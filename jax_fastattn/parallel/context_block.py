@@ -1,6 +1,7 @@
 """One block of context-parallel attention: a query block against a key
 block under a static band, through `flash_attention(return_lse=True)`, and
-its exact backward when the block is one part of a larger softmax.
+its exact backward when the block is one part of a larger softmax
+(`flash_attention_backward` with the merged out and lse: no forward rerun).
 
 The kernel's masks express bands that contain the diagonal (Causal,
 SlidingWindow with non-negative bounds). A block band (lo, hi) that lies
@@ -15,7 +16,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from jax_fastattn import flash_attention, masks
+from jax_fastattn import flash_attention, flash_attention_backward, masks
 
 from .context_schedule import Band
 
@@ -25,23 +26,16 @@ def empty_result(q):
     return jnp.zeros(q.shape, q.dtype), jnp.full((b, h, s), -jnp.inf, jnp.float32)
 
 
-def block_attention(q, k, v, q_ids, kv_ids, band: Optional[Band], softmax_scale: float, backend: str):
-    """(out [B, Sq, H, D] in q's dtype, lse f32 [B, H, Sq]) of q against k/v
-    where key jj is visible from query ii iff lo <= jj - ii <= hi (None =
-    unbounded; band None = nothing visible) and, when ids are given,
-    q_ids[ii] == kv_ids[jj] >= 0."""
-    if band is None:
-        return empty_result(q)
+def _block_parts(q_ids, kv_ids, band: Band):
+    """(q_skip, kv_skip, mask) of a band that contains work: the leading
+    queries that see nothing, the leading keys no query sees, and the
+    kernel mask of what is left (None when nothing is masked)."""
     lo, hi = band
     q_skip = kv_skip = 0
     if hi is not None and hi < 0:      # queries ii < -hi see no key of this block
         q_skip, lo, hi = -hi, (None if lo is None else lo - hi), 0
     elif lo is not None and lo > 0:    # keys jj < lo are seen by no query of this block
         kv_skip, lo, hi = lo, 0, (None if hi is None else hi - lo)
-    if q_skip >= q.shape[1] or kv_skip >= k.shape[1]:
-        return empty_result(q)
-    q_part = q[:, q_skip:]
-    k_part, v_part = k[:, kv_skip:], v[:, kv_skip:]
     parts = []
     if lo is not None or hi is not None:
         parts.append(masks.SlidingWindow(None if lo is None else -lo, hi, align="top_left"))
@@ -50,8 +44,21 @@ def block_attention(q, k, v, q_ids, kv_ids, band: Optional[Band], softmax_scale:
     mask = None
     for part in parts:
         mask = part if mask is None else mask & part
-    out, lse = flash_attention(q_part, k_part, v_part, mask=mask, softmax_scale=softmax_scale,
-                               return_lse=True, backend=backend)
+    return q_skip, kv_skip, mask
+
+
+def block_attention(q, k, v, q_ids, kv_ids, band: Optional[Band], softmax_scale: float, backend: str):
+    """(out [B, Sq, H, D] in q's dtype, lse f32 [B, H, Sq]) of q against k/v
+    where key jj is visible from query ii iff lo <= jj - ii <= hi (None =
+    unbounded; band None = nothing visible) and, when ids are given,
+    q_ids[ii] == kv_ids[jj] >= 0."""
+    if band is None:
+        return empty_result(q)
+    q_skip, kv_skip, mask = _block_parts(q_ids, kv_ids, band)
+    if q_skip >= q.shape[1] or kv_skip >= k.shape[1]:
+        return empty_result(q)
+    out, lse = flash_attention(q[:, q_skip:], k[:, kv_skip:], v[:, kv_skip:], mask=mask,
+                               softmax_scale=softmax_scale, return_lse=True, backend=backend)
     if q_skip:
         b, _, h, d = q.shape
         out = jnp.concatenate([jnp.zeros((b, q_skip, h, d), out.dtype), out], axis=1)
@@ -64,26 +71,28 @@ def block_backward(q, k, v, q_ids, kv_ids, out, lse, d_out, d_lse, *, band: Opti
     """Gradients (f32) of a loss of the merged (out, lse) with respect to this
     block's q, k, v, given the merged out and lse and their cotangents.
 
-    With w = exp(lse_blk - lse), the merged result is out = sum_blk w o_blk and
-    lse = log sum_blk exp(lse_blk), so the block's cotangents are
-      d o_blk   = w d_out,
-      d lse_blk = w (sum_d d_out (o_blk - out) + d_lse),
-    fed to the block's own vjp (which recomputes the block forward). Exact:
-    the kernel backward's rowsum(d o_blk * o_blk) term cancels against the
-    first part of d lse_blk, leaving the global rowsum(d_out * out).
+    The fused backward needs only the softmax normaliser and rowsum(d_out *
+    out) of each query row; given the merged lse and out (of the softmax
+    over every block's keys) it yields this block's exact share:
+    P_blk = exp(S_blk - lse) are the global probabilities of its keys, and
+    d lse reaches them as d_lse * P_blk. `flash_attention_backward` takes
+    them directly, so the block's forward is not recomputed.
+
+    Rows whose merged lse is -inf see no key in any block: their gradients
+    are zero, obtained by handing the kernel lse = +inf (P = 0).
     """
+    zeros = tuple(jnp.zeros(x.shape, jnp.float32) for x in (q, k, v))
     if band is None:
-        return tuple(jnp.zeros(x.shape, jnp.float32) for x in (q, k, v))
-
-    def attend(q, k, v):
-        return block_attention(q, k, v, q_ids, kv_ids, band, softmax_scale, backend)
-
-    (o_blk, lse_blk), vjp = jax.vjp(attend, q, k, v)
-    seen = jnp.isfinite(lse_blk) & jnp.isfinite(lse)
-    weight = jnp.where(seen, jnp.exp(jnp.where(seen, lse_blk - lse, 0.0)), 0.0)       # [B, H, S]
-    weight_rows = jnp.swapaxes(weight, 1, 2)[..., None]                                 # [B, S, H, 1]
-    d_out32 = d_out.astype(jnp.float32)
-    d_o_blk = (weight_rows * d_out32).astype(o_blk.dtype)
-    row_dot = jnp.sum(d_out32 * (o_blk.astype(jnp.float32) - out.astype(jnp.float32)), axis=-1)  # [B, S, H]
-    d_lse_blk = weight * (jnp.swapaxes(row_dot, 1, 2) + d_lse.astype(jnp.float32))
-    return tuple(g.astype(jnp.float32) for g in vjp((d_o_blk, d_lse_blk)))
+        return zeros
+    q_skip, kv_skip, mask = _block_parts(q_ids, kv_ids, band)
+    if q_skip >= q.shape[1] or kv_skip >= k.shape[1]:
+        return zeros
+    rows = slice(q_skip, None)
+    lse_rows = lse[:, :, rows].astype(jnp.float32)
+    lse_rows = jnp.where(jnp.isfinite(lse_rows), lse_rows, jnp.inf)
+    d_lse_rows = None if d_lse is None else d_lse[:, :, rows]
+    d_q, d_k, d_v = flash_attention_backward(
+        q[:, rows], k[:, kv_skip:], v[:, kv_skip:], out[:, rows].astype(q.dtype), lse_rows,
+        d_out[:, rows].astype(q.dtype), d_lse_rows, mask=mask, softmax_scale=softmax_scale, backend=backend)
+    pad = lambda g, skip: jnp.pad(g.astype(jnp.float32), ((0, 0), (skip, 0), (0, 0), (0, 0)))  # noqa: E731
+    return pad(d_q, q_skip), pad(d_k, kv_skip), pad(d_v, kv_skip)
