@@ -20,6 +20,7 @@ std per method and paired tests of CSMPQ against each baseline.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -64,6 +65,8 @@ def parse_args(argv=None):
     parser.add_argument("--fp-epochs", type=int, default=None, help="full-precision training epochs")
     parser.add_argument("--qat-epochs", type=int, default=1)
     parser.add_argument("--qat-lr", type=float, default=0.005)
+    parser.add_argument("--qat-images", type=int, default=None,
+                        help="fine-tune on the first N training images only (default: all)")
     parser.add_argument("--ptq-steps", type=int, default=200, help="AdaRound steps")
     parser.add_argument("--rounding", choices=("adaround", "nearest"), default="adaround")
     parser.add_argument("--calibration-images", type=int, default=32, help="images for the layer scores")
@@ -76,6 +79,8 @@ def parse_args(argv=None):
                         help="also run the Hessian-trace (HAWQ-v2) allocation under the same integer program")
     parser.add_argument("--hessian-samples", type=int, default=32, help="Hutchinson probes")
     parser.add_argument("--hessian-images", type=int, default=256, help="labelled images for the Hessian")
+    parser.add_argument("--search-only", action="store_true",
+                        help="time the scores, Hessian traces and integer programs; quantize nothing")
     parser.add_argument("--test-per-class", type=int, default=100, help="test images per class (of 500)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, default=0, metavar="N",
@@ -91,6 +96,8 @@ def parse_args(argv=None):
         parser.error(f"--budget-fraction must be in (0, 1], got {args.budget_fraction}")
     if not 0 <= args.random_fill <= 1:
         parser.error(f"--random-fill must be in [0, 1], got {args.random_fill}")
+    if args.qat_images is not None and args.qat_images < 64:
+        parser.error(f"--qat-images must be at least one batch (64), got {args.qat_images}")
     if args.seeds == 1:
         parser.error("--seeds needs at least 2 seeds for paired statistics (0 runs --seed alone)")
     return args
@@ -102,6 +109,9 @@ def _bar(iterable, total):
 
 def _quantized_accuracy(model, bits, data, args, seed):
     if args.mode == "qat":
+        if args.qat_images:
+            data = dataclasses.replace(data, x_train=data.x_train[:args.qat_images],
+                                       y_train=data.y_train[:args.qat_images])
         return pipeline.qat_accuracy(model, bits, data, epochs=args.qat_epochs, learning_rate=args.qat_lr,
                                      seed=seed, progress=_bar)
     return pipeline.ptq_accuracy(model, bits, data, rounding=args.rounding, steps=args.ptq_steps, seed=seed,
@@ -158,8 +168,8 @@ def run_seed(args, seed: int) -> dict:
     print(f"scores of {num_layers} layers from {args.calibration_images} images in {score_seconds:.2f} s "
           f"({score_seconds_warm:.3f} s compiled); integer program solved in {solve_seconds * 1e3:.1f} ms")
 
-    runs = [("csmpq", allocation.bits)]
-    extra = {}
+    runs = [] if args.search_only else [("csmpq", allocation.bits)]
+    extra = dict(csmpq_bits=list(allocation.bits))
     if args.hessian:
         start = time.perf_counter()
         traces = hessian.hutchinson_traces(model, data.x_train[:args.hessian_images],
@@ -169,20 +179,20 @@ def run_seed(args, seed: int) -> dict:
         hessian_seconds = time.perf_counter() - start
         start = time.perf_counter()
         by_trace = allocate_bits_table(values, params, budget, spec.bit_choices, spec.fixed_bits, "hessian-trace")
-        extra = dict(hessian_traces=traces.tolist(), hessian_seconds=hessian_seconds,
-                     hessian_solve_seconds=time.perf_counter() - start)
+        extra.update(hessian_traces=traces.tolist(), hessian_seconds=hessian_seconds,
+                     hessian_solve_seconds=time.perf_counter() - start, hessian_bits=list(by_trace.bits))
         print(f"Hessian traces of {num_layers} layers ({args.hessian_samples} probes, {args.hessian_images} "
               f"images) in {hessian_seconds:.2f} s")
-    print(f"{'layer':<28}{'params':>9}{'score':>9}{'bits':>6}{'LP+round':>10}" + ("  trace   H-bits" if extra else ""))
+    print(f"{'layer':<28}{'params':>9}{'score':>9}{'bits':>6}{'LP+round':>10}" + ("  trace   H-bits" if args.hessian else ""))
     for l in range(num_layers):
         row = f"{paths[l]:<28}{params[l]:>9}{scores[l]:>9.4f}{allocation.bits[l]:>6}{relaxed.bits[l]:>10}"
-        print(row + (f"{extra['hessian_traces'][l]:>9.3g}{by_trace.bits[l]:>7}" if extra else ""))
+        print(row + (f"{extra['hessian_traces'][l]:>9.3g}{by_trace.bits[l]:>7}" if args.hessian else ""))
 
-    if args.baselines:
+    if args.baselines and not args.search_only:
         runs.append(("uniform", pipeline.uniform_bits(num_layers, params, budget, spec)))
-    if args.hessian:
+    if args.hessian and not args.search_only:
         runs.append(("hessian", by_trace.bits))
-    if args.baselines:
+    if args.baselines and not args.search_only:
         rng = np.random.default_rng(seed)
         if args.random_fill > 0:
             draw = lambda: pipeline.random_bits_full_budget(params, budget, spec, rng, min_fill=args.random_fill)
@@ -225,13 +235,12 @@ def _plot(path, paths, scores, bits, title):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"{args.model}_{args.mode}")
+    stem = os.path.join(args.out, f"{args.model}_{args.mode}" + ("_search" if args.search_only else ""))
     if not args.seeds:
         report = run_seed(args, args.seed)
         with open(stem + ".json", "w") as f:
             json.dump(report, f, indent=1)
-        csmpq_bits = report["results"][0]["bits"]
-        _plot(stem + ".png", report["layers"], report["scores"], csmpq_bits,
+        _plot(stem + ".png", report["layers"], report["scores"], report["csmpq_bits"],
               f"CSMPQ {args.model} {args.mode.upper()}, {report['budget_mb']:.3f} MB")
         print(f"wrote {stem}.json and {stem}.png")
         return report
@@ -243,10 +252,14 @@ def main(argv=None) -> dict:
         summary["per_seed_reports"] = reports
         with open(stem + "_seeds.json", "w") as f:
             json.dump(summary, f, indent=1)
+    if args.search_only:
+        print(seeds.timing_table(summary))
+        return summary
     seeds.plot(stem + "_seeds.png", summary)
     print(seeds.table(summary))
     if summary["comparisons"]:
         print(seeds.comparison_table(summary))
+    print(seeds.timing_table(summary))
     print(f"wrote {stem}_seeds.json and {stem}_seeds.png")
     return summary
 

@@ -8,17 +8,18 @@ quantization perturbation at b bits:
 
     Omega_l(b) = Tr(H_l) / n_l * |Q_b(W_l) - W_l|^2
 
-Tr(H_l) is estimated by Hutchinson's method: for Rademacher vectors v over
-all kernels, E[v_l^T (H v)_l] = Tr(H_ll) (the cross-layer terms vanish in
-expectation), so one Hessian-vector product per sample gives every layer's
-trace at once (as PyHessian, which HAWQ-v2 uses, does). The allocation then
+Tr(H_l) is estimated by Hutchinson's method, E[v^T H_ll v] = Tr(H_ll) for a
+Rademacher vector v over layer l's kernel, one Hessian-vector product per
+layer and probe. (A single probe over all kernels at once would also be
+unbiased, but its cross-layer terms v_l^T H_lk v_k swamp the trace of small
+layers such as the stem.) The allocation then
 minimises sum_l Omega_l(b_l) under the same size budget and the same exact
 integer program as CSMPQ (`allocation.allocate_bits_table`). Unlike CSMPQ's
 score it needs labels and second-order autodiff.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -56,9 +57,10 @@ def loss_of_kernels(model: nnx.Module):
 
 
 def hutchinson_traces(model: nnx.Module, x: np.ndarray, y: np.ndarray, *, samples: int = 32,
-                      seed: int = 0) -> np.ndarray:
-    """Tr(H_l) of the loss on (x, y) for every quantizable layer's kernel,
-    averaged over `samples` Rademacher probes."""
+                      seed: int = 0, layers: Optional[Sequence[int]] = None) -> np.ndarray:
+    """Tr(H_l) of the loss on (x, y) for every quantizable layer's kernel
+    (or those indexed by `layers`, in that order): the mean of v^T H_ll v
+    over `samples` Rademacher probes per layer."""
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     loss = loss_of_kernels(model)
@@ -67,14 +69,20 @@ def hutchinson_traces(model: nnx.Module, x: np.ndarray, y: np.ndarray, *, sample
     gradient = jax.grad(loss)
 
     @jax.jit
-    def probe(key):
+    def probe(key, layer_mask):
+        # layer_mask: one-hot over layers, so one compiled function serves all.
         keys = jax.random.split(key, len(weights))
-        vs = [jax.random.rademacher(k, w.shape, w.dtype) for k, w in zip(keys, weights)]
+        vs = [m * jax.random.rademacher(k, w.shape, w.dtype) for m, k, w in zip(layer_mask, keys, weights)]
         _, hv = jax.jvp(lambda ws: gradient(ws, x, y), (weights,), (vs,))
-        return jnp.stack([jnp.sum(v * h) for v, h in zip(vs, hv)])
+        return sum(jnp.sum(v * h) for v, h in zip(vs, hv))
 
     keys = jax.random.split(jax.random.PRNGKey(seed), samples)
-    return np.mean([np.asarray(probe(k)) for k in keys], axis=0)
+    eye = jnp.eye(len(weights), dtype=weights[0].dtype)
+    layers = range(len(weights)) if layers is None else layers
+    for l in layers:
+        if not 0 <= l < len(weights):
+            raise ValueError(f"layers names layer {l}, but the model has {len(weights)} quantizable layers")
+    return np.array([np.mean([float(probe(k, eye[l])) for k in keys]) for l in layers])
 
 
 def perturbations(model: nnx.Module, bit_choices: Sequence[int]) -> np.ndarray:

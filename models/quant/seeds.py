@@ -93,6 +93,20 @@ def comparison_table(summary_report: dict) -> str:
     return "\n".join(lines)
 
 
+def timing_table(summary_report: dict) -> str:
+    """Search cost per seed (mean ± std over seeds): CSMPQ's score and
+    integer program against the Hessian-trace sensitivity and its program."""
+    t = summary_report["timing"]
+    lines = ["| step | seconds (mean ± std over seeds) |", "|---|---|"]
+    names = dict(score_seconds="CSMPQ scores, first call (compilation included)",
+                 score_seconds_warm="CSMPQ scores, compiled", solve_seconds="CSMPQ integer program",
+                 hessian_seconds="Hessian traces (Hutchinson) + perturbations", hessian_solve_seconds="Hessian integer program")
+    for key, label in names.items():
+        if key in t:
+            lines.append(f"| {label} | {t[key]['mean']:.3f} ± {t[key]['std']:.3f} |")
+    return "\n".join(lines)
+
+
 def plot(path: str, summary_report: dict) -> None:
     """Accuracy per method: each seed's value (dots, random: the seed's mean
     of draws) and mean ± std (bar and error bar)."""

@@ -42,17 +42,23 @@ def layer_score(features):
     return jnp.mean(strength * idf)
 
 
+def _all_scores(model, images):
+    _, outputs = model(images, collect=True)
+    return jnp.stack([layer_score(pooled_features(o)) for o in outputs])
+
+
+_all_scores_jit = None
+
+
 def model_scores(model, images):
     """γ of every quantizable layer of `model` (a models/ CNN whose
     `__call__(x, collect=True)` returns the layers' outputs), from one batch
-    of calibration images, batch norm in inference mode."""
+    of calibration images, batch norm in inference mode. Compiled once per
+    model structure and input shape (later calls reuse it)."""
+    global _all_scores_jit
     from flax import nnx
 
+    if _all_scores_jit is None:
+        _all_scores_jit = nnx.jit(_all_scores)
     model.eval()
-
-    @nnx.jit
-    def scores(model, images):
-        _, outputs = model(images, collect=True)
-        return jnp.stack([layer_score(pooled_features(o)) for o in outputs])
-
-    return scores(model, jnp.asarray(images))
+    return _all_scores_jit(model, jnp.asarray(images))
