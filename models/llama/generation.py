@@ -17,6 +17,8 @@ from flax import nnx
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jax_fastattn.parallel.tiling_allreduce import overlap_compiler_options
+
 from . import sharding
 
 
@@ -41,7 +43,11 @@ def sample(logits, key, temperature: float, top_k: Optional[int], top_p: Optiona
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "mesh"))
+# The prefill may hold tp_attention_block (model.tp_attention): its chunked
+# all-reduces overlap the next chunk only with these options (a nested jit
+# cannot carry them). The decode step keeps one plain all-reduce per layer.
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "mesh"),
+                   compiler_options=overlap_compiler_options())
 def prefill(graphdef, state, prompts, prompt_lengths, *, max_len: int, mesh=None):
     """(last-token logits [B, V], k_cache, v_cache [B, L, max_len, Hkv, D])."""
     model = nnx.merge(graphdef, state)

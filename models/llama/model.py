@@ -18,7 +18,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from jax_fastattn import masks
 from jax_fastattn import nn as fa_nn
+from jax_fastattn.parallel import tp_attention_block
+from jax_fastattn.parallel.tiling_allreduce import rope_tables
 
 from . import sharding
 from .config import LlamaConfig
@@ -61,6 +64,38 @@ class DecoderLayer(nnx.Module):
             dtype=dtype, param_dtype=param_dtype, kernel_init=INIT, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def uses_tp_block(attn: fa_nn.Attention, mesh) -> bool:
+    """Whether a prefill layer runs as `tp_attention_block` (tiling-AllReduce,
+    docs/TILING_ALLREDUCE.md): our kernels, a "model" axis of more than one
+    device, and both head counts split evenly over it."""
+    model_axis = sharding.axis_size(mesh, "model")
+    return (attn.implementation == "fastattn" and model_axis > 1 and attn.num_heads % model_axis == 0
+            and attn.num_kv_heads % model_axis == 0)
+
+
+def tp_attention(attn: fa_nn.Attention, h, positions, mesh):
+    """Attention block of one layer with heads over "model" and the output
+    all-reduce tiled over sequence chunks: h [B, S, d] (normalised input),
+    positions [B, S] -> (y [B, S, d], k, v [B, S, Hkv, D] after RoPE).
+
+    Right-padded rows are exact where it matters: causal attention keeps each
+    real position's keys among the real ones before it; padding positions
+    compute values nobody reads (decode masks them out by length)."""
+    d = h.shape[-1]
+    dt = attn.dtype or h.dtype
+    # LinearGeneral kernels [d, H, D] / [H, D, d] are head-major once flattened.
+    params = {"wq": attn.query.kernel[...].reshape(d, -1).astype(dt),
+              "wk": attn.key.kernel[...].reshape(d, -1).astype(dt),
+              "wv": attn.value.kernel[...].reshape(d, -1).astype(dt),
+              "wo": attn.out.kernel[...].reshape(-1, d).astype(dt)}
+    window = None if attn.sliding_window is None else masks.SlidingWindow(attn.sliding_window - 1, 0)
+    rope = None if attn.inv_freq is None else rope_tables(positions, attn.inv_freq)
+    return tp_attention_block(h.astype(dt), params, mesh=mesh, axis="model", num_chunks="auto", causal=True,
+                              mask=window, num_heads=attn.num_heads, num_kv_heads=attn.num_kv_heads,
+                              head_dim=attn.head_dim, rope=rope, softmax_scale=attn.softmax_scale,
+                              backend=attn.backend, return_kv=True)
 
 
 def attend_layer_cache(attn: fa_nn.Attention, q, k_cache, v_cache, layer, lengths, mesh=None):
@@ -137,15 +172,21 @@ class Llama(nnx.Module):
 
     def _forward(self, tokens, positions, mesh):
         """Causal pass over tokens [B, S]: hidden states [B, S, d] and the
-        keys/values of every layer, each [L, B, S, Hkv, D]."""
+        keys/values of every layer, each [L, B, S, Hkv, D]. On a mesh with a
+        "model" axis each layer's attention is `tp_attention_block` where
+        `uses_tp_block` allows (decode keeps the plain all-reduce)."""
         x = sharding.constrain(self.embed_tokens(tokens), mesh, sharding.ACTIVATIONS)
 
         def body(x, layer, _):
             attn = layer.self_attn
-            q, k, v = attn.project(layer.input_layernorm(x), positions)
-            q = sharding.constrain(q, mesh, sharding.heads_spec(attn.num_heads, mesh))
-            k, v = (sharding.constrain(t, mesh, sharding.heads_spec(attn.num_kv_heads, mesh)) for t in (k, v))
-            x = x + attn.out(attn.attend(q, k, v, causal=True))
+            if uses_tp_block(attn, mesh):
+                y, k, v = tp_attention(attn, layer.input_layernorm(x), positions, mesh)
+                x = x + y.astype(x.dtype)
+            else:
+                q, k, v = attn.project(layer.input_layernorm(x), positions)
+                q = sharding.constrain(q, mesh, sharding.heads_spec(attn.num_heads, mesh))
+                k, v = (sharding.constrain(t, mesh, sharding.heads_spec(attn.num_kv_heads, mesh)) for t in (k, v))
+                x = x + attn.out(attn.attend(q, k, v, causal=True))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
             return sharding.constrain(x, mesh, sharding.ACTIVATIONS), (k, v)
 
