@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jax_fastattn.parallel.tiling_allreduce import overlap_compiler_options
 
-from . import sharding
+from . import host_cache, sharding
 
 
 def sample(logits, key, temperature: float, top_k: Optional[int], top_p: Optional[float]):
@@ -128,22 +128,45 @@ def place(graphdef, state, mesh, *arrays):
 
 def generate(model, prompts, prompt_lengths, max_new_tokens: int, key=None, temperature: float = 0.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, stop_tokens: Sequence[int] = (),
-             mesh=None, pad_id: int = 0):
+             mesh=None, pad_id: int = 0, kv_cache: str = "device",
+             host_cache_options: Optional[host_cache.HostCacheOptions] = None):
     """New tokens [B, max_new_tokens] int32 after right-padded prompts [B, P].
 
     Greedy when temperature == 0, else sampled (top_k / top_p) with `key`.
     A row stops after a stop token; its later positions hold pad_id. mesh:
     a Mesh with axes ("data", "model") to run sharded (params and KV cache
     heads over "model", batch over "data"); None = one device.
+
+    kv_cache: "device" (the whole cache in device memory, one jitted decode
+    loop), "host" (the prompt's positions beyond what device memory holds
+    streamed from host memory, jax_fastattn.offload strategy "stream") or
+    "auto" (measured throughputs, the planner's mix of streaming and CPU
+    attention); one device only. host_cache_options: a
+    host_cache.HostCacheOptions (e.g. a forced device_tokens budget).
     """
     check_args(model, prompts, prompt_lengths, max_new_tokens, key, temperature, top_k, top_p, stop_tokens)
     sharding.check_mesh(mesh, np.shape(prompts)[0])
+    if kv_cache not in host_cache.KV_CACHE_MODES:
+        raise ValueError(f"kv_cache must be one of {host_cache.KV_CACHE_MODES}, got {kv_cache!r}")
+    if kv_cache != "device" and mesh is not None:
+        raise ValueError(f"kv_cache={kv_cache!r} runs on one device: pass mesh=None")
+    if host_cache_options is not None and not isinstance(host_cache_options, host_cache.HostCacheOptions):
+        raise ValueError("host_cache_options must be None or a models.llama.host_cache.HostCacheOptions, got "
+                         f"{type(host_cache_options).__name__}")
     graphdef, state = nnx.split(model)
     prompts, lengths = jnp.asarray(prompts, jnp.int32), jnp.asarray(prompt_lengths, jnp.int32)
     state, prompts, lengths = place(graphdef, state, mesh, prompts, lengths)
+    key = jax.random.key(0) if key is None else key
+    if kv_cache != "device":
+        stop = jnp.asarray(tuple(int(t) for t in stop_tokens) or (-1,), jnp.int32)
+        tokens, _ = host_cache.generate_offloaded(
+            model, graphdef, state, lambda n: prefill(graphdef, state, prompts, lengths, max_len=n),
+            prompts, lengths, max_new_tokens, key, mode=kv_cache, options=host_cache_options or
+            host_cache.HostCacheOptions(), stop=stop, pad_id=pad_id,
+            sample_fn=lambda logits, k: sample(logits, k, float(temperature), top_k, top_p))
+        return tokens
     max_len = prompts.shape[1] + max_new_tokens
     logits, k_cache, v_cache = prefill(graphdef, state, prompts, lengths, max_len=max_len, mesh=mesh)
-    key = jax.random.key(0) if key is None else key
     tokens, _, _ = decode(graphdef, state, logits, k_cache, v_cache, lengths, key, max_new_tokens=max_new_tokens,
                           temperature=float(temperature), top_k=top_k, top_p=top_p,
                           stop_tokens=tuple(int(t) for t in stop_tokens), pad_id=pad_id, mesh=mesh)
