@@ -46,12 +46,19 @@ def sample(logits, key, temperature: float, top_k: Optional[int], top_p: Optiona
 # The prefill may hold tp_attention_block (model.tp_attention): its chunked
 # all-reduces overlap the next chunk only with these options (a nested jit
 # cannot carry them). The decode step keeps one plain all-reduce per layer.
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "mesh"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "mesh", "cp_mesh"),
                    compiler_options=overlap_compiler_options())
-def prefill(graphdef, state, prompts, prompt_lengths, *, max_len: int, mesh=None):
-    """(last-token logits [B, V], k_cache, v_cache [B, L, max_len, Hkv, D])."""
+def prefill(graphdef, state, prompts, prompt_lengths, *, max_len: int, mesh=None, cp_mesh=None):
+    """(last-token logits [B, V], k_cache, v_cache [B, L, max_len, Hkv, D]).
+    cp_mesh: context-parallel prefill over its "cp" axis (Llama.prefill)."""
     model = nnx.merge(graphdef, state)
-    return model.prefill(prompts, prompt_lengths, max_len, mesh=mesh)
+    return model.prefill(prompts, prompt_lengths, max_len, mesh=mesh, cp_mesh=cp_mesh)
+
+
+def to_one_device(*arrays):
+    """A context-parallel prefill's outputs (replicated over the "cp"
+    devices) moved to the first device, where decode runs."""
+    return jax.device_put(arrays, jax.devices()[0])
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p",
@@ -129,7 +136,8 @@ def place(graphdef, state, mesh, *arrays):
 def generate(model, prompts, prompt_lengths, max_new_tokens: int, key=None, temperature: float = 0.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, stop_tokens: Sequence[int] = (),
              mesh=None, pad_id: int = 0, kv_cache: str = "device",
-             host_cache_options: Optional[host_cache.HostCacheOptions] = None):
+             host_cache_options: Optional[host_cache.HostCacheOptions] = None,
+             context_parallel: Optional[int] = None):
     """New tokens [B, max_new_tokens] int32 after right-padded prompts [B, P].
 
     Greedy when temperature == 0, else sampled (top_k / top_p) with `key`.
@@ -143,6 +151,10 @@ def generate(model, prompts, prompt_lengths, max_new_tokens: int, key=None, temp
     "auto" (measured throughputs, the planner's mix of streaming and CPU
     attention); one device only. host_cache_options: a
     host_cache.HostCacheOptions (e.g. a forced device_tokens budget).
+
+    context_parallel: N > 1 runs the prefill with the sequence split over
+    N devices (mesh axis "cp": ring or all-gather attention, zig-zag
+    layout); decode then runs on the first device. None or 1: off.
     """
     check_args(model, prompts, prompt_lengths, max_new_tokens, key, temperature, top_k, top_p, stop_tokens)
     sharding.check_mesh(mesh, np.shape(prompts)[0])
@@ -153,20 +165,29 @@ def generate(model, prompts, prompt_lengths, max_new_tokens: int, key=None, temp
     if host_cache_options is not None and not isinstance(host_cache_options, host_cache.HostCacheOptions):
         raise ValueError("host_cache_options must be None or a models.llama.host_cache.HostCacheOptions, got "
                          f"{type(host_cache_options).__name__}")
+    cp_mesh = None
+    if context_parallel is not None and context_parallel != 1:
+        if mesh is not None:
+            raise ValueError("context_parallel cannot be combined with mesh: pass one of them")
+        cp_mesh = sharding.make_cp_mesh(context_parallel)
     graphdef, state = nnx.split(model)
     prompts, lengths = jnp.asarray(prompts, jnp.int32), jnp.asarray(prompt_lengths, jnp.int32)
     state, prompts, lengths = place(graphdef, state, mesh, prompts, lengths)
     key = jax.random.key(0) if key is None else key
+
+    def run_prefill(max_len):
+        out = prefill(graphdef, state, prompts, lengths, max_len=max_len, mesh=mesh, cp_mesh=cp_mesh)
+        return out if cp_mesh is None else to_one_device(*out)
+
     if kv_cache != "device":
         stop = jnp.asarray(tuple(int(t) for t in stop_tokens) or (-1,), jnp.int32)
         tokens, _ = host_cache.generate_offloaded(
-            model, graphdef, state, lambda n: prefill(graphdef, state, prompts, lengths, max_len=n),
+            model, graphdef, state, run_prefill,
             prompts, lengths, max_new_tokens, key, mode=kv_cache, options=host_cache_options or
             host_cache.HostCacheOptions(), stop=stop, pad_id=pad_id,
             sample_fn=lambda logits, k: sample(logits, k, float(temperature), top_k, top_p))
         return tokens
-    max_len = prompts.shape[1] + max_new_tokens
-    logits, k_cache, v_cache = prefill(graphdef, state, prompts, lengths, max_len=max_len, mesh=mesh)
+    logits, k_cache, v_cache = run_prefill(prompts.shape[1] + max_new_tokens)
     tokens, _, _ = decode(graphdef, state, logits, k_cache, v_cache, lengths, key, max_new_tokens=max_new_tokens,
                           temperature=float(temperature), top_k=top_k, top_p=top_p,
                           stop_tokens=tuple(int(t) for t in stop_tokens), pad_id=pad_id, mesh=mesh)

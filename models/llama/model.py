@@ -20,7 +20,7 @@ from jax import lax
 
 from jax_fastattn import masks
 from jax_fastattn import nn as fa_nn
-from jax_fastattn.parallel import tp_attention_block
+from jax_fastattn.parallel import context_parallel_attention, from_zigzag, to_zigzag, tp_attention_block
 from jax_fastattn.parallel.tiling_allreduce import rope_tables
 
 from . import sharding
@@ -170,16 +170,27 @@ class Llama(nnx.Module):
         index = jnp.arange(self.cfg.num_hidden_layers, dtype=jnp.int32)
         return lax.scan(lambda c, xs: body(c, nnx.merge(graphdef, xs[0]), xs[1]), carry, (stacked, index) + extra)
 
-    def _forward(self, tokens, positions, mesh):
+    def _forward(self, tokens, positions, mesh, cp_mesh=None):
         """Causal pass over tokens [B, S]: hidden states [B, S, d] and the
         keys/values of every layer, each [L, B, S, Hkv, D]. On a mesh with a
         "model" axis each layer's attention is `tp_attention_block` where
-        `uses_tp_block` allows (decode keeps the plain all-reduce)."""
+        `uses_tp_block` allows (decode keeps the plain all-reduce). With
+        cp_mesh (axis "cp"), tokens and positions are in zig-zag order
+        (`to_zigzag`) and each layer's attention is the context-parallel ring
+        or all-gather over "cp"."""
         x = sharding.constrain(self.embed_tokens(tokens), mesh, sharding.ACTIVATIONS)
+        x = sharding.constrain(x, cp_mesh, sharding.CP_ACTIVATIONS)
 
         def body(x, layer, _):
             attn = layer.self_attn
-            if uses_tp_block(attn, mesh):
+            if cp_mesh is not None:
+                q, k, v = attn.project(layer.input_layernorm(x), positions)
+                window = None if attn.sliding_window is None else masks.SlidingWindow(attn.sliding_window - 1, 0)
+                out = context_parallel_attention(q, k, v, mesh=cp_mesh, axis="cp", causal=True, mask=window,
+                                                 softmax_scale=attn.softmax_scale, input_order="zigzag",
+                                                 backend=attn.backend)
+                x = x + attn.out(out)
+            elif uses_tp_block(attn, mesh):
                 y, k, v = tp_attention(attn, layer.input_layernorm(x), positions, mesh)
                 x = x + y.astype(x.dtype)
             else:
@@ -188,7 +199,8 @@ class Llama(nnx.Module):
                 k, v = (sharding.constrain(t, mesh, sharding.heads_spec(attn.num_kv_heads, mesh)) for t in (k, v))
                 x = x + attn.out(attn.attend(q, k, v, causal=True))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-            return sharding.constrain(x, mesh, sharding.ACTIVATIONS), (k, v)
+            x = sharding.constrain(sharding.constrain(x, mesh, sharding.ACTIVATIONS), cp_mesh, sharding.CP_ACTIVATIONS)
+            return x, (k, v)
 
         return self._scan_layers(body, x)
 
@@ -202,19 +214,38 @@ class Llama(nnx.Module):
         x, _ = self._forward(tokens, positions, mesh)
         return self.logits(x)
 
-    def prefill(self, tokens, lengths, max_len: int, *, mesh=None):
+    def prefill(self, tokens, lengths, max_len: int, *, mesh=None, cp_mesh=None):
         """Right-padded prompts tokens [B, P] with lengths [B] -> (logits of
         each row's last prompt token [B, V], k_cache, v_cache [B, L, max_len,
-        Hkv, D] holding the prompts' keys/values at [0, P))."""
+        Hkv, D] holding the prompts' keys/values at [0, P)).
+
+        cp_mesh: a Mesh with axis "cp" (sharding.make_cp_mesh) to split the
+        sequence over its N devices (context parallelism): the prompt is
+        padded to a multiple of 2N (the pad comes after every real token, so
+        causal attention keeps real rows exact), put in zig-zag order once,
+        and put back in natural order before the last token is picked and
+        the keys/values are written to the cache."""
         batch, prompt_len = tokens.shape
         if max_len < prompt_len:
             raise ValueError(f"max_len ({max_len}) must be >= the prompt length ({prompt_len})")
-        positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), tokens.shape)
-        x, (keys, values) = self._forward(jnp.asarray(tokens, jnp.int32), positions, mesh)
+        if cp_mesh is not None and mesh is not None:
+            raise ValueError("mesh and cp_mesh cannot be combined: pass one of them")
+        tokens = jnp.asarray(tokens, jnp.int32)
+        cp = 1 if cp_mesh is None else sharding.axis_size(cp_mesh, "cp")
+        seq_len = -(-prompt_len // (2 * cp)) * 2 * cp if cp_mesh is not None else prompt_len
+        tokens = jnp.pad(tokens, ((0, 0), (0, seq_len - prompt_len)))
+        positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), tokens.shape)
+        if cp_mesh is not None:
+            tokens, positions = to_zigzag(tokens, cp), to_zigzag(positions, cp)
+        x, (keys, values) = self._forward(tokens, positions, mesh, cp_mesh)
+        if cp_mesh is not None:
+            x, keys, values = from_zigzag(x, cp), from_zigzag(keys, cp, axis=2), from_zigzag(values, cp, axis=2)
+            keys, values = keys[:, :, :prompt_len], values[:, :, :prompt_len]
         last = jnp.take_along_axis(x, (jnp.asarray(lengths, jnp.int32) - 1)[:, None, None], axis=1)[:, 0]
 
         def to_cache(kv):  # [L, B, P, Hkv, D] -> [B, L, max_len, Hkv, D]
             kv = jnp.pad(jnp.swapaxes(kv, 0, 1), ((0, 0), (0, 0), (0, max_len - prompt_len), (0, 0), (0, 0)))
+            kv = sharding.constrain(kv, cp_mesh, sharding.REPLICATED)
             return sharding.constrain(kv, mesh, sharding.cache_spec(self.cfg, mesh))
 
         return self.logits(last), to_cache(keys), to_cache(values)

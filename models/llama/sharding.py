@@ -16,6 +16,9 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 AXES = ("data", "model")
 ACTIVATIONS = P("data", None, None)      # [B, S, d_model]
 TOKEN_ACTIVATIONS = P("data", None)      # [B, d_model]
+CP_AXIS = "cp"
+CP_ACTIVATIONS = P(None, CP_AXIS, None)  # [B, S, d_model], sequence over "cp" (context parallelism)
+REPLICATED = P()
 
 
 def check_mesh(mesh, batch: int) -> None:
@@ -38,6 +41,16 @@ def make_mesh(shape: str) -> Mesh:
         raise ValueError(f"mesh {shape} needs {data * model} devices, {jax.device_count()} available")
     return jax.make_mesh((data, model), AXES, axis_types=(AxisType.Auto, AxisType.Auto),
                          devices=jax.devices()[:data * model])
+
+
+def make_cp_mesh(num_devices: int) -> Mesh:
+    """Mesh of one axis "cp" over the first num_devices devices, for the
+    context-parallel prefill (the sequence split over them)."""
+    if isinstance(num_devices, bool) or not isinstance(num_devices, int) or num_devices < 1:
+        raise ValueError(f"context_parallel must be an int >= 1, got {num_devices!r}")
+    if num_devices > jax.device_count():
+        raise ValueError(f"context_parallel={num_devices} needs {num_devices} devices, {jax.device_count()} available")
+    return jax.make_mesh((num_devices,), (CP_AXIS,), axis_types=(AxisType.Auto,), devices=jax.devices()[:num_devices])
 
 
 def axis_size(mesh, name: str) -> int:
