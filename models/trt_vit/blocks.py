@@ -167,10 +167,15 @@ class MixedBlock(nnx.Module):
         return x + jnp.concatenate([first, second], axis=-1)
 
 
+def attention_layers(model: nnx.Module) -> list:
+    """Every SpatialReductionAttention inside `model`, in graph order."""
+    modules = nnx.iter_modules(model) if hasattr(nnx, "iter_modules") else model.iter_modules()
+    return [module for _, module in modules if isinstance(module, SpatialReductionAttention)]
+
+
 def set_attention_backend(model: nnx.Module, backend: str) -> nnx.Module:
     """Points every attention layer of `model` at `backend` (in place)."""
     check_choice("backend", backend, ATTENTION_BACKENDS)
-    for _, module in nnx.iter_modules(model):
-        if isinstance(module, SpatialReductionAttention):
-            module.attention_backend = backend
+    for layer in attention_layers(model):
+        layer.attention_backend = backend
     return model

@@ -16,17 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .blocks import SpatialReductionAttention, set_attention_backend
+from .blocks import attention_layers, set_attention_backend
 
 
 def count_params(model: nnx.Module) -> int:
     """Trainable parameters (nnx.Param; batch-norm statistics excluded).
     Works on abstract models from nnx.eval_shape too."""
     return int(sum(np.prod(p.shape) for p in jax.tree.leaves(nnx.state(model, nnx.Param))))
-
-
-def _attention_backends(model: nnx.Module) -> list:
-    return [m.attention_backend for _, m in nnx.iter_modules(model) if isinstance(m, SpatialReductionAttention)]
 
 
 def _forward(graphdef):
@@ -43,15 +39,14 @@ def xla_flops(model: nnx.Module, input_shape, dtype=jnp.float32) -> float:
     """FLOPs of one forward pass on an input of `input_shape`, by XLA's cost
     analysis of the lowered (unoptimised) HLO, attention as plain einsums.
     The model's attention backends are restored afterwards."""
-    saved = _attention_backends(model)
+    saved = [layer.attention_backend for layer in attention_layers(model)]
     set_attention_backend(model, "plain")
     try:
         graphdef, state = nnx.split(model)
         lowered = jax.jit(_forward(graphdef)).lower(_abstract(state), jax.ShapeDtypeStruct(tuple(input_shape), dtype))
         cost = lowered.cost_analysis()
     finally:
-        attention_layers = [m for _, m in nnx.iter_modules(model) if isinstance(m, SpatialReductionAttention)]
-        for layer, backend in zip(attention_layers, saved):
+        for layer, backend in zip(attention_layers(model), saved):
             layer.attention_backend = backend
     if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
         cost = cost[0]
