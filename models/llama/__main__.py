@@ -2,7 +2,8 @@
 
     python -m models.llama --config tiny --batch 4 --prompt-len 512 --gen 64 \\
         [--mesh 2x4] [--attention fastattn|cudnn|xla] [--dtype bfloat16] \\
-        [--checkpoint DIR] [--temperature 0.8 --top-k 40 --top-p 0.95] [--json out.json]
+        [--checkpoint DIR] [--temperature 0.8 --top-k 40 --top-p 0.95] [--json out.json] \\
+        [--context-parallel N] [--kv-cache device|host|auto [--device-kv-tokens N]]
 
 Random weights unless --checkpoint names a Hugging Face safetensors folder.
 Prompts are random tokens; with --ragged their lengths are drawn in
@@ -11,6 +12,14 @@ then each runs once and is timed on its own: prefill tokens/s = B * P /
 prefill time; decode makes gen - 1 steps (the first new token comes from the
 prefill logits): decode tokens/s = B * (gen - 1) / decode time, ms/token =
 decode time / (gen - 1).
+
+--context-parallel N splits the prefill's sequence over N devices (ring or
+all-gather attention, models.llama.sharding.make_cp_mesh); decode then runs
+on the first device. --kv-cache host|auto keeps the prompt's positions
+beyond what device memory holds in host memory (jax_fastattn.offload;
+--device-kv-tokens N forces N prompt positions per layer on the device):
+the decode loop is then stepped from the host, and its time includes the
+per-step dispatch.
 """
 from __future__ import annotations
 
@@ -26,7 +35,7 @@ from tqdm import tqdm
 
 from jax_fastattn.nn import IMPLEMENTATIONS
 
-from . import runtime, sharding
+from . import generation, host_cache, runtime, sharding
 from .checkpoint import load_safetensors
 from .config import PRESETS, LlamaConfig
 
@@ -47,19 +56,27 @@ def parse_args(argv):
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--context-parallel", type=int, default=1, help="prefill sequence split over N devices")
+    p.add_argument("--kv-cache", default="device", choices=host_cache.KV_CACHE_MODES)
+    p.add_argument("--device-kv-tokens", type=int, default=None,
+                   help="with --kv-cache host|auto: prompt positions per layer kept on the device")
     p.add_argument("--json", default=None, help="write the results here")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    for name in ("batch", "prompt_len", "gen"):
+    for name in ("batch", "prompt_len", "gen", "context_parallel"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     dtype_name = args.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32")
     dtype = runtime.DTYPES[dtype_name]
     mesh = sharding.make_mesh(args.mesh) if args.mesh else None
     sharding.check_mesh(mesh, args.batch)
+    cp_mesh = sharding.make_cp_mesh(args.context_parallel) if args.context_parallel > 1 else None
+    if (cp_mesh is not None or args.kv_cache != "device") and mesh is not None:
+        raise ValueError("--mesh cannot be combined with --context-parallel or --kv-cache host|auto")
+    options = host_cache.HostCacheOptions(device_tokens=args.device_kv_tokens)
     stages = tqdm(total=5, desc="llama", unit="stage", file=sys.stderr)
 
     stages.set_postfix_str("weights")
@@ -80,22 +97,45 @@ def main(argv=None) -> dict:
     lengths = (rng.integers(max(1, args.prompt_len // 2), args.prompt_len + 1, args.batch) if args.ragged
                else np.full(args.batch, args.prompt_len)).astype(np.int32)
     prompts, lengths = runtime.batch_put(mesh, jnp.asarray(prompts), jnp.asarray(lengths))
-    max_len = args.prompt_len + args.gen
+    offloaded = args.kv_cache != "device"
+    max_len = args.prompt_len + (0 if offloaded else args.gen)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_tokens=())
     key = jax.random.key(args.seed)
+    extra = {}
 
     stages.set_postfix_str("compile prefill")
-    prefill = runtime.compile_prefill(graphdef, state, prompts, lengths, max_len, mesh)
+    prefill = runtime.compile_prefill(graphdef, state, prompts, lengths, max_len, mesh, cp_mesh)
     stages.update()
     stages.set_postfix_str("prefill")
     (logits, k_cache, v_cache), prefill_s = runtime.timed(prefill, state, prompts, lengths)
+    if cp_mesh is not None:
+        (logits, k_cache, v_cache), extra["to_one_device_s"] = runtime.timed(
+            generation.to_one_device, logits, k_cache, v_cache)
     stages.update()
-    stages.set_postfix_str("compile decode")
-    decode = runtime.compile_decode(graphdef, state, logits, k_cache, v_cache, lengths, key, args.gen, mesh,
-                                    **sampling)
-    stages.update()
-    stages.set_postfix_str("decode")
-    (tokens, _, _), decode_s = runtime.timed(decode, state, logits, k_cache, v_cache, lengths, key)
+    if offloaded:
+        sample_fn = lambda lg, k: generation.sample(lg, k, args.temperature, args.top_k, args.top_p)  # noqa: E731
+        loop = dict(options=options, sample_fn=sample_fn, stop=jnp.asarray((-1,), jnp.int32), pad_id=0)
+
+        def placed():
+            return host_cache.place(cfg, k_cache, v_cache, lengths, args.gen, mode=args.kv_cache, options=options)
+
+        stages.set_postfix_str("compile decode")
+        device_parts, host_parts, plan = placed()
+        host_cache.decode_loop(graphdef, state, logits, device_parts, host_parts, lengths, key, 2, **loop)
+        stages.update()
+        stages.set_postfix_str("decode")
+        (device_parts, host_parts, plan), extra["place_s"] = runtime.timed(placed)
+        tokens, decode_s = runtime.timed(lambda: host_cache.decode_loop(
+            graphdef, state, logits, device_parts, host_parts, lengths, key, args.gen, **loop))
+        extra["plan"] = str(plan)
+        print(plan, file=sys.stderr)
+    else:
+        stages.set_postfix_str("compile decode")
+        decode = runtime.compile_decode(graphdef, state, logits, k_cache, v_cache, lengths, key, args.gen, mesh,
+                                        **sampling)
+        stages.update()
+        stages.set_postfix_str("decode")
+        (tokens, _, _), decode_s = runtime.timed(decode, state, logits, k_cache, v_cache, lengths, key)
     stages.update()
     stages.close()
 
@@ -103,10 +143,11 @@ def main(argv=None) -> dict:
     result = {
         "config": args.config if not args.checkpoint else args.checkpoint, "attention": args.attention,
         "dtype": dtype_name, "batch": args.batch, "prompt_len": args.prompt_len, "gen": args.gen,
-        "mesh": args.mesh, "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+        "mesh": args.mesh, "context_parallel": args.context_parallel, "kv_cache": args.kv_cache,
+        "device": jax.devices()[0].device_kind, "jax": jax.__version__,
         "prefill_s": prefill_s, "prefill_tokens_per_s": float(np.sum(np.asarray(lengths))) / prefill_s,
         "decode_s": decode_s, "decode_steps": steps, "decode_tokens_per_s": args.batch * steps / decode_s,
-        "ms_per_token": 1000 * decode_s / steps, "first_tokens": np.asarray(tokens)[:, :8].tolist(),
+        "ms_per_token": 1000 * decode_s / steps, "first_tokens": np.asarray(tokens)[:, :8].tolist(), **extra,
     }
     print(f"prefill: {result['prefill_tokens_per_s']:.1f} tokens/s ({prefill_s * 1000:.1f} ms)   "
           f"decode: {result['decode_tokens_per_s']:.1f} tokens/s, {result['ms_per_token']:.2f} ms/token "

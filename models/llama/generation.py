@@ -180,13 +180,15 @@ def generate(model, prompts, prompt_lengths, max_new_tokens: int, key=None, temp
         return out if cp_mesh is None else to_one_device(*out)
 
     if kv_cache != "device":
-        stop = jnp.asarray(tuple(int(t) for t in stop_tokens) or (-1,), jnp.int32)
-        tokens, _ = host_cache.generate_offloaded(
-            model, graphdef, state, run_prefill,
-            prompts, lengths, max_new_tokens, key, mode=kv_cache, options=host_cache_options or
-            host_cache.HostCacheOptions(), stop=stop, pad_id=pad_id,
+        options = host_cache_options or host_cache.HostCacheOptions()
+        logits, k_cache, v_cache = run_prefill(prompts.shape[1])
+        device_parts, host_parts, _ = host_cache.place(model.cfg, k_cache, v_cache, lengths, max_new_tokens,
+                                                       mode=kv_cache, options=options)
+        del k_cache, v_cache
+        return host_cache.decode_loop(
+            graphdef, state, logits, device_parts, host_parts, lengths, key, max_new_tokens, options=options,
+            stop=jnp.asarray(tuple(int(t) for t in stop_tokens) or (-1,), jnp.int32), pad_id=pad_id,
             sample_fn=lambda logits, k: sample(logits, k, float(temperature), top_k, top_p))
-        return tokens
     logits, k_cache, v_cache = run_prefill(prompts.shape[1] + max_new_tokens)
     tokens, _, _ = decode(graphdef, state, logits, k_cache, v_cache, lengths, key, max_new_tokens=max_new_tokens,
                           temperature=float(temperature), top_k=top_k, top_p=top_p,

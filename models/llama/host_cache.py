@@ -193,28 +193,32 @@ def layer_states_of(model):
     return layer_graphdef, [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(model.cfg.num_hidden_layers)]
 
 
-def generate_offloaded(model, graphdef, state, prefill_fn, prompts, lengths, max_new_tokens: int, key, *,
-                       mode: str, options: HostCacheOptions, sample_fn, stop, pad_id: int):
-    """generate()'s loop over an offloaded cache: prefill (prefill_fn(max_len)
-    -> logits, k_cache, v_cache), placement, then one step per new token
-    (the sampling loop is on the host: each step may run on two devices).
-    Returns (tokens [B, n], the per-layer plan)."""
-    logits, k_cache, v_cache = prefill_fn(prompts.shape[1])
-    batch = prompts.shape[0]
+def place(model_cfg, k_cache, v_cache, lengths, max_new_tokens: int, *, mode: str, options: HostCacheOptions):
+    """(device_parts, host_parts, plan) from the prefill's k/v [B, L, P, Hkv, D]:
+    the plan over the positions every row has filled, then each layer's
+    OffloadedKV split into its device part and the rest."""
+    prompt_len = k_cache.shape[2]
     context = int(jnp.min(lengths))
-    plan = make_plan(mode, options, context_tokens=context,
-                     extra_device_tokens=prompts.shape[1] - context + max_new_tokens, cfg=model.cfg, batch=batch,
-                     dtype=k_cache.dtype)
+    plan = make_plan(mode, options, context_tokens=context, extra_device_tokens=prompt_len - context + max_new_tokens,
+                     cfg=model_cfg, batch=k_cache.shape[0], dtype=k_cache.dtype)
     caches = build_caches(k_cache, v_cache, lengths, plan, max_new_tokens, options)
-    del k_cache, v_cache
     device_parts, host_parts = zip(*(split_device(c) for c in caches))
-    device_parts, host_parts = list(device_parts), list(host_parts)
-    layer_graphdef, layer_states = layer_states_of(nnx.merge(graphdef, state))
+    return list(device_parts), list(host_parts), plan
+
+
+def decode_loop(graphdef, state, logits, device_parts, host_parts, lengths, key, max_new_tokens: int, *,
+                options: HostCacheOptions, sample_fn, stop, pad_id: int):
+    """New tokens [B, max_new_tokens], the first from the prefill's logits,
+    each next one from a decode step over the offloaded cache. The loop is
+    on the host (a step may run on two devices); it ends early when every
+    row has stopped."""
+    model = nnx.merge(graphdef, state)
+    layer_graphdef, layer_states = layer_states_of(model)
     has_cpu = any(h.cpu_k is not None for h in host_parts)
     step = decode_step if has_cpu else jitted_decode_step
-    attn = nnx.merge(graphdef, state).layers.self_attn
-    static = dict(softmax_scale=attn.softmax_scale, backend=options.backend, cpu_backend=options.cpu_backend)
-
+    static = dict(softmax_scale=model.layers.self_attn.softmax_scale, backend=options.backend,
+                  cpu_backend=options.cpu_backend)
+    batch = logits.shape[0]
     tokens = [sample_fn(logits, jax.random.fold_in(key, 0))]
     done = jnp.isin(tokens[0], stop)
     for index in range(1, max_new_tokens):
@@ -227,4 +231,4 @@ def generate_offloaded(model, graphdef, state, prefill_fn, prompts, lengths, max
         tokens.append(nxt)
         done = done | jnp.isin(nxt, stop)
         lengths = lengths + 1
-    return jnp.stack(tokens, axis=1), plan
+    return jnp.stack(tokens, axis=1)

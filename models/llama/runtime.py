@@ -65,8 +65,9 @@ def timed(fn, *args):
     return result, time.perf_counter() - start
 
 
-def compile_prefill(graphdef, state, prompts, lengths, max_len, mesh=None):
-    return generation.prefill.lower(graphdef, state, prompts, lengths, max_len=max_len, mesh=mesh).compile()
+def compile_prefill(graphdef, state, prompts, lengths, max_len, mesh=None, cp_mesh=None):
+    return generation.prefill.lower(graphdef, state, prompts, lengths, max_len=max_len, mesh=mesh,
+                                    cp_mesh=cp_mesh).compile()
 
 
 def compile_decode(graphdef, state, logits, k_cache, v_cache, lengths, key, max_new_tokens, mesh=None,
