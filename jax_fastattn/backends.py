@@ -37,8 +37,9 @@ class Backend:
     tiles_fixed: the kernel's tiles are compiled in; a config may not
       change them.
     platform: "cpu", "cuda" or None (runs wherever JAX runs).
-    decode_target: the custom call of decode_attention, or None (decode
-      then runs as flash_attention with Sq = 1 on this backend).
+    decode_target: the custom call of decode_attention, or None.
+    decode_dtypes: the dtypes its decode kernel takes (the split-KV decode
+      kernels also read float32 caches).
     """
 
     name: str
@@ -53,14 +54,16 @@ class Backend:
     decode_target: Optional[str]
     forward: Callable
     backward: Callable
+    decode_dtypes: Tuple[str, ...] = ALL_DTYPES
 
     def padded_head_dim(self, head_dim: int) -> int:
         if self.kernel_head_dims is None:
             return head_dim
         return next(d for d in self.kernel_head_dims if d >= head_dim)
 
-    def supports(self, dtype, head_dim: int) -> bool:
-        return jnp.dtype(dtype).name in self.dtypes and head_dim <= self.max_head_dim
+    def supports(self, dtype, head_dim: int, op: str = "attention") -> bool:
+        dtypes = self.decode_dtypes if op == "decode" else self.dtypes
+        return jnp.dtype(dtype).name in dtypes and head_dim <= self.max_head_dim
 
 
 # ----------------------------------------------------------------------------
@@ -212,13 +215,14 @@ def resolve(backend, op: str, dtype, head_dim: int, arg: str = "q") -> Backend:
     name = _auto(op) if backend == "auto" else backend
     _check_available(name, op)
     record = BACKENDS[name]
-    if backend == "auto" and not record.supports(dtype, head_dim):
+    if backend == "auto" and not record.supports(dtype, head_dim, op):
         return BACKENDS["xla"]
     dtype_name = jnp.dtype(dtype).name
-    if dtype_name not in record.dtypes:
-        raise ArgumentError(f"backend={name!r} takes {' or '.join(record.dtypes)} inputs, got {arg} of dtype "
+    dtypes = record.decode_dtypes if op == "decode" else record.dtypes
+    if dtype_name not in dtypes:
+        raise ArgumentError(f"backend={name!r} takes {' or '.join(dtypes)} inputs, got {arg} of dtype "
                             f"{dtype_name}; backends that take {dtype_name}: "
-                            f"{[n for n, b in BACKENDS.items() if dtype_name in b.dtypes]}")
+                            f"{[n for n, b in BACKENDS.items() if b.supports(dtype, 1, op)]}")
     if head_dim > record.max_head_dim:
         raise ArgumentError(f"backend={name!r} supports head dims up to {record.max_head_dim}, got {arg}.shape[-1] "
                             f"= {head_dim}")

@@ -12,7 +12,8 @@ python3 -m pytest -m gpu --collect-only -q -p no:cacheprovider "$@" 2>/dev/null 
 echo "$(wc -l < /tmp/test_ids.txt) tests in $SHARDS shards"
 for shard in $(seq 0 $((SHARDS - 1))); do
   awk -v n=$SHARDS -v s=$shard 'NR % n == s' /tmp/test_ids.txt > /tmp/ids_$shard.txt
-  timeout ${TEST_TIMEOUT:-420} python3 -m pytest -m gpu -q -p no:cacheprovider $(cat /tmp/ids_$shard.txt) \
+  PYTHONPATH=$PWD/tools/gpu:$PYTHONPATH timeout ${TEST_TIMEOUT:-420} python3 -m pytest -m gpu -q -p no:cacheprovider \
+    -p instafail $(cat /tmp/ids_$shard.txt) \
     > "$OUT/pytest_shard$shard.txt" 2>&1 &
 done
 wait

@@ -28,9 +28,12 @@ for stage in "$@"; do
       python3 -c "from jax_fastattn import ffi; print('cuda targets', sorted(ffi.cuda_targets()))" 2>&1 | tee -a "$LOG" ;;
     suite)
       SHARDS=${SHARDS:-12} TEST_TIMEOUT=${TEST_TIMEOUT:-480} bash "$(dirname "$0")/pytest_shards.sh" tests/ 2>&1 | tee -a "$LOG"
-      cat "$OUT"/pytest_shard*.txt > "$OUT/gpu_suite.txt"; rm -f "$OUT"/pytest_shard*.txt ;;
+      for f in "$OUT"/pytest_shard*.txt; do echo "== $f"; cat "$f"; echo; done > "$OUT/gpu_suite.txt"
+      rm -f "$OUT"/pytest_shard*.txt
+      grep -c "^FAILED-NOW" "$OUT/gpu_suite.txt" | sed 's/^/failures reported: /' | tee -a "$LOG" ;;
     config)
-      timeout 240 python3 tools/gpu/kernel_config_check.py --size full --out "$OUT/kernel_config.json" 2>&1 | tail -30 | tee -a "$LOG" ;;
+      timeout ${CONFIG_TIMEOUT:-240} python3 tools/gpu/kernel_config_check.py --size full --out "$OUT/kernel_config.json" 2>&1 \
+        | tail -30 | tee -a "$LOG" ;;
     bench)
       timeout 420 python3 -m jax_fastattn.bench --backend cuda --dtype bfloat16 --heads 32 --tokens 16384 --repeats 12 \
         --head-dim 128 --seq 4096 16384 --impls fastattn-cuda jax.nn-cudnn torch-cudnn torch-flash --budget 200 \
