@@ -68,8 +68,10 @@ def hutchinson_traces(model: nnx.Module, x: np.ndarray, y: np.ndarray, *, sample
     x, y = jnp.asarray(x), jnp.asarray(y)
     gradient = jax.grad(loss)
 
+    # Weights and data are arguments, not closed-over constants: XLA would
+    # otherwise constant-fold the convolutions over them while compiling.
     @jax.jit
-    def probe(key, layer_mask):
+    def probe(weights, x, y, key, layer_mask):
         # layer_mask: one-hot over layers, so one compiled function serves all.
         keys = jax.random.split(key, len(weights))
         vs = [m * jax.random.rademacher(k, w.shape, w.dtype) for m, k, w in zip(layer_mask, keys, weights)]
@@ -82,7 +84,7 @@ def hutchinson_traces(model: nnx.Module, x: np.ndarray, y: np.ndarray, *, sample
     for l in layers:
         if not 0 <= l < len(weights):
             raise ValueError(f"layers names layer {l}, but the model has {len(weights)} quantizable layers")
-    return np.array([np.mean([float(probe(k, eye[l])) for k in keys]) for l in layers])
+    return np.array([np.mean([float(probe(weights, x, y, k, eye[l])) for k in keys]) for l in layers])
 
 
 def perturbations(model: nnx.Module, bit_choices: Sequence[int]) -> np.ndarray:
