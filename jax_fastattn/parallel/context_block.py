@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import jax
 import jax.numpy as jnp
 
 from jax_fastattn import flash_attention, flash_attention_backward, masks
