@@ -4,6 +4,7 @@ between device and host memory (streamed blocks, CPU-attended part), and the
 context-parallel prefill on 8 host devices (zig-zag order, ring and
 all-gather). The tensor-parallel prefill through tp_attention_block is
 tested in tests/test_tiling_allreduce.py."""
+import json
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -16,6 +17,7 @@ from flax import nnx  # noqa: E402
 
 from jax_fastattn.parallel import context as cp_context  # noqa: E402
 from models.llama import Llama, LlamaConfig, generate, sharding  # noqa: E402
+from models.llama import __main__ as cli  # noqa: E402
 from models.llama.host_cache import HostCacheOptions, place  # noqa: E402
 
 PROMPT_LEN, NEW_TOKENS = 10, 5
@@ -139,3 +141,16 @@ def test_context_parallel_bad_arguments(model, prompts):
         generate(model, prompts, LENGTHS, max_new_tokens=2, context_parallel=2, mesh=sharding.make_mesh("2x4"))
     with pytest.raises(ValueError, match="context_parallel"):
         generate(model, prompts, LENGTHS, max_new_tokens=2, context_parallel=jax.device_count() + 1)
+
+
+def test_cli_context_parallel_prefill_with_host_cache(tmp_path):
+    out = tmp_path / "llama.json"
+    common = ["--config", "tiny", "--batch", "2", "--prompt-len", "16", "--gen", "3", "--ragged"]
+    plain = cli.main(common)
+    result = cli.main(common + ["--context-parallel", "2", "--kv-cache", "host", "--device-kv-tokens", "4",
+                                "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["context_parallel"] == 2 and saved["kv_cache"] == "host" and "stream" in saved["plan"]
+    assert saved["first_tokens"] == plain["first_tokens"] == result["first_tokens"]
+    with pytest.raises(ValueError, match="--mesh"):
+        cli.main(common + ["--mesh", "1x2", "--context-parallel", "2"])

@@ -72,6 +72,13 @@ class HostCacheOptions:
             raise ValueError(f"strategy must be None or one of {STRATEGIES}, got {self.strategy!r}")
 
 
+@functools.lru_cache(maxsize=None)
+def measured_throughputs(kv_heads: int, head_dim: int, q_heads: int, dtype_name: str) -> offload.Throughputs:
+    """offload.measure_throughputs for these shapes, once per process."""
+    return offload.measure_throughputs(kv_heads=kv_heads, head_dim=head_dim, q_heads=q_heads,
+                                       dtype=jnp.dtype(dtype_name))
+
+
 def free_device_bytes(device) -> Optional[int]:
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if not stats or "bytes_limit" not in stats:
@@ -90,8 +97,8 @@ def make_plan(mode: str, options: HostCacheOptions, *, context_tokens: int, extr
     strategy = options.strategy or ("stream" if mode == "host" else "auto")
     throughputs = options.throughputs
     if throughputs is None:
-        throughputs = NOMINAL_THROUGHPUTS if mode == "host" else offload.measure_throughputs(
-            kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, q_heads=cfg.num_attention_heads, dtype=dtype)
+        throughputs = NOMINAL_THROUGHPUTS if mode == "host" else measured_throughputs(
+            cfg.num_key_value_heads, cfg.head_dim, cfg.num_attention_heads, jnp.dtype(dtype).name)
     if options.device_tokens is not None:
         device_bytes, quantum = options.device_tokens * per_token, 1
     else:
