@@ -29,3 +29,14 @@ def assert_close(actual, expected, dtype, tolerance=None, what="output"):
     error = float(np.max(np.abs(actual[finite] - expected[finite])))
     limit = (tolerance or TOLERANCE[jnp.dtype(dtype).name]) * scale
     assert error <= limit, f"{what}: max error {error:.3g} > {limit:.3g} (scale {scale:.3g})"
+
+
+def tiny_llama():
+    """The Llama "tiny" preset on the CPU kernels with weights 10x the default
+    init (std 0.2), so that greedy decoding does not collapse to one repeated
+    token and argmax margins are wide."""
+    from flax import nnx
+    from models.llama import Llama, LlamaConfig
+    model = Llama(LlamaConfig.preset("tiny"), rngs=nnx.Rngs(0), backend="cpu")
+    nnx.update(model, jax.tree.map(lambda p: p * 10, nnx.state(model, nnx.Param)))
+    return model

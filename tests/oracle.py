@@ -2,7 +2,6 @@
 built row by row in numpy from the mask specs (not through
 jax_fastattn.masks' plan or visibility code, which the xla backend and
 jax_fastattn.reference use), and attention is plain JAX in float32."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 

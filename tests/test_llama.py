@@ -7,7 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from flax import nnx
+
+from helpers import tiny_llama
 
 from models.llama import Llama, LlamaConfig, generate, load_safetensors
 from models.llama import __main__ as cli
@@ -19,11 +22,7 @@ LENGTHS = np.array([10, 4, 7, 1], np.int32)  # ragged, right-padded
 
 @pytest.fixture(scope="module")
 def model():
-    """The tiny preset with weights 10x the default init (std 0.2), so that
-    greedy decoding does not collapse to one repeated token."""
-    model = Llama(LlamaConfig.preset("tiny"), rngs=nnx.Rngs(0), backend="cpu")
-    nnx.update(model, jax.tree.map(lambda p: p * 10, nnx.state(model, nnx.Param)))
-    return model
+    return tiny_llama()
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from jax_fastattn.parallel import context as cp_context  # noqa: E402
-from models.llama import Llama, LlamaConfig, generate, sharding  # noqa: E402
+from helpers import tiny_llama  # noqa: E402
+from models.llama import generate, sharding  # noqa: E402
 from models.llama import __main__ as cli  # noqa: E402
 from models.llama.host_cache import HostCacheOptions, place  # noqa: E402
 
@@ -26,11 +26,7 @@ LENGTHS = np.array([10, 6, 8, 9], np.int32)   # ragged; every row has filled 6 p
 
 @pytest.fixture(scope="module")
 def model():
-    """The tiny preset with weights 10x the default init (std 0.2), so that
-    greedy decoding does not repeat one token and argmax margins are wide."""
-    model = Llama(LlamaConfig.preset("tiny"), rngs=nnx.Rngs(0), backend="cpu")
-    nnx.update(model, jax.tree.map(lambda p: p * 10, nnx.state(model, nnx.Param)))
-    return model
+    return tiny_llama()
 
 
 @pytest.fixture(scope="module")
