@@ -172,3 +172,17 @@ def test_cli_rejects_bad_budget_arguments():
         with pytest.raises(SystemExit):
             csmpq.parse_args(argv)
     assert csmpq.parse_args(["--model", "mobilenet_v2", "--mode", "ptq", "--paper-budget"]).paper_budget
+
+
+def test_aggregate_merges_parallel_runs(tmp_path):
+    first = tmp_path / "a.json"
+    first.write_text(json.dumps(_fake_report(2, [("csmpq", 0.91), ("uniform", 0.90)])))
+    second = tmp_path / "b.json"  # a --seeds file holding two seeds
+    second.write_text(json.dumps(dict(per_seed_reports=[_fake_report(s, [("csmpq", 0.93), ("uniform", 0.90)])
+                                                        for s in (0, 1)])))
+    summary = csmpq.main(["--aggregate", str(first), str(second), "--out", str(tmp_path / "merged")])
+    assert summary["seeds"] == [0, 1, 2]
+    assert summary["methods"]["csmpq"]["per_seed"] == [0.93, 0.93, 0.91]
+    assert (tmp_path / "merged" / "resnet18_ptq_seeds.json").exists()
+    with pytest.raises(ValueError, match="repeat a seed"):
+        csmpq.main(["--aggregate", str(first), str(first), "--out", str(tmp_path / "again")])

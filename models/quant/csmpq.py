@@ -85,6 +85,9 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, default=0, metavar="N",
                         help="run seeds seed..seed+N-1 and write mean ± std and paired tests")
+    parser.add_argument("--aggregate", nargs="+", metavar="JSON",
+                        help="only merge earlier runs (per-seed or --seeds JSON files of one setting, e.g. seeds "
+                             "run in parallel processes) into <out>/<model>_<mode>_seeds.json and .png")
     parser.add_argument("--out", default="csmpq_out")
     args = parser.parse_args(argv)
     given = [name for name in ("size_mb", "budget_fraction") if getattr(args, name) is not None]
@@ -232,10 +235,41 @@ def _plot(path, paths, scores, bits, title):
     plt.close(fig)
 
 
+def _write_summary(reports, stem):
+    summary = seeds.aggregate(reports)
+    summary["per_seed_reports"] = reports
+    with open(stem + "_seeds.json", "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
+
+def _aggregate_files(paths, out):
+    reports = []
+    for path in paths:
+        with open(path) as f:
+            stored = json.load(f)
+        reports += stored.get("per_seed_reports", [stored])
+    reports.sort(key=lambda r: r["seed"])
+    if len({r["seed"] for r in reports}) != len(reports):
+        raise ValueError(f"--aggregate files repeat a seed: {[r['seed'] for r in reports]}")
+    stem = os.path.join(out, f"{reports[0]['model']}_{reports[0]['mode']}")
+    os.makedirs(out, exist_ok=True)
+    summary = _write_summary(reports, stem)
+    seeds.plot(stem + "_seeds.png", summary)
+    print(seeds.table(summary))
+    if summary["comparisons"]:
+        print(seeds.comparison_table(summary))
+    print(seeds.timing_table(summary))
+    print(f"wrote {stem}_seeds.json and {stem}_seeds.png")
+    return summary
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"{args.model}_{args.mode}" + ("_search" if args.search_only else ""))
+    if args.aggregate:
+        return _aggregate_files(args.aggregate, args.out)
     if not args.seeds:
         report = run_seed(args, args.seed)
         with open(stem + ".json", "w") as f:
@@ -248,10 +282,7 @@ def main(argv=None) -> dict:
     for seed in range(args.seed, args.seed + args.seeds):
         reports.append(run_seed(args, seed))
         # The tables so far, after every seed: a run cut short keeps them.
-        summary = seeds.aggregate(reports)
-        summary["per_seed_reports"] = reports
-        with open(stem + "_seeds.json", "w") as f:
-            json.dump(summary, f, indent=1)
+        summary = _write_summary(reports, stem)
     if args.search_only:
         print(seeds.timing_table(summary))
         return summary
