@@ -18,7 +18,8 @@ def cross_entropy(logits, labels):
 
 
 @nnx.jit
-def _train_step(model, optimizer, x, y):
+def train_step(model, optimizer, x, y):
+    """One optimizer step on the cross-entropy of (x, y); returns the loss."""
     def loss_fn(model):
         return cross_entropy(model(x), y)
 
@@ -45,7 +46,7 @@ def train(model: nnx.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, learn
         steps = batches(x, y, batch_size, rng)
         if progress is not None:
             steps = progress(steps, steps_per_epoch)
-        epoch = [_train_step(model, optimizer, jnp.asarray(bx), jnp.asarray(by)) for bx, by in steps]
+        epoch = [train_step(model, optimizer, jnp.asarray(bx), jnp.asarray(by)) for bx, by in steps]
         losses.append(float(jnp.mean(jnp.stack(epoch))))
     model.eval()
     return losses

@@ -17,22 +17,9 @@ import optax
 from flax import nnx
 
 from ..data import batches, mnist_sample
+from ..train import train_step
 from .backbone import VARIANTS, Backbone, tiny_config
 from .measure import count_params
-
-
-def cross_entropy(logits, labels):
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
-@nnx.jit
-def train_step(model, optimizer, x, y):
-    def loss_fn(model):
-        return cross_entropy(model(x), y)
-
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    optimizer.update(model, grads)
-    return loss
 
 
 def make_optimizer(model: nnx.Module, total_steps: int, learning_rate: float, weight_decay: float = 0.05):
