@@ -31,8 +31,10 @@ def expect_unsupported(case, q, k, v, **kwargs):
 def check_forward(case, q, k, v, **kwargs):
     if not case.supports(q.dtype, q.shape[-1]):
         return expect_unsupported(case, q, k, v, **kwargs)
-    out, lse = attend(case, q, k, v, return_lse=True, **kwargs)
-    ref_out, ref_lse = oracle.attention(q, k, v, **kwargs)
+    # Each side compiled as one program (eager dispatch would compile every
+    # small op on its own, which dominates the suite's time on a GPU).
+    out, lse = jax.jit(lambda q, k, v: attend(case, q, k, v, return_lse=True, **kwargs))(q, k, v)
+    ref_out, ref_lse = jax.jit(lambda q, k, v: oracle.attention(q, k, v, **kwargs))(q, k, v)
     assert out.dtype == q.dtype and out.shape == q.shape
     assert lse.dtype == jnp.float32 and lse.shape == (q.shape[0], q.shape[2], q.shape[1])
     assert_close(out, ref_out, q.dtype, what="out")
@@ -56,9 +58,9 @@ def check_gradients(case, q, k, v, bias=None, **kwargs):
     ours = lambda q, k, v, b: attend(case, q, k, v, bias=b, return_lse=True, **kwargs)
     ref = lambda q, k, v, b: oracle.attention(q, k, v, bias=b, **kwargs)
     argnums = (0, 1, 2, 3) if bias is not None else (0, 1, 2)
-    grads = jax.grad(lambda *a: loss(ours, *a), argnums)(q, k, v, bias)
+    grads = jax.jit(jax.grad(lambda *a: loss(ours, *a), argnums))(q, k, v, bias)
     up = lambda x: None if x is None else x.astype(jnp.float32)
-    ref_grads = jax.grad(lambda *a: loss(ref, *a), argnums)(up(q), up(k), up(v), up(bias))
+    ref_grads = jax.jit(jax.grad(lambda *a: loss(ref, *a), argnums))(up(q), up(k), up(v), up(bias))
     tol = GRAD_TOLERANCE[jnp.dtype(q.dtype).name]
     for name, g, r in zip("q k v bias".split(), grads, ref_grads):
         assert g.dtype == (q.dtype if name != "bias" else bias.dtype)
