@@ -10,6 +10,7 @@
 #   ring    tools/gpu/ring_step_time.py
 #   offload tools/gpu/offload_bench.py
 #   trtvit  python -m models.trt_vit.bench (latency table and guideline experiments)
+#   hostkv  Llama-3-8B decode with part of a 64K-token KV cache in host memory vs all on the device
 # Logs and JSON under $OUT (a few files, as the device tool brings back at most 8).
 source "$(dirname "$0")/common.sh"
 LOG="$OUT/log.txt"
@@ -53,12 +54,19 @@ for stage in "$@"; do
       timeout 240 python3 tools/gpu/tp_block_model.py --out "$OUT/tp_model.json" --budget-s 120 2>&1 | tail -30 | tee -a "$LOG"
       timeout 200 python3 tools/gpu/tp_schedule.py --out "$OUT/tp_schedule.json" 2>&1 | tail -30 | tee -a "$LOG" ;;
     ring)
-      timeout 240 python3 tools/gpu/ring_step_time.py --out "$OUT/ring_steps.json" 2>&1 | tail -30 | tee -a "$LOG" ;;
+      timeout 240 python3 tools/gpu/ring_step_time.py --preset h200 --out "$OUT/ring_steps.json" 2>&1 | tail -30 | tee -a "$LOG" ;;
     offload)
-      timeout 420 python3 tools/gpu/offload_bench.py --preset ${OFFLOAD_PRESET:-full} --out "$OUT/offload.json" 2>&1 \
+      timeout 420 python3 tools/gpu/offload_bench.py --preset ${OFFLOAD_PRESET:-h200} --out "$OUT/offload.json" 2>&1 \
         | tail -40 | tee -a "$LOG" ;;
     trtvit)
-      timeout 300 python3 -m models.trt_vit.bench --out "$OUT/trt_vit.json" 2>&1 | tail -40 | tee -a "$LOG" ;;
+      timeout 300 python3 -m models.trt_vit.bench --out "$OUT/trt_vit_models.json" 2>&1 | tail -40 | tee -a "$LOG"
+      timeout 300 python3 -m models.trt_vit.bench --experiments guidelines --out "$OUT/trt_vit_guidelines.json" 2>&1 \
+        | tail -40 | tee -a "$LOG" ;;
+    hostkv)
+      for mode in device host; do
+        timeout 300 python3 -m models.llama --config llama3-8b --batch 1 --prompt-len 65536 --gen 32 --kv-cache $mode \
+          --device-kv-tokens 16384 --json "$OUT/llama_${mode}kv.json" 2>&1 | tail -8 | tee -a "$LOG"
+      done ;;
     *) echo "unknown stage $stage" | tee -a "$LOG"; exit 2 ;;
   esac
   stage_time "$stage" "$start"
