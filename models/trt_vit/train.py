@@ -17,7 +17,7 @@ import optax
 from flax import nnx
 
 from ..data import batches, mnist_sample
-from ..train import train_step
+from ..train import accuracy, train_step
 from .backbone import VARIANTS, Backbone, tiny_config
 from .measure import count_params
 
@@ -56,18 +56,6 @@ def train(model: nnx.Module, x: np.ndarray, y: np.ndarray, *, epochs: int = 1, l
         losses.append(float(train_step(model, optimizer, jnp.asarray(bx), jnp.asarray(by))))
     model.eval()
     return losses
-
-
-@nnx.jit
-def _correct(model, x, y):
-    return jnp.sum(jnp.argmax(model(x), axis=-1) == y)
-
-
-def accuracy(model: nnx.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 250) -> float:
-    model.eval()
-    correct = sum(int(_correct(model, jnp.asarray(x[i:i + batch_size]), jnp.asarray(y[i:i + batch_size])))
-                  for i in range(0, len(x), batch_size))
-    return correct / len(x)
 
 
 def main(argv=None):
