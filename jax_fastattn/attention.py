@@ -45,7 +45,7 @@ def check_inputs(q, k, v, bias, softmax_scale, names=("q", "k", "v")) -> None:
     if sq < 1 or k.shape[1] < 1 or b < 1:
         raise ArgumentError(f"batch and sequence lengths must be >= 1, got {q_name} {q.shape}, {k_name} {k.shape}")
     hkv = k.shape[2]
-    if hkv < 1 or hq % hkv != 0:
+    if hq < 1 or hkv < 1 or hq % hkv != 0:
         raise ArgumentError(f"{q_name} heads ({hq}) must be a multiple of {k_name}/{v_name} heads ({hkv}) "
                             "(MHA, GQA or MQA)")
     if bias is not None:

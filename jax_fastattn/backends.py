@@ -63,7 +63,18 @@ class Backend:
 
     def supports(self, dtype, head_dim: int, op: str = "attention") -> bool:
         dtypes = self.decode_dtypes if op == "decode" else self.dtypes
-        return jnp.dtype(dtype).name in dtypes and head_dim <= self.max_head_dim
+        return (jnp.dtype(dtype).name in dtypes and head_dim <= self.max_head_dim
+                and not (op == "decode" and decode_row_problem(self, dtype, head_dim)))
+
+
+def decode_row_problem(backend: "Backend", dtype, head_dim: int) -> Optional[str]:
+    """Why `backend`'s decode kernel cannot take rows of this head dim, or
+    None. The CUDA decode kernel reads K/V rows as whole 16-byte vectors."""
+    itemsize = jnp.dtype(dtype).itemsize
+    if backend.name == "cuda" and head_dim * itemsize % 16 != 0:
+        return (f"backend='cuda' decode reads rows of whole 16-byte vectors: q.shape[-1] must be a multiple of "
+                f"{16 // itemsize} for {jnp.dtype(dtype).name}, got {head_dim}; use backend='xla'")
+    return None
 
 
 # ----------------------------------------------------------------------------
@@ -186,8 +197,10 @@ def _auto(op: str) -> str:
     if device.platform == "cpu" and _has_kernel(BACKENDS["cpu"], op):
         return "cpu"
     if device.platform == "gpu":
-        if _is_volta(device) and _has_kernel(BACKENDS["volta"], op):
-            return "volta"
+        if _is_volta(device):
+            # The CUDA kernels are built for sm80+: on a V100 only the Volta
+            # forward exists; decode runs on xla.
+            return "volta" if _has_kernel(BACKENDS["volta"], op) else "xla"
         if _has_kernel(BACKENDS["cuda"], op):
             return "cuda"
     return "xla"
@@ -200,6 +213,9 @@ def _check_available(name: str, op: str) -> None:
                             f"(devices: {[d.platform for d in jax.devices()]}); use 'cpu' or 'xla'")
     if backend.platform == "cpu" and not ffi.library_available():
         raise ArgumentError(f"backend={name!r} needs the compiled library; build it with `pip install -e .`")
+    if op == "decode" and backend.platform is not None and backend.decode_target is None:
+        raise ArgumentError(f"backend={name!r} has no decode kernel; decode_attention runs on 'cuda', 'cpu', 'xla' "
+                            "or 'reference'")
     if backend.platform is not None and not _has_kernel(backend, op):
         raise ArgumentError(f"backend={name!r} has no {op} kernel in this build (CUDA kernels need nvcc at "
                             "build time, the Volta kernel also NVRTC 12); use 'xla'")
@@ -226,4 +242,7 @@ def resolve(backend, op: str, dtype, head_dim: int, arg: str = "q") -> Backend:
     if head_dim > record.max_head_dim:
         raise ArgumentError(f"backend={name!r} supports head dims up to {record.max_head_dim}, got {arg}.shape[-1] "
                             f"= {head_dim}")
+    problem = decode_row_problem(record, dtype, head_dim) if op == "decode" else None
+    if problem:
+        raise ArgumentError(problem)
     return record

@@ -76,11 +76,6 @@ def decode_attention(q, k_cache, v_cache, lengths, *, page_table=None, softmax_s
     """
     _check(q, k_cache, v_cache, lengths, page_table, softmax_scale)
     concrete = backends.resolve(backend, "decode", q.dtype, q.shape[-1]).name
-    if concrete == "cuda":
-        itemsize = jnp.dtype(q.dtype).itemsize
-        if q.shape[-1] * itemsize % 16 != 0:
-            raise ArgumentError(f"backend='cuda' decode needs rows of whole 16-byte vectors: head dim D must be a "
-                             f"multiple of {16 // itemsize} for {q.dtype}, got D={q.shape[-1]}; use backend='xla'")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     lengths = jnp.asarray(lengths, jnp.int32)
     if concrete in ("cpu", "cuda"):
@@ -94,6 +89,9 @@ def decode_attention(q, k_cache, v_cache, lengths, *, page_table=None, softmax_s
         k_cache, v_cache = _gather_pages(k_cache, page_table), _gather_pages(v_cache, page_table)
     batch, s_max = q.shape[0], k_cache.shape[1]
     valid = jnp.arange(s_max, dtype=jnp.int32)[None, :] < lengths[:, None]
+    # Rows past the length may hold garbage (NaN included): zeroed, since a
+    # masked key's weight is 0 but 0 x NaN is NaN in P V.
+    k_cache, v_cache = (jnp.where(valid[:, :, None, None], c, jnp.zeros((), c.dtype)) for c in (k_cache, v_cache))
     kv_ids = jnp.where(valid, 0, -1).astype(jnp.int32)
     q_ids = jnp.zeros((batch, 1), jnp.int32)
     out = flash_attention(q[:, None], k_cache, v_cache, mask=masks.Segments(q_ids, kv_ids),

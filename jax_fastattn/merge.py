@@ -44,7 +44,9 @@ def merge_partials(outs: Sequence, lses: Sequence, *, lse_layout: str = "bhs"):
         (flash_attention's `return_lse` layout, lse_layout="bhs"), [B, Hq]
         for the latter.
       lse_layout: "bhs" (lse [B, H, S] against out [B, S, H, D]) or "same"
-        (lse has out's shape without its last axis).
+        (lse has out's shape without its last axis). Rank-3 outs are always
+        "same"; decode-shaped partials with extra leading dims ([..., B, H,
+        D] with [..., B, H]) must say lse_layout="same".
 
     Returns:
       (out, lse): out in outs[0]'s dtype, lse float32 in lses[0]'s shape.

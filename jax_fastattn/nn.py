@@ -186,7 +186,9 @@ def attend_cache(q, k_cache, v_cache, lengths, *, page_table=None, implementatio
     if sliding_window is None:
         out = _jax_attention(q[:, None], k_cache, v_cache, None, None, implementation, softmax_scale,
                              key_value_seq_lengths=lengths)
-        return out[:, 0]
+        # A row that sees no key gives zeros, as decode_attention does (jax
+        # would average every key).
+        return jnp.where((lengths > 0)[:, None, None], out[:, 0], jnp.zeros((), out.dtype))
     pos = jnp.arange(k_cache.shape[1], dtype=jnp.int32)[None, :]
     visible = (pos < lengths[:, None]) & (pos >= lengths[:, None] - sliding_window)
     kv_ids = jnp.where(visible, 0, -1).astype(jnp.int32)

@@ -77,7 +77,7 @@ def case(request):
     return chosen
 
 
-@pytest.fixture(params=["cpu", "xla"])
+@pytest.fixture(params=["cpu", "xla", "reference"])
 def backend(request):
     """Backend name for the decode tests that run on the CPU."""
     return request.param

@@ -94,6 +94,23 @@ def test_impossible_wgmma_requests(pretend_gpu_kernels, head_dim, bias, pattern)
         flash_attention(x, x, x, backend="cuda", config=config, bias=jnp.zeros((1, 1, 8, 8)) if bias else None)
 
 
+def test_decode_row_rule_and_auto(monkeypatch, pretend_gpu_kernels):
+    """The CUDA decode kernel reads whole 16-byte rows: backend="cuda" with
+    another head dim raises naming q's last axis; "auto" takes xla."""
+    monkeypatch.setattr(backends, "_auto", lambda op: "cuda")
+    with pytest.raises(ValueError, match=r"q.shape\[-1\] must be a multiple of 8 for bfloat16, got 12"):
+        backends.resolve("cuda", "decode", jnp.bfloat16, 12)
+    assert backends.resolve("auto", "decode", jnp.bfloat16, 12).name == "xla"
+    assert backends.resolve("auto", "decode", jnp.float32, 64).name == "cuda"
+    assert backends.resolve("auto", "attention", jnp.bfloat16, 12).name == "cuda"
+
+
+def test_zero_query_heads_are_an_error():
+    x = jnp.zeros((1, 4, 0, 8))
+    with pytest.raises(ValueError, match=r"q heads \(0\) must be a multiple"):
+        flash_attention(x, jnp.zeros((1, 4, 1, 8)), jnp.zeros((1, 4, 1, 8)))
+
+
 def test_fixed_kernel_tiles_cannot_be_configured(pretend_gpu_kernels):
     x = jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
     with pytest.raises(ValueError, match=r"config.tiles: backend='cuda' has fixed tiles"):

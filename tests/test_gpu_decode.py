@@ -62,5 +62,8 @@ def test_cuda_decode_vmap_and_auto_backend():
 @requires_gpu
 def test_cuda_decode_rejects_unaligned_head_dim():
     q, k, v = _inputs(3, 1, 10, 2, 2, 12, jnp.bfloat16)
-    with pytest.raises(ValueError, match="head dim D must be a multiple of 8"):
+    with pytest.raises(ValueError, match=r"q.shape\[-1\] must be a multiple of 8 for bfloat16, got 12"):
         decode_attention(q, k, v, jnp.array([5], jnp.int32), backend="cuda")
+    # "auto" takes the pure-JAX path for what the kernel does not read
+    out = decode_attention(q, k, v, jnp.array([5], jnp.int32))
+    assert out.shape == q.shape

@@ -181,3 +181,18 @@ def test_bad_arguments_raise_value_error():
         nn.dot_product_attention(*(jnp.ones((1, 4, 2, 8)),) * 3, sliding_window=0)
     with pytest.raises(ValueError, match="rope_type"):
         nn.rope_inv_freq(8, scaling={"rope_type": "yarn"})
+
+
+@pytest.mark.parametrize("implementation", ["fastattn", "xla"])
+def test_attend_cache_row_of_length_zero_is_zero(implementation):
+    """Every implementation returns zeros for a row that sees no key (jax's
+    own attention would average every key)."""
+    from jax_fastattn.nn import attend_cache
+    keys = jax.random.split(jax.random.PRNGKey(41), 3)
+    q = jax.random.normal(keys[0], (2, 2, 8))
+    k, v = (jax.random.normal(key, (2, 8, 2, 8)) for key in keys[1:])
+    lengths = jnp.array([0, 3])
+    for window in (None, 2):
+        out = attend_cache(q, k, v, lengths, implementation=implementation, sliding_window=window,
+                           backend="cpu" if implementation == "fastattn" else "auto")
+        assert np.all(np.asarray(out)[0] == 0) and np.all(np.isfinite(np.asarray(out)))

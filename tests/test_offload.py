@@ -424,3 +424,20 @@ def test_measure_throughputs_runs_here():
     assert tp.pcie_bytes_per_s > 0 and tp.accelerator_bytes_per_s > 0 and tp.cpu_bytes_per_s > 0
     assert tp.cpu_fixed_s >= 0
     assert "GB/s" in str(tp)
+
+
+@pytest.mark.parametrize("backend", ["einsum", "cpu", "xla"])
+def test_partial_ignores_garbage_past_the_length(backend):
+    """Positions past a row's length may hold NaN: they never reach the
+    result (a masked weight is 0, but 0 x NaN would be NaN)."""
+    from jax_fastattn.offload.partial import partial_decode
+    keys = jax.random.split(jax.random.PRNGKey(40), 3)
+    q = jax.random.normal(keys[0], (2, 4, 8))
+    k, v = (jax.random.normal(key, (2, 16, 2, 8)) for key in keys[1:])
+    lengths = jnp.array([5, 16])
+    past = jnp.arange(16)[None, :, None, None] >= lengths[:, None, None, None]
+    dirty = [jnp.where(past, jnp.nan, x) for x in (k, v)]
+    out, lse = partial_decode(q, *dirty, lengths, backend=backend)
+    clean, clean_lse = partial_decode(q, k, v, lengths, backend=backend)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(clean), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(clean_lse), atol=1e-6)

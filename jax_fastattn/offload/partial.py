@@ -79,7 +79,8 @@ def partial_decode_einsum(q, k, v, lengths, softmax_scale: float):
     probs = jnp.exp(logits - safe_max)                                    # 0 where masked
     row_sum = jnp.sum(probs, axis=1)                                      # [B, Hq]
     seen = row_sum > 0
-    values = v.reshape(batch, seq, kv_heads * dim)
+    # Positions past the length may hold garbage: zeroed (0 x NaN is NaN).
+    values = jnp.where(visible, v.reshape(batch, seq, kv_heads * dim), jnp.zeros((), v.dtype))
     products = jnp.einsum("bsn,bsc->bnc", probs.astype(v.dtype), values, preferred_element_type=jnp.float32)
     products = products.reshape(batch, kv_heads, group, kv_heads, dim)
     out = jnp.einsum("bhghd->bhgd", products).reshape(batch, heads, dim)   # the diagonal blocks
