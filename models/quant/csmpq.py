@@ -254,7 +254,11 @@ def _aggregate_files(paths, out):
         raise ValueError(f"--aggregate files repeat a seed: {[r['seed'] for r in reports]}")
     stem = os.path.join(out, f"{reports[0]['model']}_{reports[0]['mode']}")
     os.makedirs(out, exist_ok=True)
-    summary = _write_summary(reports, stem)
+    return _report_seeds(_write_summary(reports, stem), stem)
+
+
+def _report_seeds(summary: dict, stem: str) -> dict:
+    """The multi-seed plot and tables of a written summary."""
     seeds.plot(stem + "_seeds.png", summary)
     print(seeds.table(summary))
     if summary["comparisons"]:
@@ -286,13 +290,7 @@ def main(argv=None) -> dict:
     if args.search_only:
         print(seeds.timing_table(summary))
         return summary
-    seeds.plot(stem + "_seeds.png", summary)
-    print(seeds.table(summary))
-    if summary["comparisons"]:
-        print(seeds.comparison_table(summary))
-    print(seeds.timing_table(summary))
-    print(f"wrote {stem}_seeds.json and {stem}_seeds.png")
-    return summary
+    return _report_seeds(summary, stem)
 
 
 if __name__ == "__main__":
