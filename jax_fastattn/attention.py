@@ -156,6 +156,23 @@ def _attention_bwd(call, residuals, cotangents):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def _plan_call(q, k, mask, causal, softmax_scale, backend, config, has_bias):
+    """(Call, mask plan, Backend record) of a call whose q, k, v passed
+    check_inputs: the mask lowered for its shapes, the backend resolved and
+    the config checked against it."""
+    if not isinstance(causal, (bool, np.bool_)):
+        raise ArgumentError(f"causal must be a Python bool, got {type(causal).__name__}")
+    b, sq, hq, d = q.shape
+    skv = k.shape[1]
+    plan = masks.make_plan(mask, bool(causal), b, hq, sq, skv)
+    record = backends.resolve(backend, "attention", q.dtype, d)
+    kernel = check_config(config, record, d, has_bias)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
+    call = Call(record.name, scale, sq, skv, int(plan.band_lo), int(plan.band_hi), kernel.tiles or record.tiles,
+                kernel)
+    return call, plan, record
+
+
 def flash_attention(q, k, v, *, mask: Optional[masks.Mask] = None, causal: bool = False, bias=None,
                     softmax_scale: Optional[float] = None, return_lse: bool = False, backend: str = "auto",
                     config: Optional[KernelConfig] = None):
@@ -184,18 +201,9 @@ def flash_attention(q, k, v, *, mask: Optional[masks.Mask] = None, causal: bool 
     ValueError, also a TypeError) naming the argument.
     """
     check_inputs(q, k, v, bias, softmax_scale)
-    if not isinstance(causal, (bool, np.bool_)):
-        raise ArgumentError(f"causal must be a Python bool, got {type(causal).__name__}")
     if not isinstance(return_lse, (bool, np.bool_)):
         raise ArgumentError(f"return_lse must be a Python bool, got {type(return_lse).__name__}")
-    b, sq, hq, d = q.shape
-    skv = k.shape[1]
-    plan = masks.make_plan(mask, bool(causal), b, hq, sq, skv)
-    record = backends.resolve(backend, "attention", q.dtype, d)
-    kernel = check_config(config, record, d, bias is not None)
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
-    call = Call(record.name, scale, sq, skv, int(plan.band_lo), int(plan.band_hi), kernel.tiles or record.tiles,
-                kernel)
+    call, plan, _ = _plan_call(q, k, mask, causal, softmax_scale, backend, config, bias is not None)
     out, lse = _attention(call, q, k, v, bias, plan.q_segment_ids, plan.kv_segment_ids, plan.dense)
     return (out, lse) if return_lse else out
 
@@ -220,13 +228,7 @@ def flash_attention_backward(q, k, v, out, lse, d_out, d_lse=None, *, mask: Opti
                            ("d_lse", d_lse, lse_shape)):
         if x is not None and tuple(np.shape(x)) != tuple(shape):
             raise ArgumentError(f"{name} must have shape {tuple(shape)}, got {tuple(np.shape(x))}")
-    skv = k.shape[1]
-    plan = masks.make_plan(mask, bool(causal), b, hq, sq, skv)
-    record = backends.resolve(backend, "attention", q.dtype, d)
-    kernel = check_config(config, record, d, False)
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
-    call = Call(record.name, scale, sq, skv, int(plan.band_lo), int(plan.band_hi), kernel.tiles or record.tiles,
-                kernel)
+    call, plan, record = _plan_call(q, k, mask, causal, softmax_scale, backend, config, False)
     d_lse = jnp.zeros(lse_shape, jnp.float32) if d_lse is None else d_lse.astype(jnp.float32)
     # The reference backward differentiates its own forward (this part's
     # softmax alone); the blockwise one, like the kernels', uses the given lse.
