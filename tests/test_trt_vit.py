@@ -256,6 +256,23 @@ def test_xla_flops_counts_attention():
     assert layer.attention_backend == "auto"  # restored
 
 
+def test_xla_flops_from_compiled_when_lowered_has_none(monkeypatch):
+    """A backend that gives no cost analysis before compilation (the GPU
+    client) still gets a count: that of the compiled module, equal here."""
+    layer = SpatialReductionAttention(64, 1, 1, "auto", rngs=nnx.Rngs(0))
+
+    class Wrap(nnx.Module):
+        def __init__(self):
+            self.layer = layer
+
+        def __call__(self, x):
+            return self.layer(x.reshape(1, 49, 64), (7, 7))
+
+    expected = xla_flops(Wrap(), (1, 7, 7, 64))
+    monkeypatch.setattr(jax.stages.Lowered, "cost_analysis", lambda self: None)
+    assert xla_flops(Wrap(), (1, 7, 7, 64)) == pytest.approx(expected, rel=0.25)
+
+
 # ---------------------------------------------------------------- bench
 
 def _row(name, group, dtype, ms, gflops):

@@ -38,6 +38,8 @@ def _abstract(tree):
 def xla_flops(model: nnx.Module, input_shape, dtype=jnp.float32) -> float:
     """FLOPs of one forward pass on an input of `input_shape`, by XLA's cost
     analysis of the lowered (unoptimised) HLO, attention as plain einsums.
+    Where the backend gives no cost analysis before compilation (the GPU
+    client returns None for a lowered module), that of the compiled module.
     The model's attention backends are restored afterwards."""
     saved = [layer.attention_backend for layer in attention_layers(model)]
     set_attention_backend(model, "plain")
@@ -45,6 +47,8 @@ def xla_flops(model: nnx.Module, input_shape, dtype=jnp.float32) -> float:
         graphdef, state = nnx.split(model)
         lowered = jax.jit(_forward(graphdef)).lower(_abstract(state), jax.ShapeDtypeStruct(tuple(input_shape), dtype))
         cost = lowered.cost_analysis()
+        if cost is None:
+            cost = lowered.compile().cost_analysis()
     finally:
         for layer, backend in zip(attention_layers(model), saved):
             layer.attention_backend = backend
