@@ -21,15 +21,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
 import traceback
 
-import jax
-import jax.numpy as jnp
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
-from jax_fastattn import flash_attention, merge_partials
+from jax_fastattn import flash_attention, merge_partials  # noqa: E402
 
 K = 1024
 PRESETS = {
