@@ -52,7 +52,7 @@ for stage in "$@"; do
         --budget-s ${LLAMA_BUDGET:-300} 2>&1 | tail -40 | tee -a "$LOG" ;;
     tp)
       timeout 240 python3 tools/gpu/tp_block_model.py --out "$OUT/tp_model.json" --budget-s 120 2>&1 | tail -30 | tee -a "$LOG"
-      timeout 200 python3 tools/gpu/tp_schedule.py --out "$OUT/tp_schedule.json" 2>&1 | tail -30 | tee -a "$LOG" ;;
+      timeout 200 python3 tools/gpu/tp_schedule.py --child-timeout 90 --out "$OUT/tp_schedule.json" 2>&1 | tail -30 | tee -a "$LOG" ;;
     ring)
       timeout 240 python3 tools/gpu/ring_step_time.py --preset h200 --out "$OUT/ring_steps.json" 2>&1 | tail -30 | tee -a "$LOG" ;;
     offload)

@@ -155,6 +155,8 @@ def main() -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
     parser.add_argument("--devices", type=int, nargs="+", default=[2, 8])
     parser.add_argument("--check", action="store_true")
+    parser.add_argument("--child-timeout", type=float, default=120.0,
+                        help="seconds each topology's compile may take; a timeout is recorded with the child's stderr")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -168,12 +170,17 @@ def main() -> int:
         env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
                "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}")}
+        print(f"compiling for {n} mocked devices (at most {args.child_timeout:.0f} s)", flush=True)
         try:
             run = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", str(n), "--preset",
-                                  args.preset, "--out", args.out], capture_output=True, text=True, timeout=300,
-                                 env=env)
+                                  args.preset, "--out", args.out], capture_output=True, text=True,
+                                 timeout=args.child_timeout, env=env)
             lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
             result = json.loads(lines[-1]) if lines else {"num_devices": n, "error": run.stderr[-2000:]}
+        except subprocess.TimeoutExpired as error:
+            stderr = error.stderr.decode(errors="replace") if isinstance(error.stderr, bytes) else (error.stderr or "")
+            result = {"num_devices": n, "error": f"compile did not finish in {args.child_timeout:.0f} s; "
+                                                 f"stderr tail: {stderr[-1500:]}"}
         except Exception as error:  # noqa: BLE001
             result = {"num_devices": n, "error": f"{type(error).__name__}: {error}"}
         result["verdict"] = verdict(result, PRESETS[args.preset]["num_chunks"])
