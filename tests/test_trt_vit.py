@@ -256,9 +256,10 @@ def test_xla_flops_counts_attention():
     assert layer.attention_backend == "auto"  # restored
 
 
-def test_xla_flops_from_compiled_when_lowered_has_none(monkeypatch):
-    """A backend that gives no cost analysis before compilation (the GPU
-    client) still gets a count: that of the compiled module, equal here."""
+def test_xla_flops_lowered_for_the_host_cpu(monkeypatch):
+    """FLOPs come from a module lowered for the host CPU even where the
+    default device is another (the GPU client gives no lowered cost
+    analysis): the lowering is asked for CPU-placed arguments."""
     layer = SpatialReductionAttention(64, 1, 1, "auto", rngs=nnx.Rngs(0))
 
     class Wrap(nnx.Module):
@@ -269,8 +270,21 @@ def test_xla_flops_from_compiled_when_lowered_has_none(monkeypatch):
             return self.layer(x.reshape(1, 49, 64), (7, 7))
 
     expected = xla_flops(Wrap(), (1, 7, 7, 64))
-    monkeypatch.setattr(jax.stages.Lowered, "cost_analysis", lambda self: None)
-    assert xla_flops(Wrap(), (1, 7, 7, 64)) == pytest.approx(expected, rel=0.25)
+    seen = []
+    real_jit = jax.jit
+
+    def spying_jit(fn, *a, **k):
+        jitted = real_jit(fn, *a, **k)
+
+        class Spy:
+            def lower(self, *args):
+                seen.extend(getattr(x, "sharding", None) for x in jax.tree.leaves(args))
+                return jitted.lower(*args)
+        return Spy()
+
+    monkeypatch.setattr(jax, "jit", spying_jit)
+    assert xla_flops(Wrap(), (1, 7, 7, 64)) == expected
+    assert seen and all(s is not None and s.device_set == {jax.devices("cpu")[0]} for s in seen)
 
 
 # ---------------------------------------------------------------- bench

@@ -31,23 +31,26 @@ def _forward(graphdef):
     return forward
 
 
-def _abstract(tree):
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+def _abstract(tree, sharding=None):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
 
 
 def xla_flops(model: nnx.Module, input_shape, dtype=jnp.float32) -> float:
     """FLOPs of one forward pass on an input of `input_shape`, by XLA's cost
     analysis of the lowered (unoptimised) HLO, attention as plain einsums.
-    Where the backend gives no cost analysis before compilation (the GPU
-    client returns None for a lowered module), that of the compiled module.
+    The program is lowered for the host CPU whatever the default device:
+    FLOPs do not depend on the device, and the GPU client gives no cost
+    analysis before compiling (compiling there would autotune every GEMM).
     The model's attention backends are restored afterwards."""
     saved = [layer.attention_backend for layer in attention_layers(model)]
     set_attention_backend(model, "plain")
     try:
         graphdef, state = nnx.split(model)
-        lowered = jax.jit(_forward(graphdef)).lower(_abstract(state), jax.ShapeDtypeStruct(tuple(input_shape), dtype))
+        host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+        lowered = jax.jit(_forward(graphdef)).lower(
+            _abstract(state, host), jax.ShapeDtypeStruct(tuple(input_shape), dtype, sharding=host))
         cost = lowered.cost_analysis()
-        if cost is None:
+        if cost is None:  # a jax without cost analysis of lowered modules
             cost = lowered.compile().cost_analysis()
     finally:
         for layer, backend in zip(attention_layers(model), saved):
