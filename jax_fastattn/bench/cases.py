@@ -121,3 +121,25 @@ def probe(case: Case, out, dv=None) -> list:
         dv = np.asarray(dv, np.float32)
         values += [dv[-1, r, h] for r in probe_rows(case) for h in (0, case.kv_heads - 1)]
     return np.concatenate(values).tolist()
+
+
+def exact_probe(case: Case, inputs: Dict[str, np.ndarray]) -> Optional[np.ndarray]:
+    """The forward probe (what `probe` reports of the output) evaluated in
+    float64 with numpy from the case's inputs, row by row (O(S·D) per row,
+    so cheap at any S); None for other modes. Causal: query i sees keys
+    j <= i (Sq == Skv, where both mask alignments agree)."""
+    if case.mode != "fwd":
+        return None
+    group = case.heads // case.kv_heads
+    scale = case.head_dim ** -0.5
+    values = []
+    for row in probe_rows(case):
+        for head in (0, case.heads - 1):
+            q = np.asarray(inputs["q"][-1, row, head], np.float64)
+            visible = row + 1 if case.causal else case.seq
+            k = np.asarray(inputs["k"][-1, :visible, head // group], np.float64)
+            v = np.asarray(inputs["v"][-1, :visible, head // group], np.float64)
+            logits = scale * (k @ q)
+            weights = np.exp(logits - logits.max())
+            values.append(weights @ v / weights.sum())
+    return np.concatenate(values)

@@ -1,6 +1,8 @@
 """Command line of `python -m jax_fastattn.bench`: runs every implementation
-of a backend's peer list on each case, each in its own subprocess, prints a
-table, writes results.json and plot.png."""
+of a backend's peer list on each case, each in its own subprocess (or, with
+--interleave / --preset, all of a case's implementations in one process,
+timed round-robin: cpu_interleaved), prints a table, writes results.json and
+plot.png."""
 from __future__ import annotations
 
 import argparse
@@ -14,11 +16,12 @@ import tempfile
 import time
 from typing import Dict, List, Optional
 
-from jax_fastattn.bench import report, timing
+from jax_fastattn.bench import cpu_interleaved, report, timing
 from jax_fastattn.bench.cases import Case
 
 PEERS: Dict[str, List[str]] = {
-    "cpu": ["fastattn-cpu", "fastattn-xla", "jax.nn-xla", "reference"],
+    # torch-sdpa-cpu: torch SDPA's fused flash-attention CPU kernel.
+    "cpu": ["fastattn-cpu", "fastattn-xla", "jax.nn-xla", "torch-sdpa-cpu", "reference"],
     # torch-*: torch SDPA pinned to FlashAttention-2 / cuDNN; fa4:
     # FlashAttention-4 (flash_attn.cute); tokamax: its Mosaic-GPU kernel;
     # pallas-mha: jax's Pallas GPU op; fastattn-cuda-sm80: ours with the
@@ -34,7 +37,7 @@ DECODE_PEERS: Dict[str, List[str]] = {
 QUADRATIC = {"jax.nn-xla", "reference"}
 # Peers from other packages: the module whose absence skips them.
 OPTIONAL_MODULES = {"tokamax": "tokamax", "fa4": "flash_attn.cute", "torch-flash": "torch", "torch-cudnn": "torch",
-                    "pallas-mha": "jax.experimental.pallas.ops.gpu.attention"}
+                    "torch-sdpa-cpu": "torch", "pallas-mha": "jax.experimental.pallas.ops.gpu.attention"}
 
 
 def missing_peer(name: str):
@@ -123,32 +126,70 @@ def parse_args(argv=None):
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds for the whole invocation: later workers are skipped, the running one cut")
     parser.add_argument("--out", default="bench_out", help="folder for results.json and plot.png")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="pin the bench to this many CPUs (affinity, OMP_NUM_THREADS, torch.set_num_threads) "
+                             "before any thread pool starts: the same threads for every implementation")
+    parser.add_argument("--interleave", action="store_true",
+                        help="time a case's implementations in one process, round-robin (default peers: "
+                             + ", ".join(cpu_interleaved.CPU_PEERS) + ")")
+    parser.add_argument("--preset", choices=sorted(cpu_interleaved.PRESETS),
+                        help="a fixed grid of cases and repeats, timed interleaved (cpu-issue32: f32/bf16, "
+                             "causal/full, S 1K/4K/8K, D 64/128 forward, and fwd+bwd f32 causal S=2K D=64; "
+                             "cpu-tiny: a seconds-long dry run); overrides the case options")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--interleaved-worker", help=argparse.SUPPRESS)
     return parser, parser.parse_args(argv)
 
 
 def main(argv=None) -> None:
     parser, args = parse_args(argv)
+    if args.interleaved_worker:
+        cpu_interleaved.worker_main(args.interleaved_worker)
+        return
     if args.worker:
         spec = json.loads(args.worker)
         result = run_worker(spec["impl"], Case(**spec["case"]), spec["repeats"], spec.get("inputs_dir"))
         print("RESULT " + json.dumps(result), flush=True)
         return
 
+    cpus = None
+    if args.threads is not None:
+        # Before anything starts a thread pool (this process has started
+        # none: jax's backends start on first use); workers inherit the mask.
+        try:
+            cpus = cpu_interleaved.pin_threads(args.threads)
+        except ValueError as error:
+            parser.error(str(error))
     seqs = [1024] if args.quick else args.seq
     repeats = max(5, args.repeats)
     cases = [Case(max(1, args.tokens // s) if args.tokens else args.batch, s, args.heads,
                   args.kv_heads or args.heads, args.head_dim, not args.no_causal, args.dtype, args.mode)
              for s in seqs]
+    interleave = args.interleave or args.preset is not None
     peers = DECODE_PEERS if args.mode == "decode" else PEERS
-    if args.impls is None and args.backend not in peers:
+    if args.impls is None and args.backend not in peers and not interleave:
         parser.error(f"--backend {args.backend} has no peers for --mode {args.mode} yet")
-    impls = args.impls or peers[args.backend]
+    impls = args.impls or (cpu_interleaved.CPU_PEERS if interleave else peers[args.backend])
     missing = {name: missing_peer(name) for name in impls}
     for name, why in missing.items():
         if why:
             print(f"peer missing: {name} ({why})", file=sys.stderr, flush=True)
     os.makedirs(args.out, exist_ok=True)
+    if interleave:
+        plan = cpu_interleaved.preset_plan(args.preset) if args.preset else [(case, repeats) for case in cases]
+        present = [name for name in impls if not missing[name]]
+        results, environment = cpu_interleaved.drive(plan, present, args.threads, args.budget, args.timeout,
+                                                     args.max_quadratic_gb) if present else ([], {})
+        results += [{"impl": name, "case": dataclasses.asdict(case), "error": f"peer missing: {missing[name]}"}
+                    for case, _ in plan for name in impls if missing[name]]
+        order = {name: i for i, name in enumerate(impls)}
+        labels = {Case(**c).label(): i for i, c in enumerate(dataclasses.asdict(case) for case, _ in plan)}
+        results.sort(key=lambda r: (labels[Case(**r["case"]).label()], order[r["impl"]]))
+        method = {"timing": "interleaved: one process per run, every case's implementations compiled and warmed "
+                            "up, then rounds that time each once, the first one rotating (timing.round_robin_order)",
+                  "repeats": {c.label(): n for c, n in plan}, "calls_per_sample": 1}
+        _finish(args, argv, results, cpus, method, environment)
+        return
     deadline = time.monotonic() + args.budget if args.budget else float("inf")
     results = []
     inputs_dir = tempfile.mkdtemp(prefix="fastattn_bench_")
@@ -173,23 +214,32 @@ def main(argv=None) -> None:
         for leftover in os.listdir(inputs_dir):  # this case's inputs: up to GBs
             os.remove(os.path.join(inputs_dir, leftover))
     os.rmdir(inputs_dir)
+    method = {"repeats": repeats, "calls_per_sample_gpu": timing.GPU_CALLS_PER_SAMPLE,
+              "timing": "each implementation in its own subprocess, one after another"}
+    environment = {"cpu": cpu_interleaved.cpu_info(), "threads": args.threads, "affinity": cpus}
+    _finish(args, argv, results, cpus, method, environment)
+
+
+def _finish(args, argv, results: List[dict], cpus, method: dict, environment: dict) -> None:
+    """Diffs, table, results.json and plot.png of a finished run."""
     report.add_diffs(results)
-    gpu = args.backend != "cpu"
+    gpu = args.backend != "cpu" and not (args.interleave or args.preset)
     print(report.table(results, gpu))
     meta = next((r for r in results if "device" in r), {})
-    versions = {}
+    versions = dict(environment.get("versions", {}))
     for r in results:
         versions.update(r.get("versions", {}))
+    method.update({"statistic": "median", "flops": "4*B*Hq*S*S*D, causal half, fwd_bwd 3.5x"})
+    cpu = environment.get("cpu") or cpu_interleaved.cpu_info()
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"command": "python -m jax_fastattn.bench " + " ".join(sys.argv[1:] if argv is None else argv),
-                   "device": meta.get("device"), "gpu_driver": _gpu_driver() if gpu else None,
-                   "versions": versions, "cpu_count": os.cpu_count(),
-                   "method": {"repeats": repeats, "calls_per_sample_gpu": timing.GPU_CALLS_PER_SAMPLE,
-                              "statistic": "median", "flops": "4*B*Hq*S*S*D, causal half, fwd_bwd 3.5x"},
+                   "device": meta.get("device") or cpu.get("model"), "gpu_driver": _gpu_driver() if gpu else None,
+                   "versions": versions, "cpu_count": os.cpu_count(), "cpu": cpu, "threads": args.threads,
+                   "affinity": environment.get("affinity", cpus), "torch_threads": environment.get("torch_threads"),
+                   "ours_isa_levels": environment.get("ours_isa_levels"), "method": method,
                    "results": results}, f, indent=1)
-    report.plot(results, os.path.join(args.out, "plot.png"), gpu, title=meta.get("device"))
+    report.plot(results, os.path.join(args.out, "plot.png"), gpu, title=meta.get("device") or cpu.get("model"))
     partial = os.path.join(args.out, "results.partial.json")
     if os.path.exists(partial):
         os.remove(partial)
     print(f"\nwrote {args.out}/results.json and {args.out}/plot.png")
-

@@ -94,18 +94,32 @@ def _xla_flops(compiled) -> float:
         return 0.0
 
 
-def run(name: str, case: Case, repeats: int, inputs_dir: Optional[str] = None) -> dict:
-    """Times implementation `name` on `case` in this process (inputs from
-    make_inputs(case, inputs_dir))."""
+def prepare(name: str, case: Case, host: dict):
+    """(compiled, args): implementation `name` compiled ahead of time for
+    the case's inputs `host` (numpy, from make_inputs), which it returns on
+    the device; `compiled(*args)` is the timed call."""
     import jax
     import jax.numpy as jnp
 
-    host = make_inputs(case, inputs_dir)
     names = ("q", "k", "v", "lengths") if case.mode == "decode" else ("q", "k", "v", "dout")
     args = tuple(jnp.asarray(host[n]) for n in names if n in host)
     jax.block_until_ready(args)
     fn = build_decode(name) if case.mode == "decode" else build(name, case)
-    compiled = fn.lower(*args).compile()
+    return fn.lower(*args).compile(), args
+
+
+def probe_of(case: Case, result) -> list:
+    """The case's probe of one call's result (the output; dq and dv of a
+    forward + backward)."""
+    return probe(case, result[0], result[2]) if case.mode == "fwd_bwd" else probe(case, result)
+
+
+def run(name: str, case: Case, repeats: int, inputs_dir: Optional[str] = None) -> dict:
+    """Times implementation `name` on `case` in this process (inputs from
+    make_inputs(case, inputs_dir))."""
+    import jax
+
+    compiled, args = prepare(name, case, make_inputs(case, inputs_dir))
     # Peak memory of running (not compiling): growth of the peak RSS over the
     # resident set once inputs and the executable exist. Outputs count.
     baseline = timing.status_mb("VmRSS") if timing.reset_peak_rss() else timing.peak_rss_mb()
@@ -118,7 +132,7 @@ def run(name: str, case: Case, repeats: int, inputs_dir: Optional[str] = None) -
         temp_mb = compiled.memory_analysis().temp_size_in_bytes / 2**20
     except Exception:  # not every backend reports it
         pass
-    values = probe(case, result[0], result[2]) if case.mode == "fwd_bwd" else probe(case, result)
+    values = probe_of(case, result)
     return {"impl": name, "case": dataclasses.asdict(case), "times_s": times, "median_s": median,
             "calls_per_sample": calls, "tflops": case.flops / median / 1e12, "gbps": case.kv_bytes / median / 1e9,
             "peak_mb": timing.peak_rss_mb() - baseline, "xla_temp_mb": temp_mb,

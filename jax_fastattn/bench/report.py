@@ -45,8 +45,11 @@ def table(results: List[dict], gpu: bool) -> str:
     if results and results[0]["case"]["mode"] == "decode":
         return decode_table(results)
     unit, scale = ("TFLOP/s", 1.0) if gpu else ("GFLOP/s", 1e3)
+    # The error against a float64 evaluation of the probed rows, where the
+    # run has one (interleaved CPU runs, forward cases).
+    exact = any("max_abs_err_f64" in r for r in results)
     header = (f"{'case':<44} {'implementation':<18} {'median ms':>10} {unit:>9} {'peak MB':>8} "
-              f"{'ours/this':>9} {'max|diff|':>9}")
+              f"{'ours/this':>9} {'max|diff|':>9}" + (f" {'err f64':>9}" if exact else ""))
     lines = [header, "-" * len(header)]
     ours = _ours_median(results)
     for r in results:
@@ -58,8 +61,11 @@ def table(results: List[dict], gpu: bool) -> str:
         # Speed of ours relative to this one: > 1 means ours is faster.
         ratio = f"{r['median_s'] / base:8.2f}x" if base else "-"
         diff = f"{r['max_abs_diff']:9.4f}" if "max_abs_diff" in r else "-"
+        # In one process the peak RSS of one implementation is not its own.
+        peak = f"{r['peak_mb']:8.0f}" if r.get("peak_mb") is not None else "-"
+        error = f" {r['max_abs_err_f64']:9.1e}" if "max_abs_err_f64" in r else (f" {'-':>9}" if exact else "")
         lines.append(f"{label:<44} {r['impl']:<18} {r['median_s'] * 1e3:10.3f} {r['tflops'] * scale:9.1f} "
-                     f"{r['peak_mb']:8.0f} {ratio:>9} {diff:>9}")
+                     f"{peak:>8} {ratio:>9} {diff:>9}{error}")
     return "\n".join(lines)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import resource
 import time
-from typing import Callable, List, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -14,7 +14,8 @@ import numpy as np
 GPU_CALLS_PER_SAMPLE = 10
 
 
-def sample_seconds(dispatch: Callable, wait: Callable, repeats: int, calls: int = 1) -> Tuple[List[float], float]:
+def sample_seconds(dispatch: Callable, wait: Callable, repeats: int, calls: int = 1,
+                   clock: Callable[[], float] = time.perf_counter) -> Tuple[List[float], float]:
     """`repeats` samples of the wall-clock time per call: each sample starts
     with the device idle, dispatches `calls` calls back to back and waits
     once for all of them (`wait(list_of_results)`). The caller has run one
@@ -24,10 +25,38 @@ def sample_seconds(dispatch: Callable, wait: Callable, repeats: int, calls: int 
     times = []
     for _ in range(repeats):
         wait([])  # nothing of the previous sample still queued
-        start = time.perf_counter()
+        start = clock()
         wait([dispatch() for _ in range(calls)])
-        times.append((time.perf_counter() - start) / calls)
+        times.append((clock() - start) / calls)
     return times, float(np.median(times))
+
+
+def round_robin_order(names: Sequence[str], repeats: int) -> List[str]:
+    """The order of an interleaved run: `repeats` rounds, each timing every
+    implementation once, the round's first one rotating (A B C, B C A,
+    C A B, ...), so that no implementation always follows the same other
+    one (whose caches and clocks it would inherit)."""
+    names = list(names)
+    return [names[(r + i) % len(names)] for r in range(repeats) for i in range(len(names))]
+
+
+def interleaved_samples(impls: Dict[str, Tuple[Callable, Callable]], repeats: int, calls: int = 1,
+                        clock: Callable[[], float] = time.perf_counter) -> Tuple[Dict[str, List[float]], List[str]]:
+    """Times several implementations in one process, round-robin: each
+    sample is one `sample_seconds` sample (the same method as a lone run)
+    of the implementation whose turn it is, in `round_robin_order`. A slow
+    drift of the machine (another job, clocks, heat) then reaches every
+    implementation alike instead of whichever ran during it. `impls` maps
+    a name to (dispatch, wait); each has had its warm-up call. Returns
+    ({name: seconds per call of each of its samples}, the order run)."""
+    if not impls:
+        raise ValueError("interleaved_samples needs at least one implementation")
+    order = round_robin_order(impls, repeats)
+    times: Dict[str, List[float]] = {name: [] for name in impls}
+    for name in order:
+        dispatch, wait = impls[name]
+        times[name] += sample_seconds(dispatch, wait, 1, calls, clock)[0]
+    return times, order
 
 
 def status_mb(field: str) -> float:

@@ -1,6 +1,8 @@
-"""Implementations called from torch (GPU only): torch SDPA pinned to one
+"""Implementations called from torch: on a GPU, torch SDPA pinned to one
 backend (FlashAttention-2, cuDNN) and FlashAttention-4 (CuTe DSL; on sm90
-its FlashAttention-3 design), timed by the same method as the JAX ones.
+its FlashAttention-3 design); on the CPU, torch SDPA pinned to its fused
+flash-attention CPU kernel (`torch-sdpa-cpu`; AMX tiles for bf16 where the
+CPU has them). All are timed by the same method as the JAX ones.
 
 Forward + backward is `torch.autograd.grad(out, (q, k, v), dout)` with a
 preallocated cotangent: nothing accumulates into `.grad` (which would add
@@ -11,12 +13,14 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import os
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 from jax_fastattn.bench import timing
 from jax_fastattn.bench.cases import Case, make_inputs, probe
 
-SDPA_BACKENDS = {"torch-flash": "FLASH_ATTENTION", "torch-cudnn": "CUDNN_ATTENTION"}
+SDPA_BACKENDS = {"torch-flash": "FLASH_ATTENTION", "torch-cudnn": "CUDNN_ATTENTION",
+                 "torch-sdpa-cpu": "FLASH_ATTENTION"}
+CPU_IMPLS = {"torch-sdpa-cpu"}
 TORCH_IMPLS = set(SDPA_BACKENDS) | {"fa4"}
 
 
@@ -64,15 +68,15 @@ def step_fn(attend: Callable, q, k, v, dout=None) -> Callable:
     return step
 
 
-def run(name: str, case: Case, repeats: int, inputs_dir: Optional[str] = None) -> dict:
-    # Nothing here uses JAX's GPU client, but should anything start it in
-    # this process it must not take 75 % of the memory torch needs.
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+def prepare(name: str, case: Case, host: dict) -> Tuple[Callable, Callable]:
+    """(step, probe_of): the timed step of implementation `name` on the
+    case's inputs `host` (numpy, from make_inputs) placed on its device,
+    and the function that turns a step's result into the case's probe."""
     import torch
 
     if case.mode not in ("fwd", "fwd_bwd"):
         raise ValueError(f"torch peers take fwd or fwd_bwd cases, got mode {case.mode!r}")
-    host = make_inputs(case, inputs_dir)
+    device = "cpu" if name in CPU_IMPLS else "cuda"
     grad = case.mode == "fwd_bwd"
     # [B, S, H, D] <-> the implementation's layout (a transpose is its own inverse).
     own_layout = (lambda t: t.transpose(1, 2)) if heads_first(name) else (lambda t: t)
@@ -80,20 +84,48 @@ def run(name: str, case: Case, repeats: int, inputs_dir: Optional[str] = None) -
     def to_device(x, requires_grad):
         # numpy has no bfloat16 of its own: through float32, cast on the device.
         t = own_layout(torch.from_numpy(x.astype("float32"))).contiguous()
-        return t.to("cuda", getattr(torch, case.dtype)).requires_grad_(requires_grad)
+        return t.to(device, getattr(torch, case.dtype)).requires_grad_(requires_grad)
 
     q, k, v = (to_device(host[n], grad) for n in ("q", "k", "v"))
     dout = to_device(host["dout"], False) if grad else None
     step = step_fn(attention_fn(name, case), q, k, v, dout)
-    result = step()  # warm-up; its output is the probe
-    torch.cuda.synchronize()
-    times, median = timing.sample_seconds(step, lambda _: torch.cuda.synchronize(), repeats,
-                                          timing.GPU_CALLS_PER_SAMPLE)
-    as_bshd = lambda t: own_layout(t).float().cpu()
-    values = probe(case, as_bshd(result[0]), as_bshd(result[2])) if grad else probe(case, as_bshd(result))
+    as_bshd = lambda t: own_layout(t).detach().float().cpu()
+
+    def probe_of(result):
+        return probe(case, as_bshd(result[0]), as_bshd(result[2])) if grad else probe(case, as_bshd(result))
+    return step, probe_of
+
+
+def wait_fn(name: str) -> Callable:
+    """Waits for the device's queued work: a CUDA sync, nothing on the CPU
+    (a torch CPU op returns when it is done)."""
+    if name in CPU_IMPLS:
+        return lambda _: None
+    import torch
+    return lambda _: torch.cuda.synchronize()
+
+
+def versions(name: str) -> dict:
+    import torch
     found = {"torch": torch.__version__}
     if name == "fa4":
         found["flash-attn-4"] = importlib.metadata.version("flash-attn-4")
+    return found
+
+
+def run(name: str, case: Case, repeats: int, inputs_dir: Optional[str] = None) -> dict:
+    # Nothing here uses JAX's GPU client, but should anything start it in
+    # this process it must not take 75 % of the memory torch needs.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    import torch
+
+    step, probe_of = prepare(name, case, make_inputs(case, inputs_dir))
+    wait = wait_fn(name)
+    calls = 1 if name in CPU_IMPLS else timing.GPU_CALLS_PER_SAMPLE
+    result = step()  # warm-up; its output is the probe
+    wait(None)
+    times, median = timing.sample_seconds(step, wait, repeats, calls)
+    device = "cpu" if name in CPU_IMPLS else torch.cuda.get_device_name()
     return {"impl": name, "case": dataclasses.asdict(case), "times_s": times, "median_s": median,
-            "calls_per_sample": timing.GPU_CALLS_PER_SAMPLE, "tflops": case.flops / median / 1e12, "gbps": 0.0,
-            "peak_mb": 0.0, "probe": values, "device": torch.cuda.get_device_name(), "versions": found}
+            "calls_per_sample": calls, "tflops": case.flops / median / 1e12, "gbps": 0.0,
+            "peak_mb": 0.0, "probe": probe_of(result), "device": device, "versions": versions(name)}
