@@ -6,6 +6,7 @@
 #   bench   ours vs cuDNN (jax, torch), FlashAttention-2 and XLA: forward causal/full and
 #           forward+backward causal at S = 4K and 16K, bf16, H=32, D=128, B*S = 16K
 #   llama   tools/gpu/llama_bench.py (LLAMA_CASES selects cases)
+#   weights tools/gpu/decode_weight_stream.py (weight streaming: scanned vs unrolled layers vs a copy)
 #   tp      tools/gpu/tp_block_model.py and tools/gpu/tp_schedule.py
 #   ring    tools/gpu/ring_step_time.py
 #   offload tools/gpu/offload_bench.py
@@ -50,6 +51,8 @@ for stage in "$@"; do
     llama)
       timeout 500 python3 tools/gpu/llama_bench.py --out "$OUT/llama.json" ${LLAMA_CASES:+--cases $LLAMA_CASES} \
         --budget-s ${LLAMA_BUDGET:-300} 2>&1 | tail -40 | tee -a "$LOG" ;;
+    weights)
+      timeout 240 python3 tools/gpu/decode_weight_stream.py --out "$OUT/decode_weight_stream.json" 2>&1 | tail -8 | tee -a "$LOG" ;;
     tp)
       timeout 240 python3 tools/gpu/tp_block_model.py --out "$OUT/tp_model.json" --budget-s 120 2>&1 | tail -30 | tee -a "$LOG"
       timeout 200 python3 tools/gpu/tp_schedule.py --child-timeout 90 --out "$OUT/tp_schedule.json" 2>&1 | tail -30 | tee -a "$LOG" ;;
