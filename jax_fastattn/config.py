@@ -15,6 +15,10 @@ CUDA_BACKWARD_KERNELS = ("auto", "wgmma", "mma_sync")
 # Shared-memory operand layout of the Volta kernel: FastAttention's
 # bank-conflict-free swizzle, or the plain row-major layout (the ablation).
 VOLTA_LAYOUTS = ("swizzled", "naive")
+# Instruction-set level of the CPU kernels (xla_ffi/cpu/dispatch.h): "auto"
+# takes the best level the CPU and OS support; the others force one (an
+# error where the CPU lacks it). jax_fastattn.ffi.cpu_isa_levels() lists them.
+CPU_ISAS = ("auto", "avx2", "avx512", "avx512_bf16", "amx")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,18 +46,20 @@ class KernelConfig:
     cuda_forward, cuda_backward: one of CUDA_FORWARD_KERNELS /
       CUDA_BACKWARD_KERNELS.
     volta_layout: one of VOLTA_LAYOUTS.
+    cpu_isa: one of CPU_ISAS, the CPU kernels' instruction-set level.
     """
 
     tiles: Optional[TileConfig] = None
     cuda_forward: str = "auto"
     cuda_backward: str = "auto"
     volta_layout: str = "swizzled"
+    cpu_isa: str = "auto"
 
     def __post_init__(self):
         if self.tiles is not None and not isinstance(self.tiles, TileConfig):
             raise ValueError(f"KernelConfig.tiles must be a TileConfig or None, got {type(self.tiles).__name__}")
         for name, allowed in (("cuda_forward", CUDA_FORWARD_KERNELS), ("cuda_backward", CUDA_BACKWARD_KERNELS),
-                              ("volta_layout", VOLTA_LAYOUTS)):
+                              ("volta_layout", VOLTA_LAYOUTS), ("cpu_isa", CPU_ISAS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"KernelConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
 

@@ -72,17 +72,21 @@ def is_absent(x) -> bool:
 
 
 # Integer codes of the kernel choices, as the C++ enums declare them
-# (xla_ffi/cuda/kernel_choice.h KernelChoice and VoltaLayout).
+# (xla_ffi/cuda/kernel_choice.h KernelChoice and VoltaLayout,
+# xla_ffi/cpu/dispatch.h CpuIsa).
 KERNEL_CODES = {
     "cuda_forward": {"auto": 0, "wgmma": 1, "mma_sync": 2},
     "cuda_backward": {"auto": 0, "wgmma": 1, "mma_sync": 2},
     "volta_layout": {"swizzled": 0, "naive": 1},
+    "cpu_isa": {"auto": 0, "avx2": 1, "avx512": 2, "avx512_bf16": 3, "amx": 4},
 }
 
 # The KernelConfig fields each custom call takes, as int32 attributes of the
 # same names. XLA FFI rejects attributes a handler does not declare, so every
-# call gets exactly its own (the CPU handlers take none).
+# call gets exactly its own.
 KERNEL_ATTRS = {
+    "fastattn_forward_cpu": ("cpu_isa",),
+    "fastattn_backward_cpu": ("cpu_isa",),
     "fastattn_forward_cuda": ("cuda_forward",),
     "fastattn_backward_cuda": ("cuda_backward",),
     "fastattn_forward_volta": ("volta_layout",),
@@ -162,16 +166,21 @@ def backward_ffi(platform: str, attrs: CallAttrs):
     return call
 
 
-def decode_ffi(platform: str, softmax_scale: float, num_splits: int = 1):
+def decode_ffi(platform: str, softmax_scale: float, num_splits: int = 1, cpu_isa: str = "auto"):
     """fn(q, k, v, lengths, page_table) -> (out,) on the CPU, (out,
     workspace) on CUDA; page_table empty means a contiguous cache. The CUDA
     workspace [B, Hq, num_splits * (D + 2)] float32 holds the split partials
-    (an output, not FFI scratch: XLA keeps it alive until the kernels ran)."""
+    (an output, not FFI scratch: XLA keeps it alive until the kernels ran).
+    cpu_isa: the CPU kernel's level, one of config.CPU_ISAS."""
     register()
+    if cpu_isa not in KERNEL_CODES["cpu_isa"]:
+        raise ValueError(f"cpu_isa must be one of {tuple(KERNEL_CODES['cpu_isa'])}, got {cpu_isa!r}")
 
     def call(q, k, v, lengths, page_table):
         results = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
         attrs = dict(softmax_scale=np.float32(softmax_scale))
+        if platform == "cpu":
+            attrs["cpu_isa"] = np.int32(KERNEL_CODES["cpu_isa"][cpu_isa])
         if platform == "cuda":
             b, hq, d = q.shape
             results.append(jax.ShapeDtypeStruct((b, hq, num_splits * (d + 2)), jnp.float32))
@@ -180,3 +189,50 @@ def decode_ffi(platform: str, softmax_scale: float, num_splits: int = 1):
         return tuple(fn(q, k, v, lengths, page_table, **attrs))
 
     return call
+
+
+def _isa_names(mask: int) -> tuple:
+    return tuple(name for name, code in KERNEL_CODES["cpu_isa"].items() if code and mask & (1 << code))
+
+
+@functools.lru_cache(maxsize=None)
+def _native_library():
+    """The extension as a plain shared library, for its C entry points
+    (xla_ffi/cpu/dispatch.cc)."""
+    import ctypes
+
+    if _xla_ffi is None:
+        raise RuntimeError(f"jax_fastattn's compiled library is missing: {_IMPORT_ERROR}")
+    library = ctypes.CDLL(_xla_ffi.__file__)
+    library.fastattn_cpu_isa_info.argtypes = [ctypes.POINTER(ctypes.c_uint32)] * 2 + [ctypes.POINTER(ctypes.c_int32)]
+    library.fastattn_cpu_isa_obstacle.argtypes = [ctypes.c_int32, ctypes.c_uint32, ctypes.c_uint32,
+                                                  ctypes.c_char_p, ctypes.c_int]
+    library.fastattn_cpu_isa_obstacle.restype = ctypes.c_int
+    return library
+
+
+def cpu_isa_levels() -> dict:
+    """The CPU kernels' instruction-set levels (config.CPU_ISAS names):
+    {"supported": levels this CPU and OS can run, "compiled": levels in this
+    build, "auto": the level cpu_isa="auto" runs (None if none can)}. From
+    cpuid, the OS's XCR0 and Linux's AMX permission, as the kernels see it."""
+    import ctypes
+
+    supported, compiled, auto = ctypes.c_uint32(), ctypes.c_uint32(), ctypes.c_int32()
+    _native_library().fastattn_cpu_isa_info(ctypes.byref(supported), ctypes.byref(compiled), ctypes.byref(auto))
+    names = {code: name for name, code in KERNEL_CODES["cpu_isa"].items()}
+    return {"supported": _isa_names(supported.value), "compiled": _isa_names(compiled.value),
+            "auto": names.get(auto.value) if auto.value else None}
+
+
+def cpu_isa_obstacle(cpu_isa: str, supported: tuple, compiled: tuple) -> str:
+    """Why the CPU kernels would refuse `cpu_isa` on a CPU supporting the
+    levels `supported` in a build of `compiled` ("" if they would run it):
+    the C++ decision (dispatch.cc isa_obstacle), for CPUs one does not have."""
+    import ctypes
+
+    codes = KERNEL_CODES["cpu_isa"]
+    buffer = ctypes.create_string_buffer(1024)
+    _native_library().fastattn_cpu_isa_obstacle(codes[cpu_isa], sum(1 << codes[n] for n in supported),
+                                                sum(1 << codes[n] for n in compiled), buffer, len(buffer))
+    return buffer.value.decode()

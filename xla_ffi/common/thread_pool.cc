@@ -1,5 +1,7 @@
 #include "thread_pool.h"
 
+#include <sched.h>
+
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -10,11 +12,26 @@
 namespace fastattn {
 namespace {
 
+// CPUs this process may run on: its affinity mask (taskset, cgroup cpusets,
+// os.sched_setaffinity), which also limits XLA's and torch's pools; the
+// hardware thread count only where the mask cannot be read.
+unsigned allowed_cpus() {
+#if defined(__linux__)
+  cpu_set_t mask;
+  CPU_ZERO(&mask);
+  if (sched_getaffinity(0, sizeof(mask), &mask) == 0) {
+    const int count = CPU_COUNT(&mask);
+    if (count > 0) return unsigned(count);
+  }
+#endif
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
 class WorkerPool {
  public:
   WorkerPool() {
-    const unsigned hardware = std::max(1u, std::thread::hardware_concurrency());
-    for (unsigned t = 1; t < hardware; ++t) {
+    const unsigned cpus = allowed_cpus();
+    for (unsigned t = 1; t < cpus; ++t) {
       workers_.emplace_back([this] { worker_loop(); });
     }
   }

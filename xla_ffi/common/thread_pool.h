@@ -3,7 +3,8 @@
 // Why not XLA's FFI thread pool: asking for it (Ctx<ThreadPool>) raises the
 // oldest jaxlib the library can load into, and why not OpenMP: its runtime
 // clashes with the one some jaxlib/numpy builds carry. The pool starts on
-// first use with one thread per hardware thread; work items are handed out
+// first use with one thread per CPU of the process's affinity mask
+// (sched_getaffinity; taskset and os.sched_setaffinity limit it), read once; work items are handed out
 // through an atomic counter, so uneven items (causal tiles) balance
 // themselves.
 #pragma once

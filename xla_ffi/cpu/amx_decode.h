@@ -14,6 +14,8 @@
 // AMX-BF16; used only after Linux granted the tile state (arch_prctl).
 #pragma once
 
+#include "isa_namespace.h"
+
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
 #define FASTATTN_HAVE_AMX 1
 
@@ -30,6 +32,7 @@
 
 namespace fastattn {
 namespace cpu {
+inline namespace FASTATTN_ISA_NS {
 
 // True once the kernel let this process use the AMX tile registers.
 inline bool amx_available() {
@@ -190,6 +193,7 @@ class AmxDecode {
   int64_t kv_heads_, group_, head_dim_;
 };
 
+}  // namespace FASTATTN_ISA_NS
 }  // namespace cpu
 }  // namespace fastattn
 

@@ -1,7 +1,8 @@
-// Thin FFI handler: decode and check buffers, then call cpu::flash_backward.
+// Thin FFI handler: decode and check buffers, then call the backward kernel of
+// the instruction-set level the cpu_isa attribute asks for (dispatch.h).
 #include "../common/check.h"
 #include "../common/ffi_decode.h"
-#include "flash_backward.h"
+#include "dispatch.h"
 #include "handlers.h"
 
 namespace fastattn {
@@ -15,21 +16,25 @@ ffi::Error backward_cpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                         ffi::AnyBuffer tile_class, ffi::Result<ffi::AnyBuffer> d_q,
                         ffi::Result<ffi::AnyBuffer> d_k, ffi::Result<ffi::AnyBuffer> d_v,
                         ffi::Result<ffi::AnyBuffer> d_bias, float softmax_scale,
-                        int64_t band_lo, int64_t band_hi, int64_t tile_q, int64_t tile_kv) {
+                        int64_t band_lo, int64_t band_hi, int64_t tile_q, int64_t tile_kv,
+                        int32_t cpu_isa) {
   BackwardParams params;
   if (auto e = decode_backward_args(q, k, v, out, lse, d_out, d_lse, bias, q_segment, kv_segment,
                                     dense, tile_class, *d_q, *d_k, *d_v, *d_bias, softmax_scale,
                                     band_lo, band_hi, tile_q, tile_kv, &params);
       e.failure())
     return e;
-  flash_backward(params);
+  std::string isa_error;
+  const CpuKernels* kernels = select_kernels(cpu_isa, &isa_error);
+  FFI_CHECK(kernels != nullptr, isa_error);
+  kernels->backward(params);
   return ffi::Error::Success();
 }
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FastattnBackwardCpu, backward_cpu,
-                              bind_backward_args(ffi::Ffi::Bind()));
+                              bind_backward_args(ffi::Ffi::Bind()).Attr<int32_t>("cpu_isa"));
 
 }  // namespace cpu
 }  // namespace fastattn

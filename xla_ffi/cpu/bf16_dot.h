@@ -5,6 +5,8 @@
 // (docs/CPU_KERNEL.md), so fewer instructions per byte is what moves it. Built only where the compiler targets AVX512-BF16.
 #pragma once
 
+#include "isa_namespace.h"
+
 #if defined(__AVX512BF16__)
 #define FASTATTN_HAVE_BF16_DOT 1
 
@@ -18,6 +20,7 @@
 
 namespace fastattn {
 namespace cpu {
+inline namespace FASTATTN_ISA_NS {
 
 // Values per vdpbf16ps operand.
 constexpr int64_t kBf16Chunk = 32;
@@ -60,6 +63,7 @@ inline int64_t pair_order_dim(int64_t p) {
   return chunk * 32 + 8 * k + 4 * half + m;
 }
 
+}  // namespace FASTATTN_ISA_NS
 }  // namespace cpu
 }  // namespace fastattn
 

@@ -14,6 +14,7 @@
 
 namespace fastattn {
 namespace cpu {
+inline namespace FASTATTN_ISA_NS {
 namespace {
 
 constexpr int64_t kMinSplitKeys = 512, kMaxSplitKeys = 2048;  // keys per work item
@@ -399,5 +400,6 @@ void decode_attention(const DecodeParams& params) {
   dispatch_element_type(params.dtype, [&](auto tag) { decode_typed<decltype(tag)>(params); });
 }
 
+}  // namespace FASTATTN_ISA_NS
 }  // namespace cpu
 }  // namespace fastattn

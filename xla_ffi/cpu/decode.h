@@ -2,10 +2,13 @@
 // CPU. Bandwidth-bound: every K/V byte of the valid prefix is read once.
 #pragma once
 
+#include "isa_namespace.h"
+
 #include "../common/decode_params.h"
 
 namespace fastattn {
 namespace cpu {
+inline namespace FASTATTN_ISA_NS {
 
 // Work items are (batch, split of the keys); for each block of keys and
 // each kv head an item computes all Hq/Hkv query heads of the GQA group at
@@ -15,5 +18,6 @@ namespace cpu {
 // log-sum-exps. Rows at or past lengths[b] are never read.
 void decode_attention(const DecodeParams& params);
 
+}  // namespace FASTATTN_ISA_NS
 }  // namespace cpu
 }  // namespace fastattn

@@ -1,6 +1,8 @@
-// Thin FFI handler: decode and check buffers, then call cpu::decode_attention.
+// Thin FFI handler: decode and check buffers, then call the decode kernel of
+// the instruction-set level the cpu_isa attribute asks for (dispatch.h).
+#include "../common/check.h"
 #include "../common/ffi_decode.h"
-#include "decode.h"
+#include "dispatch.h"
 #include "handlers.h"
 
 namespace fastattn {
@@ -9,12 +11,15 @@ namespace {
 
 ffi::Error decode_cpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                       ffi::AnyBuffer lengths, ffi::AnyBuffer page_table,
-                      ffi::Result<ffi::AnyBuffer> out, float softmax_scale) {
+                      ffi::Result<ffi::AnyBuffer> out, float softmax_scale, int32_t cpu_isa) {
   DecodeParams params;
   if (auto e = decode_decode_args(q, k, v, lengths, page_table, *out, &params); e.failure())
     return e;
   params.softmax_scale = softmax_scale;
-  decode_attention(params);
+  std::string isa_error;
+  const CpuKernels* kernels = select_kernels(cpu_isa, &isa_error);
+  FFI_CHECK(kernels != nullptr, isa_error);
+  kernels->decode(params);
   return ffi::Error::Success();
 }
 
@@ -28,7 +33,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FastattnDecodeCpu, decode_cpu,
                                   .Arg<ffi::AnyBuffer>()  // lengths
                                   .Arg<ffi::AnyBuffer>()  // page_table (empty: contiguous)
                                   .Ret<ffi::AnyBuffer>()  // out
-                                  .Attr<float>("softmax_scale"));
+                                  .Attr<float>("softmax_scale")
+                                  .Attr<int32_t>("cpu_isa"));
 
 }  // namespace cpu
 }  // namespace fastattn

@@ -10,6 +10,7 @@
 
 namespace fastattn {
 namespace cpu {
+inline namespace FASTATTN_ISA_NS {
 namespace {
 
 // Everything about one (q tile, kv tile) pair that both passes compute the
@@ -206,5 +207,6 @@ void flash_backward(const BackwardParams& params) {
   dispatch_element_type(params.dtype, [&](auto tag) { backward_typed<decltype(tag)>(params); });
 }
 
+}  // namespace FASTATTN_ISA_NS
 }  // namespace cpu
 }  // namespace fastattn

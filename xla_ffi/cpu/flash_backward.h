@@ -1,10 +1,13 @@
 // FlashAttention-2 backward pass on the CPU: dQ, dK, dV and dBias.
 #pragma once
 
+#include "isa_namespace.h"
+
 #include "../common/attention_params.h"
 
 namespace fastattn {
 namespace cpu {
+inline namespace FASTATTN_ISA_NS {
 
 // Deterministic and free of atomics: two passes that each own their output.
 //   1. work item (batch, kv head, kv tile): loops over the q heads of its
@@ -15,5 +18,6 @@ namespace cpu {
 // of lse, dS = P * (dP - (rowsum(dO * O) - dlse)).
 void flash_backward(const BackwardParams& params);
 
+}  // namespace FASTATTN_ISA_NS
 }  // namespace cpu
 }  // namespace fastattn

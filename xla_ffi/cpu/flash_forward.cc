@@ -9,6 +9,7 @@
 
 namespace fastattn {
 namespace cpu {
+inline namespace FASTATTN_ISA_NS {
 namespace {
 
 // Online softmax over one logits row (FlashAttention-2, Algorithm 1):
@@ -122,5 +123,6 @@ void flash_forward(const ForwardParams& params) {
   dispatch_element_type(params.dtype, [&](auto tag) { forward_typed<decltype(tag)>(params); });
 }
 
+}  // namespace FASTATTN_ISA_NS
 }  // namespace cpu
 }  // namespace fastattn

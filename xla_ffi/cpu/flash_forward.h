@@ -1,10 +1,13 @@
 // FlashAttention-2 forward pass on the CPU: output and log-sum-exp.
 #pragma once
 
+#include "isa_namespace.h"
+
 #include "../common/attention_params.h"
 
 namespace fastattn {
 namespace cpu {
+inline namespace FASTATTN_ISA_NS {
 
 // Two-level tiling. Outer level: one work item is (batch, q head, q tile of
 // mask.tile_q rows); work items are spread over the thread pool, heaviest
@@ -15,5 +18,6 @@ namespace cpu {
 // q k^T) and over the head dim (for P V). Requires tile_kv % 32 == 0.
 void flash_forward(const ForwardParams& params);
 
+}  // namespace FASTATTN_ISA_NS
 }  // namespace cpu
 }  // namespace fastattn

@@ -12,12 +12,15 @@
 // S=4096 D=64 forward: 4 rows 176, 6 rows 183, 8 rows 195 GFLOP/s).
 #pragma once
 
+#include "isa_namespace.h"
+
 #include <cstdint>
 
 #include "vec_math.h"
 
 namespace fastattn {
 namespace cpu {
+inline namespace FASTATTN_ISA_NS {
 
 constexpr int kGemmCols = 2 * kLanes;  // N must be a multiple of this
 #ifndef FASTATTN_GEMM_ROWS
@@ -85,5 +88,6 @@ inline void gemm_accumulate(float* C, int64_t ldc, const float* A, int64_t a_row
   }
 }
 
+}  // namespace FASTATTN_ISA_NS
 }  // namespace cpu
 }  // namespace fastattn

@@ -18,6 +18,7 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(FastattnBackwardCpu);
 
 // fastattn_decode_cpu: (q, k, v, lengths, page_table) -> out; attr
 // softmax_scale. page_table empty = contiguous cache.
+// Every CPU handler also takes the int32 attr cpu_isa (dispatch.h CpuIsa).
 XLA_FFI_DECLARE_HANDLER_SYMBOL(FastattnDecodeCpu);
 
 }  // namespace cpu

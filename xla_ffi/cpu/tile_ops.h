@@ -3,6 +3,8 @@
 // applying the element-wise mask inside partial tiles.
 #pragma once
 
+#include "isa_namespace.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -15,6 +17,7 @@
 
 namespace fastattn {
 namespace cpu {
+inline namespace FASTATTN_ISA_NS {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -154,11 +157,13 @@ inline Scratch& thread_scratch() {
   return scratch;
 }
 
+}  // namespace FASTATTN_ISA_NS
 }  // namespace cpu
 }  // namespace fastattn
 
 namespace fastattn {
 namespace cpu {
+inline namespace FASTATTN_ISA_NS {
 
 template <typename T>
 PackedKv pack_kv_tiles(const T* src, const AttentionShape& s, const MaskParams& mask,
@@ -194,5 +199,6 @@ PackedKv pack_kv_tiles(const T* src, const AttentionShape& s, const MaskParams& 
   return packed;
 }
 
+}  // namespace FASTATTN_ISA_NS
 }  // namespace cpu
 }  // namespace fastattn

@@ -4,6 +4,8 @@
 // by -march at build time.
 #pragma once
 
+#include "isa_namespace.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -17,6 +19,7 @@
 
 namespace fastattn {
 namespace cpu {
+inline namespace FASTATTN_ISA_NS {
 
 constexpr int kLanes = 16;
 typedef float vfloat __attribute__((vector_size(kLanes * 4)));
@@ -168,5 +171,6 @@ inline float scalar_exp(float x) {
   return x == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(x);
 }
 
+}  // namespace FASTATTN_ISA_NS
 }  // namespace cpu
 }  // namespace fastattn
