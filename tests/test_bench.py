@@ -3,7 +3,15 @@ attention of the case it was given (its output and gradients against a numpy
 reference written here, XLA's own FLOP count against Case.flops), the timing
 method waits for the work it times and orders a slower implementation after
 a faster one, our sm80 peer selects its kernels through KernelConfig, torch's
-forward + backward leaves `.grad` alone, and a missing peer is skipped."""
+forward + backward leaves `.grad` alone, and a missing peer is skipped.
+Interleaved CPU runs: the samples alternate round-robin and each is charged
+to its own implementation, torch's CPU SDPA peer computes the attention of
+the case, the float64 probe matches numpy, a run without torch names the
+missing peer and times the others, --threads pins the worker's CPUs."""
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -11,7 +19,7 @@ import numpy as np
 import pytest
 
 from jax_fastattn import bench
-from jax_fastattn.bench import jax_peers, torch_peers
+from jax_fastattn.bench import cpu_interleaved, jax_peers, timing, torch_peers
 
 
 def numpy_attention(q, k, v, causal):
@@ -189,3 +197,144 @@ def test_inputs_are_shared_through_the_folder_bit_for_bit(tmp_path, dtype, mode)
         assert read[name].dtype == drawn[name].dtype and read[name].shape == drawn[name].shape
         np.testing.assert_array_equal(read[name].view(np.uint8), drawn[name].view(np.uint8))
     np.testing.assert_array_equal(bench.make_inputs(case)["k"].astype(np.float32), drawn["k"].astype(np.float32))
+
+
+class FakeClock:
+    """A clock that moves only when a fake implementation runs."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def fake_impls(clock, seconds, log):
+    """name -> (dispatch, wait): dispatching `name` logs it and advances the
+    clock by seconds[name]."""
+    def dispatch_of(name):
+        def dispatch():
+            log.append(name)
+            clock.now += seconds[name]
+            return name
+        return dispatch
+    return {name: (dispatch_of(name), lambda _: None) for name in seconds}
+
+
+def test_interleaved_samples_alternate_and_are_charged_to_their_own_implementation():
+    clock, log = FakeClock(), []
+    seconds = {"ours": 1.0, "xla": 7.0, "torch": 3.0}
+    times, order = timing.interleaved_samples(fake_impls(clock, seconds, log), 4, clock=clock)
+    assert log == order and len(order) == 12
+    rounds = [order[i:i + 3] for i in range(0, 12, 3)]
+    assert all(sorted(r) == sorted(seconds) for r in rounds)  # every round times each once
+    assert [r[0] for r in rounds] == ["ours", "xla", "torch", "ours"]  # the first one rotates
+    assert all(a != b for a, b in zip(order, order[1:]))  # never the same one twice in a row
+    assert times == {name: [t] * 4 for name, t in seconds.items()}
+
+
+def test_exact_probe_is_numpy_attention_of_the_probed_rows():
+    for causal in (True, False):
+        case = bench.Case(2, 40, 4, 2, 8, causal, "float32", "fwd")
+        inputs = bench.make_inputs(case)
+        out, _ = numpy_attention(*(_last_row(inputs, n) for n in "qkv"), causal)
+        np.testing.assert_allclose(bench.cases.exact_probe(case, inputs), bench.probe(case, out[None]), atol=1e-12)
+
+
+def test_time_case_times_the_prepared_implementations_interleaved_and_keeps_a_failure_apart():
+    case = bench.Case(1, 32, 2, 2, 8, True, "float32", "fwd")
+    inputs = bench.make_inputs(case)
+    out, _ = numpy_attention(*(_last_row(inputs, n) for n in "qkv"), True)
+    clock, log = FakeClock(), []
+    seconds = {"right": 2.0, "off": 5.0}
+    impls = fake_impls(clock, seconds, log)
+    outputs = {"right": out[None], "off": out[None] + 0.5}
+
+    def prepare(name, case, host):
+        if name == "broken":
+            raise RuntimeError("no kernel for this case")
+        dispatch, wait = impls[name]
+        return dispatch, wait, lambda result: bench.probe(case, outputs[result]), 0.0
+
+    results = cpu_interleaved.time_case(case, 6, ["right", "broken", "off"], inputs, prepare, clock)
+    assert [r["impl"] for r in results] == ["right", "broken", "off"]
+    assert "no kernel for this case" in results[1]["error"] and "median_s" not in results[1]
+    assert log[:2] == ["right", "off"]  # warm-ups, then the rounds
+    assert log[2:] == timing.round_robin_order(["right", "off"], 6)
+    assert results[0]["median_s"] == 2.0 and results[2]["median_s"] == 5.0
+    assert results[0]["max_abs_err_f64"] < 1e-6
+    assert results[2]["max_abs_err_f64"] == pytest.approx(0.5, abs=1e-6)
+
+
+def test_issue32_preset_is_the_grid_of_the_issue():
+    plan = cpu_interleaved.preset_plan("cpu-issue32")
+    forward = {(c.dtype, c.causal, c.seq, c.head_dim) for c, _ in plan if c.mode == "fwd"}
+    assert forward == {(d, causal, s, h) for d in ("float32", "bfloat16") for causal in (True, False)
+                       for s in (1024, 4096, 8192) for h in (64, 128)}
+    assert len(plan) == 25 and all(c.batch == 1 and c.heads == c.kv_heads == 8 for c, _ in plan)
+    assert [c for c, _ in plan if c.mode == "fwd_bwd"] == [bench.Case(1, 2048, 8, 8, 64, True, "float32", "fwd_bwd")]
+    assert min(n for _, n in plan) >= 5
+    with pytest.raises(ValueError, match="--preset"):
+        cpu_interleaved.preset_plan("cpu-nope")
+
+
+def test_cpu_info_reads_the_model_and_isa_flags(tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text("processor\t: 0\nmodel name\t: Some CPU @ 2GHz\nflags\t\t: fpu avx2 avx512f amx_tile\n\n"
+                    "processor\t: 1\nmodel name\t: Other\nflags\t\t: fpu\n")
+    info = cpu_interleaved.cpu_info(str(path))
+    assert info["model"] == "Some CPU @ 2GHz"
+    assert info["isa"] == {"avx2": True, "avx512f": True, "avx512_bf16": False, "amx_bf16": False, "amx_tile": True}
+    with pytest.raises(ValueError, match="--threads"):
+        cpu_interleaved.pin_threads(0)
+    with pytest.raises(ValueError, match="--threads"):
+        cpu_interleaved.pin_threads(len(os.sched_getaffinity(0)) + 1)
+
+
+@pytest.mark.parametrize("dtype, mode, gqa", [("float32", "fwd", True), ("bfloat16", "fwd", False),
+                                              ("float32", "fwd_bwd", False)])
+def test_torch_cpu_sdpa_peer_computes_the_attention_of_its_case(dtype, mode, gqa):
+    pytest.importorskip("torch")
+    case = bench.Case(1, 56, 4, 2 if gqa else 4, 16, True, dtype, mode)
+    inputs = bench.make_inputs(case)
+    step, probe_of = torch_peers.prepare("torch-sdpa-cpu", case, inputs)
+    rows = {n: _last_row(inputs, n) for n in inputs}
+    if mode == "fwd":
+        expected = bench.probe(case, numpy_attention(rows["q"], rows["k"], rows["v"], True)[0][None])
+    else:
+        dq, dv = numpy_grads(rows["q"], rows["k"], rows["v"], rows["dout"], True)
+        expected = bench.probe(case, dq[None], dv[None])
+    tolerance = 2e-2 if dtype == "bfloat16" else 1e-4
+    np.testing.assert_allclose(probe_of(step()), expected, atol=tolerance, rtol=tolerance)
+
+
+def _bench_subprocess(tmp_path, *args):
+    proc = subprocess.run([sys.executable, "-m", "jax_fastattn.bench", *args, "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads((tmp_path / "results.json").read_text()), proc
+
+
+def test_interleaved_run_pins_its_threads_and_records_the_machine(tmp_path):
+    data, _ = _bench_subprocess(tmp_path, "--interleave", "--seq", "40", "--heads", "2", "--head-dim", "8",
+                                "--threads", "1")
+    assert data["threads"] == 1 and data["affinity"] == [min(os.sched_getaffinity(0))]
+    assert set(data["cpu"]["isa"]) == set(cpu_interleaved.ISA_FLAGS) and data["versions"]["jax"]
+    by_impl = {r["impl"]: r for r in data["results"]}
+    assert list(by_impl) == cpu_interleaved.CPU_PEERS
+    for name in ("fastattn-cpu", "jax.nn-xla"):
+        assert len(by_impl[name]["times_s"]) == 5 and by_impl[name]["max_abs_err_f64"] < 1e-5
+    if "torch" in data["versions"]:
+        assert data["torch_threads"] == 1 and by_impl["torch-sdpa-cpu"]["max_abs_err_f64"] < 1e-5
+    else:
+        assert by_impl["torch-sdpa-cpu"]["error"].startswith("peer missing")
+
+
+def test_without_torch_the_peer_is_named_missing_and_the_others_run(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch now fails; find_spec says absent
+    assert bench.missing_peer("torch-sdpa-cpu") == "no module named torch"
+    bench.main(["--interleave", "--seq", "24", "--heads", "2", "--head-dim", "8", "--out", str(tmp_path)])
+    assert "peer missing: torch-sdpa-cpu (no module named torch)" in capsys.readouterr().err
+    results = {r["impl"]: r for r in json.loads((tmp_path / "results.json").read_text())["results"]}
+    assert results["torch-sdpa-cpu"]["error"] == "peer missing: no module named torch"
+    assert results["fastattn-cpu"]["median_s"] > 0 and results["jax.nn-xla"]["median_s"] > 0
