@@ -178,8 +178,9 @@ def main(argv=None) -> None:
     if interleave:
         plan = cpu_interleaved.preset_plan(args.preset) if args.preset else [(case, repeats) for case in cases]
         present = [name for name in impls if not missing[name]]
+        partial = os.path.join(args.out, "results.partial.json")
         results, environment = cpu_interleaved.drive(plan, present, args.threads, args.budget, args.timeout,
-                                                     args.max_quadratic_gb) if present else ([], {})
+                                                     args.max_quadratic_gb, partial) if present else ([], {})
         results += [{"impl": name, "case": dataclasses.asdict(case), "error": f"peer missing: {missing[name]}"}
                     for case, _ in plan for name in impls if missing[name]]
         order = {name: i for i, name in enumerate(impls)}

@@ -222,11 +222,12 @@ def run_plan(plan: Sequence[Tuple[Case, int]], impls: Sequence[str], threads: Op
 
 
 def drive(plan: Sequence[Tuple[Case, int]], impls: Sequence[str], threads: Optional[int], budget: Optional[float],
-          case_timeout: float, max_quadratic_gb: float) -> Tuple[List[dict], dict]:
+          case_timeout: float, max_quadratic_gb: float, partial_path: Optional[str] = None) -> Tuple[List[dict], dict]:
     """Runs the worker (`python -m jax_fastattn.bench --interleaved-worker`)
     over the plan and collects its results and META; a worker that dies or
     runs past `case_timeout` on one case costs that case (recorded as an
-    error), and a new worker takes the cases after it."""
+    error), and a new worker takes the cases after it. The results so far
+    are rewritten to `partial_path` after every case."""
     deadline = time.time() + budget if budget else float("inf")
     results: List[dict] = []
     meta: dict = {}
@@ -234,7 +235,7 @@ def drive(plan: Sequence[Tuple[Case, int]], impls: Sequence[str], threads: Optio
     while remaining:
         spec = {"plan": [[dataclasses.asdict(c), n] for c, n in remaining], "impls": list(impls),
                 "threads": threads, "deadline": min(deadline, 1e18), "max_quadratic_gb": max_quadratic_gb}
-        done, failure = _run_worker_process(spec, case_timeout, len(impls), results, meta)
+        done, failure = _run_worker_process(spec, case_timeout, len(impls), results, meta, partial_path)
         remaining = remaining[done:]
         if failure and remaining:  # the case it was on
             case = remaining.pop(0)
@@ -245,7 +246,7 @@ def drive(plan: Sequence[Tuple[Case, int]], impls: Sequence[str], threads: Optio
 
 
 def _run_worker_process(spec: dict, case_timeout: float, per_case: int, results: List[dict],
-                        meta: dict) -> Tuple[int, Optional[str]]:
+                        meta: dict, partial_path: Optional[str]) -> Tuple[int, Optional[str]]:
     """One worker over spec's plan: appends its results (and META) as they
     come. Returns (cases finished, why it stopped early or None)."""
     with tempfile.TemporaryFile("w+") as stderr:
@@ -273,6 +274,9 @@ def _run_worker_process(spec: dict, case_timeout: float, per_case: int, results:
                 if count % per_case == 0:
                     case_start = time.monotonic()
                     _print_progress(results[-per_case:])
+                    if partial_path:  # what is done so far survives a run cut short from outside
+                        with open(partial_path, "w") as f:
+                            json.dump({"environment": meta, "results": results}, f)
         proc.wait()
         reader.join(timeout=5)
         if failure is None and proc.returncode != 0:
