@@ -11,6 +11,13 @@ the figure is the median time per call. Forward + backward is the vjp of the
 forward on a preallocated cotangent (torch: `autograd.grad`). Each worker
 reports a probe of its output, diffed against one baseline per case.
 
+On the CPU, `--interleave` (or `--preset cpu-issue32`, the grid of the CPU
+comparison against torch SDPA) instead runs all of a case's implementations
+in one process, compiled and warmed up first, then timed round-robin one
+sample at a time (cpu_interleaved); `--threads N` pins the run to N CPUs
+before any thread pool starts. Each probed forward output is also checked
+against a float64 numpy evaluation of the same rows ("err f64").
+
 FLOPs: forward 4·B·Hq·Sq·Skv·D, halved for causal; forward + backward 3.5x
 that (the FlashAttention convention). Peak MB (JAX peers): growth of the
 process's peak RSS (VmHWM, reset after compilation) over the resident set
