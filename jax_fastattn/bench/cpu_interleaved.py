@@ -188,7 +188,9 @@ def time_case(case: Case, repeats: int, impls: Sequence[str], host: dict,
             median = float(np.median(samples))
             r = results[name]
             r.update({"times_s": samples, "median_s": median, "calls_per_sample": 1, "repeats": repeats,
-                      "tflops": case.flops / median / 1e12, "gbps": 0.0, "peak_mb": None})
+                      "tflops": case.flops / median / 1e12, "gbps": 0.0, "peak_mb": None,
+                      # On a shared machine: how busy it was (1-minute load average) when this case ended.
+                      "load_average": os.getloadavg()[0]})
             if exact is not None:
                 r["max_abs_err_f64"] = float(np.max(np.abs(np.asarray(r["probe"], np.float64) - exact)))
     return [results[name] for name in impls]
