@@ -75,9 +75,9 @@ void backward_typed(const BackwardParams& p) {
     return ((b * s.kv_len + k0) * s.kv_heads + kv_h) * s.head_dim;
   };
 
-  const PackedKv k_t_tiles = pack_kv_tiles(k, s, mask, padded_dim, KvLayout::kTransposed);
-  const PackedKv v_t_tiles = pack_kv_tiles(v, s, mask, padded_dim, KvLayout::kTransposed);
-  const PackedKv k_tiles = pack_kv_tiles(k, s, mask, padded_dim, KvLayout::kRows);
+  const PackedKv k_t_tiles = pack_kv_tiles(k, s, mask, padded_dim, KvLayout::kTransposed, 0);
+  const PackedKv v_t_tiles = pack_kv_tiles(v, s, mask, padded_dim, KvLayout::kTransposed, 1);
+  const PackedKv k_tiles = pack_kv_tiles(k, s, mask, padded_dim, KvLayout::kRows, 2);
 
   // delta = rowsum(dO * O) - dlse, [B, Hq, Sq].
   std::vector<float> delta(s.batch * s.q_heads * s.q_len);

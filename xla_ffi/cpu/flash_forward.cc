@@ -55,8 +55,8 @@ void forward_typed(const ForwardParams& p) {
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   T* out = static_cast<T*>(p.out);
-  const PackedKv k_t_tiles = pack_kv_tiles(k, s, mask, padded_dim, KvLayout::kTransposed);
-  const PackedKv v_tiles = pack_kv_tiles(v, s, mask, padded_dim, KvLayout::kRows);
+  const PackedKv k_t_tiles = pack_kv_tiles(k, s, mask, padded_dim, KvLayout::kTransposed, 0);
+  const PackedKv v_tiles = pack_kv_tiles(v, s, mask, padded_dim, KvLayout::kRows, 1);
 
   parallel_for(s.batch * s.q_heads * num_q_tiles, [&](int64_t item) {
     // Heaviest q tiles (the last ones under a causal mask) go out first.
@@ -120,6 +120,7 @@ void forward_typed(const ForwardParams& p) {
 }  // namespace
 
 void flash_forward(const ForwardParams& params) {
+  if (flash_forward_bf16(params)) return;
   dispatch_element_type(params.dtype, [&](auto tag) { forward_typed<decltype(tag)>(params); });
 }
 

@@ -18,6 +18,12 @@ inline namespace FASTATTN_ISA_NS {
 // q k^T) and over the head dim (for P V). Requires tile_kv % 32 == 0.
 void flash_forward(const ForwardParams& params);
 
+// The bf16 forward on the matrix units (flash_forward_bf16.cc): AMX tiles
+// where this level has AMX and Linux granted the tile state, else
+// AVX512-BF16 dot products. False (nothing done) for other dtypes and at
+// levels without AVX512-BF16.
+bool flash_forward_bf16(const ForwardParams& params);
+
 }  // namespace FASTATTN_ISA_NS
 }  // namespace cpu
 }  // namespace fastattn

@@ -131,17 +131,30 @@ inline void mask_tile(float* logits, int64_t ld, const MaskParams& mask,
 // plain read.
 enum class KvLayout { kRows, kTransposed };
 
+// Reusable memory of the calling thread (the one XLA runs the custom call
+// on): the packed K/V of a call live here, [slot] per packed array, so a
+// call does not map and zero fresh pages each time (glibc hands blocks this
+// large back to the OS on free; the page faults took 30 % of a bf16
+// forward at S=4096). Kept until the thread ends, sized by the largest call.
+template <typename T>
+T* call_buffer(int slot, size_t count) {
+  thread_local std::vector<T> buffers[4];
+  if (buffers[slot].size() < count) buffers[slot].resize(count);
+  return buffers[slot].data();
+}
+
 struct PackedKv {
-  std::vector<float> data;
+  float* data = nullptr;
   int64_t tile_floats = 0, num_kv_tiles = 0, kv_heads = 0;
   const float* tile(int64_t b, int64_t kv_h, int64_t kv_tile) const {
-    return data.data() + ((b * kv_heads + kv_h) * num_kv_tiles + kv_tile) * tile_floats;
+    return data + ((b * kv_heads + kv_h) * num_kv_tiles + kv_tile) * tile_floats;
   }
 };
 
+// `slot`: which call_buffer holds it (one per array packed in a call).
 template <typename T>
 PackedKv pack_kv_tiles(const T* src, const AttentionShape& s, const MaskParams& mask,
-                       int64_t padded_dim, KvLayout layout);
+                       int64_t padded_dim, KvLayout layout, int slot);
 
 // Thread-private scratch, grown on demand and reused across calls.
 struct Scratch {
@@ -167,13 +180,13 @@ inline namespace FASTATTN_ISA_NS {
 
 template <typename T>
 PackedKv pack_kv_tiles(const T* src, const AttentionShape& s, const MaskParams& mask,
-                       int64_t padded_dim, KvLayout layout) {
+                       int64_t padded_dim, KvLayout layout, int slot) {
   PackedKv packed;
   const int64_t tile_kv = mask.tile_kv;
   packed.tile_floats = tile_kv * padded_dim;
   packed.num_kv_tiles = s.num_kv_tiles(tile_kv);
   packed.kv_heads = s.kv_heads;
-  packed.data.resize(s.batch * s.kv_heads * packed.num_kv_tiles * packed.tile_floats);
+  packed.data = call_buffer<float>(slot, s.batch * s.kv_heads * packed.num_kv_tiles * packed.tile_floats);
   const int64_t row_stride = s.kv_heads * s.head_dim;
   parallel_for(s.batch * s.kv_heads * packed.num_kv_tiles, [&](int64_t item) {
     const int64_t kv_tile = item % packed.num_kv_tiles;
@@ -187,7 +200,7 @@ PackedKv pack_kv_tiles(const T* src, const AttentionShape& s, const MaskParams& 
       mark_valid_keys(valid_keys, mask, s, b, k0, keys);
       valid = valid_keys;
     }
-    float* dst = packed.data.data() + item * packed.tile_floats;
+    float* dst = packed.data + item * packed.tile_floats;
     const T* in = src + ((b * s.kv_len + k0) * s.kv_heads + kv_h) * s.head_dim;
     if (layout == KvLayout::kTransposed) {
       pack_transposed(dst, tile_kv, padded_dim, in, row_stride, keys, s.head_dim, valid);
