@@ -19,6 +19,8 @@ namespace cpu {
 inline namespace FASTATTN_ISA_NS {
 namespace {
 
+constexpr int64_t kGroupRows = 32;  // rows per logits / softmax / P V step
+
 // e^x for softmax weights that are rounded to bf16 next, given t = x·log2(e):
 // 2^t = 2^n · 2^f (n = round(t), |f| <= 1/2), 2^f by its degree-4 Taylor
 // polynomial: relative error < 5e-5, far below bf16's rounding step (2^-9)
@@ -38,41 +40,57 @@ inline __m512 exp2_for_bf16(__m512 t) {
 
 constexpr float kLog2e = 1.44269504088896341f;
 
-// Online softmax of one row of logits (bias added and masked, not yet
-// scaled; FlashAttention-2 Algorithm 1): rescales the running sum and
-// output row and writes the weights relative to the new running max as
-// bf16. `scale` (> 0) multiplies the logits on the way, folded into the
-// exponent: p = 2^(x·scale·log2e − max·log2e).
-inline void softmax_row_to_bf16(const float* logits, int64_t cols, float scale, float* row_max,
-                                float* row_sum, float* out_row, int64_t padded_dim, bf16_t* weights) {
-  __m512 best = _mm512_set1_ps(kNegInf);
-  for (int64_t j = 0; j < cols; j += 16) best = _mm512_max_ps(best, _mm512_loadu_ps(logits + j));
-  const float new_max = std::max(*row_max, scale * _mm512_reduce_max_ps(best));
-  if (new_max == kNegInf) {  // nothing visible yet: all weights 0
-    std::fill(weights, weights + cols, bf16_t{0});
-    return;
+// Online softmax (FlashAttention-2 Algorithm 1) of up to kGroupRows rows of
+// logits (bias added and masked, not yet scaled): rescales the running sums
+// and output rows and writes the weights relative to the new running maxima
+// as bf16. `scale` (> 0) multiplies the logits on the way, folded into the
+// exponent: p = 2^(x·scale·log2e − max·log2e). Two sweeps over the rows,
+// each a loop of independent rows that the out-of-order core overlaps: the
+// maxima, then weights, sums and rescaling (one row at a time, each row's
+// chain of dependent steps left the core idle: 3.6 vs 2.3 µs for a 64x128
+// tile in a micro benchmark).
+inline void softmax_rows_to_bf16(const float* logits, int64_t rows, int64_t cols, float scale, float* row_max,
+                                 float* row_sum, float* acc, int64_t padded_dim, bf16_t* weights) {
+  float new_max[kGroupRows];
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* row = logits + i * cols;
+    __m512 best0 = _mm512_loadu_ps(row), best1 = _mm512_loadu_ps(row + 16);
+    for (int64_t j = 32; j < cols; j += 32) {
+      best0 = _mm512_max_ps(best0, _mm512_loadu_ps(row + j));
+      best1 = _mm512_max_ps(best1, _mm512_loadu_ps(row + j + 16));
+    }
+    new_max[i] = std::max(row_max[i], scale * _mm512_reduce_max_ps(_mm512_max_ps(best0, best1)));
   }
-  const __m512 exponent_scale = _mm512_set1_ps(scale * kLog2e);
-  const __m512 exponent_shift = _mm512_set1_ps(-new_max * kLog2e);
-  __m512 total = _mm512_setzero_ps();
-  for (int64_t j = 0; j < cols; j += 32) {
-    const __m512 p0 = exp2_for_bf16(_mm512_fmadd_ps(_mm512_loadu_ps(logits + j), exponent_scale, exponent_shift));
-    const __m512 p1 =
-        exp2_for_bf16(_mm512_fmadd_ps(_mm512_loadu_ps(logits + j + 16), exponent_scale, exponent_shift));
-    total = _mm512_add_ps(total, _mm512_add_ps(p0, p1));
-    _mm512_storeu_si512(weights + j, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
-  }
-  if (*row_max == new_max) {  // running max unchanged: nothing to rescale
-    *row_sum += _mm512_reduce_add_ps(total);
-    return;
-  }
-  // exp(old max - new max); 0 while the row had seen nothing (-inf).
-  const __m512 correction =
-      exp2_for_bf16(_mm512_set1_ps((*row_max - new_max) * kLog2e));
-  *row_sum = *row_sum * _mm512_cvtss_f32(correction) + _mm512_reduce_add_ps(total);
-  *row_max = new_max;
-  for (int64_t d = 0; d < padded_dim; d += 16) {
-    _mm512_storeu_ps(out_row + d, _mm512_mul_ps(_mm512_loadu_ps(out_row + d), correction));
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* row = logits + i * cols;
+    bf16_t* w = weights + i * cols;
+    if (new_max[i] == kNegInf) {  // nothing visible yet: all weights 0
+      std::fill(w, w + cols, bf16_t{0});
+      continue;
+    }
+    const __m512 exponent_scale = _mm512_set1_ps(scale * kLog2e);
+    const __m512 exponent_shift = _mm512_set1_ps(-new_max[i] * kLog2e);
+    __m512 total0 = _mm512_setzero_ps(), total1 = _mm512_setzero_ps();
+    for (int64_t j = 0; j < cols; j += 32) {
+      const __m512 p0 = exp2_for_bf16(_mm512_fmadd_ps(_mm512_loadu_ps(row + j), exponent_scale, exponent_shift));
+      const __m512 p1 = exp2_for_bf16(_mm512_fmadd_ps(_mm512_loadu_ps(row + j + 16), exponent_scale, exponent_shift));
+      total0 = _mm512_add_ps(total0, p0);
+      total1 = _mm512_add_ps(total1, p1);
+      _mm512_storeu_si512(w + j, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+    }
+    const float tile_sum = _mm512_reduce_add_ps(_mm512_add_ps(total0, total1));
+    if (row_max[i] == new_max[i]) {  // running max unchanged: nothing to rescale
+      row_sum[i] += tile_sum;
+      continue;
+    }
+    // exp(old max - new max); 0 while the row had seen nothing (-inf).
+    const __m512 correction = exp2_for_bf16(_mm512_set1_ps((row_max[i] - new_max[i]) * kLog2e));
+    row_sum[i] = row_sum[i] * _mm512_cvtss_f32(correction) + tile_sum;
+    row_max[i] = new_max[i];
+    float* out_row = acc + i * padded_dim;
+    for (int64_t d = 0; d < padded_dim; d += 16) {
+      _mm512_storeu_ps(out_row + d, _mm512_mul_ps(_mm512_loadu_ps(out_row + d), correction));
+    }
   }
 }
 
@@ -132,37 +150,63 @@ void forward_bf16(const ForwardParams& p) {
       const int64_t key_chunks = (keys + kBf16KeyChunk - 1) / kBf16KeyChunk;
       const uint32_t* k_tile = kv.k_tile(b, kv_h, kv_tile);
       const uint32_t* v_tile = kv.v_tile(b, kv_h, kv_tile);
+      // Rows in groups of 32 (two AMX row blocks), in the order logits(g),
+      // P V(g - 1), softmax(g): the matrix unit works through P V of one
+      // group while the vector units run the softmax of the next, which
+      // does not depend on it (out-of-order overlap; the softmax, not the
+      // products, is most of the time at D = 64).
+      auto group_logits = [&](int64_t g) {
+        const int64_t r0 = g * kGroupRows, group_rows = std::min(kGroupRows, rows_p - r0);
 #ifdef FASTATTN_HAVE_AMX_TILES
-      if (kAmx) {
-        amx_logits(logits, tile_kv, q_tile_buf, padded_dim, k_tile, rows_p, 2 * key_chunks);
-      } else
-#endif
-      {
-        dot_logits(logits, tile_kv, q_tile_buf, padded_dim, k_tile, rows_p, 2 * key_chunks);
-      }
-      float scale = p.softmax_scale;
-      if (prescale) {
-        for (int64_t i = 0; i < rows; ++i) {
-          float* row = logits + i * tile_kv;
-          for (int64_t j = 0; j < tile_kv; j += kLanes) store(row + j, load(row + j) * scale);
+        if (kAmx) {
+          amx_logits(logits + r0 * tile_kv, tile_kv, q_tile_buf + r0 * padded_dim, padded_dim, k_tile,
+                     group_rows, 2 * key_chunks);
+          return;
         }
-        scale = 1.f;
-        if (p.bias.data != nullptr) add_bias_tile(logits, tile_kv, p.bias, s, b, h, q0, rows, k0, keys);
-      }
-      // Masked logits are -inf, which the softmax's scale keeps -inf.
-      mask_tile(logits, tile_kv, mask, s, b, h, q0, rows, k0, keys, cls == kPartial);
-      for (int64_t i = 0; i < rows; ++i) {
-        softmax_row_to_bf16(logits + i * tile_kv, tile_kv, scale, row_max + i, row_sum + i,
-                            acc + i * padded_dim, padded_dim, weights + i * tile_kv);
-      }
-#ifdef FASTATTN_HAVE_AMX_TILES
-      if (kAmx) {
-        amx_accumulate_pv(acc, padded_dim, weights, tile_kv, v_tile, rows_p, key_chunks);
-      } else
 #endif
-      {
-        dot_accumulate_pv(acc, padded_dim, weights, tile_kv, v_tile, rows_p, key_chunks);
+        dot_logits(logits + r0 * tile_kv, tile_kv, q_tile_buf + r0 * padded_dim, padded_dim, k_tile,
+                   group_rows, 2 * key_chunks);
+      };
+      auto group_pv = [&](int64_t g) {
+        const int64_t r0 = g * kGroupRows, group_rows = std::min(kGroupRows, rows_p - r0);
+#ifdef FASTATTN_HAVE_AMX_TILES
+        if (kAmx) {
+          amx_accumulate_pv(acc + r0 * padded_dim, padded_dim, weights + r0 * tile_kv, tile_kv, v_tile,
+                            group_rows, key_chunks);
+          return;
+        }
+#endif
+        dot_accumulate_pv(acc + r0 * padded_dim, padded_dim, weights + r0 * tile_kv, tile_kv, v_tile,
+                          group_rows, key_chunks);
+      };
+      auto group_softmax = [&](int64_t g) {
+        const int64_t r0 = g * kGroupRows, group_rows = std::min(kGroupRows, rows - r0);
+        float* group_logits = logits + r0 * tile_kv;
+        float scale = p.softmax_scale;
+        if (prescale) {
+          for (int64_t i = 0; i < group_rows; ++i) {
+            float* row = group_logits + i * tile_kv;
+            for (int64_t j = 0; j < tile_kv; j += kLanes) store(row + j, load(row + j) * scale);
+          }
+          scale = 1.f;
+          if (p.bias.data != nullptr) {
+            add_bias_tile(group_logits, tile_kv, p.bias, s, b, h, q0 + r0, group_rows, k0, keys);
+          }
+        }
+        // Masked logits are -inf, which the softmax's scale keeps -inf.
+        mask_tile(group_logits, tile_kv, mask, s, b, h, q0 + r0, group_rows, k0, keys, cls == kPartial);
+        softmax_rows_to_bf16(group_logits, group_rows, tile_kv, scale, row_max + r0, row_sum + r0,
+                             acc + r0 * padded_dim, padded_dim, weights + r0 * tile_kv);
+      };
+      const int64_t groups = (rows_p + kGroupRows - 1) / kGroupRows;
+      group_logits(0);
+      group_softmax(0);
+      for (int64_t g = 1; g < groups; ++g) {
+        group_logits(g);
+        group_pv(g - 1);
+        group_softmax(g);
       }
+      group_pv(groups - 1);
     }
 
     bf16_t* out_base = out + ((b * s.q_len + q0) * s.q_heads + h) * s.head_dim;
