@@ -15,6 +15,7 @@ from helpers import tiny_llama
 from models.llama import Llama, LlamaConfig, generate, load_safetensors
 from models.llama import __main__ as cli
 from models.llama import generation, sharding
+from models.llama.model import with_layer_storage
 
 PROMPT_LEN, NEW_TOKENS = 10, 6
 LENGTHS = np.array([10, 4, 7, 1], np.int32)  # ragged, right-padded
@@ -98,11 +99,12 @@ def test_safetensors_loader_matches_hf_forward(tmp_path):
     save_file({n: weights[n] for n in names[1::2]}, str(tmp_path / "model-00002-of-00002.safetensors"))
     (tmp_path / "config.json").write_text(json.dumps({**dataclasses.asdict(cfg), "model_type": "llama"}))
 
-    model = load_safetensors(str(tmp_path), backend="cpu")
-    assert model.cfg == cfg
     tokens = rng.integers(0, cfg.vocab_size, (2, 9))
     want = hf_forward({k: v.astype(np.float64) for k, v in weights.items()}, tokens, cfg)
-    np.testing.assert_allclose(model(jnp.asarray(tokens)), want, atol=2e-4, rtol=2e-4)
+    for storage in ("stacked", "per_layer"):
+        model = load_safetensors(str(tmp_path), backend="cpu", layer_storage=storage)
+        assert model.cfg == cfg and model.layer_storage == storage
+        np.testing.assert_allclose(model(jnp.asarray(tokens)), want, atol=2e-4, rtol=2e-4)
 
     del weights["lm_head.weight"]
     (tmp_path / "model-00001-of-00002.safetensors").unlink()
@@ -129,6 +131,38 @@ def test_greedy_generate_equals_recomputing_the_full_prefix(model, prompts, gree
     want = np.stack([seqs[b, n:n + NEW_TOKENS] for b, n in enumerate(LENGTHS)])
     np.testing.assert_array_equal(greedy, want)
     assert len(np.unique(greedy)) > 4  # not a collapsed sequence
+
+
+def test_per_layer_storage_generates_the_same_tokens(model, prompts, greedy):
+    """One buffer per layer and a Python loop over layers: same weights
+    (with_layer_storage), same logits and greedy tokens as the stacked,
+    scanned model; the conversion back restores the stacked arrays."""
+    per_layer = with_layer_storage(model, "per_layer")
+    assert per_layer.layer_storage == "per_layer" and len(per_layer.layers) == model.cfg.num_hidden_layers
+    query = per_layer.layers[1].self_attn.query.kernel[...]
+    np.testing.assert_array_equal(query, model.layers.self_attn.query.kernel[...][1])
+    tokens = jnp.asarray(prompts)
+    want = np.asarray(model(tokens))  # float32 logits up to ~1e2: compare to the largest
+    np.testing.assert_allclose(per_layer(tokens), want, atol=5e-5 * np.abs(want).max(), rtol=0)
+    np.testing.assert_array_equal(generate(per_layer, prompts, LENGTHS, max_new_tokens=NEW_TOKENS), greedy)
+    back = with_layer_storage(per_layer, "stacked")
+    np.testing.assert_array_equal(back.layers.mlp.down_proj.kernel[...], model.layers.mlp.down_proj.kernel[...])
+    with pytest.raises(ValueError, match="layer_storage"):
+        with_layer_storage(model, "scanned")
+
+
+def test_param_specs_follow_the_layer_storage():
+    """A stacked parameter's leading layer axis is replicated; per-layer
+    parameters have none, and split the same dims over "model"."""
+    cfg = LlamaConfig.preset("tiny")
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+    for storage, lead in (("stacked", (None,)), ("per_layer", ())):
+        abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), attention="xla", layer_storage=storage))
+        specs = sharding.param_shardings(nnx.state(abstract), cfg, mesh)
+        layer = specs["layers"] if storage == "stacked" else specs["layers"][0]
+        assert layer["self_attn"]["query"]["kernel"].spec == jax.sharding.PartitionSpec(*lead, None, "model", None)
+        assert layer["mlp"]["down_proj"]["kernel"].spec == jax.sharding.PartitionSpec(*lead, "model", None)
+        assert specs["embed_tokens"]["embedding"].spec == jax.sharding.PartitionSpec(None, None)
 
 
 def test_stop_tokens_and_top_k_1_sampling(model, prompts, greedy):

@@ -19,6 +19,7 @@ from helpers import tiny_llama  # noqa: E402
 from models.llama import generate, sharding  # noqa: E402
 from models.llama import __main__ as cli  # noqa: E402
 from models.llama.host_cache import HostCacheOptions, place  # noqa: E402
+from models.llama.model import with_layer_storage  # noqa: E402
 
 PROMPT_LEN, NEW_TOKENS = 10, 5
 LENGTHS = np.array([10, 6, 8, 9], np.int32)   # ragged; every row has filled 6 positions
@@ -43,13 +44,14 @@ def greedy(model, prompts):
 # Host KV cache
 
 
-@pytest.mark.parametrize("strategy", ["stream", "split"])
-def test_host_cache_generate_equals_device(model, prompts, greedy, strategy):
+@pytest.mark.parametrize("strategy,storage", [("stream", "stacked"), ("split", "stacked"), ("stream", "per_layer")])
+def test_host_cache_generate_equals_device(model, prompts, greedy, strategy, storage):
     """2 of the 6 shared prompt positions per layer on the device, 4 in host
-    memory (streamed in blocks of 2, or attended by the CPU device)."""
+    memory (streamed in blocks of 2, or attended by the CPU device); with
+    per-layer storage the host loop takes each layer's own buffers."""
     options = HostCacheOptions(device_tokens=2, block_tokens=2, strategy=strategy)
-    tokens = generate(model, prompts, LENGTHS, max_new_tokens=NEW_TOKENS, kv_cache="host",
-                      host_cache_options=options)
+    tokens = generate(with_layer_storage(model, storage), prompts, LENGTHS, max_new_tokens=NEW_TOKENS,
+                      kv_cache="host", host_cache_options=options)
     np.testing.assert_array_equal(np.asarray(tokens), greedy)
 
 

@@ -38,6 +38,7 @@ from jax_fastattn.nn import IMPLEMENTATIONS
 from . import generation, host_cache, runtime, sharding
 from .checkpoint import load_safetensors
 from .config import PRESETS, LlamaConfig
+from .model import LAYER_STORAGE
 
 
 def parse_args(argv):
@@ -60,6 +61,8 @@ def parse_args(argv):
     p.add_argument("--kv-cache", default="device", choices=host_cache.KV_CACHE_MODES)
     p.add_argument("--device-kv-tokens", type=int, default=None,
                    help="with --kv-cache host|auto: prompt positions per layer kept on the device")
+    p.add_argument("--layer-storage", default="stacked", choices=LAYER_STORAGE,
+                   help="decoder layers stacked and scanned, or one buffer per layer in a Python loop")
     p.add_argument("--json", default=None, help="write the results here")
     return p.parse_args(argv)
 
@@ -81,15 +84,16 @@ def main(argv=None) -> dict:
 
     stages.set_postfix_str("weights")
     if args.checkpoint:
-        model = load_safetensors(args.checkpoint, attention=args.attention, dtype=dtype, param_dtype=dtype)
+        model = load_safetensors(args.checkpoint, attention=args.attention, dtype=dtype, param_dtype=dtype,
+                                 layer_storage=args.layer_storage)
         cfg = model.cfg
         graphdef, state = nnx.split(model)
         if mesh is not None:
             state = jax.device_put(state, sharding.param_shardings(state, cfg, mesh))
     else:
         cfg = LlamaConfig.preset(args.config)
-        graphdef, _ = runtime.graphdef_for(cfg, args.attention, dtype)
-        state = runtime.random_state(cfg, dtype, args.seed, mesh)
+        graphdef, _ = runtime.graphdef_for(cfg, args.attention, dtype, layer_storage=args.layer_storage)
+        state = runtime.random_state(cfg, dtype, args.seed, mesh, layer_storage=args.layer_storage)
     stages.update()
 
     rng = np.random.default_rng(args.seed)

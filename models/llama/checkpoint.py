@@ -35,8 +35,10 @@ def _read(path: str) -> dict:
     return tensors
 
 
-def hf_to_params(tensors: dict, cfg: LlamaConfig, dtype) -> dict:
-    """HF name -> tensor dict into the pure-dict params of `Llama` (stacked layers)."""
+def hf_to_params(tensors: dict, cfg: LlamaConfig, dtype, layer_storage: str = "stacked") -> dict:
+    """HF name -> tensor dict into the pure-dict params of `Llama` with the
+    given layer storage ("stacked": one array per parameter with a leading
+    layer axis; "per_layer": {layer index: that layer's params})."""
     d, hq, hkv, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
 
     def get(name):
@@ -44,25 +46,32 @@ def hf_to_params(tensors: dict, cfg: LlamaConfig, dtype) -> dict:
             raise ValueError(f"checkpoint has no tensor {name!r} (HF Llama names expected)")
         return jnp.asarray(tensors[name], dtype)
 
-    def stack(fmt, transform):
-        return jnp.stack([transform(get(fmt.format(i))) for i in range(cfg.num_hidden_layers)])
+    def layer_params(one):
+        """one(fmt, transform): the value of a per-layer tensor name format."""
+        layer = "model.layers.{}."
+        return {
+            "input_layernorm": {"scale": one(layer + "input_layernorm.weight", lambda w: w)},
+            "post_attention_layernorm": {"scale": one(layer + "post_attention_layernorm.weight", lambda w: w)},
+            "self_attn": {
+                "query": {"kernel": one(layer + "self_attn.q_proj.weight", lambda w: w.T.reshape(d, hq, hd))},
+                "key": {"kernel": one(layer + "self_attn.k_proj.weight", lambda w: w.T.reshape(d, hkv, hd))},
+                "value": {"kernel": one(layer + "self_attn.v_proj.weight", lambda w: w.T.reshape(d, hkv, hd))},
+                "out": {"kernel": one(layer + "self_attn.o_proj.weight", lambda w: w.T.reshape(hq, hd, d))},
+            },
+            "mlp": {name: {"kernel": one(layer + f"mlp.{name}.weight", lambda w: w.T)}
+                    for name in ("gate_proj", "up_proj", "down_proj")},
+        }
 
-    layer = "model.layers.{}."
+    if layer_storage == "per_layer":
+        layers = {i: layer_params(lambda fmt, transform, i=i: transform(get(fmt.format(i))))
+                  for i in range(cfg.num_hidden_layers)}
+    else:
+        layers = layer_params(lambda fmt, transform: jnp.stack(
+            [transform(get(fmt.format(i))) for i in range(cfg.num_hidden_layers)]))
     params = {
         "embed_tokens": {"embedding": get("model.embed_tokens.weight")},
         "norm": {"scale": get("model.norm.weight")},
-        "layers": {
-            "input_layernorm": {"scale": stack(layer + "input_layernorm.weight", lambda w: w)},
-            "post_attention_layernorm": {"scale": stack(layer + "post_attention_layernorm.weight", lambda w: w)},
-            "self_attn": {
-                "query": {"kernel": stack(layer + "self_attn.q_proj.weight", lambda w: w.T.reshape(d, hq, hd))},
-                "key": {"kernel": stack(layer + "self_attn.k_proj.weight", lambda w: w.T.reshape(d, hkv, hd))},
-                "value": {"kernel": stack(layer + "self_attn.v_proj.weight", lambda w: w.T.reshape(d, hkv, hd))},
-                "out": {"kernel": stack(layer + "self_attn.o_proj.weight", lambda w: w.T.reshape(hq, hd, d))},
-            },
-            "mlp": {name: {"kernel": stack(layer + f"mlp.{name}.weight", lambda w: w.T)}
-                    for name in ("gate_proj", "up_proj", "down_proj")},
-        },
+        "layers": layers,
     }
     if not cfg.tie_word_embeddings:
         params["lm_head"] = {"kernel": get("lm_head.weight").T}
@@ -70,30 +79,32 @@ def hf_to_params(tensors: dict, cfg: LlamaConfig, dtype) -> dict:
 
 
 def load_safetensors(path: str, cfg: Optional[LlamaConfig] = None, *, attention: str = "fastattn",
-                     backend: str = "auto", dtype=jnp.float32, param_dtype=jnp.float32) -> Llama:
+                     backend: str = "auto", dtype=jnp.float32, param_dtype=jnp.float32,
+                     layer_storage: str = "stacked") -> Llama:
     """A `Llama` with weights from a .safetensors file or a directory of them
-    (sharded checkpoints too). cfg default: config.json beside the weights."""
+    (sharded checkpoints too). cfg default: config.json beside the weights.
+    layer_storage: "stacked" or "per_layer" (see models.llama.model)."""
     if cfg is None:
         folder = path if os.path.isdir(path) else os.path.dirname(path)
         if not os.path.exists(os.path.join(folder, "config.json")):
             raise ValueError(f"cfg must be given when there is no config.json beside {path!r}")
         cfg = LlamaConfig.from_json(folder)
     abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), attention=attention, backend=backend,
-                                            dtype=dtype, param_dtype=param_dtype))
+                                            dtype=dtype, param_dtype=param_dtype, layer_storage=layer_storage))
     graphdef, state = nnx.split(abstract)
-    params = hf_to_params(_read(path), cfg, param_dtype)
+    params = hf_to_params(_read(path), cfg, param_dtype, layer_storage)
     expected = nnx.to_pure_dict(state)
     for key_path, value in _flat(params):
         shape = _lookup(expected, key_path).shape
         if value.shape != shape:
-            raise ValueError(f"checkpoint tensor for {'.'.join(key_path)} has shape {value.shape}, the config "
+            raise ValueError(f"checkpoint tensor for {'.'.join(map(str, key_path))} has shape {value.shape}, the config "
                              f"needs {shape}")
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
 
 
 def _flat(tree, prefix=()):
-    for k, v in tree.items():
+    for k, v in tree.items():  # keys: names, and layer indices under per-layer storage
         if isinstance(v, dict):
             yield from _flat(v, prefix + (k,))
         else:

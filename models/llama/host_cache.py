@@ -195,7 +195,11 @@ jitted_decode_step = jax.jit(decode_step, static_argnames=("graphdef", "layer_gr
 
 
 def layer_states_of(model):
-    """(graphdef, [state of layer i]) of the stacked decoder layers."""
+    """(graphdef, [state of layer i]) of the decoder layers: per-layer
+    storage gives its own buffers; stacked storage is sliced (a copy)."""
+    if model.layer_storage == "per_layer":
+        states = [nnx.split(layer) for layer in model.layers]
+        return states[0][0], [state for _, state in states]
     layer_graphdef, stacked = nnx.split(model.layers)
     return layer_graphdef, [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(model.cfg.num_hidden_layers)]
 
@@ -223,7 +227,7 @@ def decode_loop(graphdef, state, logits, device_parts, host_parts, lengths, key,
     layer_graphdef, layer_states = layer_states_of(model)
     has_cpu = any(h.cpu_k is not None for h in host_parts)
     step = decode_step if has_cpu else jitted_decode_step
-    static = dict(softmax_scale=model.layers.self_attn.softmax_scale, backend=options.backend,
+    static = dict(softmax_scale=model.first_layer().self_attn.softmax_scale, backend=options.backend,
                   cpu_backend=options.cpu_backend)
     batch = logits.shape[0]
     tokens = [sample_fn(logits, jax.random.fold_in(key, 0))]

@@ -1,9 +1,14 @@
 """Llama-family decoder in Flax NNX: RMSNorm, SwiGLU MLP, GQA attention with
 RoPE (jax_fastattn.nn.Attention), tied or untied embeddings.
 
-The decoder layers are stored stacked (every parameter has a leading
-[num_hidden_layers] axis, made with nnx.vmap) and run with `lax.scan`, so
-compile time does not grow with depth.
+Layer storage (`Llama(..., layer_storage=...)`): "stacked" (default) keeps
+every decoder-layer parameter with a leading [num_hidden_layers] axis (made
+with nnx.vmap) and runs the layers with `lax.scan`, so compile time does not
+grow with depth; "per_layer" keeps one module, and so one buffer per
+parameter, per layer and runs them in a Python loop, so no program slices a
+layer's weights out of a stacked array (batch-1 decode streams every weight
+once per token, and a slice that is materialised streams it three times).
+`with_layer_storage` converts a model between the two.
 
 KV cache: two arrays, keys and values, each [B, L, Smax, Hkv, D] (batch
 first, so that the per-token write is a batched scatter with no transpose and
@@ -27,6 +32,7 @@ from . import sharding
 from .config import LlamaConfig
 
 INIT = nnx.initializers.normal(0.02)  # Hugging Face initializer_range
+LAYER_STORAGE = ("stacked", "per_layer")
 
 
 class RMSNorm(nnx.Module):
@@ -136,23 +142,28 @@ class Llama(nnx.Module):
     """
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs, attention: str = "fastattn", backend: str = "auto",
-                 dtype=jnp.float32, param_dtype=jnp.float32):
+                 dtype=jnp.float32, param_dtype=jnp.float32, layer_storage: str = "stacked"):
         if not isinstance(cfg, LlamaConfig):
             raise ValueError(f"cfg must be a LlamaConfig, got {type(cfg).__name__}")
         if attention not in fa_nn.IMPLEMENTATIONS:
             raise ValueError(f"attention must be one of {fa_nn.IMPLEMENTATIONS}, got {attention!r}")
+        if layer_storage not in LAYER_STORAGE:
+            raise ValueError(f"layer_storage must be one of {LAYER_STORAGE}, got {layer_storage!r}")
         fa_nn.check_implementation(attention)
         self.cfg, self.attention, self.dtype = cfg, attention, dtype
+        self.backend, self.layer_storage = backend, layer_storage
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
                                       embedding_init=INIT, rngs=rngs)
 
-        @nnx.split_rngs(splits=cfg.num_hidden_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def make_layers(rngs):
+        def make_layer(rngs):
             return DecoderLayer(cfg, attention=attention, backend=backend, dtype=dtype, param_dtype=param_dtype,
                                 rngs=rngs)
 
-        self.layers = make_layers(rngs)
+        if layer_storage == "per_layer":
+            self.layers = nnx.List([make_layer(rngs) for _ in range(cfg.num_hidden_layers)])
+        else:
+            self.layers = nnx.split_rngs(splits=cfg.num_hidden_layers)(
+                nnx.vmap(make_layer, in_axes=(0,), out_axes=0))(rngs)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.lm_head = None if cfg.tie_word_embeddings else nnx.Linear(
             cfg.hidden_size, cfg.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
@@ -165,10 +176,22 @@ class Llama(nnx.Module):
         out = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
         return out.astype(jnp.float32)
 
-    def _scan_layers(self, body, carry, extra=()):
+    def first_layer(self) -> DecoderLayer:
+        """Layer 0 (for its static settings; stacked storage gives the stacked module)."""
+        return self.layers[0] if self.layer_storage == "per_layer" else self.layers
+
+    def _scan_layers(self, body, carry):
+        """body(carry, layer, index) -> (carry, y) over the layers in order:
+        (final carry, the y's stacked on a leading layer axis)."""
+        if self.layer_storage == "per_layer":
+            ys = []
+            for index, layer in enumerate(self.layers):
+                carry, y = body(carry, layer, index)
+                ys.append(y)
+            return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys) if ys[0] is not None else None
         graphdef, stacked = nnx.split(self.layers)
         index = jnp.arange(self.cfg.num_hidden_layers, dtype=jnp.int32)
-        return lax.scan(lambda c, xs: body(c, nnx.merge(graphdef, xs[0]), xs[1]), carry, (stacked, index) + extra)
+        return lax.scan(lambda c, xs: body(c, nnx.merge(graphdef, xs[0]), xs[1]), carry, (stacked, index))
 
     def _forward(self, tokens, positions, mesh, cp_mesh=None):
         """Causal pass over tokens [B, S]: hidden states [B, S, d] and the
@@ -278,3 +301,26 @@ class Llama(nnx.Module):
 
         (x, k_cache, v_cache), _ = self._scan_layers(body, (x, k_cache, v_cache))
         return self.logits(x), k_cache, v_cache
+
+
+def with_layer_storage(model: Llama, layer_storage: str) -> Llama:
+    """The same model (same weights, attention, dtypes) with its decoder
+    layers stored as `layer_storage` ("stacked" or "per_layer"). The new
+    model's arrays are new buffers: drop the old model to free its memory."""
+    if layer_storage not in LAYER_STORAGE:
+        raise ValueError(f"layer_storage must be one of {LAYER_STORAGE}, got {layer_storage!r}")
+    if layer_storage == model.layer_storage:
+        return model
+    cfg = model.cfg
+    param_dtype = model.embed_tokens.embedding[...].dtype
+    abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), attention=model.attention, backend=model.backend,
+                                            dtype=model.dtype, param_dtype=param_dtype, layer_storage=layer_storage))
+    graphdef, state = nnx.split(abstract)
+    values = nnx.to_pure_dict(nnx.state(model))
+    layers = values["layers"]
+    if layer_storage == "per_layer":
+        values["layers"] = {i: jax.tree.map(lambda a, i=i: a[i], layers) for i in range(cfg.num_hidden_layers)}
+    else:
+        values["layers"] = jax.tree.map(lambda *a: jnp.stack(a), *(layers[i] for i in range(cfg.num_hidden_layers)))
+    nnx.replace_by_pure_dict(state, values)
+    return nnx.merge(graphdef, state)

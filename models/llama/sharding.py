@@ -79,25 +79,28 @@ def cache_spec(cfg, mesh) -> P:
 
 
 def param_spec(path: tuple, shape: tuple, cfg, mesh) -> P:
-    """The PartitionSpec of one parameter from its path of names."""
+    """The PartitionSpec of one parameter from its path of names. A leading
+    layer axis (stacked layer storage) is replicated; per-layer storage has
+    none, which the parameter's rank tells."""
     # Dict keys only: a Variable's own attribute (".value") is not a name.
     names = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
     q, kv, ffn = _split(cfg.num_attention_heads, mesh), _split(cfg.num_key_value_heads, mesh), \
         _split(cfg.intermediate_size, mesh)
-    layer = (None,) if "layers" in names else ()
     if "query" in names:
-        return P(*layer, None, q, None)
-    if "key" in names or "value" in names:
-        return P(*layer, None, kv, None)
-    if "out" in names:
-        return P(*layer, q, None, None)
-    if "gate_proj" in names or "up_proj" in names:
-        return P(*layer, None, ffn)
-    if "down_proj" in names:
-        return P(*layer, ffn, None)
-    if "lm_head" in names:
-        return P(None, _split(cfg.vocab_size, mesh))
-    return P(*([None] * len(shape)))  # embeddings, norms: replicated
+        spec = (None, q, None)
+    elif "key" in names or "value" in names:
+        spec = (None, kv, None)
+    elif "out" in names:
+        spec = (q, None, None)
+    elif "gate_proj" in names or "up_proj" in names:
+        spec = (None, ffn)
+    elif "down_proj" in names:
+        spec = (ffn, None)
+    elif "lm_head" in names:
+        spec = (None, _split(cfg.vocab_size, mesh))
+    else:
+        return P(*([None] * len(shape)))  # embeddings, norms: replicated
+    return P(*([None] * (len(shape) - len(spec))), *spec)
 
 
 def param_shardings(state, cfg, mesh):

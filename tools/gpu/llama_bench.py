@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 
 from models.llama import runtime  # noqa: E402
 from models.llama.config import LlamaConfig  # noqa: E402
+from models.llama.model import LAYER_STORAGE  # noqa: E402
 
 SIZES = {
     # The cases: Llama-3-8B shapes, prefill 2K/8K x batch 8, decode
@@ -96,6 +97,8 @@ def main(argv=None):
     p.add_argument("--cases", default=None, help="comma-separated subset of: " + ", ".join(case_names("full")))
     p.add_argument("--attention", default=",".join(ATTENTIONS))
     p.add_argument("--budget-s", type=float, default=360.0, help="start no case after this many seconds")
+    p.add_argument("--layer-storage", default="stacked", choices=LAYER_STORAGE,
+                   help="decoder layers stacked and scanned, or one buffer per layer")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     t0 = time.perf_counter()
@@ -112,15 +115,16 @@ def main(argv=None):
 
     device = jax.devices()[0]
     bandwidth = runtime.copy_bandwidth(2 << 30 if device.platform == "gpu" else 64 << 20)
-    state = runtime.random_state(cfg, dtype)
+    state = runtime.random_state(cfg, dtype, layer_storage=args.layer_storage)
     graphdefs = {}
     for a in attentions:
         try:
-            graphdefs[a] = runtime.graphdef_for(cfg, a, dtype)[0]
+            graphdefs[a] = runtime.graphdef_for(cfg, a, dtype, layer_storage=args.layer_storage)[0]
         except ValueError as err:  # cudnn off a GPU
             graphdefs[a] = err
     results = {"device": device.device_kind, "platform": device.platform, "jax": jax.__version__,
-               "config": spec["config"], "dtype": spec["dtype"], "params": cfg.num_params(), "gen": spec["gen"],
+               "config": spec["config"], "dtype": spec["dtype"], "layer_storage": args.layer_storage,
+               "params": cfg.num_params(), "gen": spec["gen"],
                "copy_bandwidth_bytes_per_s": bandwidth, "cases": []}
     print(f"{device.device_kind}: copy bandwidth {bandwidth / 1e9:.0f} GB/s; {cfg.num_params() / 1e9:.2f} B params")
 
