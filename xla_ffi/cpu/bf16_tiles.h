@@ -80,8 +80,47 @@ inline PackedBf16Kv pack_bf16_kv(const bf16_t* k, const bf16_t* v, const Attenti
     std::fill(k_dst, k_dst + packed.tile_dwords, 0u);
     std::fill(v_dst, v_dst + 2 * packed.tile_dwords, uint16_t{0});
     const int64_t offset = ((b * s.kv_len + k0) * s.kv_heads + kv_h) * head_dim;
+    auto key_valid = [&](int64_t j) {
+      return j < keys && (mask.kv_segment == nullptr || mask.kv_segment[b * s.kv_len + k0 + j] >= 0);
+    };
+    if (head_dim % kBf16DimChunk == 0) {
+      // Vectorised: K by dword gathers (one B-tile row = dword kk of 16
+      // keys), V by widening two keys' rows and interleaving them.
+      const int32_t row_dwords = int32_t(row_stride / 2);
+      const __m512i key_offsets = _mm512_mullo_epi32(
+          _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(row_dwords));
+      for (int64_t kb = 0; kb * kTileRows < keys; ++kb) {
+        __mmask16 valid = 0;
+        for (int jj = 0; jj < 16; ++jj) valid |= __mmask16(key_valid(kb * kTileRows + jj)) << jj;
+        const void* base = k + offset + kb * kTileRows * row_stride;
+        for (int64_t c = 0; c < chunks; ++c) {
+          for (int kk = 0; kk < 16; ++kk) {
+            const __m512i index = _mm512_add_epi32(key_offsets, _mm512_set1_epi32(int32_t(c * 16 + kk)));
+            _mm512_storeu_si512(k_dst + (kb * chunks + c) * 256 + kk * 16,
+                                _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, index, base, 4));
+          }
+        }
+      }
+      uint32_t* v_pairs = reinterpret_cast<uint32_t*>(v_dst);
+      for (int64_t j = 0; j < keys; j += 2) {
+        const bool even_valid = key_valid(j), odd_valid = key_valid(j + 1);
+        const bf16_t* even = v + offset + j * row_stride;
+        uint32_t* dst = v_pairs + ((j / kBf16KeyChunk) * dim_blocks * 16 + (j % kBf16KeyChunk) / 2) * 16;
+        for (int64_t db = 0; db < dim_blocks; ++db) {
+          __m512i pair = _mm512_setzero_si512();
+          if (even_valid) pair = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(even + db * 16)));
+          if (odd_valid) {
+            pair = _mm512_or_si512(pair, _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                                                               (const __m256i*)(even + row_stride + db * 16))),
+                                                           16));
+          }
+          _mm512_storeu_si512(dst + db * 256, pair);
+        }
+      }
+      return;
+    }
     for (int64_t j = 0; j < keys; ++j) {
-      if (mask.kv_segment != nullptr && mask.kv_segment[b * s.kv_len + k0 + j] < 0) continue;
+      if (!key_valid(j)) continue;
       const bf16_t* k_row = k + offset + j * row_stride;
       const bf16_t* v_row = v + offset + j * row_stride;
       uint32_t* k_key = k_dst + (j / kTileRows) * chunks * 256 + j % kTileRows;
