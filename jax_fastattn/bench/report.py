@@ -94,7 +94,8 @@ def plot(results: List[dict], path: str, gpu: bool, title: Optional[str] = None)
 
     labels = list(dict.fromkeys(_label(r) for r in results))
     impls = list(dict.fromkeys(r["impl"] for r in results))
-    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(labels)), 4.5))
+    many = len(labels) > 8  # a grid (a preset): capped width, labels steeper
+    fig, ax = plt.subplots(figsize=(min(22, max(6, 2.2 * len(labels))), 6 if many else 4.5))
     width = 0.8 / max(1, len(impls))
     decode = results[0]["case"]["mode"] == "decode"
     for i, impl in enumerate(impls):
@@ -107,7 +108,7 @@ def plot(results: List[dict], path: str, gpu: bool, title: Optional[str] = None)
             values.append(match[0]["gbps"] if decode else match[0]["tflops"] * (1.0 if gpu else 1e3))
         ax.bar([x + i * width for x in range(len(labels))], values, width, label=impl)
     ax.set_xticks([x + width * (len(impls) - 1) / 2 for x in range(len(labels))])
-    ax.set_xticklabels(labels, rotation=15, ha="right", fontsize=7)
+    ax.set_xticklabels(labels, rotation=50 if many else 15, ha="right", fontsize=7)
     flops_unit = "TFLOP/s" if gpu else "GFLOP/s"
     ax.set_ylabel("K/V GB/s read" if decode else f"{flops_unit} (causal counts half, fwd+bwd 3.5x fwd)")
     if title:
