@@ -57,9 +57,11 @@ struct PackedBf16Kv {
 };
 
 // Keys past Skv and padding keys (negative segment id) are zero, so garbage
-// there never reaches the result (not even as 0 * NaN).
+// there never reaches the result (not even as 0 * NaN). v may be null (only
+// k is packed; the backward packs V in K's layout this way, for dO V^T).
+// The arrays go to call_buffer slots first_slot and first_slot + 1.
 inline PackedBf16Kv pack_bf16_kv(const bf16_t* k, const bf16_t* v, const AttentionShape& s,
-                                 const MaskParams& mask, int64_t padded_dim) {
+                                 const MaskParams& mask, int64_t padded_dim, int first_slot = 0) {
   PackedBf16Kv packed;
   const int64_t tile_kv = mask.tile_kv, chunks = padded_dim / kBf16DimChunk;
   const int64_t dim_blocks = padded_dim / kTileRows, head_dim = s.head_dim;
@@ -67,8 +69,8 @@ inline PackedBf16Kv pack_bf16_kv(const bf16_t* k, const bf16_t* v, const Attenti
   packed.num_kv_tiles = s.num_kv_tiles(tile_kv);
   packed.kv_heads = s.kv_heads;
   const size_t total = s.batch * s.kv_heads * packed.num_kv_tiles * packed.tile_dwords;
-  packed.k = call_buffer<uint32_t>(0, total);
-  packed.v = call_buffer<uint32_t>(1, total);
+  packed.k = call_buffer<uint32_t>(first_slot, total);
+  packed.v = v == nullptr ? nullptr : call_buffer<uint32_t>(first_slot + 1, total);
   const int64_t row_stride = s.kv_heads * head_dim;
   parallel_for(s.batch * s.kv_heads * packed.num_kv_tiles, [&](int64_t item) {
     const int64_t t = item % packed.num_kv_tiles;
@@ -76,9 +78,9 @@ inline PackedBf16Kv pack_bf16_kv(const bf16_t* k, const bf16_t* v, const Attenti
     const int64_t b = item / (packed.num_kv_tiles * s.kv_heads);
     const int64_t k0 = t * tile_kv, keys = std::min(tile_kv, s.kv_len - k0);
     uint32_t* k_dst = packed.k + item * packed.tile_dwords;
-    uint16_t* v_dst = reinterpret_cast<uint16_t*>(packed.v + item * packed.tile_dwords);
+    uint16_t* v_dst = v == nullptr ? nullptr : reinterpret_cast<uint16_t*>(packed.v + item * packed.tile_dwords);
     std::fill(k_dst, k_dst + packed.tile_dwords, 0u);
-    std::fill(v_dst, v_dst + 2 * packed.tile_dwords, uint16_t{0});
+    if (v != nullptr) std::fill(v_dst, v_dst + 2 * packed.tile_dwords, uint16_t{0});
     const int64_t offset = ((b * s.kv_len + k0) * s.kv_heads + kv_h) * head_dim;
     auto key_valid = [&](int64_t j) {
       return j < keys && (mask.kv_segment == nullptr || mask.kv_segment[b * s.kv_len + k0 + j] >= 0);
@@ -102,7 +104,7 @@ inline PackedBf16Kv pack_bf16_kv(const bf16_t* k, const bf16_t* v, const Attenti
         }
       }
       uint32_t* v_pairs = reinterpret_cast<uint32_t*>(v_dst);
-      for (int64_t j = 0; j < keys; j += 2) {
+      for (int64_t j = 0; v != nullptr && j < keys; j += 2) {
         const bool even_valid = key_valid(j), odd_valid = key_valid(j + 1);
         const bf16_t* even = v + offset + j * row_stride;
         uint32_t* dst = v_pairs + ((j / kBf16KeyChunk) * dim_blocks * 16 + (j % kBf16KeyChunk) / 2) * 16;
@@ -122,12 +124,13 @@ inline PackedBf16Kv pack_bf16_kv(const bf16_t* k, const bf16_t* v, const Attenti
     for (int64_t j = 0; j < keys; ++j) {
       if (!key_valid(j)) continue;
       const bf16_t* k_row = k + offset + j * row_stride;
-      const bf16_t* v_row = v + offset + j * row_stride;
       uint32_t* k_key = k_dst + (j / kTileRows) * chunks * 256 + j % kTileRows;
       for (int64_t d = 0; d < head_dim; d += 2) {
         const uint16_t high = d + 1 < head_dim ? k_row[d + 1].bits : uint16_t{0};
         k_key[(d / kBf16DimChunk) * 256 + (d % kBf16DimChunk) / 2 * 16] = bf16_pair(k_row[d].bits, high);
       }
+      if (v == nullptr) continue;
+      const bf16_t* v_row = v + offset + j * row_stride;
       uint16_t* v_key = v_dst + ((j / kBf16KeyChunk) * dim_blocks * 256 + (j % kBf16KeyChunk) / 2 * 16) * 2 +
                         j % 2;
       for (int64_t d = 0; d < head_dim; ++d) v_key[((d / kTileRows) * 256 + d % kTileRows) * 2] = v_row[d].bits;

@@ -1,9 +1,13 @@
 #include "flash_backward.h"
 
 #include <cmath>
+#include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "../common/thread_pool.h"
+#include "amx_decode.h"  // amx_available()
+#include "bf16_tiles.h"
 #include "gemm.h"
 #include "tile_ops.h"
 #include "vec_math.h"
@@ -20,17 +24,43 @@ struct TileGradients {
   float* d_logits;
 };
 
+// The bf16 operands of the two products that recompute S = Q K^T and
+// dP = dO V^T on AMX tiles (bf16_tiles.h): q and dO rows as they are, bf16
+// [rows rounded up to 16][padded_dim], and K and V tiles in the VNNI order
+// of bf16_tiles.h's K. All null: those products run in float32.
+struct AmxOperands {
+  const bf16_t* q = nullptr;
+  const bf16_t* d_out = nullptr;
+  const uint32_t* k = nullptr;
+  const uint32_t* v = nullptr;
+};
+
 // Given packed scale*Q [rows][padded_dim], dO [rows][padded_dim], K^T and V^T
 // [padded_dim][tile_kv], recomputes P and dS for one tile pair.
 inline void tile_gradients(const TileGradients& t, const float* q_scaled, const float* d_out,
                            const float* k_t, const float* v_t, const float* lse,
                            const float* delta, int64_t rows, int64_t tile_kv,
                            int64_t padded_dim, const BackwardParams& p, int64_t b, int64_t h,
-                           int64_t q0, int64_t k0, int64_t keys, bool partial) {
+                           int64_t q0, int64_t k0, int64_t keys, bool partial,
+                           const AmxOperands& amx = {}) {
   const AttentionShape& s = p.shape;
-  std::fill(t.probs, t.probs + rows * tile_kv, 0.f);
-  gemm_accumulate(t.probs, tile_kv, q_scaled, padded_dim, 1, k_t, tile_kv, rows, tile_kv,
-                  padded_dim);
+#ifdef FASTATTN_HAVE_AMX_TILES
+  if (amx.q != nullptr) {
+    // Columns past round_up(keys, 32) are not written: the mask below makes
+    // them -inf in S (P = 0) and no product reads them from dS.
+    const int64_t rows_p = round_up(rows, kTileRows), key_blocks = 2 * ((keys + 31) / 32);
+    amx_logits(t.probs, tile_kv, amx.q, padded_dim, amx.k, rows_p, key_blocks);
+    for (int64_t i = 0; i < rows; ++i) {
+      float* row = t.probs + i * tile_kv;
+      for (int64_t j = 0; j < tile_kv; j += kLanes) store(row + j, load(row + j) * p.softmax_scale);
+    }
+  } else
+#endif
+  {
+    std::fill(t.probs, t.probs + rows * tile_kv, 0.f);
+    gemm_accumulate(t.probs, tile_kv, q_scaled, padded_dim, 1, k_t, tile_kv, rows, tile_kv,
+                    padded_dim);
+  }
   if (p.bias.data != nullptr) add_bias_tile(t.probs, tile_kv, p.bias, s, b, h, q0, rows, k0, keys);
   mask_tile(t.probs, tile_kv, p.mask, s, b, h, q0, rows, k0, keys, partial);
   for (int64_t i = 0; i < rows; ++i) {
@@ -41,9 +71,17 @@ inline void tile_gradients(const TileGradients& t, const float* q_scaled, const 
     }
     for (int64_t j = 0; j < tile_kv; j += kLanes) store(row + j, vexp(load(row + j) - lse[i]));
   }
-  std::fill(t.d_logits, t.d_logits + rows * tile_kv, 0.f);
-  gemm_accumulate(t.d_logits, tile_kv, d_out, padded_dim, 1, v_t, tile_kv, rows, tile_kv,
-                  padded_dim);
+#ifdef FASTATTN_HAVE_AMX_TILES
+  if (amx.q != nullptr) {
+    amx_logits(t.d_logits, tile_kv, amx.d_out, padded_dim, amx.v, round_up(rows, kTileRows),
+               2 * ((keys + 31) / 32));
+  } else
+#endif
+  {
+    std::fill(t.d_logits, t.d_logits + rows * tile_kv, 0.f);
+    gemm_accumulate(t.d_logits, tile_kv, d_out, padded_dim, 1, v_t, tile_kv, rows, tile_kv,
+                    padded_dim);
+  }
   for (int64_t i = 0; i < rows; ++i) {
     float* d_row = t.d_logits + i * tile_kv;
     const float* p_row = t.probs + i * tile_kv;
@@ -75,9 +113,44 @@ void backward_typed(const BackwardParams& p) {
     return ((b * s.kv_len + k0) * s.kv_heads + kv_h) * s.head_dim;
   };
 
-  const PackedKv k_t_tiles = pack_kv_tiles(k, s, mask, padded_dim, KvLayout::kTransposed, 0);
-  const PackedKv v_t_tiles = pack_kv_tiles(v, s, mask, padded_dim, KvLayout::kTransposed, 1);
+
+  // bf16 on AMX: S = Q K^T and dP = dO V^T (4 of the 7 products of the two
+  // passes) as bf16 tile products; the rest stays float32.
+  bool use_amx = false;
+  const uint32_t* k_vnni = nullptr;
+  const uint32_t* v_vnni = nullptr;
+  int64_t vnni_tile_dwords = 0;
+#ifdef FASTATTN_HAVE_AMX_TILES
+  if constexpr (std::is_same_v<T, bf16_t>) {
+    use_amx = amx_available() && padded_dim % kBf16DimChunk == 0;
+    if (use_amx) {
+      const PackedBf16Kv k_packed = pack_bf16_kv(k, nullptr, s, mask, padded_dim, 0);
+      const PackedBf16Kv v_packed = pack_bf16_kv(v, nullptr, s, mask, padded_dim, 2);
+      k_vnni = k_packed.k;
+      v_vnni = v_packed.k;
+      vnni_tile_dwords = k_packed.tile_dwords;
+    }
+  }
+#endif
+  // K^T and V^T in float32 only where S and dP are float32 products.
+  const PackedKv k_t_tiles =
+      use_amx ? PackedKv{} : pack_kv_tiles(k, s, mask, padded_dim, KvLayout::kTransposed, 0);
+  const PackedKv v_t_tiles =
+      use_amx ? PackedKv{} : pack_kv_tiles(v, s, mask, padded_dim, KvLayout::kTransposed, 1);
   const PackedKv k_tiles = pack_kv_tiles(k, s, mask, padded_dim, KvLayout::kRows, 2);
+  const int64_t padded_rows = round_up(tile_q, 16);
+  // The AMX operands of (b, kv_h, kv_tile), with the q-side rows already in
+  // scratch slots 8 and 9 (pack_q_side).
+  auto amx_operands = [&](Scratch& scratch, int64_t b, int64_t kv_h, int64_t kv_tile) {
+    AmxOperands operands;
+    if (!use_amx) return operands;
+    operands.q = reinterpret_cast<const bf16_t*>(scratch.get(8, 0));
+    operands.d_out = reinterpret_cast<const bf16_t*>(scratch.get(9, 0));
+    const int64_t tile_index = (b * s.kv_heads + kv_h) * num_kv_tiles + kv_tile;
+    operands.k = k_vnni + tile_index * vnni_tile_dwords;
+    operands.v = v_vnni + tile_index * vnni_tile_dwords;
+    return operands;
+  };
 
   // delta = rowsum(dO * O) - dlse, [B, Hq, Sq].
   std::vector<float> delta(s.batch * s.q_heads * s.q_len);
@@ -103,6 +176,19 @@ void backward_typed(const BackwardParams& p) {
               p.softmax_scale, nullptr);
     pack_rows(*d_out_tile, padded_dim, d_out + q_offset(b, h, q0), q_row_stride, rows,
               s.head_dim, 1.f, nullptr);
+    if constexpr (std::is_same_v<T, bf16_t>) {
+      if (!use_amx) return;
+      // bf16 q and dO as they are, zero padded to [rows rounded to 16][Dp].
+      const int64_t rows_p = round_up(rows, 16);
+      for (int slot : {8, 9}) {
+        bf16_t* dst = reinterpret_cast<bf16_t*>(scratch.get(slot, padded_rows * padded_dim / 2));
+        const T* src = (slot == 8 ? q : d_out) + q_offset(b, h, q0);
+        std::fill(dst, dst + rows_p * padded_dim, bf16_t{0});
+        for (int64_t i = 0; i < rows; ++i) {
+          std::copy(src + i * q_row_stride, src + i * q_row_stride + s.head_dim, dst + i * padded_dim);
+        }
+      }
+    }
   };
 
   // Pass 1: dK, dV.
@@ -115,7 +201,11 @@ void backward_typed(const BackwardParams& p) {
     Scratch& scratch = thread_scratch();
     const float* k_t = k_t_tiles.tile(b, kv_h, kv_tile);
     const float* v_t = v_t_tiles.tile(b, kv_h, kv_tile);
-    TileGradients t{scratch.get(4, tile_q * tile_kv), scratch.get(5, tile_q * tile_kv)};
+    TileGradients t{scratch.get(4, padded_rows * tile_kv), scratch.get(5, padded_rows * tile_kv)};
+#ifdef FASTATTN_HAVE_AMX_TILES
+    std::optional<AmxTileScope> tiles;
+    if (use_amx) tiles.emplace();
+#endif
     float* d_k = scratch.get(6, tile_kv * padded_dim);
     float* d_v = scratch.get(7, tile_kv * padded_dim);
     std::fill(d_k, d_k + tile_kv * padded_dim, 0.f);
@@ -130,7 +220,8 @@ void backward_typed(const BackwardParams& p) {
         pack_q_side(scratch, b, h, q0, rows, &q_scaled, &d_out_tile);
         const int64_t row0 = (b * s.q_heads + h) * s.q_len + q0;
         tile_gradients(t, q_scaled, d_out_tile, k_t, v_t, p.lse + row0, delta.data() + row0,
-                       rows, tile_kv, padded_dim, p, b, h, q0, k0, keys, cls == kPartial);
+                       rows, tile_kv, padded_dim, p, b, h, q0, k0, keys, cls == kPartial,
+                       amx_operands(scratch, b, kv_h, kv_tile));
         // dV += P^T dO ; dK += dS^T (scale * Q)
         gemm_accumulate(d_v, padded_dim, t.probs, 1, tile_kv, d_out_tile, padded_dim, keys,
                         padded_dim, rows);
@@ -159,7 +250,11 @@ void backward_typed(const BackwardParams& p) {
     Scratch& scratch = thread_scratch();
     float *q_scaled, *d_out_tile;
     pack_q_side(scratch, b, h, q0, rows, &q_scaled, &d_out_tile);
-    TileGradients t{scratch.get(4, tile_q * tile_kv), scratch.get(5, tile_q * tile_kv)};
+    TileGradients t{scratch.get(4, padded_rows * tile_kv), scratch.get(5, padded_rows * tile_kv)};
+#ifdef FASTATTN_HAVE_AMX_TILES
+    std::optional<AmxTileScope> tiles;
+    if (use_amx) tiles.emplace();
+#endif
     float* d_q = scratch.get(7, tile_q * padded_dim);
     std::fill(d_q, d_q + rows * padded_dim, 0.f);
     const int64_t row0 = (b * s.q_heads + h) * s.q_len + q0;
@@ -181,7 +276,8 @@ void backward_typed(const BackwardParams& p) {
       const float* v_t = v_t_tiles.tile(b, kv_h, kv_tile);
       const float* k_rows = k_tiles.tile(b, kv_h, kv_tile);
       tile_gradients(t, q_scaled, d_out_tile, k_t, v_t, p.lse + row0, delta.data() + row0,
-                     rows, tile_kv, padded_dim, p, b, h, q0, k0, keys, cls == kPartial);
+                     rows, tile_kv, padded_dim, p, b, h, q0, k0, keys, cls == kPartial,
+                     amx_operands(scratch, b, kv_h, kv_tile));
       // dQ += dS K (times scale at the end)
       gemm_accumulate(d_q, padded_dim, t.d_logits, tile_kv, 1, k_rows, padded_dim, rows,
                       padded_dim, keys);

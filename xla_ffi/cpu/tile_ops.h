@@ -147,6 +147,7 @@ struct PackedKv {
   float* data = nullptr;
   int64_t tile_floats = 0, num_kv_tiles = 0, kv_heads = 0;
   const float* tile(int64_t b, int64_t kv_h, int64_t kv_tile) const {
+    if (data == nullptr) return nullptr;  // not packed for this call
     return data + ((b * kv_heads + kv_h) * num_kv_tiles + kv_tile) * tile_floats;
   }
 };
