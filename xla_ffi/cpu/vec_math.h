@@ -13,7 +13,7 @@
 
 #include "../common/dtypes.h"
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -31,9 +31,54 @@ inline vfloat load(const float* p) { return *reinterpret_cast<const vfloat_unali
 inline void store(float* p, vfloat x) { *reinterpret_cast<vfloat_unaligned*>(p) = x; }
 inline vfloat splat(float x) { return vfloat{} + x; }
 
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+// AVX2: a vfloat is two ymm registers. GCC lowers generic 16-lane code with
+// compares, integer views and lane loops through the stack, so the math
+// below works on the two halves with AVX2 intrinsics.
+#define FASTATTN_AVX2_HALVES 1
+inline __m256 low_half(vfloat x) { return __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7); }
+inline __m256 high_half(vfloat x) { return __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15); }
+inline vfloat from_halves(__m256 low, __m256 high) {
+  return __builtin_shufflevector(low, high, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+inline float horizontal_max8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+inline float horizontal_sum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+// e^x on 8 lanes: the generic algorithm below with AVX2 rounding and
+// exponent construction; 0 below -87.3 (and for -inf).
+inline __m256 exp8(__m256 x) {
+  const __m256 in_range = _mm256_cmp_ps(x, _mm256_set1_ps(-87.33654f), _CMP_GE_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.33654f)), _mm256_set1_ps(88.37626f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 poly = _mm256_set1_ps(1.9875691500e-4f);
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.3981999507e-3f));
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(8.3334519073e-3f));
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(4.1665795894e-2f));
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(1.6666665459e-1f));
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(5.0000001201e-1f));
+  poly = _mm256_fmadd_ps(_mm256_mul_ps(poly, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(poly, _mm256_castsi256_ps(pow2n)), in_range);
+}
+#endif
+
 inline float reduce_max(vfloat x) {
 #if defined(__AVX512F__)
   return _mm512_reduce_max_ps((__m512)x);
+#elif defined(FASTATTN_AVX2_HALVES)
+  return horizontal_max8(_mm256_max_ps(low_half(x), high_half(x)));
 #else
   float best = x[0];
   for (int i = 1; i < kLanes; ++i) best = x[i] > best ? x[i] : best;
@@ -44,6 +89,8 @@ inline float reduce_max(vfloat x) {
 inline float reduce_sum(vfloat x) {
 #if defined(__AVX512F__)
   return _mm512_reduce_add_ps((__m512)x);
+#elif defined(FASTATTN_AVX2_HALVES)
+  return horizontal_sum8(_mm256_add_ps(low_half(x), high_half(x)));
 #else
   float total = 0.f;
   for (int i = 0; i < kLanes; ++i) total += x[i];
@@ -51,7 +98,13 @@ inline float reduce_sum(vfloat x) {
 #endif
 }
 
-inline vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
+inline vfloat vmax(vfloat a, vfloat b) {
+#if defined(FASTATTN_AVX2_HALVES)
+  return from_halves(_mm256_max_ps(low_half(a), low_half(b)), _mm256_max_ps(high_half(a), high_half(b)));
+#else
+  return a > b ? a : b;
+#endif
+}
 
 // e^x for a vector, relative error < 2e-7 over the float range; exactly 0
 // for very negative x (and for -inf, which masked logits are), so masked keys add
@@ -76,6 +129,8 @@ inline vfloat vexp(vfloat x) {
   poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(5.0000001201e-1f));
   poly = _mm512_fmadd_ps(_mm512_mul_ps(poly, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
   return (vfloat)_mm512_scalef_ps(poly, n);
+#elif defined(FASTATTN_AVX2_HALVES)
+  return from_halves(exp8(low_half(x)), exp8(high_half(x)));
 #else
   const vfloat lower = splat(-87.33654f), upper = splat(88.37626f);
   const vint in_range = x >= lower;
