@@ -27,8 +27,8 @@ XLA_FFI = os.path.join(ROOT, "xla_ffi")
 # Which KernelConfig field each custom call takes, written out here rather
 # than read from ffi.KERNEL_ATTRS.
 EXPECTED_ATTRS = {
-    "fastattn_forward_cpu": set(),
-    "fastattn_backward_cpu": set(),
+    "fastattn_forward_cpu": {"cpu_isa"},
+    "fastattn_backward_cpu": {"cpu_isa"},
     "fastattn_forward_cuda": {"cuda_forward"},
     "fastattn_backward_cuda": {"cuda_backward"},
     "fastattn_forward_volta": {"volta_layout"},
@@ -38,6 +38,8 @@ ALLOWED = {"cuda_forward": config.CUDA_FORWARD_KERNELS, "cuda_backward": config.
            "volta_layout": config.VOLTA_LAYOUTS}
 # The C++ enums' codes (xla_ffi/cuda/kernel_choice.h), written out.
 CODES = {"auto": 0, "wgmma": 1, "mma_sync": 2, "swizzled": 0, "naive": 1}
+# The CPU level enum's codes (xla_ffi/cpu), written out.
+CPU_ISA_CODES = {"auto": 0, "avx2": 1, "avx512": 2, "avx512_bf16": 3, "amx": 4}
 
 
 def _attrs(kernel=config.DEFAULT):
@@ -72,7 +74,9 @@ def _every_config():
     for forward in config.CUDA_FORWARD_KERNELS:
         for backward in config.CUDA_BACKWARD_KERNELS:
             for layout in config.VOLTA_LAYOUTS:
-                yield config.KernelConfig(cuda_forward=forward, cuda_backward=backward, volta_layout=layout)
+                for isa in config.CPU_ISAS:
+                    yield config.KernelConfig(cuda_forward=forward, cuda_backward=backward, volta_layout=layout,
+                                              cpu_isa=isa)
 
 
 @pytest.mark.parametrize("target", sorted(EXPECTED_ATTRS))
@@ -84,7 +88,8 @@ def test_as_ffi_gives_each_call_exactly_its_own_choices(target):
         for field in EXPECTED_ATTRS[target]:
             value = attrs[field]
             assert value.dtype == np.int32
-            assert int(value) == CODES[getattr(kernel, field)]
+            codes = CPU_ISA_CODES if field == "cpu_isa" else CODES
+            assert int(value) == codes[getattr(kernel, field)]
     assert _attrs().as_ffi(target)["band_hi"] == 0
 
 
@@ -145,11 +150,12 @@ def test_lowered_volta_forward_carries_volta_layout(layout):
         f"{CODES[layout]} : i32"
 
 
-def test_lowered_cpu_forward_has_no_kernel_choice():
-    kernel = config.KernelConfig(cuda_forward="mma_sync", volta_layout="naive")
+def test_lowered_cpu_forward_carries_only_cpu_isa():
+    kernel = config.KernelConfig(cuda_forward="mma_sync", volta_layout="naive", cpu_isa="avx2")
     text = _lowered_text(ffi.forward_ffi("cpu", _attrs(kernel)), _forward_args(jnp.float32), "cpu")
     attrs = _backend_config(text, "fastattn_forward_cpu")
     assert not set(attrs) & set(KERNEL_FIELDS)
+    assert attrs["cpu_isa"] == f"{CPU_ISA_CODES['avx2']} : i32"
 
 
 def _numpy_causal_attention(q, k, v, scale):
