@@ -20,28 +20,18 @@
 #define FASTATTN_HAVE_AMX 1
 
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cstdint>
 
 #include "../common/dtypes.h"
+#include "amx_tiles.h"
 #include "tile_ops.h"
 #include "vec_math.h"
 
 namespace fastattn {
 namespace cpu {
 inline namespace FASTATTN_ISA_NS {
-
-// True once the kernel let this process use the AMX tile registers.
-inline bool amx_available() {
-  static const bool granted = [] {
-    constexpr long kRequestPermission = 0x1023, kTileData = 18;  // ARCH_REQ_XCOMP_PERM, XTILEDATA
-    return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
-  }();
-  return granted;
-}
 
 // The running softmax state of one work item (one batch row, a range of
 // keys), all query heads: max and sum per head, accumulators [q_heads][D]
@@ -63,24 +53,16 @@ class AmxDecode {
   // Pass 2: 3 = output columns [group][16] f32, 4 = weights [group][32 keys]
   // bf16, 5 = a V slice [16 key pairs][16 columns x 2 keys].
   AmxDecode(int64_t kv_heads, int64_t group, int64_t head_dim)
-      : kv_heads_(kv_heads), group_(group), head_dim_(head_dim) {
-    Config config{};
-    config.palette = 1;
-    config.rows[0] = 16;
-    config.bytes_per_row[0] = uint16_t(group * 4);
-    config.rows[1] = 16;
-    config.bytes_per_row[1] = 64;
-    config.rows[2] = 16;
-    config.bytes_per_row[2] = uint16_t(group * 4);
-    config.rows[3] = uint8_t(group);
-    config.bytes_per_row[3] = 64;
-    config.rows[4] = uint8_t(group);
-    config.bytes_per_row[4] = 64;
-    config.rows[5] = 16;
-    config.bytes_per_row[5] = 64;
-    _tile_loadconfig(&config);
-  }
-  ~AmxDecode() { _tile_release(); }
+      : tiles_(AmxTileConfig()
+                   .tile(0, 16, int(group * 4))
+                   .tile(1, 16, 64)
+                   .tile(2, 16, int(group * 4))
+                   .tile(3, int(group), 64)
+                   .tile(4, int(group), 64)
+                   .tile(5, 16, 64)),
+        kv_heads_(kv_heads),
+        group_(group),
+        head_dim_(head_dim) {}
   AmxDecode(const AmxDecode&) = delete;
   AmxDecode& operator=(const AmxDecode&) = delete;
 
@@ -183,13 +165,7 @@ class AmxDecode {
     }
   }
 
-  struct alignas(64) Config {
-    uint8_t palette;
-    uint8_t start_row;
-    uint8_t reserved[14];
-    uint16_t bytes_per_row[16];
-    uint8_t rows[16];
-  };
+  AmxTileScope tiles_;
   int64_t kv_heads_, group_, head_dim_;
 };
 

@@ -31,6 +31,7 @@
 #include "../common/attention_params.h"
 #include "../common/dtypes.h"
 #include "../common/thread_pool.h"
+#include "amx_tiles.h"
 #include "tile_ops.h"
 
 namespace fastattn {
@@ -213,32 +214,11 @@ inline void dot_accumulate_pv(float* acc, int64_t padded_dim, const bf16_t* p, i
 
 // Every tile register as 16 rows x 64 bytes: 0-3 results (2x2 blocks of
 // 16x16 float32), 4-5 A (16 rows x 32 bf16), 6-7 B (VNNI, 16 x 32 bf16).
-// Loaded at the start of a work item, released at its end (RAII), so the
-// decode kernel's own configuration never meets this one.
-class AmxTileScope {
- public:
-  AmxTileScope() {
-    Config config{};
-    config.palette = 1;
-    for (int t = 0; t < 8; ++t) {
-      config.rows[t] = 16;
-      config.bytes_per_row[t] = 64;
-    }
-    _tile_loadconfig(&config);
-  }
-  ~AmxTileScope() { _tile_release(); }
-  AmxTileScope(const AmxTileScope&) = delete;
-  AmxTileScope& operator=(const AmxTileScope&) = delete;
-
- private:
-  struct alignas(64) Config {
-    uint8_t palette;
-    uint8_t start_row;
-    uint8_t reserved[14];
-    uint16_t bytes_per_row[16];
-    uint8_t rows[16];
-  };
-};
+inline AmxTileConfig uniform_tile_config() {
+  AmxTileConfig config;
+  for (int t = 0; t < 8; ++t) config.tile(t, 16, 64);
+  return config;
+}
 
 // As dot_logits, on AMX: rows_p a multiple of 16. 2x2 blocks of 16x16
 // results, so each A and B tile load feeds two products.

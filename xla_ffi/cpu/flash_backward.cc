@@ -6,7 +6,6 @@
 #include <vector>
 
 #include "../common/thread_pool.h"
-#include "amx_decode.h"  // amx_available()
 #include "bf16_tiles.h"
 #include "gemm.h"
 #include "tile_ops.h"
@@ -204,7 +203,7 @@ void backward_typed(const BackwardParams& p) {
     TileGradients t{scratch.get(4, padded_rows * tile_kv), scratch.get(5, padded_rows * tile_kv)};
 #ifdef FASTATTN_HAVE_AMX_TILES
     std::optional<AmxTileScope> tiles;
-    if (use_amx) tiles.emplace();
+    if (use_amx) tiles.emplace(uniform_tile_config());
 #endif
     float* d_k = scratch.get(6, tile_kv * padded_dim);
     float* d_v = scratch.get(7, tile_kv * padded_dim);
@@ -253,7 +252,7 @@ void backward_typed(const BackwardParams& p) {
     TileGradients t{scratch.get(4, padded_rows * tile_kv), scratch.get(5, padded_rows * tile_kv)};
 #ifdef FASTATTN_HAVE_AMX_TILES
     std::optional<AmxTileScope> tiles;
-    if (use_amx) tiles.emplace();
+    if (use_amx) tiles.emplace(uniform_tile_config());
 #endif
     float* d_q = scratch.get(7, tile_q * padded_dim);
     std::fill(d_q, d_q + rows * padded_dim, 0.f);

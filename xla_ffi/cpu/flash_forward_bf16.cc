@@ -12,7 +12,6 @@
 
 #ifdef FASTATTN_HAVE_BF16_TILES
 
-#include "amx_decode.h"  // amx_available()
 
 namespace fastattn {
 namespace cpu {
@@ -140,7 +139,7 @@ void forward_bf16(const ForwardParams& p) {
     std::fill(row_sum, row_sum + rows, 0.f);
 #ifdef FASTATTN_HAVE_AMX_TILES
     std::optional<AmxTileScope> tiles;
-    if (kAmx) tiles.emplace();
+    if (kAmx) tiles.emplace(uniform_tile_config());
 #endif
 
     for (int64_t kv_tile = 0; kv_tile < num_kv_tiles; ++kv_tile) {
