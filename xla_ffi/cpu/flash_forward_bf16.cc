@@ -150,10 +150,10 @@ void forward_bf16(const ForwardParams& p) {
       const uint32_t* k_tile = kv.k_tile(b, kv_h, kv_tile);
       const uint32_t* v_tile = kv.v_tile(b, kv_h, kv_tile);
       // Rows in groups of 32 (two AMX row blocks), in the order logits(g),
-      // P V(g - 1), softmax(g): the matrix unit works through P V of one
-      // group while the vector units run the softmax of the next, which
-      // does not depend on it (out-of-order overlap; the softmax, not the
-      // products, is most of the time at D = 64).
+      // P V(g - 1), softmax(g), so that the matrix unit can work through
+      // P V of one group while the vector units run the softmax of the
+      // next, which does not depend on it. (Against logits, softmax, P V
+      // of all rows in turn: within the noise of the shared 2-core machine.)
       auto group_logits = [&](int64_t g) {
         const int64_t r0 = g * kGroupRows, group_rows = std::min(kGroupRows, rows_p - r0);
 #ifdef FASTATTN_HAVE_AMX_TILES

@@ -134,8 +134,9 @@ enum class KvLayout { kRows, kTransposed };
 // Reusable memory of the calling thread (the one XLA runs the custom call
 // on): the packed K/V of a call live here, [slot] per packed array, so a
 // call does not map and zero fresh pages each time (glibc hands blocks this
-// large back to the OS on free; the page faults took 30 % of a bf16
-// forward at S=4096). Kept until the thread ends, sized by the largest call.
+// large back to the OS on free; page zeroing was the largest single item in
+// a profile of repeated bf16 forwards at S=4096). Kept until the thread
+// ends, sized by the largest call.
 template <typename T>
 T* call_buffer(int slot, size_t count) {
   thread_local std::vector<T> buffers[4];
