@@ -158,3 +158,54 @@ def test_decode_at_every_level(level, dtype):
         n = int(lengths[row])
         expected, _ = _attention(q[row:row + 1, None], k[row:row + 1, :n], v[row:row + 1, :n], False, scale)
         _close(out[row], expected[0, 0], TOLERANCE[jnp.dtype(dtype).name])
+
+
+def _masked_attention(q, k, v, visible, bias, scale):
+    """_attention with a [B, Sq, Skv] visibility mask and an additive bias
+    [1, H, Sq, Skv]; rows that see no key give zeros."""
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    group = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision="highest") * scale + bias
+    logits = jnp.where(visible[:, None], logits, -1e30)
+    weights = jax.nn.softmax(logits, axis=-1) * jnp.any(visible, axis=-1)[:, None, :, None]
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v, precision="highest")
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_bf16_segments_padding_bias_small_tiles(level):
+    """The bf16 paths' packing of padding keys (negative segment ids), the
+    bias path and tiles whose rows are not a multiple of 16, forward and
+    backward."""
+    from jax_fastattn import masks
+    from jax_fastattn.config import TileConfig
+
+    if not _runnable(level):
+        pytest.skip(f"this CPU or build lacks {level}")
+    b, s, hq, hkv, d = 2, 70, 4, 2, 64
+    q, k, v = _inputs(jnp.bfloat16, b=b, sq=s, skv=s, hq=hq, hkv=hkv, d=d, seed=5)
+    ids = np.repeat(np.arange(4), 20)[:s].astype(np.int32)
+    q_ids = np.stack([ids, np.where(np.arange(s) >= 60, -1, ids)]).astype(np.int32)
+    kv_ids = np.stack([ids, np.where(np.arange(s) % 7 == 3, -1, ids)]).astype(np.int32)
+    bias = jnp.asarray(np.random.default_rng(6).standard_normal((1, hq, s, s), dtype=np.float32))
+    visible = (q_ids[:, :, None] == kv_ids[:, None, :]) & (q_ids[:, :, None] >= 0) & (kv_ids[:, None, :] >= 0)
+    scale = d ** -0.5
+    config = KernelConfig(cpu_isa=level, tiles=TileConfig(tile_q=8, tile_kv=32))
+    mask = masks.Segments(jnp.asarray(q_ids), jnp.asarray(kv_ids))
+    d_out = jnp.asarray(np.random.default_rng(7).standard_normal(q.shape, dtype=np.float32))
+
+    def ours(q, k, v):
+        out = flash_attention(q, k, v, mask=mask, bias=bias, backend="cpu", config=config)
+        return jnp.sum(out.astype(jnp.float32) * d_out), out
+
+    def expected(q, k, v):
+        out = _masked_attention(q, k, v, jnp.asarray(visible), bias, scale)
+        return jnp.sum(out * d_out), out
+
+    (_, out), grads = jax.value_and_grad(ours, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    (_, want), want_grads = jax.value_and_grad(expected, argnums=(0, 1, 2), has_aux=True)(
+        *(x.astype(jnp.float32) for x in (q, k, v)))
+    _close(out, want, TOLERANCE["bfloat16"])
+    assert not np.any(np.asarray(out[1, 60:], np.float32)), "padding queries must give zeros"
+    for got, exp in zip(grads, want_grads):
+        _close(got, exp, GRAD_TOLERANCE["bfloat16"])
