@@ -103,6 +103,9 @@ def check_config(config, backend: backends.Backend, head_dim: int, has_bias: boo
     if backend.name != "volta" and config.volta_layout != DEFAULT.volta_layout:
         raise ArgumentError(f"config.volta_layout chooses the Volta kernel's layout, but the call runs on "
                             f"backend={backend.name!r}")
+    if backend.name != "cpu" and config.cpu_isa != DEFAULT.cpu_isa:
+        raise ArgumentError(f"config.cpu_isa chooses the CPU kernels' instruction-set level, but the call runs "
+                            f"on backend={backend.name!r}")
     return config
 
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from . import backends, ffi, masks, sharding
 from .attention import check_inputs, flash_attention
+from .config import DEFAULT, KernelConfig
 from .errors import ArgumentError
 
 
@@ -58,8 +59,26 @@ def _gather_pages(cache, page_table):
     return rows.reshape(rows.shape[0], -1, *rows.shape[3:])
 
 
+def _decode_cpu_isa(config, backend: str) -> str:
+    """The cpu_isa a decode call runs with; a decode-irrelevant or
+    wrong-backend choice in `config` is an error, not ignored."""
+    if config is None:
+        return DEFAULT.cpu_isa
+    if not isinstance(config, KernelConfig):
+        raise ArgumentError(f"config must be a jax_fastattn.config.KernelConfig or None, got {type(config).__name__}")
+    chosen = {f: getattr(config, f) for f in ("cuda_forward", "cuda_backward", "volta_layout", "tiles")
+              if getattr(config, f) != getattr(DEFAULT, f)}
+    if chosen:
+        raise ArgumentError(f"config.{'/'.join(chosen)} choose attention kernels; decode_attention takes only "
+                            f"config.cpu_isa")
+    if backend != "cpu" and config.cpu_isa != DEFAULT.cpu_isa:
+        raise ArgumentError(f"config.cpu_isa chooses the CPU kernels' instruction-set level, but the call runs "
+                            f"on backend={backend!r}")
+    return config.cpu_isa
+
+
 def decode_attention(q, k_cache, v_cache, lengths, *, page_table=None, softmax_scale: Optional[float] = None,
-                     backend: str = "auto"):
+                     backend: str = "auto", config: Optional[KernelConfig] = None):
     """Attention of q [B, Hq, D] over the first lengths[b] cached positions.
 
     Caches are contiguous, k_cache/v_cache [B, Smax, Hkv, D], or paged:
@@ -72,10 +91,13 @@ def decode_attention(q, k_cache, v_cache, lengths, *, page_table=None, softmax_s
 
     backend "cpu" (and "cuda" on GPUs) run split-KV (flash-decoding)
     kernels; "xla" and "reference" express the valid prefix as a segment mask
-    of flash_attention (pages gathered first).
+    of flash_attention (pages gathered first). config: a KernelConfig; decode
+    reads only its cpu_isa (the CPU kernel's instruction-set level), and
+    other choices are errors here as they would be for the attention kernels.
     """
     _check(q, k_cache, v_cache, lengths, page_table, softmax_scale)
     concrete = backends.resolve(backend, "decode", q.dtype, q.shape[-1]).name
+    cpu_isa = _decode_cpu_isa(config, concrete)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     lengths = jnp.asarray(lengths, jnp.int32)
     if concrete in ("cpu", "cuda"):
@@ -83,7 +105,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, page_table=None, softmax_s
         max_len = k_cache.shape[1] * (1 if page_table is None else table.shape[1])
         splits = decode_num_splits(q.shape[0], k_cache.shape[2], q.shape[1] // k_cache.shape[2], max_len) \
             if concrete == "cuda" else 1
-        call = sharding.decode_call(concrete, scale, page_table is not None, splits)
+        call = sharding.decode_call(concrete, scale, page_table is not None, splits, cpu_isa)
         return call(q, k_cache, v_cache, lengths, table)[0]
     if page_table is not None:
         k_cache, v_cache = _gather_pages(k_cache, page_table), _gather_pages(v_cache, page_table)

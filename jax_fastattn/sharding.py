@@ -349,10 +349,10 @@ def backward_call(platform: str, attrs: ffi.CallAttrs):
 
 
 @functools.lru_cache(maxsize=None)
-def decode_call(platform: str, softmax_scale: float, paged: bool, num_splits: int = 1):
+def decode_call(platform: str, softmax_scale: float, paged: bool, num_splits: int = 1, cpu_isa: str = "auto"):
     """fn(q [B, Hq, D], k, v, lengths [B], page_table) -> (out,) or (out,
-    workspace) on CUDA."""
-    raw = ffi.decode_ffi(platform, softmax_scale, num_splits)
+    workspace) on CUDA. cpu_isa: the CPU kernel's level (CPU only)."""
+    raw = ffi.decode_ffi(platform, softmax_scale, num_splits, cpu_isa=cpu_isa)
     names = ("decode_out", "split_partials") if platform == "cuda" else ("decode_out",)
     if paged:
         return _varying_like(_batched_paged(_partitioned(raw, DECODE_PAGED_ARGS, names)))

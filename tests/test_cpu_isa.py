@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_fastattn import ffi, flash_attention
+from jax_fastattn import decode_attention, ffi, flash_attention
 from jax_fastattn.config import CPU_ISAS, KernelConfig
 
 LEVELS = tuple(name for name in CPU_ISAS if name != "auto")
@@ -153,7 +153,8 @@ def test_decode_at_every_level(level, dtype):
     v = jnp.asarray(rng.standard_normal((b, smax, hkv, d), dtype=np.float32), dtype)
     lengths = np.array([150, 37], np.int32)
     scale = d ** -0.5
-    (out,) = ffi.decode_ffi("cpu", scale, cpu_isa=level)(q, k, v, jnp.asarray(lengths), ffi.absent(jnp.int32))
+    out = decode_attention(q, k, v, jnp.asarray(lengths), softmax_scale=scale, backend="cpu",
+                           config=KernelConfig(cpu_isa=level))
     for row in range(b):
         n = int(lengths[row])
         expected, _ = _attention(q[row:row + 1, None], k[row:row + 1, :n], v[row:row + 1, :n], False, scale)

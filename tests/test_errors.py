@@ -29,6 +29,8 @@ v = jnp.zeros((2, 10, 2, 16))
      r"config.cuda_forward/cuda_backward choose CUDA kernels, but the call runs on backend='cpu'"),
     ((q, k, v), {"backend": "xla", "config": KernelConfig(volta_layout="naive")}, ValueError,
      r"config.volta_layout"),
+    ((q, k, v), {"backend": "xla", "config": KernelConfig(cpu_isa="avx2")}, ValueError,
+     r"config.cpu_isa chooses the CPU kernels' instruction-set level, but the call runs on backend='xla'"),
     ((q, k, v), {"backend": "tpu"}, ValueError, r"backend must be one of"),
     ((q, k, v), {"backend": "cuda"}, ValueError, r"backend='cuda' needs a CUDA GPU"),
     ((q, k, v), {"backend": "volta"}, ValueError, r"backend='volta' needs a CUDA GPU"),
@@ -160,6 +162,19 @@ def test_softmax_scale_traced_under_jit():
 def test_decode_errors(args, error, pattern):
     with pytest.raises(error, match=pattern) as raised:
         decode_attention(*args)
+    assert isinstance(raised.value, ArgumentError)
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    ({"config": "fast"}, r"config must be a jax_fastattn.config.KernelConfig"),
+    ({"config": KernelConfig(cuda_forward="mma_sync")},
+     r"config.cuda_forward choose attention kernels; decode_attention takes only config.cpu_isa"),
+    ({"backend": "xla", "config": KernelConfig(cpu_isa="avx2")},
+     r"config.cpu_isa chooses the CPU kernels' instruction-set level, but the call runs on backend='xla'"),
+])
+def test_decode_config_errors(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern) as raised:
+        decode_attention(q[:, 0], k, v, jnp.array([1, 2]), **kwargs)
     assert isinstance(raised.value, ArgumentError)
 
 
