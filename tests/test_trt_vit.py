@@ -239,37 +239,31 @@ def test_guideline_groups_have_matched_flops():
         assert experiment.members[0].stages[2].kind != "mixed_local_first"
 
 
+class _SevenBySevenAttention(nnx.Module):
+    """One spatial-reduction attention layer over a 7x7 map of 64 channels."""
+
+    def __init__(self):
+        self.layer = SpatialReductionAttention(64, 1, 1, "auto", rngs=nnx.Rngs(0))
+
+    def __call__(self, x):
+        return self.layer(x.reshape(1, 49, 64), (7, 7))
+
+
 def test_xla_flops_counts_attention():
     """The einsum attention's FLOPs are in the count: 4*S*Skv*D per head."""
-    layer = SpatialReductionAttention(64, 1, 1, "auto", rngs=nnx.Rngs(0))
-
-    class Wrap(nnx.Module):
-        def __init__(self):
-            self.layer = layer
-
-        def __call__(self, x):
-            return self.layer(x.reshape(1, 49, 64), (7, 7))
-
-    flops = xla_flops(Wrap(), (1, 7, 7, 64))
+    model = _SevenBySevenAttention()
+    flops = xla_flops(model, (1, 7, 7, 64))
     linear = 2 * 49 * 64 * 64 * 4  # q, k, v and output projections
     assert flops >= linear + 4 * 49 * 49 * 64
-    assert layer.attention_backend == "auto"  # restored
+    assert model.layer.attention_backend == "auto"  # restored
 
 
 def test_xla_flops_lowered_for_the_host_cpu(monkeypatch):
     """FLOPs come from a module lowered for the host CPU even where the
     default device is another (the GPU client gives no lowered cost
     analysis): the lowering is asked for CPU-placed arguments."""
-    layer = SpatialReductionAttention(64, 1, 1, "auto", rngs=nnx.Rngs(0))
-
-    class Wrap(nnx.Module):
-        def __init__(self):
-            self.layer = layer
-
-        def __call__(self, x):
-            return self.layer(x.reshape(1, 49, 64), (7, 7))
-
-    expected = xla_flops(Wrap(), (1, 7, 7, 64))
+    model = _SevenBySevenAttention()
+    expected = xla_flops(model, (1, 7, 7, 64))
     seen = []
     real_jit = jax.jit
 
@@ -283,7 +277,7 @@ def test_xla_flops_lowered_for_the_host_cpu(monkeypatch):
         return Spy()
 
     monkeypatch.setattr(jax, "jit", spying_jit)
-    assert xla_flops(Wrap(), (1, 7, 7, 64)) == expected
+    assert xla_flops(model, (1, 7, 7, 64)) == expected
     assert seen and all(s is not None and s.device_set == {jax.devices("cpu")[0]} for s in seen)
 
 
