@@ -12,10 +12,10 @@
 #   OUT_DIR  folder for results.json and plot.png (default: bench_out/cpu_issue32_t$THREADS)
 # A dry run of seconds: tools/cpu_bench.sh 2 /tmp/cpu_tiny --preset cpu-tiny
 set -euo pipefail
-threads="${1:-$(python -c 'import os; print(len(os.sched_getaffinity(0)))')}"
+threads="${1:-$(${PYTHON:-python3} -c 'import os; print(len(os.sched_getaffinity(0)))')}"
 out="${2:-bench_out/cpu_issue32_t${threads}}"
 shift $(( $# < 2 ? $# : 2 ))
 # This checkout's package first (its workers are started with `python -m` too).
 export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 # A later --preset among the extra options overrides this one.
-exec python -m jax_fastattn.bench --preset cpu-issue32 --threads "$threads" --out "$out" "$@"
+exec "${PYTHON:-python3}" -m jax_fastattn.bench --preset cpu-issue32 --threads "$threads" --out "$out" "$@"

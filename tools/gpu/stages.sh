@@ -11,6 +11,8 @@
 #   ring    tools/gpu/ring_step_time.py
 #   offload tools/gpu/offload_bench.py
 #   trtvit  python -m models.trt_vit.bench (latency table and guideline experiments)
+#   cpubench the CPU grid of issue 32 on this host's CPU (ours, torch SDPA, XLA interleaved) at all its
+#           cores and at 2 (CPU_THREADS overrides the list), no GPU involved
 #   hostkv  Llama-3-8B decode with part of a 64K-token KV cache in host memory vs all on the device
 # Logs and JSON under $OUT (a few files, as the device tool brings back at most 8).
 source "$(dirname "$0")/common.sh"
@@ -65,6 +67,12 @@ for stage in "$@"; do
       timeout 300 python3 -m models.trt_vit.bench --dtypes bf16 --out "$OUT/trt_vit_models.json" 2>&1 | tail -40 | tee -a "$LOG"
       timeout 300 python3 -m models.trt_vit.bench --experiments guidelines --dtypes bf16 --out "$OUT/trt_vit_guidelines.json" 2>&1 \
         | tail -40 | tee -a "$LOG" ;;
+    cpubench)
+      lscpu | grep -E "Model name|^CPU\(s\)|Flags" | cut -c1-400 | tee -a "$LOG"
+      for threads in ${CPU_THREADS:-$(nproc) 2}; do
+        timeout ${CPU_BENCH_TIMEOUT:-400} bash tools/cpu_bench.sh "$threads" "$OUT/cpu_t$threads" 2>&1 \
+          | grep -v "^running" | tail -32 | tee -a "$LOG"
+      done ;;
     hostkv)
       for mode in device host; do
         timeout 300 python3 -m models.llama --config llama3-8b --batch 1 --prompt-len 65536 --gen 32 --kv-cache $mode \
