@@ -28,6 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax import lax  # noqa: E402
 
+from models.llama import runtime  # noqa: E402
 from models.llama.config import LlamaConfig  # noqa: E402
 
 
@@ -81,18 +82,6 @@ def timed_loop(step, x, weights, steps: int, repeats: int = 3):
     return sorted(best)[len(best) // 2]
 
 
-def copy_time(nbytes: int, repeats: int = 5):
-    buf = jnp.ones((nbytes // 2,), jnp.bfloat16)
-    copy = jax.jit(lambda b: b + 1)
-    jax.block_until_ready(copy(buf))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(copy(buf))
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="llama3-8b")
@@ -110,8 +99,8 @@ def main(argv=None) -> dict:
         seconds = timed_loop(step, x, weights, args.steps)
         results["forms"][form] = {"ms_per_step": 1e3 * seconds, "gb_per_s": nbytes / seconds / 1e9}
         del weights
-    seconds = copy_time(nbytes)
-    results["forms"]["copy"] = {"ms": 1e3 * seconds, "gb_per_s": 2 * nbytes / seconds / 1e9}
+    bandwidth = runtime.copy_bandwidth(nbytes)  # bytes read + written per second
+    results["forms"]["copy"] = {"ms": 1e3 * 2 * nbytes / bandwidth, "gb_per_s": bandwidth / 1e9}
     for form, row in results["forms"].items():
         print(f"{form:>9}: " + ", ".join(f"{k} {v:.2f}" for k, v in row.items()))
     with open(args.out, "w") as f:

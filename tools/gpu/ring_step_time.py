@@ -32,6 +32,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from jax_fastattn import flash_attention, merge_partials  # noqa: E402
+from jax_fastattn.bench import timing  # noqa: E402
 
 K = 1024
 PRESETS = {
@@ -55,9 +56,9 @@ def attention_flops(q_len, kv_len, heads, head_dim, causal):
 def _timed(fn, args, seconds_hint=1.0, window_s=0.02):
     """Median time per call of fn(*args) after a compile+warm call. Calls
     shorter than `window_s` are dispatched back to back, `calls` at a time,
-    with one wait per sample (as the ring runs them inside one program), so
-    the host's dispatch and wait (tens of microseconds) are not counted in
-    each sub-millisecond block or merge."""
+    with one wait per sample (timing.sample_seconds, as the ring runs them
+    inside one program), so the host's dispatch and wait (tens of
+    microseconds) are not counted in each sub-millisecond block or merge."""
     jax.block_until_ready(fn(*args))
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
@@ -66,14 +67,7 @@ def _timed(fn, args, seconds_hint=1.0, window_s=0.02):
         return first
     calls = max(1, min(50, int(window_s / max(first, 1e-6))))
     reps = max(1, min(5, int(seconds_hint / max(first * calls, 1e-4))))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        outs = [fn(*args) for _ in range(calls)]
-        jax.block_until_ready(outs)
-        times.append((time.perf_counter() - start) / calls)
-    times.sort()
-    return times[len(times) // 2]
+    return timing.sample_seconds(lambda: fn(*args), jax.block_until_ready, reps, calls)[1]
 
 
 def _inputs(length, cfg):
