@@ -88,10 +88,7 @@ def check_config(config, backend: backends.Backend, head_dim: int, has_bias: boo
     """The KernelConfig of a call (None = the default), checked against the
     backend that runs it: options of another backend's kernels, or tiles a
     kernel cannot take, are errors, not ignored."""
-    if config is None:
-        return DEFAULT
-    if not isinstance(config, KernelConfig):
-        raise ArgumentError(f"config must be a jax_fastattn.config.KernelConfig or None, got {type(config).__name__}")
+    config = config_or_default(config)
     if config.tiles is not None and backend.tiles_fixed and config.tiles != backend.tiles:
         raise ArgumentError(f"config.tiles: backend={backend.name!r} has fixed tiles {backend.tiles}, got "
                             f"{config.tiles}")
@@ -103,10 +100,24 @@ def check_config(config, backend: backends.Backend, head_dim: int, has_bias: boo
     if backend.name != "volta" and config.volta_layout != DEFAULT.volta_layout:
         raise ArgumentError(f"config.volta_layout chooses the Volta kernel's layout, but the call runs on "
                             f"backend={backend.name!r}")
-    if backend.name != "cpu" and config.cpu_isa != DEFAULT.cpu_isa:
-        raise ArgumentError(f"config.cpu_isa chooses the CPU kernels' instruction-set level, but the call runs "
-                            f"on backend={backend.name!r}")
+    check_cpu_isa(config, backend.name)
     return config
+
+
+def config_or_default(config) -> KernelConfig:
+    """`config` if it is a KernelConfig, DEFAULT for None; else an error."""
+    if config is None:
+        return DEFAULT
+    if not isinstance(config, KernelConfig):
+        raise ArgumentError(f"config must be a jax_fastattn.config.KernelConfig or None, got {type(config).__name__}")
+    return config
+
+
+def check_cpu_isa(config: KernelConfig, backend: str) -> None:
+    """A cpu_isa choice is an error on any backend but "cpu"."""
+    if backend != "cpu" and config.cpu_isa != DEFAULT.cpu_isa:
+        raise ArgumentError(f"config.cpu_isa chooses the CPU kernels' instruction-set level, but the call runs "
+                            f"on backend={backend!r}")
 
 
 @dataclasses.dataclass(frozen=True)

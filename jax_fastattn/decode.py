@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import backends, ffi, masks, sharding
-from .attention import check_inputs, flash_attention
+from .attention import check_cpu_isa, check_inputs, config_or_default, flash_attention
 from .config import DEFAULT, KernelConfig
 from .errors import ArgumentError
 
@@ -62,18 +62,13 @@ def _gather_pages(cache, page_table):
 def _decode_cpu_isa(config, backend: str) -> str:
     """The cpu_isa a decode call runs with; a decode-irrelevant or
     wrong-backend choice in `config` is an error, not ignored."""
-    if config is None:
-        return DEFAULT.cpu_isa
-    if not isinstance(config, KernelConfig):
-        raise ArgumentError(f"config must be a jax_fastattn.config.KernelConfig or None, got {type(config).__name__}")
+    config = config_or_default(config)
     chosen = {f: getattr(config, f) for f in ("cuda_forward", "cuda_backward", "volta_layout", "tiles")
               if getattr(config, f) != getattr(DEFAULT, f)}
     if chosen:
         raise ArgumentError(f"config.{'/'.join(chosen)} choose attention kernels; decode_attention takes only "
                             f"config.cpu_isa")
-    if backend != "cpu" and config.cpu_isa != DEFAULT.cpu_isa:
-        raise ArgumentError(f"config.cpu_isa chooses the CPU kernels' instruction-set level, but the call runs "
-                            f"on backend={backend!r}")
+    check_cpu_isa(config, backend)
     return config.cpu_isa
 
 
