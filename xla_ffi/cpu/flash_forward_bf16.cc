@@ -208,16 +208,9 @@ void forward_bf16(const ForwardParams& p) {
       group_pv(groups - 1);
     }
 
-    bf16_t* out_base = out + ((b * s.q_len + q0) * s.q_heads + h) * s.head_dim;
-    float* lse = p.lse + (b * s.q_heads + h) * s.q_len + q0;
-    for (int64_t i = 0; i < rows; ++i) {
-      // A row that saw no key returns zeros and lse = -inf (never NaN).
-      const bool seen = row_sum[i] > 0.f;
-      const float inv_sum = seen ? 1.f / row_sum[i] : 0.f;
-      bf16_t* o = out_base + i * q_row_stride;
-      for (int64_t d = 0; d < s.head_dim; ++d) from_float(acc[i * padded_dim + d] * inv_sum, &o[d]);
-      lse[i] = seen ? row_max[i] + std::log(row_sum[i]) : kNegInf;
-    }
+    write_normalized_rows(out + ((b * s.q_len + q0) * s.q_heads + h) * s.head_dim, q_row_stride,
+                          p.lse + (b * s.q_heads + h) * s.q_len + q0, acc, padded_dim, row_max, row_sum, rows,
+                          s.head_dim);
   });
 }
 

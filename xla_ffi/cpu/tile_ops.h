@@ -6,6 +6,7 @@
 #include "isa_namespace.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -212,6 +213,22 @@ PackedKv pack_kv_tiles(const T* src, const AttentionShape& s, const MaskParams& 
     }
   });
   return packed;
+}
+
+// The forward's epilogue for `rows` query rows: out row i = acc row i / its
+// softmax sum, lse[i] = max + log(sum). A row that saw no key returns zeros
+// and lse = -inf (never NaN).
+template <typename T>
+inline void write_normalized_rows(T* out, int64_t out_row_stride, float* lse, const float* acc,
+                                  int64_t acc_row_stride, const float* row_max, const float* row_sum,
+                                  int64_t rows, int64_t head_dim) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const bool seen = row_sum[i] > 0.f;
+    const float inv_sum = seen ? 1.f / row_sum[i] : 0.f;
+    T* o = out + i * out_row_stride;
+    for (int64_t d = 0; d < head_dim; ++d) from_float(acc[i * acc_row_stride + d] * inv_sum, &o[d]);
+    lse[i] = seen ? row_max[i] + std::log(row_sum[i]) : kNegInf;
+  }
 }
 
 }  // namespace FASTATTN_ISA_NS
