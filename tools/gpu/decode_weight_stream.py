@@ -5,7 +5,10 @@ attention, no cache), bf16, timed as a jitted loop of `--steps` steps:
   scan      weights stacked [L, ...] and the layers run by lax.scan, as
             models.llama runs them (each step slices layer l's weights);
   unrolled  one separate buffer per layer and a Python loop over layers
-            (no slicing inside the program);
+            (no slicing inside the program), q/k/v and gate/up each fused
+            into one matrix;
+  split     as unrolled, but with the seven matrices of Hugging Face's
+            layout (q, k, v, o, gate, up, down), as models.llama keeps them;
   copy      a device copy of the same bytes (read + write), the bandwidth
             reference.
 
@@ -40,18 +43,38 @@ def layer_shapes(cfg: LlamaConfig):
     return {"qkv": (d, q + 2 * kv), "o": (q, d), "gate_up": (d, 2 * f), "down": (f, d)}
 
 
+def split_shapes(cfg: LlamaConfig):
+    """The same matrices in Hugging Face's layout: q, k, v, gate, up apart."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    q = cfg.num_attention_heads * cfg.head_dim
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    return {"q": (d, q), "k": (d, kv), "v": (d, kv), "o": (q, d), "gate": (d, f), "up": (d, f), "down": (f, d)}
+
+
+def norm(t):
+    return t * lax.rsqrt(jnp.mean(jnp.square(t.astype(jnp.float32)), -1, keepdims=True) + 1e-5).astype(t.dtype)
+
+
 def layer(x, w):
     """One layer's GEMVs with the nonlinearity between them that keeps XLA
     from merging them (RMS-normalised residual stream, SwiGLU)."""
-    norm = lambda t: t * lax.rsqrt(jnp.mean(jnp.square(t.astype(jnp.float32)), -1, keepdims=True) + 1e-5).astype(t.dtype)
     qkv = norm(x) @ w["qkv"]
     x = x + qkv[:, : w["o"].shape[0]] @ w["o"]
     gate, up = jnp.split(norm(x) @ w["gate_up"], 2, axis=-1)
     return x + (jax.nn.silu(gate) * up) @ w["down"]
 
 
-def make_weights(cfg, dtype, stacked: bool):
-    shapes = layer_shapes(cfg)
+def split_layer(x, w):
+    """`layer` with q, k, v and gate, up as separate matrices."""
+    h = norm(x)
+    q, k, v = h @ w["q"], h @ w["k"], h @ w["v"]
+    x = x + (q + jnp.tile(k + v, q.shape[-1] // k.shape[-1])) @ w["o"]
+    h = norm(x)
+    return x + (jax.nn.silu(h @ w["gate"]) * (h @ w["up"])) @ w["down"]
+
+
+def make_weights(cfg, dtype, stacked: bool, shapes=None):
+    shapes = shapes or layer_shapes(cfg)
     key = jax.random.key(0)
     scale = 0.02
     if stacked:
@@ -68,6 +91,12 @@ def step_scan(x, weights):
 def step_unrolled(x, weights):
     for w in weights:
         x = layer(x, w)
+    return x
+
+
+def step_split(x, weights):
+    for w in weights:
+        x = split_layer(x, w)
     return x
 
 
@@ -94,8 +123,9 @@ def main(argv=None) -> dict:
     nbytes = cfg.num_hidden_layers * sum(a * b for a, b in layer_shapes(cfg).values()) * 2
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "config": args.config,
                "weight_bytes_per_step": nbytes, "steps": args.steps, "forms": {}}
-    for form, step, stacked in (("scan", step_scan, True), ("unrolled", step_unrolled, False)):
-        weights = make_weights(cfg, dtype, stacked)
+    for form, step, stacked, shapes in (("scan", step_scan, True, None), ("unrolled", step_unrolled, False, None),
+                                        ("split", step_split, False, split_shapes(cfg))):
+        weights = make_weights(cfg, dtype, stacked, shapes)
         seconds = timed_loop(step, x, weights, args.steps)
         results["forms"][form] = {"ms_per_step": 1e3 * seconds, "gb_per_s": nbytes / seconds / 1e9}
         del weights

@@ -22,6 +22,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import sys
 import time
 
@@ -71,6 +72,26 @@ def run_prefill(cfg, graphdef, state, batch, seq, dtype):
     return {"status": "ok", "compile_s": compile_s, "seconds": seconds, "tokens_per_s": batch * seq / seconds}
 
 
+HLO_SHAPE = re.compile(r"= (bf16|f16|f32|s32)\[([0-9,]*)\]")
+ITEMSIZE = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4}
+
+
+def hlo_copy_bytes(text: str) -> dict:
+    """Bytes written per program run by the compiled decode loop's copy
+    instructions and by fusions whose root is a dynamic-slice (a layer's
+    weights sliced out of a stacked array is one): what a step moves beyond
+    the reads it needs. Counted once per instruction, not per iteration."""
+    total = {"copy": 0, "dynamic_slice_fusion": 0}
+    for line in text.splitlines():
+        kind = "copy" if " copy(" in line or " copy-start(" in line else \
+            "dynamic_slice_fusion" if "fusion(" in line and "dynamic-slice" in line.split("calls=")[-1] else None
+        match = HLO_SHAPE.search(line) if kind else None
+        if match:
+            dims = [int(d) for d in match.group(2).split(",") if d]
+            total[kind] += int(np.prod(dims, dtype=np.int64)) * ITEMSIZE[match.group(1)]
+    return total
+
+
 def run_decode(cfg, graphdef, state, batch, context, gen, dtype, bandwidth):
     k_cache, v_cache = runtime.random_cache(cfg, batch, context + gen + 1, dtype)
     logits = jax.random.normal(jax.random.key(1), (batch, cfg.vocab_size), jnp.float32)
@@ -80,6 +101,7 @@ def run_decode(cfg, graphdef, state, batch, context, gen, dtype, bandwidth):
     start = time.perf_counter()
     decode = runtime.compile_decode(graphdef, state, logits, k_cache, v_cache, lengths, key, steps)
     compile_s = time.perf_counter() - start
+    copies = hlo_copy_bytes(decode.as_text())
     (_, k_cache, v_cache), _ = runtime.timed(decode, state, logits, k_cache, v_cache, lengths, key)
     (tokens, k_cache, v_cache), seconds = runtime.timed(decode, state, logits, k_cache, v_cache, lengths, key)
     del k_cache, v_cache, tokens
@@ -87,7 +109,7 @@ def run_decode(cfg, graphdef, state, batch, context, gen, dtype, bandwidth):
     step_bytes = runtime.decode_step_bytes(cfg, batch, context + gen / 2, dtype)
     roofline = batch * bandwidth / step_bytes
     return {"status": "ok", "compile_s": compile_s, "seconds": seconds, "tokens_per_s": tokens_per_s,
-            "ms_per_token": 1000 * seconds / gen, "bytes_per_step": step_bytes,
+            "ms_per_token": 1000 * seconds / gen, "bytes_per_step": step_bytes, "hlo_copy_bytes": copies,
             "roofline_tokens_per_s": roofline, "fraction_of_roofline": tokens_per_s / roofline}
 
 

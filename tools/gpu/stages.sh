@@ -52,7 +52,7 @@ for stage in "$@"; do
         rm -rf "$OUT"/bench_fwd_causal "$OUT"/bench_fwd_full "$OUT"/bench_fwdbwd_causal ;;
     llama)
       timeout 500 python3 tools/gpu/llama_bench.py --out "$OUT/llama.json" ${LLAMA_CASES:+--cases $LLAMA_CASES} \
-        --budget-s ${LLAMA_BUDGET:-300} 2>&1 | tail -40 | tee -a "$LOG" ;;
+        --budget-s ${LLAMA_BUDGET:-300} ${LLAMA_STORAGE:+--layer-storage $LLAMA_STORAGE} ${LLAMA_ATTENTION:+--attention $LLAMA_ATTENTION} 2>&1 | tail -40 | tee -a "$LOG" ;;
     weights)
       timeout 240 python3 tools/gpu/decode_weight_stream.py --out "$OUT/decode_weight_stream.json" 2>&1 | tail -8 | tee -a "$LOG" ;;
     tp)
