@@ -34,7 +34,7 @@ def _check(outs, lses):
             raise ValueError(f"lses[{i}] has shape {l.shape}, but lses[0] has {lse_shape}")
 
 
-def merge_partials(outs: Sequence, lses: Sequence, *, lse_layout: str = "bhs"):
+def merge_partials(outs: Sequence, lses: Sequence, *, lse_layout: str = "bhs", out_dtype=None):
     """Merges partial attention results over disjoint key sets.
 
     Args:
@@ -47,9 +47,11 @@ def merge_partials(outs: Sequence, lses: Sequence, *, lse_layout: str = "bhs"):
         (lse has out's shape without its last axis). Rank-3 outs are always
         "same"; decode-shaped partials with extra leading dims ([..., B, H,
         D] with [..., B, H]) must say lse_layout="same".
+      out_dtype: dtype of the merged out (default outs[0]'s); float32 keeps
+        an intermediate merge that will be merged again at full precision.
 
     Returns:
-      (out, lse): out in outs[0]'s dtype, lse float32 in lses[0]'s shape.
+      (out, lse): out in out_dtype, lse float32 in lses[0]'s shape.
     """
     outs, lses = list(outs), list(lses)
     _check(outs, lses)
@@ -74,4 +76,4 @@ def merge_partials(outs: Sequence, lses: Sequence, *, lse_layout: str = "bhs"):
     lse = jnp.where(seen, safe_max + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
     norm = jnp.where(seen, total, 1.0)
     out = sum(to_out(w / norm) * o.astype(jnp.float32) for w, o in zip(weights, outs))
-    return out.astype(outs[0].dtype), lse
+    return out.astype(outs[0].dtype if out_dtype is None else out_dtype), lse

@@ -3,8 +3,9 @@ context-parallel speedup built from them.
 
 Measures, on one device, `flash_attention` forward and forward+backward for
 the blocks a ring step runs (a c x c block with no mask, "full", and a
-c x c causal block, "diag", c = S / 2N the zig-zag chunk), the LSE merge of
-a step, and the single-device causal attention over the whole sequence
+c x c causal block, "diag", c = S / 2N the zig-zag chunk), an LSE merge
+(for its bandwidth: the ring's merges are modelled from the bytes they
+move), and the single-device causal attention over the whole sequence
 (where it fits the time budget). From these and a link bandwidth it models
 the time of the zig-zag ring, the naive (contiguous) causal ring and the
 all-gather variant on N devices, as parallel efficiency T1 / (N * T_N).
@@ -171,14 +172,37 @@ def _single_device(measured, s, key, blocks_estimate):
     return blocks_estimate, "composed from blocks"
 
 
+PENDING_MERGE_BYTES = 1 << 30   # jax_fastattn.parallel.context.PENDING_MERGE_BYTES
+
+
+def merge_bytes(parts_per_step, steps: int, part_bytes: float, limit: float = PENDING_MERGE_BYTES) -> float:
+    """HBM bytes moved by the ring's merges of one query chunk: its parts
+    (bf16, `part_bytes` each) are held and merged once at the end, or into
+    one f32 part whenever those held pass `limit` (as _ring_forward does)."""
+    held, moved = [], 0.0
+    for _ in range(steps):
+        held += [part_bytes] * parts_per_step
+        if len(held) > 1 and sum(held) > limit:
+            moved += sum(held) + 2 * part_bytes     # read them all, write one f32 part
+            held = [2 * part_bytes]
+    return moved + (sum(held) + part_bytes if len(held) > 1 else 0.0)
+
+
 def model_case(measured, cfg, n, s, link_gbps):
     c = s // (2 * n)
     block = measured["blocks"].get(str(c), {})
     if "full" not in block or "diag" not in block:
         return None
     full, diag = block["full"], block["diag"]
-    merge = block.get("merge_s", 0.0)
     itemsize = jnp.dtype(cfg["dtype"]).itemsize
+    # Merges are bandwidth-bound: the measured one (a f32 running result and
+    # two parts of c rows: read 4 + 2 + 2, write 4 bytes per element) gives
+    # the rate, and the ring's merges move merge_bytes(...).
+    elements = c * cfg["heads"] * cfg["head_dim"]
+    merge_rate = 12 * elements / block["merge_s"] if block.get("merge_s") else float("inf")
+    part = elements * itemsize
+    zigzag_merges = (merge_bytes(1, n, part) + merge_bytes(2, n, part)) / merge_rate   # query chunk r, 2N-1-r
+    naive_merges = merge_bytes(1, n, 2 * part) / merge_rate
     kv_bytes = 2 * (2 * c) * cfg["kv_heads"] * cfg["head_dim"] * itemsize     # K and V of 2c tokens
     link = link_gbps * 1e9
     send = kv_bytes / link
@@ -189,10 +213,10 @@ def model_case(measured, cfg, n, s, link_gbps):
         return max(step0, transfer) + (n - 2) * max(step, transfer) + step + final_transfer
 
     def zigzag(key):
-        return ring(2 * diag[key] + full[key] + 2 * merge, 2 * full[key] + 2 * merge,
+        return ring(2 * diag[key] + full[key], 2 * full[key],
                     send if key == "fwd_s" else send_bwd, 0.0 if key == "fwd_s" else send_bwd)
 
-    zigzag_fwd = zigzag("fwd_s")
+    zigzag_fwd = zigzag("fwd_s") + zigzag_merges
     # The ring backward calls the kernel backward with the merged out and lse
     # (flash_attention_backward): a block costs fwd_bwd - fwd. For comparison,
     # a backward that re-ran each block's forward (its vjp) costs fwd_bwd.
@@ -201,7 +225,7 @@ def model_case(measured, cfg, n, s, link_gbps):
                      2 * (full["fwd_bwd_s"] - full["fwd_s"]), send_bwd, send_bwd)
     # Naive ring, contiguous chunks of L = 2c: blocks composed of c-blocks; from
     # step 1 on the last device always has a full L x L block (4 full c-blocks).
-    naive_fwd = ring(2 * diag["fwd_s"] + full["fwd_s"] + merge, 4 * full["fwd_s"] + merge, send)
+    naive_fwd = ring(2 * diag["fwd_s"] + full["fwd_s"], 4 * full["fwd_s"], send) + naive_merges
     blocks_fwd = 2 * n * diag["fwd_s"] + n * (2 * n - 1) * full["fwd_s"]
     blocks_fwd_bwd = 2 * n * diag["fwd_bwd_s"] + n * (2 * n - 1) * full["fwd_bwd_s"]
     all_gather_fwd = (n - 1) * send + blocks_fwd / n
@@ -211,7 +235,7 @@ def model_case(measured, cfg, n, s, link_gbps):
     return {
         "devices": n, "seq_len": s, "tokens_per_device": s // n, "chunk": c,
         "t1_fwd_s": t1_fwd, "t1_fwd_bwd_s": t1_fwd_bwd, "t1_source": t1_fwd_source,
-        "kv_send_s": send, "step_compute_fwd_s": 2 * full["fwd_s"] + 2 * merge,
+        "kv_send_s": send, "step_compute_fwd_s": 2 * full["fwd_s"], "merges_fwd_s": zigzag_merges,
         "zigzag_fwd_s": zigzag_fwd, "zigzag_fwd_bwd_s": zigzag_fwd + zigzag_bwd,
         "eff_zigzag_fwd": efficiency(t1_fwd, zigzag_fwd),
         "eff_zigzag_fwd_bwd": efficiency(t1_fwd_bwd, zigzag_fwd + zigzag_bwd),
@@ -270,10 +294,14 @@ def main(argv=None):
     print_table(rows, args.nvlink_gbps)
     for line in measured.get("failures", []) + measured.get("skipped", []):
         print("  !", line)
+    here = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(), "jax": jax.__version__,
+            "python": platform.python_version(), "argv": sys.argv}
+    if args.from_json:   # the measurements' machine, and this recomputation's command
+        here = {**{k: previous[k] for k in ("device", "backend", "jax", "python", "argv")},
+                "model_recomputed_with": sys.argv}
     result = {
         "what": "ring attention per-step kernel times (measured) and speedup model (a model, not a measurement)",
-        "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
-        "jax": jax.__version__, "python": platform.python_version(), "argv": sys.argv,
+        **here,
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
         "cases": [list(c) for c in cases], "nvlink_gbps": args.nvlink_gbps,
         "measured": measured, "model": rows, "published": PUBLISHED,
