@@ -133,20 +133,22 @@ def test_greedy_generate_equals_recomputing_the_full_prefix(model, prompts, gree
     assert len(np.unique(greedy)) > 4  # not a collapsed sequence
 
 
-def test_per_layer_storage_generates_the_same_tokens(model, prompts, greedy):
-    """One buffer per layer and a Python loop over layers: same weights
-    (with_layer_storage), same logits and greedy tokens as the stacked,
-    scanned model; the conversion back restores the stacked arrays."""
-    per_layer = with_layer_storage(model, "per_layer")
-    assert per_layer.layer_storage == "per_layer" and len(per_layer.layers) == model.cfg.num_hidden_layers
-    query = per_layer.layers[1].self_attn.query.kernel[...]
-    np.testing.assert_array_equal(query, model.layers.self_attn.query.kernel[...][1])
+def test_stacked_storage_generates_the_same_tokens(model, prompts, greedy):
+    """Stacked layers run by lax.scan: same weights (with_layer_storage),
+    same logits and greedy tokens as the per-layer default; the conversion
+    back restores the per-layer arrays."""
+    assert model.layer_storage == "per_layer"
+    stacked = with_layer_storage(model, "stacked")
+    assert stacked.layer_storage == "stacked"
+    query = stacked.layers.self_attn.query.kernel[...]
+    assert query.shape[0] == model.cfg.num_hidden_layers
+    np.testing.assert_array_equal(query[1], model.layers[1].self_attn.query.kernel[...])
     tokens = jnp.asarray(prompts)
     want = np.asarray(model(tokens))  # float32 logits up to ~1e2: compare to the largest
-    np.testing.assert_allclose(per_layer(tokens), want, atol=5e-5 * np.abs(want).max(), rtol=0)
-    np.testing.assert_array_equal(generate(per_layer, prompts, LENGTHS, max_new_tokens=NEW_TOKENS), greedy)
-    back = with_layer_storage(per_layer, "stacked")
-    np.testing.assert_array_equal(back.layers.mlp.down_proj.kernel[...], model.layers.mlp.down_proj.kernel[...])
+    np.testing.assert_allclose(stacked(tokens), want, atol=5e-5 * np.abs(want).max(), rtol=0)
+    np.testing.assert_array_equal(generate(stacked, prompts, LENGTHS, max_new_tokens=NEW_TOKENS), greedy)
+    back = with_layer_storage(stacked, "per_layer")
+    np.testing.assert_array_equal(back.layers[1].mlp.down_proj.kernel[...], model.layers[1].mlp.down_proj.kernel[...])
     with pytest.raises(ValueError, match="layer_storage"):
         with_layer_storage(model, "scanned")
 

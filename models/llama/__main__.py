@@ -61,7 +61,7 @@ def parse_args(argv):
     p.add_argument("--kv-cache", default="device", choices=host_cache.KV_CACHE_MODES)
     p.add_argument("--device-kv-tokens", type=int, default=None,
                    help="with --kv-cache host|auto: prompt positions per layer kept on the device")
-    p.add_argument("--layer-storage", default="stacked", choices=LAYER_STORAGE,
+    p.add_argument("--layer-storage", default="per_layer", choices=LAYER_STORAGE,
                    help="decoder layers stacked and scanned, or one buffer per layer in a Python loop")
     p.add_argument("--json", default=None, help="write the results here")
     return p.parse_args(argv)

@@ -35,7 +35,7 @@ def _read(path: str) -> dict:
     return tensors
 
 
-def hf_to_params(tensors: dict, cfg: LlamaConfig, dtype, layer_storage: str = "stacked") -> dict:
+def hf_to_params(tensors: dict, cfg: LlamaConfig, dtype, layer_storage: str = "per_layer") -> dict:
     """HF name -> tensor dict into the pure-dict params of `Llama` with the
     given layer storage ("stacked": one array per parameter with a leading
     layer axis; "per_layer": {layer index: that layer's params})."""
@@ -80,7 +80,7 @@ def hf_to_params(tensors: dict, cfg: LlamaConfig, dtype, layer_storage: str = "s
 
 def load_safetensors(path: str, cfg: Optional[LlamaConfig] = None, *, attention: str = "fastattn",
                      backend: str = "auto", dtype=jnp.float32, param_dtype=jnp.float32,
-                     layer_storage: str = "stacked") -> Llama:
+                     layer_storage: str = "per_layer") -> Llama:
     """A `Llama` with weights from a .safetensors file or a directory of them
     (sharded checkpoints too). cfg default: config.json beside the weights.
     layer_storage: "stacked" or "per_layer" (see models.llama.model)."""

@@ -18,14 +18,14 @@ from .model import Llama
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
 
 
-def graphdef_for(cfg: LlamaConfig, attention: str, dtype, backend: str = "auto", layer_storage: str = "stacked"):
+def graphdef_for(cfg: LlamaConfig, attention: str, dtype, backend: str = "auto", layer_storage: str = "per_layer"):
     """The static half of a Llama (no weights are made)."""
     abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0), attention=attention, backend=backend,
                                             dtype=dtype, param_dtype=dtype, layer_storage=layer_storage))
     return nnx.split(abstract)
 
 
-def random_state(cfg: LlamaConfig, dtype, seed: int = 0, mesh=None, layer_storage: str = "stacked"):
+def random_state(cfg: LlamaConfig, dtype, seed: int = 0, mesh=None, layer_storage: str = "per_layer"):
     """Random weights initialised inside one jit, directly in `dtype` and
     already sharded on `mesh`. The state is the same for every attention
     choice (attention is a static attribute), so one copy serves all."""

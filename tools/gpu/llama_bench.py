@@ -93,14 +93,19 @@ def hlo_copy_bytes(text: str) -> dict:
 
 
 def run_decode(cfg, graphdef, state, batch, context, gen, dtype, bandwidth):
-    k_cache, v_cache = runtime.random_cache(cfg, batch, context + gen + 1, dtype)
     logits = jax.random.normal(jax.random.key(1), (batch, cfg.vocab_size), jnp.float32)
     lengths = jnp.full((batch,), context, jnp.int32)
     key = jax.random.key(0)
     steps = gen + 1  # the first token comes from `logits`: gen decode steps follow
+    # Compiled against the cache's shape before the cache exists: XLA's
+    # autotuner allocates its own operand buffers while compiling, and with
+    # a 32K x 8 cache already resident those no longer fit on an 80 GB card.
+    cache_shape = jax.ShapeDtypeStruct(
+        (batch, cfg.num_hidden_layers, context + gen + 1, cfg.num_key_value_heads, cfg.head_dim), dtype)
     start = time.perf_counter()
-    decode = runtime.compile_decode(graphdef, state, logits, k_cache, v_cache, lengths, key, steps)
+    decode = runtime.compile_decode(graphdef, state, logits, cache_shape, cache_shape, lengths, key, steps)
     compile_s = time.perf_counter() - start
+    k_cache, v_cache = runtime.random_cache(cfg, batch, context + gen + 1, dtype)
     copies = hlo_copy_bytes(decode.as_text())
     (_, k_cache, v_cache), _ = runtime.timed(decode, state, logits, k_cache, v_cache, lengths, key)
     (tokens, k_cache, v_cache), seconds = runtime.timed(decode, state, logits, k_cache, v_cache, lengths, key)
@@ -119,7 +124,7 @@ def main(argv=None):
     p.add_argument("--cases", default=None, help="comma-separated subset of: " + ", ".join(case_names("full")))
     p.add_argument("--attention", default=",".join(ATTENTIONS))
     p.add_argument("--budget-s", type=float, default=360.0, help="start no case after this many seconds")
-    p.add_argument("--layer-storage", default="stacked", choices=LAYER_STORAGE,
+    p.add_argument("--layer-storage", default="per_layer", choices=LAYER_STORAGE,
                    help="decoder layers stacked and scanned, or one buffer per layer")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
