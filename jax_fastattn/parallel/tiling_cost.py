@@ -15,8 +15,8 @@ With one chunk this is compute + allreduce(everything); with n chunks only
 the all-reduce of the last chunk (and any all-reduce longer than the next
 chunk's compute) stays exposed. What this does not model: NCCL kernels take
 SMs and memory bandwidth from the compute they overlap, and per-chunk kernels
-run at lower efficiency than one large one (a fixed per-chunk overhead stands
-in for that). It is a model, not a measurement.
+run at lower efficiency than one large one (a per-chunk overhead, fixed plus
+a part that grows with the sequence length, stands in for that). It is a model, not a measurement.
 """
 from __future__ import annotations
 
@@ -39,20 +39,31 @@ class TPCostModel:
       sglang PR #2904).
     chunk_overhead_s: fixed cost of one more chunk's kernels (launches, tile
       tails), which is what stops more chunks from always winning.
+    chunk_overhead_per_token_s: the part of that cost that grows with the
+      sequence length (a chunk's attention kernel ends on its longest
+      key prefix: its tail grows with S).
     """
 
     flops_per_s: float
     link_bytes_per_s: float
     collective_latency_s: float
     chunk_overhead_s: float
+    chunk_overhead_per_token_s: float = 0.0
+
+    def chunk_overhead(self, seq_len: int) -> float:
+        return self.chunk_overhead_s + self.chunk_overhead_per_token_s * seq_len
 
     @classmethod
     def for_platform(cls, platform: str) -> "TPCostModel":
         if platform in ("gpu", "cuda", "rocm"):
             # ~60 % of the H100/H200 989 TFLOP/s dense bf16 peak: what our
             # attention kernels and cuBLAS reach at prefill sizes (docs/BENCHMARKS.md).
+            # Chunk overhead fitted to one H100's measured chunk compute
+            # (docs/bench/tp_block_model_h100.json): each chunk beyond the first
+            # added 75-130 us at S = 8K and 200-280 us at 32K (Llama-2-7B and
+            # 38B shapes, TP 2-8), i.e. ~50 us + 5.5 ns per token of S.
             return cls(flops_per_s=600e12, link_bytes_per_s=450e9, collective_latency_s=10e-6,
-                       chunk_overhead_s=20e-6)
+                       chunk_overhead_s=50e-6, chunk_overhead_per_token_s=5.5e-9)
         # Host devices: collectives are memory copies inside one process.
         return cls(flops_per_s=50e9, link_bytes_per_s=10e9, collective_latency_s=20e-6, chunk_overhead_s=50e-6)
 
@@ -161,7 +172,7 @@ def predict_block_time(seq_len: int, num_chunks: int, *, causal: bool, batch: in
     local_q, local_kv = q_heads // num_devices, kv_heads // num_devices
     bounds = chunk_bounds(seq_len, num_chunks, causal, d_model, local_q, head_dim)
     compute = [batch * chunk_flops(s, e, seq_len, causal, d_model, local_q, head_dim) / model.flops_per_s
-               + model.chunk_overhead_s for s, e in bounds]
+               + model.chunk_overhead(seq_len) for s, e in bounds]
     comm = [allreduce_time(batch * (e - s) * d_model * bytes_per_element, num_devices, model) for s, e in bounds]
     kv_time = batch * kv_projection_flops(seq_len, d_model, local_kv, head_dim) / model.flops_per_s
     return pipeline_time(kv_time, compute, comm)

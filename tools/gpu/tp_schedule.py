@@ -66,10 +66,17 @@ def parse_schedule(hlo_text: str) -> dict:
     return {"pairs": pairs, "sync_all_reduces": sync_reduces, "excerpt": excerpt}
 
 
+def progress(message: str) -> None:
+    """A line on stderr as each stage starts: the parent keeps stderr's tail
+    when the child runs out of time, so it shows where it stopped."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def child(num_devices: int, preset: str) -> dict:
     """Runs in its own process: mock topology, compile the variants."""
     import jax
     result = {"num_devices": num_devices, "variants": {}}
+    progress(f"setting the mock topology for {num_devices} devices")
     try:
         try:
             jax.config.update("jax_mock_gpu_topology", f"1x{num_devices}x1")
@@ -78,8 +85,10 @@ def child(num_devices: int, preset: str) -> dict:
             # Older/newer spelling: N mock processes of the local devices.
             jax.config.update("mock_num_gpu_processes", num_devices)
             result["mock"] = f"mock_num_gpu_processes={num_devices}"
+        progress("creating the client (jax.default_backend)")
         result["platform"] = jax.default_backend()
         result["device_count"] = jax.device_count()
+        progress(f"client up: {result['device_count']} {result['platform']} device(s)")
         result["jax"] = jax.__version__
     except Exception as error:  # noqa: BLE001 - record, do not die
         result["error"] = f"mock topology: {type(error).__name__}: {error}"
@@ -118,6 +127,7 @@ def child(num_devices: int, preset: str) -> dict:
         try:
             if level:
                 jax.config.update("jax_optimization_level", level)
+            progress(f"compiling variant {name}")
             fn = jax.jit(lambda x, p: tp_attention_block(x, p, mesh=mesh, num_chunks=shape["num_chunks"],
                                                          num_heads=hq, num_kv_heads=hkv),
                          compiler_options=options or None)
