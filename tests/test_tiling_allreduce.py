@@ -257,12 +257,15 @@ def llama_forward_with_tp_block(model, tokens, mesh, num_chunks):
     tp_attention_block: what its prefill does on a mesh with a "model" axis."""
     from flax import nnx
     from jax_fastattn.parallel.tiling_allreduce import rope_tables as block_rope_tables
-    graphdef, stacked = nnx.split(model.layers)
     x = model.embed_tokens(tokens)
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     d_model = x.shape[-1]
     for index in range(model.cfg.num_hidden_layers):
-        layer = nnx.merge(graphdef, jax.tree.map(lambda a, i=index: a[i], stacked))
+        if model.layer_storage == "per_layer":
+            layer = model.layers[index]
+        else:
+            graphdef, stacked = nnx.split(model.layers)
+            layer = nnx.merge(graphdef, jax.tree.map(lambda a, i=index: a[i], stacked))
         attn = layer.self_attn
         # LinearGeneral kernels [d, H, D] / [H, D, d] are head-major once flattened.
         params = {"wq": attn.query.kernel[...].reshape(d_model, -1), "wk": attn.key.kernel[...].reshape(d_model, -1),
@@ -274,11 +277,12 @@ def llama_forward_with_tp_block(model, tokens, mesh, num_chunks):
     return model.logits(x)
 
 
-def test_llama_forward_with_tp_block_matches_model():
+@pytest.mark.parametrize("layer_storage", ["per_layer", "stacked"])
+def test_llama_forward_with_tp_block_matches_model(layer_storage):
     llama = pytest.importorskip("models.llama")
     from flax import nnx
     cfg = llama.LlamaConfig.preset("tiny")
-    model = llama.Llama(cfg, rngs=nnx.Rngs(0))
+    model = llama.Llama(cfg, rngs=nnx.Rngs(0), layer_storage=layer_storage)
     tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 24), 3, cfg.vocab_size, dtype=jnp.int32)
     expected = model(tokens)
     logits = jax.jit(lambda t: llama_forward_with_tp_block(model, t, make_mesh((2, 4)), 4))(tokens)
