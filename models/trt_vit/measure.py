@@ -4,7 +4,8 @@ FLOPs come from `jax.jit(...).lower(...).cost_analysis()` of the model with
 its attention switched to plain einsum + softmax ("plain"): XLA counts no
 FLOPs inside a custom call, so the fused kernel would hide the attention's
 matmuls. Latency is measured on the model as deployed (attention through
-`flash_attention`, backend "auto").
+`flash_attention`, backend "auto"), as device time per forward of
+back-to-back calls (see `latency`).
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from jax_fastattn.bench.timing import sample_seconds
 
 from .blocks import attention_layers, set_attention_backend
 
@@ -68,26 +71,34 @@ def cast_state(model: nnx.Module, dtype):
 
 
 def latency(model: nnx.Module, input_shape, dtype, *, warmup: int = 10, repeats: int = 100,
-            clock: Callable[[], float] = time.perf_counter) -> Dict[str, float]:
-    """Median/p10/p90 wall time (ms) of one jitted forward in `dtype`
-    (weights and input), each call timed to block_until_ready, after
-    `warmup` calls (the first compiles; compile time reported apart)."""
-    if repeats < 1 or warmup < 1:
-        raise ValueError(f"warmup and repeats must be >= 1, got {warmup}, {repeats}")
+            calls: int = 10, clock: Callable[[], float] = time.perf_counter) -> Dict[str, float]:
+    """Per-forward time (ms) of one jitted forward in `dtype` (weights and
+    input) on the device: `repeats` samples, each `calls` forwards
+    dispatched back to back and waited for once (as a serving loop or
+    TensorRT's GPU compute time sees them), after `warmup` calls (the first
+    compiles; compile time reported apart). Median, p10 and p90 over the
+    samples. The weights are handed to the jitted function as a flat list
+    of arrays, so dispatch stays in jax's C++ path instead of flattening an
+    NNX state in Python (milliseconds for a deep model), and `dispatch_ms`
+    records one isolated call timed to completion, host dispatch included."""
+    if repeats < 1 or warmup < 1 or calls < 1:
+        raise ValueError(f"warmup, repeats and calls must be >= 1, got {warmup}, {repeats}, {calls}")
     model.eval()
     graphdef, state = cast_state(model, dtype)
-    forward = jax.jit(_forward(graphdef))
+    leaves, treedef = jax.tree.flatten(state)
+    run = _forward(graphdef)
+    forward = jax.jit(lambda leaves, x: run(jax.tree.unflatten(treedef, leaves), x))
     x = jnp.asarray(np.random.default_rng(0).standard_normal(input_shape), dtype)
     start = clock()
-    forward(state, x).block_until_ready()
+    forward(leaves, x).block_until_ready()
     compile_s = clock() - start
     for _ in range(warmup - 1):
-        forward(state, x).block_until_ready()
-    times = np.empty(repeats)
-    for i in range(repeats):
-        start = clock()
-        forward(state, x).block_until_ready()
-        times[i] = clock() - start
-    times_ms = 1e3 * times
+        forward(leaves, x).block_until_ready()
+    start = clock()
+    forward(leaves, x).block_until_ready()
+    dispatch_ms = 1e3 * (clock() - start)
+    times, _ = sample_seconds(lambda: forward(leaves, x), jax.block_until_ready, repeats, calls, clock)
+    times_ms = 1e3 * np.asarray(times)
     return {"median_ms": float(np.median(times_ms)), "p10_ms": float(np.percentile(times_ms, 10)),
-            "p90_ms": float(np.percentile(times_ms, 90)), "compile_s": float(compile_s), "repeats": repeats}
+            "p90_ms": float(np.percentile(times_ms, 90)), "compile_s": float(compile_s), "repeats": repeats,
+            "calls_per_sample": calls, "dispatch_ms": float(dispatch_ms)}
