@@ -8,6 +8,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -43,11 +44,21 @@ def random_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype, seed: int = 
     """k_cache, v_cache [B, L, max_len, Hkv, D] of random values (a context
     as if prefilled), made on the device."""
     shape = (batch, cfg.num_hidden_layers, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    layer_shape = (batch, 1) + shape[2:]
     out = None if mesh is None else NamedSharding(mesh, sharding.cache_spec(cfg, mesh))
+
+    def fill(key):
+        # One layer at a time into a zeroed buffer: the random-bit generator's
+        # temporaries then take one layer's size, not the whole cache's
+        # (a 32K x 8 Llama-3-8B cache is 16 GiB per array).
+        def layer(index, cache):
+            values = jax.random.normal(jax.random.fold_in(key, index), layer_shape, dtype)
+            return lax.dynamic_update_slice(cache, values, (0, index, 0, 0, 0))
+        return lax.fori_loop(0, cfg.num_hidden_layers, layer, jnp.zeros(shape, dtype))
 
     def make(key):
         k1, k2 = jax.random.split(key)
-        return (jax.random.normal(k1, shape, dtype), jax.random.normal(k2, shape, dtype))
+        return fill(k1), fill(k2)
 
     make = jax.jit(make) if out is None else jax.jit(make, out_shardings=(out, out))
     return make(jax.random.key(seed))
