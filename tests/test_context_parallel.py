@@ -342,3 +342,18 @@ def test_ring_merges_held_parts_past_the_byte_limit(mesh, monkeypatch):
     monkeypatch.setattr(context, "PENDING_MERGE_BYTES", 1)
     hlo = check_against_plain(mesh, 40, "ring", "zigzag", causal=True, segmented=True)
     assert "collective-permute" in hlo
+
+
+@pytest.mark.gpu
+def test_gpu_ring_schedule_overlaps_every_transfer(tmp_path):
+    """4 and 8 H100s compiled without them (deviceless, jax's CUDA plugin):
+    tools/gpu/ring_schedule.py --check asserts that every K/V transfer of the
+    forward, and every transfer of the backward but the final dK/dV one,
+    has an attention kernel or GEMM scheduled between its start and done."""
+    import subprocess
+    import sys
+    root = os.path.join(os.path.dirname(__file__), "..")
+    result = subprocess.run([sys.executable, os.path.join(root, "tools", "gpu", "ring_schedule.py"), "--check",
+                             "--out", str(tmp_path / "ring_schedule.json")], capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stdout + result.stderr

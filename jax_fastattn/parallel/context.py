@@ -193,6 +193,40 @@ def _run_pair(fn, plan: _Plan, used, index, *args):
 # Ring: forward and backward
 
 
+def _join(k, v):
+    """K and V of a device as one buffer [B, 2 L, Hkv, D] (K's rows, then V's),
+    so that a ring step sends one collective-permute, not two: XLA's GPU
+    scheduler keeps one collective in flight, and a second would wait
+    behind the first instead of overlapping the step's compute."""
+    return jnp.concatenate([k, v], axis=1)
+
+
+def _split(kv):
+    half = kv.shape[1] // 2
+    return lax.slice_in_dim(kv, 0, half, axis=1), lax.slice_in_dim(kv, half, 2 * half, axis=1)
+
+
+def _add_to_slot(acc, grad, plan: _Plan, index: int):
+    """acc [B, 2 L, ...] with grad added to its chunk-sized rows number `index`."""
+    begin = index * plan.chunk_len
+    current = lax.slice_in_dim(acc, begin, begin + plan.chunk_len, axis=1)
+    return lax.dynamic_update_slice_in_dim(acc, current + grad, begin, axis=1)
+
+
+def _after(results, travelling):
+    """`travelling` made to depend on `results` (an optimization barrier).
+
+    The K/V transfer for ring step t is issued on the blocks of step t-1 and
+    tied to what step t-2 computed: so it starts no earlier than step t-2's
+    end and runs while step t-1 computes. Without the tie nothing orders the
+    chain of ppermutes against the compute, and XLA's GPU scheduler issues
+    every step's transfer back to back before the first block is computed:
+    no overlap, and every device holding all N K/V blocks at once."""
+    if not results:
+        return travelling
+    return lax.optimization_barrier((results, travelling))[1]
+
+
 def _part_bytes(part) -> int:
     out, lse = part
     return out.size * out.dtype.itemsize + lse.size * lse.dtype.itemsize
@@ -209,10 +243,16 @@ def _ring_forward(plan: _Plan, q, k, v, q_ids, kv_ids):
     sched = plan.schedule
     table = jnp.asarray(sched.branch_array())[lax.axis_index(plan.axis)]    # [steps, m, m]
     pending = [[] for _ in range(plan.slots)]   # per query chunk: (out, lse) parts not merged yet
-    travelling, held = (k, v, kv_ids), 0
+    step_results = []                           # per ring step: what its pairs computed
+    travelling, held = (_join(k, v), kv_ids), 0
     for i, step in enumerate(sched.steps):
+        travelling = _after(step_results[i - 2] if i >= 2 else None, travelling)
         travelling, held = _shift(travelling, plan, step - held), step
-        k_now, v_now, kv_ids_now = travelling
+        # Steps compute in ring order: otherwise step 0, which needs no
+        # transfer, may be scheduled last and leave the first transfer bare.
+        travelling = _after(step_results[i - 1] if i >= 1 else None, travelling)
+        (k_now, v_now), kv_ids_now = _split(travelling[0]), travelling[1]
+        step_results.append([])
         for a in range(plan.slots):
             q_a, q_ids_a = _slot(q, plan, a), _slot(q_ids, plan, a)
             for b in range(plan.slots):
@@ -221,6 +261,7 @@ def _ring_forward(plan: _Plan, q, k, v, q_ids, kv_ids):
                 if used == [0]:
                     continue
                 pending[a].append(_run_pair(block_attention, plan, used, index, *args))
+                step_results[-1].append(pending[a][-1])
             if len(pending[a]) > 1 and sum(map(_part_bytes, pending[a])) > PENDING_MERGE_BYTES:
                 pending[a] = [_merged(pending[a], jnp.float32)]
     acc = [_merged(parts, q.dtype) if parts else empty_result(_slot(q, plan, a))
@@ -246,15 +287,24 @@ def _ring_bwd(plan, residuals, cotangents):
     sched = plan.schedule
     table = jnp.asarray(sched.branch_array())[lax.axis_index(plan.axis)]
     d_q = [jnp.zeros(_slot(q, plan, a).shape, jnp.float32) for a in range(plan.slots)]
-    # dK/dV accumulators travel with the K/V they belong to.
-    d_kv = ([jnp.zeros(_slot(k, plan, b).shape, jnp.float32) for b in range(plan.slots)],
-            [jnp.zeros(_slot(v, plan, b).shape, jnp.float32) for b in range(plan.slots)])
-    travelling, held = (k, v, kv_ids), 0
+    # dK/dV accumulators (f32, joined as K/V are) travel with the K/V they belong to.
+    d_kv = jnp.zeros((k.shape[0], 2 * k.shape[1]) + k.shape[2:], jnp.float32)
+    travelling, held = (_join(k, v), kv_ids), 0
+    step_results = []   # per ring step: the dQ of each pair it ran, in order
     for i, step in enumerate(sched.steps):
+        # Two transfers share a step's compute here: the dK/dV accumulators
+        # for this step (sent once the previous step's gradients are added)
+        # and the K/V for the next step. With one collective in flight, the
+        # K/V transfer is tied to the previous step's first pair, so the
+        # accumulators' transfer overlaps that pair and the K/V transfer
+        # the rest (tied to a whole step, the accumulators would wait).
+        travelling = _after(step_results[i - 1][:1] if i >= 1 else None, travelling)
         travelling = _shift(travelling, plan, step - held)
         d_kv = _shift(d_kv, plan, step - held)
         held = step
-        k_now, v_now, kv_ids_now = travelling
+        (k_now, v_now), kv_ids_now = _split(travelling[0]), travelling[1]
+        kv_grads = []
+        step_results.append([])
         for a in range(plan.slots):
             q_a, q_ids_a = _slot(q, plan, a), _slot(q_ids, plan, a)
             merged = (_slot(out, plan, a), _slot(lse, plan, a, axis=2), _slot(d_out, plan, a),
@@ -266,12 +316,17 @@ def _ring_bwd(plan, residuals, cotangents):
                     continue
                 g_q, g_k, g_v = _run_pair(block_backward, plan, used, index, *args, *merged)
                 d_q[a] = d_q[a] + g_q
-                d_kv[0][b] = d_kv[0][b] + g_k
-                d_kv[1][b] = d_kv[1][b] + g_v
+                kv_grads.append((b, g_k, g_v))
+                step_results[-1].append(g_q)
+        # Added only after the step's pairs: the dK/dV accumulators arriving
+        # for this step are then needed only here, and their transfer runs
+        # while the pairs compute.
+        for b, g_k, g_v in kv_grads:
+            d_kv = _add_to_slot(d_kv, g_k, plan, b)
+            d_kv = _add_to_slot(d_kv, g_v, plan, plan.slots + b)
     d_kv = _shift(d_kv, plan, -held)   # device r holds the gradients of device r - held: send them home
-    d_k = jnp.concatenate(d_kv[0], axis=1).astype(k.dtype)
-    d_v = jnp.concatenate(d_kv[1], axis=1).astype(v.dtype)
-    return jnp.concatenate(d_q, axis=1).astype(q.dtype), d_k, d_v, None, None
+    d_k, d_v = _split(d_kv)
+    return jnp.concatenate(d_q, axis=1).astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None, None
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)

@@ -278,9 +278,27 @@ def _local_block(plan: _BlockPlan, x, weights, rope, seg_ids):
     if rope is not None:
         k = apply_rope(k, *rope)
     reduced = []
-    for start, end in plan.bounds:
+    previous = None
+    for index, (start, end) in enumerate(plan.bounds):
         rows = end - start
-        q = (x[:, start:end] @ wq).reshape(batch, rows, heads_q, dim)
+        x_chunk = x[:, start:end]
+        if previous is not None:
+            # The schedule, pinned by data dependencies (the barrier makes
+            # this chunk's input depend on what it is given): chunk c starts
+            # after chunk c-1's output projection, and after chunk c-2's
+            # all-reduce has completed; chunk c's all-reduce starts after
+            # chunk c-1's has completed (below). So chunk c-1's all-reduce
+            # runs while chunk c computes, one all-reduce in flight at a
+            # time, and the last (smallest, under causal chunking) is the one
+            # left exposed.
+            # Without the first dependency XLA's GPU dot merger fuses every
+            # chunk's projection (they share wq and wo) into one GEMM after
+            # all the attention, and the all-reduces run back to back at the
+            # end; without the second the latency-hiding scheduler, which
+            # keeps one collective in flight, leaves them all at the end.
+            waits_for = (previous,) if index < 2 else (previous, reduced[index - 2])
+            _, x_chunk = lax.optimization_barrier((waits_for, x_chunk))
+        q = (x_chunk @ wq).reshape(batch, rows, heads_q, dim)
         if rope is not None:
             q = apply_rope(q, rope[0][:, start:end], rope[1][:, start:end])
         kv_end = end if plan.prefix_keys else seq_len
@@ -292,10 +310,12 @@ def _local_block(plan: _BlockPlan, x, weights, rope, seg_ids):
         # this device's K/V in extra traffic, small next to the attention.
         attended = flash_attention(q, k[:, :kv_end], v[:, :kv_end], mask=chunk_mask, causal=plan.causal,
                                    softmax_scale=plan.softmax_scale, backend=plan.backend)
-        partial = jnp.dot(attended.reshape(batch, rows, heads_q * dim), wo,
-                          preferred_element_type=jnp.float32).astype(x.dtype)
-        # Issued here, consumed only by the final concatenate: XLA may run it
-        # while the next chunk computes.
-        reduced.append(lax.psum(partial, plan.axis))
+        previous = jnp.dot(attended.reshape(batch, rows, heads_q * dim), wo,
+                           preferred_element_type=jnp.float32).astype(x.dtype)
+        if reduced:
+            # One all-reduce in flight: this one starts once the previous has
+            # completed (then it runs while the next chunk computes).
+            _, previous = lax.optimization_barrier((reduced[-1], previous))
+        reduced.append(lax.psum(previous, plan.axis))
     out = reduced[0] if len(reduced) == 1 else jnp.concatenate(reduced, axis=1)
     return (out, k, v) if plan.return_kv else out
