@@ -35,6 +35,7 @@ import time
 import traceback
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")   # the device part needs most of HBM
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
