@@ -7,8 +7,8 @@
 #           forward+backward causal at S = 4K and 16K, bf16, H=32, D=128, B*S = 16K
 #   llama   tools/gpu/llama_bench.py (LLAMA_CASES selects cases)
 #   weights tools/gpu/decode_weight_stream.py (weight streaming: scanned vs unrolled layers vs a copy)
-#   tp      tools/gpu/tp_block_model.py and tools/gpu/tp_schedule.py
-#   ring    tools/gpu/ring_step_time.py
+#   tp      tools/gpu/tp_block_model.py and tools/gpu/tp_schedule.py (deviceless 2/8-H100 schedules)
+#   ring    tools/gpu/ring_step_time.py and tools/gpu/ring_schedule.py (deviceless 4/8-H100 schedules)
 #   offload tools/gpu/offload_bench.py
 #   trtvit  python -m models.trt_vit.bench (latency table and guideline experiments)
 #   cpubench the CPU grid of issue 32 on this host's CPU (ours, torch SDPA, XLA interleaved) at all its
@@ -57,9 +57,10 @@ for stage in "$@"; do
       timeout 240 python3 tools/gpu/decode_weight_stream.py --out "$OUT/decode_weight_stream.json" 2>&1 | tail -8 | tee -a "$LOG" ;;
     tp)
       timeout 240 python3 tools/gpu/tp_block_model.py --out "$OUT/tp_model.json" --budget-s 120 2>&1 | tail -30 | tee -a "$LOG"
-      timeout 200 python3 tools/gpu/tp_schedule.py --child-timeout 90 --out "$OUT/tp_schedule.json" 2>&1 | tail -30 | tee -a "$LOG" ;;
+      timeout 200 python3 tools/gpu/tp_schedule.py --check --child-timeout 90 --out "$OUT/tp_schedule.json" 2>&1 | tail -30 | tee -a "$LOG" ;;
     ring)
-      timeout 240 python3 tools/gpu/ring_step_time.py --preset h200 --out "$OUT/ring_steps.json" 2>&1 | tail -30 | tee -a "$LOG" ;;
+      timeout 240 python3 tools/gpu/ring_step_time.py --preset h200 --out "$OUT/ring_steps.json" 2>&1 | tail -30 | tee -a "$LOG"
+      timeout 300 python3 tools/gpu/ring_schedule.py --check --out "$OUT/ring_schedule.json" 2>&1 | tail -6 | tee -a "$LOG" ;;
     offload)
       timeout 420 python3 tools/gpu/offload_bench.py --preset ${OFFLOAD_PRESET:-h200} --out "$OUT/offload.json" 2>&1 \
         | tail -40 | tee -a "$LOG" ;;
