@@ -65,7 +65,7 @@ for stage in "$@"; do
       timeout 420 python3 tools/gpu/offload_bench.py --preset ${OFFLOAD_PRESET:-h200} --out "$OUT/offload.json" 2>&1 \
         | tail -40 | tee -a "$LOG" ;;
     trtvit)
-      timeout 300 python3 -m models.trt_vit.bench --dtypes bf16 --out "$OUT/trt_vit_models.json" 2>&1 | tail -40 | tee -a "$LOG"
+      timeout 420 python3 -m models.trt_vit.bench --dtypes bf16,fp16 --out "$OUT/trt_vit_models.json" 2>&1 | tail -40 | tee -a "$LOG"
       timeout 300 python3 -m models.trt_vit.bench --experiments guidelines --dtypes bf16 --out "$OUT/trt_vit_guidelines.json" 2>&1 \
         | tail -40 | tee -a "$LOG" ;;
     cpubench)
