@@ -6,17 +6,19 @@ Ring (haoliuhl/ringattention, zhuzilin/ring-flash-attention): every device
 keeps its queries; at ring step t it holds the K/V of device r - t, runs our
 kernel on each (query chunk, key chunk) pair with `return_lse=True` and
 merges the partial results exactly through their log-sum-exps
-(`merge_partials`). The partial results of a query chunk are kept and
-merged once at the end (or whenever those held pass PENDING_MERGE_BYTES),
-not after every step: a step's merge reads and writes the f32 running
-result, which at 8K tokens per device costs ~15 % of the step's kernel
-time; one merge of P bf16 parts reads each part once. Which pairs run and under which band is a static plan
-(context_schedule.py): empty pairs are skipped, steps where every device's
-pairs are empty are not run at all, and with segment ids a pair whose id
-ranges do not meet is skipped at run time (`lax.switch`). The backward is a
-ring too: K/V travel again, with their dK/dV accumulators, and each pair's
-gradients come from its own vjp with rescaled cotangents (context_block.py),
-so no device ever holds more than two K/V blocks.
+(`merge_partials`). The partial results of a query chunk are kept and merged
+once at the end (or whenever those held pass PENDING_MERGE_BYTES), not after
+every step: a step's merge reads and writes the f32 running result, which at
+8K tokens per device costs ~15 % of the step's kernel time; one merge of P
+bf16 parts reads each part once. Which pairs run and under which band is a
+static plan (context_schedule.py): empty pairs are skipped, steps where
+every device's pairs are empty are not run at all, and with segment ids a
+pair whose id ranges do not meet is skipped at run time (`lax.switch`). The
+backward is a ring too: K/V travel again, with their dK/dV accumulators, and
+each pair's gradients come from the kernel backward given the merged out and
+lse (context_block.py). Optimization barriers order each step's transfer
+against the compute (`_after`), so transfers overlap compute and no device
+ever holds more than two K/V blocks.
 
 All-gather: K/V (and key segment ids) are gathered once; each device runs
 one kernel call per local query chunk over the keys it can see. Fewer,

@@ -16,7 +16,8 @@ the all-reduce of the last chunk (and any all-reduce longer than the next
 chunk's compute) stays exposed. What this does not model: NCCL kernels take
 SMs and memory bandwidth from the compute they overlap, and per-chunk kernels
 run at lower efficiency than one large one (a per-chunk overhead, fixed plus
-a part that grows with the sequence length, stands in for that). It is a model, not a measurement.
+a part that grows with the sequence length, stands in for that). It is a
+model, not a measurement.
 """
 from __future__ import annotations
 

@@ -100,10 +100,9 @@ def run_decode(cfg, graphdef, state, batch, context, gen, dtype, bandwidth):
     # Compiled against the cache's shape before the cache exists: XLA's
     # autotuner allocates its own operand buffers while compiling, and with
     # a 32K x 8 cache already resident those no longer fit on an 80 GB card.
-    cache_shape = jax.ShapeDtypeStruct(
-        (batch, cfg.num_hidden_layers, context + gen + 1, cfg.num_key_value_heads, cfg.head_dim), dtype)
+    cache_shapes = jax.eval_shape(lambda: runtime.random_cache(cfg, batch, context + gen + 1, dtype))
     start = time.perf_counter()
-    decode = runtime.compile_decode(graphdef, state, logits, cache_shape, cache_shape, lengths, key, steps)
+    decode = runtime.compile_decode(graphdef, state, logits, *cache_shapes, lengths, key, steps)
     compile_s = time.perf_counter() - start
     k_cache, v_cache = runtime.random_cache(cfg, batch, context + gen + 1, dtype)
     copies = hlo_copy_bytes(decode.as_text())

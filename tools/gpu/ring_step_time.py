@@ -33,6 +33,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from jax_fastattn import flash_attention, merge_partials  # noqa: E402
+from jax_fastattn.parallel.context import PENDING_MERGE_BYTES  # noqa: E402
 from jax_fastattn.bench import timing  # noqa: E402
 
 K = 1024
@@ -170,9 +171,6 @@ def _single_device(measured, s, key, blocks_estimate):
         largest = max(singles)
         return singles[largest][key] * (s / largest) ** 2, f"scaled from S={largest}"
     return blocks_estimate, "composed from blocks"
-
-
-PENDING_MERGE_BYTES = 1 << 30   # jax_fastattn.parallel.context.PENDING_MERGE_BYTES
 
 
 def merge_bytes(parts_per_step, steps: int, part_bytes: float, limit: float = PENDING_MERGE_BYTES) -> float:
