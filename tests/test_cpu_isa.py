@@ -119,12 +119,10 @@ def test_forward_odd_head_dim_and_fewer_queries(level):
     _run_forward(level, jnp.bfloat16, True, dict(b=1, sq=19, skv=77, hq=3, hkv=1, d=40))
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("level", LEVELS)
-def test_backward_at_every_level(level, dtype):
+def _run_backward(level, dtype, causal, shape):
     if not _runnable(level):
         pytest.skip(f"this CPU or build lacks {level}")
-    q, k, v = _inputs(dtype, b=1, sq=77, skv=77, hq=4, hkv=2, d=32, seed=1)
+    q, k, v = _inputs(dtype, seed=1, **shape)
     d_out = jnp.asarray(np.random.default_rng(2).standard_normal(q.shape, dtype=np.float32), dtype)
     scale = q.shape[-1] ** -0.5
     config = KernelConfig(cpu_isa=level)
@@ -132,13 +130,29 @@ def test_backward_at_every_level(level, dtype):
     def loss(fn):
         return lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * d_out.astype(jnp.float32))
 
-    ours = jax.grad(loss(lambda q, k, v: flash_attention(q, k, v, causal=True, backend="cpu", config=config)),
+    ours = jax.grad(loss(lambda q, k, v: flash_attention(q, k, v, causal=causal, backend="cpu", config=config)),
                     argnums=(0, 1, 2))(q, k, v)
-    expected = jax.grad(loss(lambda q, k, v: _attention(q, k, v, True, scale)[0]), argnums=(0, 1, 2))(
+    expected = jax.grad(loss(lambda q, k, v: _attention(q, k, v, causal, scale)[0]), argnums=(0, 1, 2))(
         *(x.astype(jnp.float32) for x in (q, k, v)))
     for got, want in zip(ours, expected):
         assert got.dtype == dtype
         _close(got, want, GRAD_TOLERANCE[jnp.dtype(dtype).name])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("level", LEVELS)
+def test_backward_at_every_level(level, dtype):
+    _run_backward(level, dtype, True, dict(b=1, sq=77, skv=77, hq=4, hkv=2, d=32))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("level", LEVELS)
+def test_backward_over_several_kv_chunks(level, dtype, causal):
+    # One (batch, kv head) item and 9 kv tiles of 128: the backward splits the
+    # keys into at least 2 chunks whatever the thread count (4 items per
+    # thread wanted, chunks of >= 4 tiles), so dQ is summed from partials.
+    _run_backward(level, dtype, causal, dict(b=1, sq=150, skv=1100, hq=3, hkv=1, d=64))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

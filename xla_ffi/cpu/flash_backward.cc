@@ -113,8 +113,8 @@ void backward_typed(const BackwardParams& p) {
   };
 
 
-  // bf16 on AMX: S = Q K^T and dP = dO V^T (4 of the 7 products of the two
-  // passes) as bf16 tile products; the rest stays float32.
+  // bf16 on AMX: S = Q K^T and dP = dO V^T (2 of the 5 products) as bf16
+  // tile products; the rest stays float32.
   bool use_amx = false;
   const uint32_t* k_vnni = nullptr;
   const uint32_t* v_vnni = nullptr;
@@ -137,19 +137,6 @@ void backward_typed(const BackwardParams& p) {
   const PackedKv v_t_tiles =
       use_amx ? PackedKv{} : pack_kv_tiles(v, s, mask, padded_dim, KvLayout::kTransposed, 1);
   const PackedKv k_tiles = pack_kv_tiles(k, s, mask, padded_dim, KvLayout::kRows, 2);
-  const int64_t padded_rows = round_up(tile_q, 16);
-  // The AMX operands of (b, kv_h, kv_tile), with the q-side rows already in
-  // scratch slots 8 and 9 (pack_q_side).
-  auto amx_operands = [&](Scratch& scratch, int64_t b, int64_t kv_h, int64_t kv_tile) {
-    AmxOperands operands;
-    if (!use_amx) return operands;
-    operands.q = reinterpret_cast<const bf16_t*>(scratch.get(8, 0));
-    operands.d_out = reinterpret_cast<const bf16_t*>(scratch.get(9, 0));
-    const int64_t tile_index = (b * s.kv_heads + kv_h) * num_kv_tiles + kv_tile;
-    operands.k = k_vnni + tile_index * vnni_tile_dwords;
-    operands.v = v_vnni + tile_index * vnni_tile_dwords;
-    return operands;
-  };
 
   // delta = rowsum(dO * O) - dlse, [B, Hq, Sq].
   std::vector<float> delta(s.batch * s.q_heads * s.q_len);
@@ -166,133 +153,182 @@ void backward_typed(const BackwardParams& p) {
     }
   });
 
-  // Loads the q-side tiles of (b, h, q_tile): scale*Q, dO, lse and delta rows.
-  auto pack_q_side = [&](Scratch& scratch, int64_t b, int64_t h, int64_t q0, int64_t rows,
-                         float** q_scaled, float** d_out_tile) {
-    *q_scaled = scratch.get(0, tile_q * padded_dim);
-    *d_out_tile = scratch.get(1, tile_q * padded_dim);
-    pack_rows(*q_scaled, padded_dim, q + q_offset(b, h, q0), q_row_stride, rows, s.head_dim,
-              p.softmax_scale, nullptr);
-    pack_rows(*d_out_tile, padded_dim, d_out + q_offset(b, h, q0), q_row_stride, rows,
-              s.head_dim, 1.f, nullptr);
-    if constexpr (std::is_same_v<T, bf16_t>) {
-      if (!use_amx) return;
-      // bf16 q and dO as they are, zero padded to [rows rounded to 16][Dp].
-      const int64_t rows_p = round_up(rows, 16);
-      for (int slot : {8, 9}) {
-        bf16_t* dst = reinterpret_cast<bf16_t*>(scratch.get(slot, padded_rows * padded_dim / 2));
-        const T* src = (slot == 8 ? q : d_out) + q_offset(b, h, q0);
-        std::fill(dst, dst + rows_p * padded_dim, bf16_t{0});
-        for (int64_t i = 0; i < rows; ++i) {
-          std::copy(src + i * q_row_stride, src + i * q_row_stride + s.head_dim, dst + i * padded_dim);
-        }
+  // One pass over the tile pairs: a work item (kv chunk, batch, kv head)
+  // owns the kv tiles of its chunk, visits every q head of its GQA group and
+  // every non-empty q tile, and computes P and dS once per pair for all three
+  // products (dV += P^T dO, dK += dS^T Q, dQ += dS K): 5 matrix products
+  // per pair instead of the 7 of a dK/dV pass and a separate dQ pass. dK and
+  // dV of a kv tile are complete when the item leaves it. dQ rows receive
+  // from every kv tile, so each item accumulates its own dQ partial; with
+  // one chunk (enough (batch, kv head) items for the pool) that partial is
+  // the whole dQ and is written out directly, otherwise the partials of the
+  // chunks are summed in chunk order afterwards: deterministic, no atomics.
+  const int64_t group = s.group();
+  const int64_t rows_padded = round_up(s.q_len, 16);  // AMX tiles read blocks of 16 rows
+  const int64_t group_rows = s.batch * s.kv_heads;
+  const int64_t dq_elems = group * s.q_len * padded_dim;  // one item's dQ partial
+  int64_t num_chunks = std::min<int64_t>(
+      num_kv_tiles, (4 * parallel_threads() + group_rows - 1) / group_rows);
+  // More chunks cost memory (one float32 dQ per chunk) and re-read the q side:
+  // at most 1 GiB of partials, and chunks of at least 4 kv tiles.
+  num_chunks = std::min<int64_t>(num_chunks, std::max<int64_t>(1, num_kv_tiles / 4));
+  while (num_chunks > 1 && num_chunks * group_rows * dq_elems * 4 > (int64_t{1} << 30)) --num_chunks;
+  const int64_t tiles_per_chunk = (num_kv_tiles + num_chunks - 1) / num_chunks;
+  num_chunks = (num_kv_tiles + tiles_per_chunk - 1) / tiles_per_chunk;
+  std::vector<float> dq_partials(num_chunks > 1 ? num_chunks * group_rows * dq_elems : 0);
+
+  auto write_d_q = [&](const float* acc, int64_t b, int64_t h, int64_t i0, int64_t rows) {
+    T* d_q_out = static_cast<T*>(p.d_q) + q_offset(b, h, i0);
+    for (int64_t i = 0; i < rows; ++i) {
+      for (int64_t d = 0; d < s.head_dim; ++d) {
+        from_float(p.softmax_scale * acc[i * padded_dim + d], &d_q_out[i * q_row_stride + d]);
       }
     }
   };
 
-  // Pass 1: dK, dV.
-  parallel_for(s.batch * s.kv_heads * num_kv_tiles, [&](int64_t item) {
-    const int64_t kv_tile = item % num_kv_tiles;
-    const int64_t kv_h = (item / num_kv_tiles) % s.kv_heads;
-    const int64_t b = item / (num_kv_tiles * s.kv_heads);
-    const int64_t k0 = kv_tile * tile_kv;
-    const int64_t keys = std::min(tile_kv, s.kv_len - k0);
+  // Chunk-major order: under a causal mask the first chunks (earliest keys)
+  // carry the most q tiles, so the heaviest items start first.
+  parallel_for(num_chunks * group_rows, [&](int64_t item) {
+    const int64_t chunk = item / group_rows;
+    const int64_t b = (item % group_rows) / s.kv_heads;
+    const int64_t kv_h = item % s.kv_heads;
+    const int64_t first_tile = chunk * tiles_per_chunk;
+    const int64_t last_tile = std::min(num_kv_tiles, first_tile + tiles_per_chunk);
     Scratch& scratch = thread_scratch();
-    const float* k_t = k_t_tiles.tile(b, kv_h, kv_tile);
-    const float* v_t = v_t_tiles.tile(b, kv_h, kv_tile);
-    TileGradients t{scratch.get(4, padded_rows * tile_kv), scratch.get(5, padded_rows * tile_kv)};
+
+    // The group's q side, packed once per item: scale*Q and dO in float32
+    // [group][Sq][Dp], and for AMX bf16 Q and dO [group][Sq rounded to 16][Dp].
+    float* q_scaled = scratch.get(0, dq_elems);
+    float* d_out_rows = scratch.get(1, dq_elems);
+    bf16_t* q_bf16 = nullptr;
+    bf16_t* d_out_bf16 = nullptr;
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t h = kv_h * group + g;
+      pack_rows(q_scaled + g * s.q_len * padded_dim, padded_dim, q + q_offset(b, h, 0), q_row_stride,
+                s.q_len, s.head_dim, p.softmax_scale, nullptr);
+      pack_rows(d_out_rows + g * s.q_len * padded_dim, padded_dim, d_out + q_offset(b, h, 0),
+                q_row_stride, s.q_len, s.head_dim, 1.f, nullptr);
+    }
+    if constexpr (std::is_same_v<T, bf16_t>) {
+      if (use_amx) {
+        const int64_t per_head = rows_padded * padded_dim;
+        q_bf16 = reinterpret_cast<bf16_t*>(scratch.get(8, (group * per_head + 1) / 2));
+        d_out_bf16 = reinterpret_cast<bf16_t*>(scratch.get(9, (group * per_head + 1) / 2));
+        for (int slot = 0; slot < 2; ++slot) {
+          bf16_t* dst_all = slot == 0 ? q_bf16 : d_out_bf16;
+          const T* src_all = slot == 0 ? q : d_out;
+          std::fill(dst_all, dst_all + group * per_head, bf16_t{0});
+          for (int64_t g = 0; g < group; ++g) {
+            const T* src = src_all + q_offset(b, kv_h * group + g, 0);
+            bf16_t* dst = dst_all + g * per_head;
+            for (int64_t i = 0; i < s.q_len; ++i) {
+              std::copy(src + i * q_row_stride, src + i * q_row_stride + s.head_dim,
+                        dst + i * padded_dim);
+            }
+          }
+        }
+      }
+    }
+    float* d_q_acc = num_chunks == 1
+                         ? scratch.get(2, dq_elems)
+                         : dq_partials.data() + (chunk * group_rows + b * s.kv_heads + kv_h) * dq_elems;
+    std::fill(d_q_acc, d_q_acc + dq_elems, 0.f);
+
+    TileGradients t{scratch.get(4, round_up(tile_q, 16) * tile_kv),
+                    scratch.get(5, round_up(tile_q, 16) * tile_kv)};
 #ifdef FASTATTN_HAVE_AMX_TILES
     std::optional<AmxTileScope> tiles;
     if (use_amx) tiles.emplace(uniform_tile_config());
 #endif
     float* d_k = scratch.get(6, tile_kv * padded_dim);
     float* d_v = scratch.get(7, tile_kv * padded_dim);
-    std::fill(d_k, d_k + tile_kv * padded_dim, 0.f);
-    std::fill(d_v, d_v + tile_kv * padded_dim, 0.f);
-    for (int64_t h = kv_h * s.group(); h < (kv_h + 1) * s.group(); ++h) {
-      for (int64_t q_tile = 0; q_tile < num_q_tiles; ++q_tile) {
-        const int8_t cls = tile_class_at(mask, b, h, q_tile, kv_tile, num_q_tiles, num_kv_tiles);
-        if (cls == kEmpty) continue;
-        const int64_t q0 = q_tile * tile_q;
-        const int64_t rows = std::min(tile_q, s.q_len - q0);
-        float *q_scaled, *d_out_tile;
-        pack_q_side(scratch, b, h, q0, rows, &q_scaled, &d_out_tile);
-        const int64_t row0 = (b * s.q_heads + h) * s.q_len + q0;
-        tile_gradients(t, q_scaled, d_out_tile, k_t, v_t, p.lse + row0, delta.data() + row0,
-                       rows, tile_kv, padded_dim, p, b, h, q0, k0, keys, cls == kPartial,
-                       amx_operands(scratch, b, kv_h, kv_tile));
-        // dV += P^T dO ; dK += dS^T (scale * Q)
-        gemm_accumulate(d_v, padded_dim, t.probs, 1, tile_kv, d_out_tile, padded_dim, keys,
-                        padded_dim, rows);
-        gemm_accumulate(d_k, padded_dim, t.d_logits, 1, tile_kv, q_scaled, padded_dim, keys,
-                        padded_dim, rows);
-      }
-    }
-    T* d_k_out = static_cast<T*>(p.d_k) + kv_offset(b, kv_h, k0);
-    T* d_v_out = static_cast<T*>(p.d_v) + kv_offset(b, kv_h, k0);
-    for (int64_t j = 0; j < keys; ++j) {
-      for (int64_t d = 0; d < s.head_dim; ++d) {
-        from_float(d_k[j * padded_dim + d], &d_k_out[j * kv_row_stride + d]);
-        from_float(d_v[j * padded_dim + d], &d_v_out[j * kv_row_stride + d]);
-      }
-    }
-  });
-
-  // Pass 2: dQ and dBias.
-  parallel_for(s.batch * s.q_heads * num_q_tiles, [&](int64_t item) {
-    const int64_t q_tile = num_q_tiles - 1 - item % num_q_tiles;
-    const int64_t h = (item / num_q_tiles) % s.q_heads;
-    const int64_t b = item / (num_q_tiles * s.q_heads);
-    const int64_t kv_h = h / s.group();
-    const int64_t q0 = q_tile * tile_q;
-    const int64_t rows = std::min(tile_q, s.q_len - q0);
-    Scratch& scratch = thread_scratch();
-    float *q_scaled, *d_out_tile;
-    pack_q_side(scratch, b, h, q0, rows, &q_scaled, &d_out_tile);
-    TileGradients t{scratch.get(4, padded_rows * tile_kv), scratch.get(5, padded_rows * tile_kv)};
-#ifdef FASTATTN_HAVE_AMX_TILES
-    std::optional<AmxTileScope> tiles;
-    if (use_amx) tiles.emplace(uniform_tile_config());
-#endif
-    float* d_q = scratch.get(7, tile_q * padded_dim);
-    std::fill(d_q, d_q + rows * padded_dim, 0.f);
-    const int64_t row0 = (b * s.q_heads + h) * s.q_len + q0;
-    for (int64_t kv_tile = 0; kv_tile < num_kv_tiles; ++kv_tile) {
-      const int8_t cls = tile_class_at(mask, b, h, q_tile, kv_tile, num_q_tiles, num_kv_tiles);
+    for (int64_t kv_tile = first_tile; kv_tile < last_tile; ++kv_tile) {
       const int64_t k0 = kv_tile * tile_kv;
       const int64_t keys = std::min(tile_kv, s.kv_len - k0);
-      float* d_bias_tile =
-          p.d_bias == nullptr ? nullptr : p.d_bias + (row0 * s.kv_len) + k0;
-      if (cls == kEmpty) {
-        if (d_bias_tile != nullptr) {
-          for (int64_t i = 0; i < rows; ++i) {
-            std::fill(d_bias_tile + i * s.kv_len, d_bias_tile + i * s.kv_len + keys, 0.f);
-          }
-        }
-        continue;
-      }
       const float* k_t = k_t_tiles.tile(b, kv_h, kv_tile);
       const float* v_t = v_t_tiles.tile(b, kv_h, kv_tile);
       const float* k_rows = k_tiles.tile(b, kv_h, kv_tile);
-      tile_gradients(t, q_scaled, d_out_tile, k_t, v_t, p.lse + row0, delta.data() + row0,
-                     rows, tile_kv, padded_dim, p, b, h, q0, k0, keys, cls == kPartial,
-                     amx_operands(scratch, b, kv_h, kv_tile));
-      // dQ += dS K (times scale at the end)
-      gemm_accumulate(d_q, padded_dim, t.d_logits, tile_kv, 1, k_rows, padded_dim, rows,
-                      padded_dim, keys);
-      if (d_bias_tile != nullptr) {
-        for (int64_t i = 0; i < rows; ++i) {
-          std::copy(t.d_logits + i * tile_kv, t.d_logits + i * tile_kv + keys,
-                    d_bias_tile + i * s.kv_len);
+      AmxOperands amx;
+      if (use_amx) {
+        const int64_t tile_index = (b * s.kv_heads + kv_h) * num_kv_tiles + kv_tile;
+        amx.k = k_vnni + tile_index * vnni_tile_dwords;
+        amx.v = v_vnni + tile_index * vnni_tile_dwords;
+      }
+      std::fill(d_k, d_k + tile_kv * padded_dim, 0.f);
+      std::fill(d_v, d_v + tile_kv * padded_dim, 0.f);
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t h = kv_h * group + g;
+        for (int64_t q_tile = 0; q_tile < num_q_tiles; ++q_tile) {
+          const int64_t q0 = q_tile * tile_q;
+          const int64_t rows = std::min(tile_q, s.q_len - q0);
+          const int64_t row0 = (b * s.q_heads + h) * s.q_len + q0;
+          float* d_bias_tile = p.d_bias == nullptr ? nullptr : p.d_bias + (row0 * s.kv_len) + k0;
+          const int8_t cls = tile_class_at(mask, b, h, q_tile, kv_tile, num_q_tiles, num_kv_tiles);
+          if (cls == kEmpty) {
+            if (d_bias_tile != nullptr) {
+              for (int64_t i = 0; i < rows; ++i) {
+                std::fill(d_bias_tile + i * s.kv_len, d_bias_tile + i * s.kv_len + keys, 0.f);
+              }
+            }
+            continue;
+          }
+          const int64_t q_side = (g * s.q_len + q0) * padded_dim;
+          const float* q_tile_scaled = q_scaled + q_side;
+          const float* d_out_tile = d_out_rows + q_side;
+          if (use_amx) {
+            amx.q = q_bf16 + (g * rows_padded + q0) * padded_dim;
+            amx.d_out = d_out_bf16 + (g * rows_padded + q0) * padded_dim;
+          }
+          tile_gradients(t, q_tile_scaled, d_out_tile, k_t, v_t, p.lse + row0, delta.data() + row0,
+                         rows, tile_kv, padded_dim, p, b, h, q0, k0, keys, cls == kPartial, amx);
+          // dV += P^T dO ; dK += dS^T (scale * Q) ; dQ += dS K (times scale at the end)
+          gemm_accumulate(d_v, padded_dim, t.probs, 1, tile_kv, d_out_tile, padded_dim, keys,
+                          padded_dim, rows);
+          gemm_accumulate(d_k, padded_dim, t.d_logits, 1, tile_kv, q_tile_scaled, padded_dim, keys,
+                          padded_dim, rows);
+          gemm_accumulate(d_q_acc + q_side, padded_dim, t.d_logits, tile_kv, 1, k_rows, padded_dim,
+                          rows, padded_dim, keys);
+          if (d_bias_tile != nullptr) {
+            for (int64_t i = 0; i < rows; ++i) {
+              std::copy(t.d_logits + i * tile_kv, t.d_logits + i * tile_kv + keys,
+                        d_bias_tile + i * s.kv_len);
+            }
+          }
+        }
+      }
+      T* d_k_out = static_cast<T*>(p.d_k) + kv_offset(b, kv_h, k0);
+      T* d_v_out = static_cast<T*>(p.d_v) + kv_offset(b, kv_h, k0);
+      for (int64_t j = 0; j < keys; ++j) {
+        for (int64_t d = 0; d < s.head_dim; ++d) {
+          from_float(d_k[j * padded_dim + d], &d_k_out[j * kv_row_stride + d]);
+          from_float(d_v[j * padded_dim + d], &d_v_out[j * kv_row_stride + d]);
         }
       }
     }
-    T* d_q_out = static_cast<T*>(p.d_q) + q_offset(b, h, q0);
-    for (int64_t i = 0; i < rows; ++i) {
-      for (int64_t d = 0; d < s.head_dim; ++d) {
-        from_float(p.softmax_scale * d_q[i * padded_dim + d], &d_q_out[i * q_row_stride + d]);
+    if (num_chunks == 1) {
+      for (int64_t g = 0; g < group; ++g) {
+        write_d_q(d_q_acc + g * s.q_len * padded_dim, b, kv_h * group + g, 0, s.q_len);
       }
     }
+  });
+  if (num_chunks == 1) return;
+
+  // dQ = scale * (sum of the chunks' partials), per (batch, q head, q tile).
+  parallel_for(s.batch * s.q_heads * num_q_tiles, [&](int64_t item) {
+    const int64_t q_tile = item % num_q_tiles;
+    const int64_t h = (item / num_q_tiles) % s.q_heads;
+    const int64_t b = item / (num_q_tiles * s.q_heads);
+    const int64_t q0 = q_tile * tile_q;
+    const int64_t rows = std::min(tile_q, s.q_len - q0);
+    const int64_t offset = (b * s.kv_heads + h / group) * dq_elems +
+                           ((h % group) * s.q_len + q0) * padded_dim;
+    float* sum = thread_scratch().get(3, tile_q * padded_dim);
+    std::copy(dq_partials.data() + offset, dq_partials.data() + offset + rows * padded_dim, sum);
+    for (int64_t c = 1; c < num_chunks; ++c) {
+      const float* part = dq_partials.data() + c * group_rows * dq_elems + offset;
+      for (int64_t e = 0; e < rows * padded_dim; e += kLanes) store(sum + e, load(sum + e) + load(part + e));
+    }
+    write_d_q(sum, b, h, q0, rows);
   });
 }
 
