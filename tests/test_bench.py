@@ -271,8 +271,10 @@ def test_issue32_preset_is_the_grid_of_the_issue():
     forward = {(c.dtype, c.causal, c.seq, c.head_dim) for c, _ in plan if c.mode == "fwd"}
     assert forward == {(d, causal, s, h) for d in ("float32", "bfloat16") for causal in (True, False)
                        for s in (1024, 4096, 8192) for h in (64, 128)}
-    assert len(plan) == 25 and all(c.batch == 1 and c.heads == c.kv_heads == 8 for c, _ in plan)
-    assert [c for c, _ in plan if c.mode == "fwd_bwd"] == [bench.Case(1, 2048, 8, 8, 64, True, "float32", "fwd_bwd")]
+    assert len(plan) == 28 and all(c.batch == 1 and c.heads == c.kv_heads == 8 for c, _ in plan)
+    assert [c for c, _ in plan if c.mode == "fwd_bwd"] == [
+        bench.Case(1, 2048, 8, 8, 64, True, "float32", "fwd_bwd"), bench.Case(1, 2048, 8, 8, 128, True, "float32", "fwd_bwd"),
+        bench.Case(1, 2048, 8, 8, 64, False, "float32", "fwd_bwd"), bench.Case(1, 2048, 8, 8, 64, True, "bfloat16", "fwd_bwd")]
     assert min(n for _, n in plan) >= 5
     with pytest.raises(ValueError, match="--preset"):
         cpu_interleaved.preset_plan("cpu-nope")

@@ -3,9 +3,9 @@
 # flash-attention CPU kernel (torch-sdpa-cpu) and jax.nn.dot_product_attention
 # (XLA), timed round-robin in one process on the same pinned CPUs.
 # Grid: f32 and bf16, causal and full, S = 1K, 4K, 8K, D = 64 and 128, B=1,
-# H=8, forward; forward + backward f32 causal S=2K D=64. About 12 minutes at
-# 2 threads. torch is optional (pip install torch); without it the table says
-# the peer is missing and times the other two.
+# H=8, forward; forward + backward at S=2K (f32 causal D=64/128, f32 full D=64,
+# bf16 causal D=64). About 13 minutes at 2 threads. torch is optional (pip install
+# torch); without it the table says the peer is missing and times the other two.
 #
 # Usage: tools/cpu_bench.sh [THREADS] [OUT_DIR] [extra bench options...]
 #   THREADS  CPUs to pin the bench to (default: all this process may use)

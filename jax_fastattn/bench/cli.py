@@ -134,7 +134,8 @@ def parse_args(argv=None):
                              + ", ".join(cpu_interleaved.CPU_PEERS) + ")")
     parser.add_argument("--preset", choices=sorted(cpu_interleaved.PRESETS),
                         help="a fixed grid of cases and repeats, timed interleaved (cpu-issue32: f32/bf16, "
-                             "causal/full, S 1K/4K/8K, D 64/128 forward, and fwd+bwd f32 causal S=2K D=64; "
+                             "causal/full, S 1K/4K/8K, D 64/128 forward, and fwd+bwd at S=2K (f32 causal D 64/128, f32 "
+                             "full D 64, bf16 causal D 64); "
                              "cpu-tiny: a seconds-long dry run); overrides the case options")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--interleaved-worker", help=argparse.SUPPRESS)

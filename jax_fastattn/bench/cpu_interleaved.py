@@ -49,11 +49,14 @@ ISSUE32_REPEATS = {1024: 15, 2048: 7, 4096: 7, 8192: 5}
 
 def _issue32_plan() -> List[Tuple[Case, int]]:
     """f32 and bf16, causal and full, S = 1K, 4K, 8K, D = 64 and 128, B=1,
-    H=8, forward; and forward + backward f32 causal S=2K D=64."""
+    H=8, forward; and forward + backward at S=2K: f32 causal D=64 and 128,
+    f32 full D=64, bf16 causal D=64."""
     plan = [(Case(1, seq, 8, 8, dim, causal, dtype, "fwd"), ISSUE32_REPEATS[seq])
             for seq in (1024, 4096, 8192) for dtype in ("float32", "bfloat16")
             for causal in (True, False) for dim in (64, 128)]
-    plan.append((Case(1, 2048, 8, 8, 64, True, "float32", "fwd_bwd"), ISSUE32_REPEATS[2048]))
+    plan += [(Case(1, 2048, 8, 8, dim, causal, dtype, "fwd_bwd"), ISSUE32_REPEATS[2048])
+             for dtype, causal, dim in (("float32", True, 64), ("float32", True, 128), ("float32", False, 64),
+                                        ("bfloat16", True, 64))]
     return plan
 
 
