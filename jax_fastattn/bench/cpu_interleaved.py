@@ -300,6 +300,10 @@ def _print_progress(case_results: List[dict]) -> None:
 
 
 def worker_main(spec_json: str) -> None:
+    # Every peer of the CPU grid runs on the CPU, XLA's too, also on a
+    # machine with a GPU (where jax would otherwise default to it).
+    import jax
+    jax.config.update("jax_platforms", "cpu")
     spec = json.loads(spec_json)
     plan = [(Case(**case), repeats) for case, repeats in spec["plan"]]
     run_plan(plan, spec["impls"], spec["threads"], spec["deadline"], spec["max_quadratic_gb"],
