@@ -8,7 +8,7 @@ the rest in pinned host memory (strategy "stream") and/or attended by the CPU
 
 Measures in one process: a host->device copy from pinned_host (the PCIe
 reference), the planner's throughputs (GPU and CPU decode attention), the
-streaming mechanism alone (copy-only scan over host blocks), then for each
+streaming mechanism alone (copy-only; stacked and separate host blocks), then for each
 context ("1M" = 1,048,576 tokens; "max" = what device memory plus --host-gib of
 host memory hold) and strategy: tokens/s of a whole decode step, the bytes that
 crossed PCIe per token and the effective PCIe bandwidth (step alone and the
@@ -111,29 +111,45 @@ def measure_copy(device, nbytes, repeats=5):
     return {"h2d_bytes_per_s": h2d, "d2h_bytes_per_s": d2h, "bytes": nbytes}
 
 
-def measure_stream_mechanism(device, cfg, block_tokens, num_blocks, repeats=3):
-    """The double-buffered scan of offload with no attention: each step copies
-    block i+1 and reduces a slice of block i (so the copy is not dead code)."""
+def measure_stream_mechanism(device, cfg, block_tokens, num_blocks, layout="stacked", repeats=3):
+    """The double-buffered stream of offload with no attention: each step copies
+    block i+1 and reduces a slice of block i (so the copy is not dead code).
+    layout "stacked": one [num_blocks, ...] host array sliced inside a scan;
+    "separate": one host array per block, in an unrolled loop (as
+    OffloadedKV's stream_blocks)."""
     on_host = SingleDeviceSharding(device, memory_kind="pinned_host")
     shape = (num_blocks, 1, block_tokens, cfg["kv_heads"], cfg["head_dim"])
-    blocks = jax.device_put(jnp.ones(shape, jnp.bfloat16), on_host)
+    to_device = lambda x: jax.device_put(x, jax.memory.Space.Device)  # noqa: E731
+    touch = lambda block: jnp.sum(block[:, :8].astype(jnp.float32))  # noqa: E731
+    if layout == "stacked":
+        blocks = jax.device_put(jnp.ones(shape, jnp.bfloat16), on_host)
+        nbytes = blocks.nbytes
 
-    @jax.jit
-    def stream(blocks):
-        fetch = lambda i: jax.device_put(jax.lax.dynamic_index_in_dim(blocks, i, keepdims=False),  # noqa: E731
-                                         jax.memory.Space.Device)
+        @jax.jit
+        def stream(blocks):
+            fetch = lambda i: to_device(jax.lax.dynamic_index_in_dim(blocks, i, keepdims=False))  # noqa: E731
 
-        def step(carry, i):
-            block, total = carry
-            nxt = fetch(i + 1)
-            return (nxt, total + jnp.sum(block[:, :8].astype(jnp.float32))), None
+            def step(carry, i):
+                block, total = carry
+                return (fetch(i + 1), total + touch(block)), None
 
-        (last, total), _ = jax.lax.scan(step, (fetch(0), jnp.float32(0)), jnp.arange(num_blocks - 1))
-        return total + jnp.sum(last[:, :8].astype(jnp.float32))
+            (last, total), _ = jax.lax.scan(step, (fetch(0), jnp.float32(0)), jnp.arange(num_blocks - 1))
+            return total + touch(last)
+    else:
+        blocks = [jax.device_put(jnp.ones(shape[1:], jnp.bfloat16), on_host) for _ in range(num_blocks)]
+        nbytes = sum(block.nbytes for block in blocks)
+
+        @jax.jit
+        def stream(blocks):
+            current, total = to_device(blocks[0]), jnp.float32(0)
+            for nxt in blocks[1:]:
+                fetched = to_device(nxt)
+                total, current = total + touch(current), fetched
+            return total + touch(current)
 
     seconds = best_time(lambda: stream(blocks), repeats)
-    return {"bytes": blocks.nbytes, "seconds": seconds, "bytes_per_s": blocks.nbytes / seconds,
-            "block_bytes": blocks.nbytes // num_blocks}
+    return {"layout": layout, "bytes": nbytes, "seconds": seconds, "bytes_per_s": nbytes / seconds,
+            "block_bytes": nbytes // num_blocks}
 
 
 # --------------------------------------------------------------------------- the model's step
@@ -356,9 +372,10 @@ def main(argv=None):
 
     copy = attempt("copy", lambda: measure_copy(device, cfg["copy_mib"] << 20))
     block_tokens = (cfg["block_mib"] << 20) // (cfg["kv_heads"] * cfg["head_dim"] * 2)
-    attempt("stream_mechanism", lambda: measure_stream_mechanism(
-        device, cfg, block_tokens, max(2, (cfg["copy_mib"] << 20) // (block_tokens * cfg["kv_heads"] *
-                                                                       cfg["head_dim"] * 2))))
+    mechanism_blocks = max(2, (cfg["copy_mib"] << 20) // (block_tokens * cfg["kv_heads"] * cfg["head_dim"] * 2))
+    for layout in ("stacked", "separate"):
+        attempt(f"stream_mechanism_{layout}", lambda: measure_stream_mechanism(
+            device, cfg, block_tokens, mechanism_blocks, layout))
     candidates = [args.backend] if args.backend else ["einsum", "auto"]
     measured = {}
     for backend in candidates:
