@@ -233,6 +233,17 @@ def test_interleaved_samples_alternate_and_are_charged_to_their_own_implementati
     assert times == {name: [t] * 4 for name, t in seconds.items()}
 
 
+def test_interleaved_samples_idle_before_each_sample_outside_the_timing():
+    clock, log, naps = FakeClock(), [], []
+    seconds = {"ours": 1.0, "torch": 3.0}
+    times, order = timing.interleaved_samples(fake_impls(clock, seconds, log), 3, clock=clock, gap_s=0.05,
+                                              sleep=naps.append)
+    assert naps == [0.05] * len(order) == [0.05] * 6
+    assert times == {name: [t] * 3 for name, t in seconds.items()}  # the gaps are not charged to anyone
+    with pytest.raises(ValueError, match="gap_s"):
+        timing.interleaved_samples(fake_impls(clock, seconds, log), 1, clock=clock, gap_s=-1)
+
+
 def test_exact_probe_is_numpy_attention_of_the_probed_rows():
     for causal in (True, False):
         case = bench.Case(2, 40, 4, 2, 8, causal, "float32", "fwd")
