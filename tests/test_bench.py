@@ -233,15 +233,12 @@ def test_interleaved_samples_alternate_and_are_charged_to_their_own_implementati
     assert times == {name: [t] * 4 for name, t in seconds.items()}
 
 
-def test_interleaved_samples_idle_before_each_sample_outside_the_timing():
-    clock, log, naps = FakeClock(), [], []
+def test_interleaved_samples_lead_in_runs_each_untimed_call_before_its_own_sample():
+    clock, log = FakeClock(), []
     seconds = {"ours": 1.0, "torch": 3.0}
-    times, order = timing.interleaved_samples(fake_impls(clock, seconds, log), 3, clock=clock, gap_s=0.05,
-                                              sleep=naps.append)
-    assert naps == [0.05] * len(order) == [0.05] * 6
-    assert times == {name: [t] * 3 for name, t in seconds.items()}  # the gaps are not charged to anyone
-    with pytest.raises(ValueError, match="gap_s"):
-        timing.interleaved_samples(fake_impls(clock, seconds, log), 1, clock=clock, gap_s=-1)
+    times, order = timing.interleaved_samples(fake_impls(clock, seconds, log), 3, clock=clock, lead_in=True)
+    assert log == [name for name in order for _ in range(2)]  # each sample: its own lead-in call, then the timed one
+    assert times == {name: [t] * 3 for name, t in seconds.items()}  # lead-in calls are not charged
 
 
 def test_exact_probe_is_numpy_attention_of_the_probed_rows():
@@ -271,7 +268,8 @@ def test_time_case_times_the_prepared_implementations_interleaved_and_keeps_a_fa
     assert [r["impl"] for r in results] == ["right", "broken", "off"]
     assert "no kernel for this case" in results[1]["error"] and "median_s" not in results[1]
     assert log[:2] == ["right", "off"]  # warm-ups, then the rounds
-    assert log[2:] == timing.round_robin_order(["right", "off"], 6)
+    # The rounds: each timed call right after an untimed one of the same implementation.
+    assert log[2:] == [name for name in timing.round_robin_order(["right", "off"], 6) for _ in range(2)]
     assert results[0]["median_s"] == 2.0 and results[2]["median_s"] == 5.0
     assert results[0]["max_abs_err_f64"] < 1e-6
     assert results[2]["max_abs_err_f64"] == pytest.approx(0.5, abs=1e-6)

@@ -189,9 +189,10 @@ def main(argv=None) -> None:
         results.sort(key=lambda r: (labels[Case(**r["case"]).label()], order[r["impl"]]))
         method = {"timing": "interleaved: one process per run, every case's implementations compiled and warmed "
                             "up, then rounds that time each once, the first one rotating (timing.round_robin_order), "
-                            "each call after an idle gap (cpu_interleaved.QUIESCE_S) so no pool spins into the next",
+                            "each timed call right after an untimed call of the same implementation (its steady "
+                            "state: no other runtime's spinning thread pool takes its cores)",
                   "repeats": {c.label(): n for c, n in plan}, "calls_per_sample": 1,
-                  "idle_gap_s": cpu_interleaved.QUIESCE_S}
+                  "lead_in": cpu_interleaved.LEAD_IN}
         _finish(args, argv, results, cpus, method, environment)
         return
     deadline = time.monotonic() + args.budget if args.budget else float("inf")

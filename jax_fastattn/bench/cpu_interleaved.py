@@ -45,12 +45,11 @@ ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 # whole grid (XLA's quadratic peer takes ~5-12 s a call at 8K on 2 cores)
 # stays within ~15 minutes on a 2-core machine.
 ISSUE32_REPEATS = {1024: 15, 2048: 7, 4096: 7, 8192: 5}
-# Idle time before each timed call (timing.interleaved_samples): torch's
-# OpenMP workers spin after a call and, measured on the 2-core machine, made
-# the next implementation's 3.3 ms call (bf16, S=1K) 1.0-1.2 ms slower;
-# after 10 ms of idle time 0.2 ms, and the 50 ms used here leaves none of
-# that spinning to any implementation.
-QUIESCE_S = 0.05
+# Each timed call follows an untimed call of the same implementation
+# (timing.interleaved_samples lead_in): torch's OpenMP workers and XLA's
+# Eigen pool spin after a call, and, measured on the 2-core machine, made
+# the next implementation's 3.3 ms call (bf16, S=1K) 1.0-1.2 ms slower.
+LEAD_IN = True
 
 
 def _issue32_plan() -> List[Tuple[Case, int]]:
@@ -191,7 +190,7 @@ def time_case(case: Case, repeats: int, impls: Sequence[str], host: dict,
         except Exception as error:  # one failing peer must not cost the others' figures
             results[name] = _error(name, case, f"{type(error).__name__}: {str(error)[:200]}")
     if ready:
-        times, _ = timing.interleaved_samples(ready, repeats, 1, clock, gap_s=QUIESCE_S)
+        times, _ = timing.interleaved_samples(ready, repeats, 1, clock, lead_in=LEAD_IN)
         exact = exact_probe(case, host)
         for name, samples in times.items():
             median = float(np.median(samples))

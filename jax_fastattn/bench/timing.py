@@ -41,28 +41,28 @@ def round_robin_order(names: Sequence[str], repeats: int) -> List[str]:
 
 
 def interleaved_samples(impls: Dict[str, Tuple[Callable, Callable]], repeats: int, calls: int = 1,
-                        clock: Callable[[], float] = time.perf_counter, gap_s: float = 0.0,
-                        sleep: Callable[[float], None] = time.sleep) -> Tuple[Dict[str, List[float]], List[str]]:
+                        clock: Callable[[], float] = time.perf_counter,
+                        lead_in: bool = False) -> Tuple[Dict[str, List[float]], List[str]]:
     """Times several implementations in one process, round-robin: each
     sample is one `sample_seconds` sample (the same method as a lone run)
     of the implementation whose turn it is, in `round_robin_order`. A slow
     drift of the machine (another job, clocks, heat) then reaches every
-    implementation alike instead of whichever ran during it. `gap_s` of
-    idle time before each sample lets the thread pools of the previous
-    implementation go to sleep: OpenMP workers (torch's) spin for a while
-    after a parallel region and would take cores from whatever runs next.
-    `impls` maps a name to (dispatch, wait); each has had its warm-up call.
-    Returns ({name: seconds per call of each of its samples}, the order run)."""
+    implementation alike instead of whichever ran during it. With `lead_in`
+    each sample is preceded by one untimed call of the same implementation,
+    so the timed call runs in that implementation's steady state: thread
+    pools that spin after a call (OpenMP's, Eigen's) then belong to the
+    implementation being timed instead of taking cores from the next one,
+    and caches and clocks are its own. `impls` maps a name to (dispatch,
+    wait); each has had its warm-up call. Returns ({name: seconds per call
+    of each of its samples}, the order run)."""
     if not impls:
         raise ValueError("interleaved_samples needs at least one implementation")
-    if gap_s < 0:
-        raise ValueError(f"gap_s must be >= 0, got {gap_s}")
     order = round_robin_order(impls, repeats)
     times: Dict[str, List[float]] = {name: [] for name in impls}
     for name in order:
-        if gap_s:
-            sleep(gap_s)
         dispatch, wait = impls[name]
+        if lead_in:
+            wait([dispatch()])
         times[name] += sample_seconds(dispatch, wait, 1, calls, clock)[0]
     return times, order
 
