@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jax_fastattn import decode_attention, ffi, flash_attention
-from jax_fastattn.config import CPU_ISAS, KernelConfig
+from jax_fastattn.config import CPU_ISAS, KernelConfig, TileConfig
 
 LEVELS = tuple(name for name in CPU_ISAS if name != "auto")
 # Absolute error allowed after scaling by the largest reference value: bf16
@@ -119,13 +119,13 @@ def test_forward_odd_head_dim_and_fewer_queries(level):
     _run_forward(level, jnp.bfloat16, True, dict(b=1, sq=19, skv=77, hq=3, hkv=1, d=40))
 
 
-def _run_backward(level, dtype, causal, shape):
+def _run_backward(level, dtype, causal, shape, tiles=None):
     if not _runnable(level):
         pytest.skip(f"this CPU or build lacks {level}")
     q, k, v = _inputs(dtype, seed=1, **shape)
     d_out = jnp.asarray(np.random.default_rng(2).standard_normal(q.shape, dtype=np.float32), dtype)
     scale = q.shape[-1] ** -0.5
-    config = KernelConfig(cpu_isa=level)
+    config = KernelConfig(cpu_isa=level, tiles=tiles)
 
     def loss(fn):
         return lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * d_out.astype(jnp.float32))
@@ -150,9 +150,18 @@ def test_backward_at_every_level(level, dtype):
 @pytest.mark.parametrize("level", LEVELS)
 def test_backward_over_several_kv_chunks(level, dtype, causal):
     # One (batch, kv head) item and 9 kv tiles of 128: the backward splits the
-    # keys into at least 2 chunks whatever the thread count (4 items per
-    # thread wanted, chunks of >= 4 tiles), so dQ is summed from partials.
+    # keys into 2 chunks (64 items wanted, chunks of >= 4 tiles), so dQ is
+    # summed from partials.
     _run_backward(level, dtype, causal, dict(b=1, sq=150, skv=1100, hq=3, hkv=1, d=64))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("level", LEVELS)
+def test_backward_with_q_tiles_not_a_multiple_of_16(level, dtype):
+    # q tiles starting at rows 24, 48, ...: the AMX operands read 16-row
+    # blocks from there, past the last tile's rows.
+    _run_backward(level, dtype, True, dict(b=1, sq=41, skv=70, hq=2, hkv=1, d=32),
+                  tiles=TileConfig(tile_q=24, tile_kv=32))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

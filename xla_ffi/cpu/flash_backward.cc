@@ -16,8 +16,8 @@ namespace cpu {
 inline namespace FASTATTN_ISA_NS {
 namespace {
 
-// Everything about one (q tile, kv tile) pair that both passes compute the
-// same way: probabilities P and the logits gradient dS, each [rows][tile_kv].
+// Everything the backward recomputes for one (q tile, kv tile) pair:
+// probabilities P and the logits gradient dS, each [rows][tile_kv].
 struct TileGradients {
   float* probs;
   float* d_logits;
@@ -25,8 +25,9 @@ struct TileGradients {
 
 // The bf16 operands of the two products that recompute S = Q K^T and
 // dP = dO V^T on AMX tiles (bf16_tiles.h): q and dO rows as they are, bf16
-// [rows rounded up to 16][padded_dim], and K and V tiles in the VNNI order
-// of bf16_tiles.h's K. All null: those products run in float32.
+// with row stride padded_dim, readable for rows rounded up to 16 (rows past
+// the tile's are never used), and K and V tiles in the VNNI order of
+// bf16_tiles.h's K. All null: those products run in float32.
 struct AmxOperands {
   const bf16_t* q = nullptr;
   const bf16_t* d_out = nullptr;
@@ -160,18 +161,24 @@ void backward_typed(const BackwardParams& p) {
   // per pair instead of the 7 of a dK/dV pass and a separate dQ pass. dK and
   // dV of a kv tile are complete when the item leaves it. dQ rows receive
   // from every kv tile, so each item accumulates its own dQ partial; with
-  // one chunk (enough (batch, kv head) items for the pool) that partial is
-  // the whole dQ and is written out directly, otherwise the partials of the
-  // chunks are summed in chunk order afterwards: deterministic, no atomics.
+  // one chunk that partial is the whole dQ and is written out directly,
+  // otherwise the partials of the chunks are summed in chunk order
+  // afterwards: no atomics.
   const int64_t group = s.group();
-  const int64_t rows_padded = round_up(s.q_len, 16);  // AMX tiles read blocks of 16 rows
   const int64_t group_rows = s.batch * s.kv_heads;
+  if (group_rows == 0) return;
+  // Rows per head of the bf16 q side: AMX reads round_up(rows, 16) rows from
+  // a q tile's first row, which need not be a multiple of 16 (tile_q is any
+  // size), so up to 15 rows past q_len; they are zero.
+  const int64_t rows_padded = round_up(s.q_len, 16) + 16;
   const int64_t dq_elems = group * s.q_len * padded_dim;  // one item's dQ partial
-  int64_t num_chunks = std::min<int64_t>(
-      num_kv_tiles, (4 * parallel_threads() + group_rows - 1) / group_rows);
-  // More chunks cost memory (one float32 dQ per chunk) and re-read the q side:
-  // at most 1 GiB of partials, and chunks of at least 4 kv tiles.
-  num_chunks = std::min<int64_t>(num_chunks, std::max<int64_t>(1, num_kv_tiles / 4));
+  // The number of chunks depends on the shape only, never on the thread
+  // count, so that the result is the same bit for bit on any machine: about
+  // 64 items wanted (enough for pools of up to ~16 threads), chunks of at
+  // least 4 kv tiles (the last may be shorter), at most 1 GiB of partials.
+  constexpr int64_t kWantedItems = 64;
+  int64_t num_chunks = std::min<int64_t>((kWantedItems + group_rows - 1) / group_rows,
+                                         std::max<int64_t>(1, num_kv_tiles / 4));
   while (num_chunks > 1 && num_chunks * group_rows * dq_elems * 4 > (int64_t{1} << 30)) --num_chunks;
   const int64_t tiles_per_chunk = (num_kv_tiles + num_chunks - 1) / num_chunks;
   num_chunks = (num_kv_tiles + tiles_per_chunk - 1) / tiles_per_chunk;
