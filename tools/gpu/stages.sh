@@ -12,8 +12,8 @@
 #   offload tools/gpu/offload_bench.py
 #   trtvit  python -m models.trt_vit.bench (latency table and guideline experiments)
 #   cpubench the CPU grid of issue 32 on this host's CPU (ours, torch SDPA, XLA interleaved) at all its
-#           cores and at 2 (CPU_THREADS overrides the list), no GPU involved (JAX_PLATFORMS=cpu: XLA
-#           would otherwise run its peer on the GPU)
+#           cores and at 2 (CPU_THREADS overrides the list), no GPU involved (the bench's worker pins
+#           jax to the CPU platform)
 #   hostkv  Llama-3-8B decode with part of a 64K-token KV cache in host memory vs all on the device
 # Logs and JSON under $OUT (a few files, as the device tool brings back at most 8).
 source "$(dirname "$0")/common.sh"
@@ -72,7 +72,7 @@ for stage in "$@"; do
     cpubench)
       lscpu | grep -E "Model name|^CPU\(s\)|Flags" | cut -c1-400 | tee -a "$LOG"
       for threads in ${CPU_THREADS:-$(nproc) 2}; do
-        JAX_PLATFORMS=cpu timeout ${CPU_BENCH_TIMEOUT:-400} bash tools/cpu_bench.sh "$threads" "$OUT/cpu_t$threads" 2>&1 \
+        timeout ${CPU_BENCH_TIMEOUT:-400} bash tools/cpu_bench.sh "$threads" "$OUT/cpu_t$threads" 2>&1 \
           | grep -v "^running" | tail -32 | tee -a "$LOG"
       done ;;
     hostkv)

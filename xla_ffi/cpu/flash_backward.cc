@@ -1,6 +1,7 @@
 #include "flash_backward.h"
 
 #include <cmath>
+#include <memory>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -182,7 +183,9 @@ void backward_typed(const BackwardParams& p) {
   while (num_chunks > 1 && num_chunks * group_rows * dq_elems * 4 > (int64_t{1} << 30)) --num_chunks;
   const int64_t tiles_per_chunk = (num_kv_tiles + num_chunks - 1) / num_chunks;
   num_chunks = (num_kv_tiles + tiles_per_chunk - 1) / tiles_per_chunk;
-  std::vector<float> dq_partials(num_chunks > 1 ? num_chunks * group_rows * dq_elems : 0);
+  // Not zeroed here: each item zeroes its own partial before accumulating.
+  const std::unique_ptr<float[]> dq_partials(num_chunks > 1 ? new float[num_chunks * group_rows * dq_elems]
+                                                             : nullptr);
 
   auto write_d_q = [&](const float* acc, int64_t b, int64_t h, int64_t i0, int64_t rows) {
     T* d_q_out = static_cast<T*>(p.d_q) + q_offset(b, h, i0);
@@ -204,7 +207,8 @@ void backward_typed(const BackwardParams& p) {
     Scratch& scratch = thread_scratch();
 
     // The group's q side, packed once per item: scale*Q and dO in float32
-    // [group][Sq][Dp], and for AMX bf16 Q and dO [group][Sq rounded to 16][Dp].
+    // [group][Sq][Dp], and for AMX bf16 Q and dO [group][rows_padded][Dp], zero
+    // past Sq.
     float* q_scaled = scratch.get(0, dq_elems);
     float* d_out_rows = scratch.get(1, dq_elems);
     bf16_t* q_bf16 = nullptr;
@@ -238,7 +242,7 @@ void backward_typed(const BackwardParams& p) {
     }
     float* d_q_acc = num_chunks == 1
                          ? scratch.get(2, dq_elems)
-                         : dq_partials.data() + (chunk * group_rows + b * s.kv_heads + kv_h) * dq_elems;
+                         : dq_partials.get() + (chunk * group_rows + b * s.kv_heads + kv_h) * dq_elems;
     std::fill(d_q_acc, d_q_acc + dq_elems, 0.f);
 
     TileGradients t{scratch.get(4, round_up(tile_q, 16) * tile_kv),
@@ -330,9 +334,9 @@ void backward_typed(const BackwardParams& p) {
     const int64_t offset = (b * s.kv_heads + h / group) * dq_elems +
                            ((h % group) * s.q_len + q0) * padded_dim;
     float* sum = thread_scratch().get(3, tile_q * padded_dim);
-    std::copy(dq_partials.data() + offset, dq_partials.data() + offset + rows * padded_dim, sum);
+    std::copy(dq_partials.get() + offset, dq_partials.get() + offset + rows * padded_dim, sum);
     for (int64_t c = 1; c < num_chunks; ++c) {
-      const float* part = dq_partials.data() + c * group_rows * dq_elems + offset;
+      const float* part = dq_partials.get() + c * group_rows * dq_elems + offset;
       for (int64_t e = 0; e < rows * padded_dim; e += kLanes) store(sum + e, load(sum + e) + load(part + e));
     }
     write_d_q(sum, b, h, q0, rows);
