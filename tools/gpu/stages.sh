@@ -9,7 +9,7 @@
 #   weights tools/gpu/decode_weight_stream.py (weight streaming: scanned vs unrolled layers vs a copy)
 #   tp      tools/gpu/tp_block_model.py and tools/gpu/tp_schedule.py (deviceless 2/8-H100 schedules)
 #   ring    tools/gpu/ring_step_time.py and tools/gpu/ring_schedule.py (deviceless 4/8-H100 schedules)
-#   offload tools/gpu/offload_bench.py
+#   offload tools/gpu/offload_bench.py (OFFLOAD_ARGS: extra arguments, OFFLOAD_TAG: suffix of its JSON)
 #   trtvit  python -m models.trt_vit.bench (latency table and guideline experiments)
 #   cpubench the CPU grid of issue 32 on this host's CPU (ours, torch SDPA, XLA interleaved) at all its
 #           cores and at 2 (CPU_THREADS overrides the list), no GPU involved (the bench's worker pins
@@ -63,7 +63,8 @@ for stage in "$@"; do
       timeout 240 python3 tools/gpu/ring_step_time.py --preset h200 --out "$OUT/ring_steps.json" 2>&1 | tail -30 | tee -a "$LOG"
       timeout 300 python3 tools/gpu/ring_schedule.py --check --out "$OUT/ring_schedule.json" 2>&1 | tail -6 | tee -a "$LOG" ;;
     offload)
-      timeout 420 python3 tools/gpu/offload_bench.py --preset ${OFFLOAD_PRESET:-h200} --out "$OUT/offload.json" 2>&1 \
+      timeout ${OFFLOAD_TIMEOUT:-420} python3 tools/gpu/offload_bench.py --preset ${OFFLOAD_PRESET:-h200} $OFFLOAD_ARGS \
+        --out "$OUT/offload${OFFLOAD_TAG}.json" 2>&1 \
         | tail -40 | tee -a "$LOG" ;;
     trtvit)
       timeout 420 python3 -m models.trt_vit.bench --dtypes bf16,fp16 --out "$OUT/trt_vit_models.json" 2>&1 | tail -40 | tee -a "$LOG"
