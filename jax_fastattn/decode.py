@@ -73,14 +73,17 @@ def _decode_cpu_isa(config, backend: str) -> str:
 
 
 def decode_attention(q, k_cache, v_cache, lengths, *, page_table=None, softmax_scale: Optional[float] = None,
-                     backend: str = "auto", config: Optional[KernelConfig] = None):
+                     backend: str = "auto", config: Optional[KernelConfig] = None, return_lse: bool = False):
     """Attention of q [B, Hq, D] over the first lengths[b] cached positions.
 
     Caches are contiguous, k_cache/v_cache [B, Smax, Hkv, D], or paged:
     k_cache/v_cache [num_pages, page_size, Hkv, D] with page_table int32
     [B, max_pages] naming the page that holds positions
     [i * page_size, (i + 1) * page_size) of row b. Returns [B, Hq, D] in q's
-    dtype. A row with length 0 returns zeros; cache rows at or past the
+    dtype, and with return_lse=True also lse float32 [B, Hq], the log of
+    the softmax denominator log(sum_j exp(scale * q.k_j)) over the valid
+    keys (what `merge_partials` needs to combine this result with attention
+    over other keys). A row with length 0 returns zeros (lse -inf); cache rows at or past the
     length are never read (they may hold garbage, NaN included). Equals
     `flash_attention` with Sq = 1 over the valid prefix.
 
@@ -91,6 +94,8 @@ def decode_attention(q, k_cache, v_cache, lengths, *, page_table=None, softmax_s
     other choices are errors here as they would be for the attention kernels.
     """
     _check(q, k_cache, v_cache, lengths, page_table, softmax_scale)
+    if not isinstance(return_lse, (bool, np.bool_)):
+        raise ArgumentError(f"return_lse must be a Python bool, got {type(return_lse).__name__}")
     concrete = backends.resolve(backend, "decode", q.dtype, q.shape[-1]).name
     cpu_isa = _decode_cpu_isa(config, concrete)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
@@ -101,7 +106,8 @@ def decode_attention(q, k_cache, v_cache, lengths, *, page_table=None, softmax_s
         splits = decode_num_splits(q.shape[0], k_cache.shape[2], q.shape[1] // k_cache.shape[2], max_len) \
             if concrete == "cuda" else 1
         call = sharding.decode_call(concrete, scale, page_table is not None, splits, cpu_isa)
-        return call(q, k_cache, v_cache, lengths, table)[0]
+        out, lse = call(q, k_cache, v_cache, lengths, table)[:2]
+        return (out, lse) if return_lse else out
     if page_table is not None:
         k_cache, v_cache = _gather_pages(k_cache, page_table), _gather_pages(v_cache, page_table)
     batch, s_max = q.shape[0], k_cache.shape[1]
@@ -111,6 +117,6 @@ def decode_attention(q, k_cache, v_cache, lengths, *, page_table=None, softmax_s
     k_cache, v_cache = (jnp.where(valid[:, :, None, None], c, jnp.zeros((), c.dtype)) for c in (k_cache, v_cache))
     kv_ids = jnp.where(valid, 0, -1).astype(jnp.int32)
     q_ids = jnp.zeros((batch, 1), jnp.int32)
-    out = flash_attention(q[:, None], k_cache, v_cache, mask=masks.Segments(q_ids, kv_ids),
-                          softmax_scale=scale, backend=concrete)
-    return out[:, 0]
+    out, lse = flash_attention(q[:, None], k_cache, v_cache, mask=masks.Segments(q_ids, kv_ids),
+                               softmax_scale=scale, backend=concrete, return_lse=True)
+    return (out[:, 0], lse[:, :, 0]) if return_lse else out[:, 0]

@@ -167,8 +167,9 @@ def backward_ffi(platform: str, attrs: CallAttrs):
 
 
 def decode_ffi(platform: str, softmax_scale: float, num_splits: int = 1, cpu_isa: str = "auto"):
-    """fn(q, k, v, lengths, page_table) -> (out,) on the CPU, (out,
-    workspace) on CUDA; page_table empty means a contiguous cache. The CUDA
+    """fn(q, k, v, lengths, page_table) -> (out, lse) on the CPU, (out, lse,
+    workspace) on CUDA; page_table empty means a contiguous cache; lse
+    float32 [B, Hq] (-inf for a row of length 0). The CUDA
     workspace [B, Hq, num_splits * (D + 2)] float32 holds the split partials
     (an output, not FFI scratch: XLA keeps it alive until the kernels ran).
     cpu_isa: the CPU kernel's level, one of config.CPU_ISAS."""
@@ -177,7 +178,7 @@ def decode_ffi(platform: str, softmax_scale: float, num_splits: int = 1, cpu_isa
         raise ValueError(f"cpu_isa must be one of {tuple(KERNEL_CODES['cpu_isa'])}, got {cpu_isa!r}")
 
     def call(q, k, v, lengths, page_table):
-        results = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+        results = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(q.shape[:2], jnp.float32)]
         attrs = dict(softmax_scale=np.float32(softmax_scale))
         if platform == "cpu":
             attrs["cpu_isa"] = np.int32(KERNEL_CODES["cpu_isa"][cpu_isa])

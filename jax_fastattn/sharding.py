@@ -51,7 +51,7 @@ LAYOUTS = {
     # decode
     "decode_q": "b (k g) d", "k_cache": "b t k d", "v_cache": "b t k d",
     "k_pages": "p t k d", "v_pages": "p t k d", "lengths": "b", "page_table": "b mp",
-    "decode_out": "b (k g) d",
+    "decode_out": "b (k g) d", "decode_lse": "b (k g)",
     "split_partials": "b (k g) w",   # CUDA: the split-KV partials (out, max, sum) per split
 }
 # Arguments whose batch and head dims may be 1 (broadcast) instead of B, Hq.
@@ -350,10 +350,10 @@ def backward_call(platform: str, attrs: ffi.CallAttrs):
 
 @functools.lru_cache(maxsize=None)
 def decode_call(platform: str, softmax_scale: float, paged: bool, num_splits: int = 1, cpu_isa: str = "auto"):
-    """fn(q [B, Hq, D], k, v, lengths [B], page_table) -> (out,) or (out,
-    workspace) on CUDA. cpu_isa: the CPU kernel's level (CPU only)."""
+    """fn(q [B, Hq, D], k, v, lengths [B], page_table) -> (out, lse) or
+    (out, lse, workspace) on CUDA. cpu_isa: the CPU kernel's level (CPU only)."""
     raw = ffi.decode_ffi(platform, softmax_scale, num_splits, cpu_isa=cpu_isa)
-    names = ("decode_out", "split_partials") if platform == "cuda" else ("decode_out",)
+    names = ("decode_out", "decode_lse") + (("split_partials",) if platform == "cuda" else ())
     if paged:
         return _varying_like(_batched_paged(_partitioned(raw, DECODE_PAGED_ARGS, names)))
     return _varying_like(_batched(_partitioned(raw, DECODE_ARGS, names), DECODE_ARGS))

@@ -8,19 +8,32 @@ from jax_fastattn import decode_attention, flash_attention
 from helpers import assert_close
 
 
-def reference_decode(q, k_cache, v_cache, lengths):
-    """Row by row: the reference over each valid prefix."""
-    rows = []
+def reference_decode(q, k_cache, v_cache, lengths, return_lse=False):
+    """Row by row: the reference over each valid prefix (and its lse, -inf
+    for a row of length 0)."""
+    rows, lses = [], []
     for b in range(q.shape[0]):
         n = int(lengths[b])
         if n == 0:
             rows.append(jnp.zeros(q.shape[1:], jnp.float32))
+            lses.append(jnp.full(q.shape[1:2], -jnp.inf, jnp.float32))
             continue
         f32 = lambda x: x.astype(jnp.float32)
-        out = flash_attention(f32(q[b:b + 1, None]), f32(k_cache[b:b + 1, :n]), f32(v_cache[b:b + 1, :n]),
-                              backend="reference")
+        out, lse = flash_attention(f32(q[b:b + 1, None]), f32(k_cache[b:b + 1, :n]), f32(v_cache[b:b + 1, :n]),
+                                   backend="reference", return_lse=True)
         rows.append(out[0, 0])
-    return jnp.stack(rows)
+        lses.append(lse[0, :, 0])
+    return (jnp.stack(rows), jnp.stack(lses)) if return_lse else jnp.stack(rows)
+
+
+def assert_lse_close(lse, expected, dtype):
+    """Finite entries close (bf16/f16 inputs round the logits), -inf where expected."""
+    lse, expected = np.asarray(lse), np.asarray(expected)
+    assert lse.shape == expected.shape and lse.dtype == np.float32
+    empty = np.isneginf(expected)
+    assert np.array_equal(np.isneginf(lse), empty)
+    tol = 1e-4 if dtype == jnp.float32 else 3e-2
+    np.testing.assert_allclose(lse[~empty], expected[~empty], rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
@@ -41,6 +54,68 @@ def test_decode_ragged_lengths_with_garbage_past_length(backend, dtype, heads):
     assert out.shape == q.shape and out.dtype == q.dtype
     assert_close(out, expected, dtype)
     assert np.all(np.asarray(out, np.float32)[2] == 0)  # length 0 -> zeros
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("heads", [(8, 2), (4, 4)], ids=["gqa", "mha"])
+def test_decode_return_lse(backend, dtype, heads):
+    """The lse is the row's log-sum-exp over its valid keys (what
+    merge_partials needs); -inf and zeros for length 0; garbage past the
+    length never reaches it; the output equals the call without lse."""
+    batch, s_max, d = 5, 300, 48
+    keys = jax.random.split(jax.random.PRNGKey(7), 3)
+    q = (3 * jax.random.normal(keys[0], (batch, heads[0], d))).astype(dtype)
+    k_cache = jax.random.normal(keys[1], (batch, s_max, heads[1], d)).astype(dtype)
+    v_cache = jax.random.normal(keys[2], (batch, s_max, heads[1], d)).astype(dtype)
+    lengths = jnp.array([0, 1, s_max, 129, 2], jnp.int32)
+    expected_out, expected_lse = reference_decode(q, k_cache, v_cache, lengths, return_lse=True)
+    past = jnp.arange(s_max)[None, :, None, None] >= lengths[:, None, None, None]
+    k_dirty = jnp.where(past, jnp.nan, k_cache).astype(dtype)
+    fn = jax.jit(lambda *a: decode_attention(*a, backend=backend, softmax_scale=0.3, return_lse=True))
+    out, lse = fn(q, k_dirty, v_cache, lengths)
+    ref_out, ref_lse = flash_attention(q[:, None], k_cache, v_cache, backend="reference", return_lse=True,
+                                       softmax_scale=0.3, mask=_prefix_mask(lengths, s_max))
+    assert_close(out, ref_out[:, 0], dtype)
+    assert_lse_close(lse, jnp.where(lengths[:, None] > 0, ref_lse[:, :, 0], -jnp.inf), dtype)
+    assert np.all(np.asarray(out, np.float32)[0] == 0)
+    plain = jax.jit(lambda *a: decode_attention(*a, backend=backend, softmax_scale=0.3))(q, k_dirty, v_cache, lengths)
+    np.testing.assert_array_equal(np.asarray(plain, np.float32), np.asarray(out, np.float32))
+    # Default scale: against the row-by-row reference.
+    out, lse = jax.jit(lambda *a: decode_attention(*a, backend=backend, return_lse=True))(q, k_cache, v_cache, lengths)
+    assert_close(out, expected_out, dtype)
+    assert_lse_close(lse, expected_lse, dtype)
+
+
+def _prefix_mask(lengths, s_max):
+    from jax_fastattn import masks
+    kv_ids = jnp.where(jnp.arange(s_max)[None, :] < lengths[:, None], 0, -1).astype(jnp.int32)
+    return masks.Segments(jnp.zeros((lengths.shape[0], 1), jnp.int32), kv_ids)
+
+
+def test_decode_return_lse_vmap_and_paged(backend):
+    keys = jax.random.split(jax.random.PRNGKey(8), 3)
+    q = jax.random.normal(keys[0], (2, 3, 4, 16))
+    k_cache = jax.random.normal(keys[1], (2, 3, 50, 2, 16))
+    v_cache = jax.random.normal(keys[2], (2, 3, 50, 2, 16))
+    lengths = jnp.array([[3, 50, 0], [17, 1, 49]], jnp.int32)
+    out, lse = jax.vmap(lambda *a: decode_attention(*a, backend=backend, return_lse=True))(
+        q, k_cache, v_cache, lengths)
+    pools = [_paged(k_cache[i], v_cache[i], 16, seed=i) for i in range(2)]
+    k_pages, v_pages, tables = (jnp.stack([p[j] for p in pools]) for j in range(3))
+    paged_out, paged_lse = jax.vmap(lambda *a: decode_attention(*a[:4], page_table=a[4], backend=backend,
+                                                                return_lse=True))(q, k_pages, v_pages, lengths, tables)
+    for i in range(2):
+        expected_out, expected_lse = reference_decode(q[i], k_cache[i], v_cache[i], lengths[i], return_lse=True)
+        for o, l in ((out, lse), (paged_out, paged_lse)):
+            assert_close(o[i], expected_out, jnp.float32)
+            assert_lse_close(l[i], expected_lse, jnp.float32)
+
+
+def test_decode_return_lse_must_be_bool():
+    q = jnp.zeros((1, 2, 8))
+    k = jnp.zeros((1, 4, 2, 8))
+    with pytest.raises(ValueError, match="return_lse must be a Python bool"):
+        decode_attention(q, k, k, jnp.array([2], jnp.int32), backend="cpu", return_lse="yes")
 
 
 def test_decode_vmap(backend):
@@ -114,21 +189,24 @@ def test_decode_sharded_over_batch_and_heads(paged):
     k_cache = jax.random.normal(keys[1], (batch, s_max, 4, 32))
     v_cache = jax.random.normal(keys[2], (batch, s_max, 4, 32))
     lengths = jnp.array([5, 96, 0, 40], jnp.int32)
-    expected = reference_decode(q, k_cache, v_cache, lengths)
+    expected, expected_lse = reference_decode(q, k_cache, v_cache, lengths, return_lse=True)
     put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
     args = [put(q, P("batch", "heads", None))]
     if paged:
         k_pages, v_pages, table = _paged(k_cache, v_cache, 16, seed=5)
         args += [put(k_pages, P(None, None, "heads", None)), put(v_pages, P(None, None, "heads", None)),
                  put(lengths, P("batch")), put(table, P("batch", None))]
-        fn = jax.jit(lambda q, k, v, n, t: decode_attention(q, k, v, n, page_table=t, backend="cpu"))
+        fn = jax.jit(lambda q, k, v, n, t: decode_attention(q, k, v, n, page_table=t, backend="cpu",
+                                                            return_lse=True))
     else:
         args += [put(k_cache, P("batch", None, "heads", None)), put(v_cache, P("batch", None, "heads", None)),
                  put(lengths, P("batch"))]
-        fn = jax.jit(lambda q, k, v, n: decode_attention(q, k, v, n, backend="cpu"))
+        fn = jax.jit(lambda q, k, v, n: decode_attention(q, k, v, n, backend="cpu", return_lse=True))
     compiled = fn.lower(*args).compile()
-    out = compiled(*args)
+    out, lse = compiled(*args)
     assert_close(out, expected, jnp.float32)
+    assert_lse_close(lse, expected_lse, jnp.float32)
+    assert lse.sharding.is_equivalent_to(NamedSharding(mesh, P("batch", "heads")), 2)
     hlo = compiled.as_text()
     assert not re.search(r"\b(all-gather|all-to-all|collective-permute)\b", hlo)
     assert out.sharding.is_equivalent_to(NamedSharding(mesh, P("batch", "heads", None)), 3)

@@ -6,7 +6,7 @@ import pytest
 
 from jax_fastattn import decode_attention, ffi
 from helpers import assert_close
-from test_decode import _paged, reference_decode
+from test_decode import _paged, assert_lse_close, reference_decode
 
 pytestmark = pytest.mark.gpu
 
@@ -37,6 +37,20 @@ def test_cuda_decode_matches_reference(dtype, heads, d):
     assert out.dtype == q.dtype
     assert_close(out, reference_decode(q, k, v, lengths), dtype)
     assert np.all(np.asarray(out, np.float32)[2] == 0)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("s_max", [777, 70000], ids=["short", "many-splits"])
+def test_cuda_decode_return_lse(dtype, s_max):
+    """The combine kernel's lse over all splits (GQA 32/8, a length-0 row)."""
+    batch = 4
+    q, k, v = _inputs(3, batch, s_max, 32, 8, 128, dtype)
+    lengths = jnp.array([0, 1, s_max, s_max // 2 + 3], jnp.int32)
+    out, lse = jax.jit(lambda *a: decode_attention(*a, backend="cuda", return_lse=True))(q, k, v, lengths)
+    expected_out, expected_lse = reference_decode(q, k, v, lengths, return_lse=True)
+    assert_close(out, expected_out, dtype)
+    assert_lse_close(lse, expected_lse, dtype)
 
 
 @requires_gpu

@@ -151,26 +151,28 @@ def test_merge_bad_input():
 
 # ----------------------------------------------------------------------------- partials
 
-@pytest.mark.parametrize("backend", ["einsum", "cpu"])
+@pytest.mark.parametrize("backend", ["einsum", "cpu", "decode", "decode:cpu"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_partial_decode_matches_reference(backend, dtype):
     b, s, hq, hkv, d = 3, 96, 8, 2, 32
     q, k, v = random(11, b, hq, d, dtype=dtype), random(12, b, s, hkv, d, dtype=dtype), \
         random(13, b, s, hkv, d, dtype=dtype)
     lengths = jnp.array([96, 0, 41], jnp.int32)
-    out, lse = offload.partial_decode(q, k, v, lengths, backend=backend, kv_chunks=None if backend == "einsum" else 3)
+    out, lse = offload.partial_decode(q, k, v, lengths, backend=backend, kv_chunks=3 if backend == "cpu" else None)
     expected, expected_lse = np_decode(q, k, v, lengths)
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     assert_close(out, expected, tol)
     assert_close(lse, expected_lse, tol)
 
 
-def test_partial_decode_folded_ignores_garbage_past_length():
+@pytest.mark.parametrize("backend", ["cpu", "decode:cpu"])
+def test_partial_decode_kernels_ignore_garbage_past_length(backend):
     b, s, h, d = 1, 64, 2, 8
     q, k, v = random(14, b, h, d), random(15, b, s, h, d), random(16, b, s, h, d)
     k_bad = k.at[:, 40:].set(jnp.nan)
     v_bad = v.at[:, 40:].set(jnp.nan)
-    out, lse = offload.partial_decode(q, k_bad, v_bad, jnp.array([40]), backend="cpu", kv_chunks=4)
+    out, lse = offload.partial_decode(q, k_bad, v_bad, jnp.array([40]), backend=backend,
+                                      kv_chunks=4 if backend == "cpu" else None)
     expected, expected_lse = np_decode(q, k, v, np.array([40]))
     assert_close(out, expected, 1e-5)
     assert_close(lse, expected_lse, 1e-5)
@@ -206,10 +208,12 @@ def test_offloaded_decode_equals_single_cache(strategy):
     if cache.cpu_k is not None:
         assert cache.cpu_k.devices() != cache.device_k.devices()      # a separate device computes it
     lengths = jnp.array([150, 53], jnp.int32)        # row 1 ends inside a host part
-    out, lse = offload.decode_attention_offloaded(q, cache, lengths, return_lse=True)
     expected, expected_lse = np_decode(q, k, v, lengths)
-    assert_close(out, expected, 1e-5)
-    assert_close(lse, expected_lse, 1e-5)
+    for backend, cpu_backend in (("einsum", "decode:cpu"), ("decode", "cpu")):
+        out, lse = offload.decode_attention_offloaded(q, cache, lengths, return_lse=True, backend=backend,
+                                                      cpu_backend=cpu_backend)
+        assert_close(out, expected, 1e-5)
+        assert_close(lse, expected_lse, 1e-5)
 
 
 def test_stream_only_runs_under_jit_with_host_arrays():

@@ -10,8 +10,9 @@ buffering, with the copy engine and the compute units busy at once. The
 device part has no dependence on the blocks, so XLA may also overlap it with
 the first copy. Partials merge online with `merge_partials`.
 
-Split: the CPU part is attended on the CPU device (the C++ kernel through
-`flash_attention(backend="cpu")`) in a computation dispatched before the
+Split: the CPU part is attended on the CPU device (by default the C++
+decode kernel, `decode_attention(backend="cpu", return_lse=True)`) in a
+computation dispatched before the
 accelerator's, so both run at once (JAX dispatch is asynchronous); the
 CPU's (out, lse) (B * Hq * (D + 1) numbers) then moves to the accelerator
 and merges there.
@@ -110,7 +111,7 @@ def _cpu_partial_jit(q, cpu_k, cpu_v, cpu_lengths, *, scale, backend):
     return out.astype(jnp.float32), lse
 
 
-def cpu_partial(q, cache: OffloadedKV, lengths, *, scale: float, backend: str = "cpu"):
+def cpu_partial(q, cache: OffloadedKV, lengths, *, scale: float, backend: str = "decode:cpu"):
     """Dispatches the cpu part's attention on its device; returns (out, lse)
     there, not yet waited for."""
     cpu_device = next(iter(cache.cpu_k.devices()))
@@ -123,12 +124,13 @@ _merge_jit = jax.jit(merge_partials)
 
 
 def decode_attention_offloaded(q, cache: OffloadedKV, lengths, *, softmax_scale: Optional[float] = None,
-                               backend: str = "einsum", cpu_backend: str = "cpu", return_lse: bool = False):
+                               backend: str = "einsum", cpu_backend: str = "decode:cpu", return_lse: bool = False):
     """Attention of q [B, Hq, D] (one token per row) over the first lengths[b]
     positions of an OffloadedKV cache. Equals `decode_attention` over the same
     cache held in one array. backend: how the accelerator attends ("einsum",
-    plain JAX, or a flash_attention backend, see offload.partial);
-    cpu_backend: the same for the cpu part ("cpu" = the C++ kernel).
+    plain JAX; "decode", its decode kernel; or a flash_attention backend, see
+    offload.partial); cpu_backend: the same for the cpu part (default
+    "decode:cpu", the C++ decode kernel).
 
     With a cpu part the call cannot be traced (it runs on two devices);
     without one it can run under jit. Returns out [B, Hq, D] in q's dtype

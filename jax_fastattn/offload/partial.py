@@ -2,9 +2,16 @@
 
 Offloaded attention computes one partial (out, lse) per part of the cache
 (device-resident, each streamed host block, the CPU's host part) and merges
-them with `jax_fastattn.merge_partials`. `decode_attention` returns no lse,
-so the partials come from one of two paths:
+them with `jax_fastattn.merge_partials`. The partials come from one of three
+paths:
 
+- "decode:cpu", "decode:cuda": a decode kernel
+  (`decode_attention(..., return_lse=True)` with that backend): split-KV
+  over the part in its stored layout, the GQA group sharing each loaded K/V
+  row, bf16 read natively; slots past the length are never read. "decode"
+  picks the kernel of the platform k lives on (under a trace, where arrays
+  have no device, the default backend's; name the kernel for a jit placed
+  on another device).
 - "einsum": plain JAX (logits by einsum, masked softmax, P·V in the cache's
   dtype with float32 accumulation), as two matrix products over the cache in
   its stored layout (partial_decode_einsum); bandwidth-bound like the decode
@@ -27,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from ..attention import flash_attention
+from ..decode import decode_attention
 from ..masks import Segments
 from ..merge import merge_partials
 
@@ -137,12 +145,23 @@ def partial_decode_folded(q, k, v, lengths, softmax_scale: float, backend: str, 
     return merge_partials([out[:, i] for i in range(chunks)], [lse[:, i] for i in range(chunks)])
 
 
+DECODE_KERNELS = ("decode", "decode:cpu", "decode:cuda")
+
+
+def partial_decode_kernel(q, k, v, lengths, softmax_scale: float, backend: str = "decode"):
+    """Same result through a decode kernel (backend one of DECODE_KERNELS)."""
+    kernel = backend.partition(":")[2] or ("cpu" if _platform(k) == "cpu" else "cuda")
+    return decode_attention(q, k, v, lengths, softmax_scale=softmax_scale, backend=kernel, return_lse=True)
+
+
 def partial_decode(q, k, v, lengths, *, softmax_scale: Optional[float] = None, backend: str = "einsum",
                    kv_chunks: Optional[int] = None):
     """Decode attention of q [B, Hq, D] over k/v [B, S, Hkv, D][:, :lengths],
     with its log-sum-exp: (out [B, Hq, D], lse float32 [B, Hq]); a row with
-    length 0 gives zeros and lse = -inf. backend: "einsum" (plain JAX) or a
-    flash_attention backend (module docstring)."""
+    length 0 gives zeros and lse = -inf. backend: "einsum" (plain JAX),
+    "decode", "decode:cpu", "decode:cuda" (a decode kernel) or a
+    flash_attention backend (module docstring); kv_chunks applies to the
+    last only."""
     lengths = jnp.asarray(lengths, jnp.int32)
     check_partial_inputs(q, k, v, lengths)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
@@ -150,6 +169,8 @@ def partial_decode(q, k, v, lengths, *, softmax_scale: Optional[float] = None, b
         return jnp.zeros(q.shape, q.dtype), jnp.full(q.shape[:2], -jnp.inf, jnp.float32)
     if backend == "einsum":
         return partial_decode_einsum(q, k, v, lengths, scale)
+    if backend in DECODE_KERNELS:
+        return partial_decode_kernel(q, k, v, lengths, scale, backend)
     return partial_decode_folded(q, k, v, lengths, scale, backend, kv_chunks)
 
 

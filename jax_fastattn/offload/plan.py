@@ -191,7 +191,7 @@ def _copy_rate(device, host_memory_kind, nbytes, dtype, repeats) -> float:
 def measure_throughputs(*, kv_heads: int, head_dim: int, q_heads: Optional[int] = None, dtype=jnp.bfloat16,
                         device=None, cpu_device=None, host_memory_kind: str = "pinned_host",
                         copy_bytes: int = 256 << 20, accelerator_tokens: int = 65536, cpu_tokens: int = 16384,
-                        backend: str = "einsum", cpu_backend: str = "cpu", repeats: int = 3) -> Throughputs:
+                        backend: str = "einsum", cpu_backend: str = "decode:cpu", repeats: int = 3) -> Throughputs:
     """Times, on this machine: a host->device copy of copy_bytes from
     host_memory_kind; decode attention (batch 1) over accelerator_tokens on
     the device and over cpu_tokens on the CPU device; and a 256-position CPU

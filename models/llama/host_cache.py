@@ -61,7 +61,7 @@ class HostCacheOptions:
     host_kv_bytes: Optional[int] = None
     device_reserve_bytes: int = 8 << 30
     backend: str = "einsum"
-    cpu_backend: str = "cpu"
+    cpu_backend: str = "decode:cpu"
 
     def __post_init__(self):
         for name in ("device_tokens", "block_tokens", "host_kv_bytes"):

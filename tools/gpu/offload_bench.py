@@ -328,9 +328,9 @@ def main(argv=None):
     parser.add_argument("--split-contexts", default="1M", help="contexts at which strategies other than "
                         "stream run (host memory holds one layout at a time)")
     parser.add_argument("--host-gib", type=float, help="host memory for KV, pinned + CPU part (GiB)")
-    parser.add_argument("--backend", default=None, help="accelerator attention: einsum or a flash_attention "
-                        "backend (default: the faster of einsum and auto, measured)")
-    parser.add_argument("--cpu-backend", default="cpu")
+    parser.add_argument("--backend", default=None, help="accelerator attention: einsum, decode or a "
+                        "flash_attention backend (default: the fastest of einsum, auto and decode, measured)")
+    parser.add_argument("--cpu-backend", default="decode:cpu", help="the cpu part's attention (offload.partial)")
     parser.add_argument("--stream-blocks", choices=["stacked", "separate"], default="stacked",
                         help="host block layout (OffloadedKV.from_parts); a failed stacked case is retried "
                         "with separate blocks, which are then kept")
@@ -376,7 +376,7 @@ def main(argv=None):
     for layout in ("stacked", "separate"):
         attempt(f"stream_mechanism_{layout}", lambda: measure_stream_mechanism(
             device, cfg, block_tokens, mechanism_blocks, layout))
-    candidates = [args.backend] if args.backend else ["einsum", "auto"]
+    candidates = [args.backend] if args.backend else ["einsum", "auto", "decode"]
     measured = {}
     for backend in candidates:
         tp = attempt(f"throughputs_{backend}", lambda: offload.measure_throughputs(

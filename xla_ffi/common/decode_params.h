@@ -26,6 +26,10 @@ struct DecodeParams {
   const int32_t* page_table = nullptr;  // [B, max_pages] or null
   float softmax_scale = 1.0f;
   void* out = nullptr;                  // [B, Hq, D] in dtype
+  // [B, Hq] float32: log of the softmax denominator, log(sum_j exp(scale *
+  // q.k_j)) over the row's valid keys; -inf for a row of length 0. Lets a
+  // caller merge this result with attention over other keys.
+  float* lse = nullptr;
 
   int64_t group() const { return q_heads / kv_heads; }
   int64_t max_len() const { return page_size * max_pages; }

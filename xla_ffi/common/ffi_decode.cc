@@ -243,7 +243,7 @@ ffi::Error decode_backward_args(
 ffi::Error decode_decode_args(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
                               const ffi::AnyBuffer& v, const ffi::AnyBuffer& lengths,
                               const ffi::AnyBuffer& page_table, const ffi::AnyBuffer& out,
-                              DecodeParams* p) {
+                              const ffi::AnyBuffer& lse, DecodeParams* p) {
   auto qd = q.dimensions();
   auto kd = k.dimensions();
   FFI_CHECK(qd.size() == 3, "q must have rank 3 [B, Hq, D], got " << dims_string(qd));
@@ -280,11 +280,13 @@ ffi::Error decode_decode_args(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
   if (auto e = expect_shape(out, "out", {p->batch, p->q_heads, p->head_dim}, q.element_type());
       e.failure())
     return e;
+  if (auto e = expect_shape(lse, "lse", {p->batch, p->q_heads}, ffi::DataType::F32); e.failure()) return e;
   p->q = q.untyped_data();
   p->k = k.untyped_data();
   p->v = v.untyped_data();
   p->lengths = static_cast<const int32_t*>(lengths.untyped_data());
   p->out = out.untyped_data();
+  p->lse = static_cast<float*>(lse.untyped_data());
   return ffi::Error::Success();
 }
 

@@ -99,11 +99,11 @@ auto bind_backward_args(Binding binding) {
 
 // q [B, Hq, D]; k, v [B, Smax, Hkv, D] (page_table absent) or
 // [num_pages, page_size, Hkv, D] with page_table int32 [B, max_pages];
-// lengths int32 [B]; out [B, Hq, D].
+// lengths int32 [B]; out [B, Hq, D]; lse float32 [B, Hq].
 ffi::Error decode_decode_args(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
                               const ffi::AnyBuffer& v, const ffi::AnyBuffer& lengths,
                               const ffi::AnyBuffer& page_table, const ffi::AnyBuffer& out,
-                              DecodeParams* params);
+                              const ffi::AnyBuffer& lse, DecodeParams* params);
 
 // The kernels' ElementType of a float32/bfloat16/float16 buffer.
 ffi::Error element_type_of(const ffi::AnyBuffer& buffer, const char* name, ElementType* type);

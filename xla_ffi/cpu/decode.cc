@@ -390,6 +390,7 @@ void decode_typed(const DecodeParams& p) {
       const int64_t b = pair / p.kv_heads, h = (pair % p.kv_heads) * group + g;
       T* dst = out + (b * p.q_heads + h) * p.head_dim;
       for (int64_t d = 0; d < p.head_dim; ++d) from_float(merged[d] * inv, &dst[d]);
+      p.lse[b * p.q_heads + h] = total > 0.f ? best + std::log(total) : kNegInf;
     }
   });
 }

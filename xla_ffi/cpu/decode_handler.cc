@@ -11,9 +11,10 @@ namespace {
 
 ffi::Error decode_cpu(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                       ffi::AnyBuffer lengths, ffi::AnyBuffer page_table,
-                      ffi::Result<ffi::AnyBuffer> out, float softmax_scale, int32_t cpu_isa) {
+                      ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
+                      float softmax_scale, int32_t cpu_isa) {
   DecodeParams params;
-  if (auto e = decode_decode_args(q, k, v, lengths, page_table, *out, &params); e.failure())
+  if (auto e = decode_decode_args(q, k, v, lengths, page_table, *out, *lse, &params); e.failure())
     return e;
   params.softmax_scale = softmax_scale;
   std::string isa_error;
@@ -33,6 +34,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FastattnDecodeCpu, decode_cpu,
                                   .Arg<ffi::AnyBuffer>()  // lengths
                                   .Arg<ffi::AnyBuffer>()  // page_table (empty: contiguous)
                                   .Ret<ffi::AnyBuffer>()  // out
+                                  .Ret<ffi::AnyBuffer>()  // lse
                                   .Attr<float>("softmax_scale")
                                   .Attr<int32_t>("cpu_isa"));
 

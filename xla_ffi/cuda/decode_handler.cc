@@ -13,10 +13,12 @@ namespace {
 
 ffi::Error decode_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                        ffi::AnyBuffer lengths, ffi::AnyBuffer page_table,
-                       ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> workspace,
-                       float softmax_scale, int64_t num_splits) {
+                       ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
+                       ffi::Result<ffi::AnyBuffer> workspace, float softmax_scale,
+                       int64_t num_splits) {
   DecodeParams params;
-  if (auto e = decode_decode_args(q, k, v, lengths, page_table, *out, &params); e.failure()) return e;
+  if (auto e = decode_decode_args(q, k, v, lengths, page_table, *out, *lse, &params); e.failure())
+    return e;
   params.softmax_scale = softmax_scale;
   FFI_CHECK(num_splits >= 1, "num_splits must be >= 1, got " << num_splits);
   FFI_CHECK(decode_supported(params),
@@ -46,6 +48,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FastattnDecodeCuda, decode_cuda,
                                   .Arg<ffi::AnyBuffer>()  // lengths
                                   .Arg<ffi::AnyBuffer>()  // page_table (empty: contiguous)
                                   .Ret<ffi::AnyBuffer>()  // out
+                                  .Ret<ffi::AnyBuffer>()  // lse
                                   .Ret<ffi::AnyBuffer>()  // workspace
                                   .Attr<float>("softmax_scale")
                                   .Attr<int64_t>("num_splits"));

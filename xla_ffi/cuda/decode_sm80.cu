@@ -41,6 +41,7 @@ struct DecodeArgs {
   float* partial_out;    // [B, Hq, splits, D]
   float* partial_stats;  // [B, Hq, splits, 2] (max, sum)
   void* out;             // [B, Hq, D]
+  float* lse;            // [B, Hq]: row_max + log(total); -inf for length 0
 };
 
 template <typename T>
@@ -388,6 +389,7 @@ __global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(DecodeA
   }
   __syncthreads();
   const float inv = row_total > 0.f ? 1.f / row_total : 0.f;  // length 0: zeros
+  if (threadIdx.x == 0) args.lse[row] = row_total > 0.f ? row_max + logf(row_total) : -INFINITY;
   const float* partial = args.partial_out + row * splits * args.head_dim;
   for (int d = threadIdx.x; d < args.head_dim; d += kCombineThreads) {
     float value = 0.f;
@@ -480,6 +482,7 @@ cudaError_t decode_attention(const DecodeParams& p, int64_t num_splits, float* w
   args.partial_out = workspace;
   args.partial_stats = workspace + p.batch * p.q_heads * num_splits * p.head_dim;
   args.out = p.out;
+  args.lse = p.lse;
   switch (p.dtype) {
     case ElementType::kF32: return launch_heads<float>(args, group, stream);
     case ElementType::kBF16: return launch_heads<__nv_bfloat16>(args, group, stream);

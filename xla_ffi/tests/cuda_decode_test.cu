@@ -82,12 +82,14 @@ int run_case(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t head_dim,
   p.dtype = ElementType::kBF16;
   p.softmax_scale = 1.f / std::sqrt(float(head_dim));
   std::vector<bf16_t> expected(q.size()), actual(q.size());
+  std::vector<float> expected_lse(batch * q_heads), actual_lse(batch * q_heads);
   p.q = q.data();
   p.k = k.data();
   p.v = v.data();
   p.lengths = lengths.data();
   p.page_table = paged ? table.data() : nullptr;
   p.out = expected.data();
+  p.lse = expected_lse.data();
   fastattn::cpu::decode_attention(p);
 
   const int64_t splits = 5;
@@ -97,6 +99,7 @@ int run_case(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t head_dim,
   int32_t* d_lengths = to_device(lengths);
   int32_t* d_table = paged ? to_device(table) : nullptr;
   bf16_t* d_out = to_device(actual);
+  float* d_lse = to_device(actual_lse);
   float* workspace = nullptr;
   CHECK_CUDA(cudaMalloc(&workspace, fastattn::cuda::decode_workspace_floats(p, splits) * sizeof(float)));
   p.q = d_q;
@@ -105,11 +108,13 @@ int run_case(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t head_dim,
   p.lengths = d_lengths;
   p.page_table = d_table;
   p.out = d_out;
+  p.lse = d_lse;
   CHECK_CUDA(fastattn::cuda::decode_attention(p, splits, workspace, nullptr));
   CHECK_CUDA(cudaDeviceSynchronize());
   CHECK_CUDA(cudaMemcpy(actual.data(), d_out, actual.size() * sizeof(bf16_t), cudaMemcpyDeviceToHost));
+  CHECK_CUDA(cudaMemcpy(actual_lse.data(), d_lse, actual_lse.size() * sizeof(float), cudaMemcpyDeviceToHost));
   for (void* ptr : {(void*)d_q, (void*)d_k, (void*)d_v, (void*)d_lengths, (void*)d_table, (void*)d_out,
-                    (void*)workspace}) {
+                    (void*)d_lse, (void*)workspace}) {
     if (ptr) CHECK_CUDA(cudaFree(ptr));
   }
 
@@ -118,6 +123,13 @@ int run_case(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t head_dim,
     const float a = fastattn::to_float(actual[i]), e = fastattn::to_float(expected[i]);
     if (!(std::fabs(a - e) <= 2e-2f * (1.f + std::fabs(e)))) {
       if (failures++ < 5) std::printf("  mismatch at %zu: %g vs %g\n", i, a, e);
+    }
+  }
+  for (size_t i = 0; i < actual_lse.size(); ++i) {
+    const float a = actual_lse[i], e = expected_lse[i];
+    const bool both_empty = std::isinf(a) && a < 0 && std::isinf(e) && e < 0;
+    if (!both_empty && !(std::fabs(a - e) <= 1e-3f * (1.f + std::fabs(e)))) {
+      if (failures++ < 5) std::printf("  lse mismatch at %zu: %g vs %g\n", i, a, e);
     }
   }
   std::printf("%s B=%ld Hq=%ld Hkv=%ld D=%ld S=%ld page=%ld: %d mismatches\n", failures ? "FAIL" : "ok",
