@@ -63,8 +63,8 @@ for stage in "$@"; do
       timeout 240 python3 tools/gpu/ring_step_time.py --preset h200 --out "$OUT/ring_steps.json" 2>&1 | tail -30 | tee -a "$LOG"
       timeout 300 python3 tools/gpu/ring_schedule.py --check --out "$OUT/ring_schedule.json" 2>&1 | tail -6 | tee -a "$LOG" ;;
     offload)
-      timeout ${OFFLOAD_TIMEOUT:-420} python3 tools/gpu/offload_bench.py --preset ${OFFLOAD_PRESET:-h200} $OFFLOAD_ARGS \
-        --out "$OUT/offload${OFFLOAD_TAG}.json" 2>&1 \
+      timeout ${OFFLOAD_TIMEOUT:-420} python3 tools/gpu/offload_bench.py --preset ${OFFLOAD_PRESET:-h200} ${OFFLOAD_ARGS:-} \
+        --out "$OUT/offload${OFFLOAD_TAG:-}.json" 2>&1 \
         | tail -40 | tee -a "$LOG" ;;
     trtvit)
       timeout 420 python3 -m models.trt_vit.bench --dtypes bf16,fp16 --out "$OUT/trt_vit_models.json" 2>&1 | tail -40 | tee -a "$LOG"
