@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -226,30 +227,64 @@ def decode_step(x, weights, caches, lengths, fns, scale, cpu_backend, device):
 
 # --------------------------------------------------------------------------- building caches
 
-def random_kv(key, shape, device):
-    return jax.jit(lambda k: jax.random.normal(k, shape, jnp.bfloat16), out_shardings=SingleDeviceSharding(
-        device, memory_kind="device"))(key)
+def random_kv(key, shape, device, memory_kind="device"):
+    """Random bf16 values made by the device and written where they live
+    (device memory, or `pinned_host` through the jit's output sharding; a
+    backend that cannot write a jit's output to host memory gets a copy)."""
+    try:
+        return _random_fn(shape, device, memory_kind)(key)
+    except jax.errors.JaxRuntimeError:
+        if memory_kind == "device":
+            raise
+        made = _random_fn(shape, device, "device")(key)
+        return jax.device_put(made, SingleDeviceSharding(device, memory_kind=memory_kind))
+
+
+@functools.lru_cache(maxsize=None)
+def _random_fn(shape, device, memory_kind):
+    return jax.jit(lambda k: jax.random.normal(k, shape, jnp.bfloat16),
+                   out_shardings=SingleDeviceSharding(device, memory_kind=memory_kind))
+
+
+@functools.lru_cache(maxsize=None)
+def _tiled_fn(shape, tile, cpu_device):
+    """[B, S, Hkv, D] on the CPU device: one random tile of `tile` positions
+    repeated (only bytes and their placement matter to the timing; moving
+    76 GiB of device-made values to the CPU device took minutes)."""
+    b, seq, hkv, hd = shape
+
+    def make(key):
+        block = jax.random.normal(key, (b, tile, hkv, hd), jnp.bfloat16)
+        return jnp.tile(block, (1, -(-seq // tile), 1, 1))[:, :seq]
+
+    return jax.jit(make, out_shardings=SingleDeviceSharding(cpu_device))
 
 
 def build_caches(cfg, plan, device, cpu_device, seed, stream_blocks):
-    """Per layer: host parts first (they pass through device memory on the
-    way), then the device part. Random bf16 values."""
+    """Per layer, each part made in place: stream blocks written straight to
+    pinned host memory, the cpu part on the CPU device, the device part in
+    device memory. Random bf16 values."""
     b, hkv, hd = 1, cfg["kv_heads"], cfg["head_dim"]
+    block = plan.block_tokens
     caches = []
     for layer in range(cfg["layers"]):
         key = jax.random.fold_in(jax.random.key(seed), layer)
         keys = jax.random.split(key, 6)
-        stream = cpu = None
+        stream_k = stream_v = cpu_k = cpu_v = None
         if plan.stream_tokens:
-            stream = tuple(random_kv(keys[i], (b, plan.stream_capacity, hkv, hd), device) for i in (0, 1))
+            num_blocks = plan.stream_capacity // block
+            if stream_blocks == "separate":
+                stream_k, stream_v = (tuple(random_kv(jax.random.fold_in(keys[i], n), (b, block, hkv, hd), device,
+                                                      "pinned_host") for n in range(num_blocks)) for i in (0, 1))
+            else:
+                stream_k, stream_v = (random_kv(keys[i], (num_blocks, b, block, hkv, hd), device, "pinned_host")
+                                      for i in (0, 1))
         if plan.cpu_tokens:
-            cpu = tuple(random_kv(keys[i], (b, plan.cpu_tokens, hkv, hd), device) for i in (2, 3))
-        device_kv = tuple(random_kv(keys[i], (b, plan.device_tokens, hkv, hd), device) for i in (4, 5))
-        cache = offload.OffloadedKV.from_parts(device_kv, stream, cpu, block_tokens=plan.block_tokens,
-                                               stream_length=plan.stream_tokens or None, device=device,
-                                               cpu_device=cpu_device, stream_blocks=stream_blocks)
-        del stream, cpu, device_kv
-        caches.append(cache)
+            tiled = _tiled_fn((b, plan.cpu_tokens, hkv, hd), min(block, plan.cpu_tokens), cpu_device)
+            cpu_k, cpu_v = (tiled(jax.device_put(keys[i], cpu_device)) for i in (2, 3))
+        device_k, device_v = (random_kv(keys[i], (b, plan.device_tokens, hkv, hd), device) for i in (4, 5))
+        caches.append(offload.OffloadedKV(device_k, device_v, stream_k, stream_v, cpu_k, cpu_v,
+                                          plan.stream_tokens or None))
     jax.block_until_ready(caches)
     return caches
 
