@@ -100,6 +100,9 @@ def check_config(config, backend: backends.Backend, head_dim: int, has_bias: boo
     if backend.name != "volta" and config.volta_layout != DEFAULT.volta_layout:
         raise ArgumentError(f"config.volta_layout chooses the Volta kernel's layout, but the call runs on "
                             f"backend={backend.name!r}")
+    if config.cuda_decode != DEFAULT.cuda_decode:
+        raise ArgumentError("config.cuda_decode chooses the decode kernel; flash_attention does not take it "
+                            "(decode_attention does)")
     check_cpu_isa(config, backend.name)
     return config
 

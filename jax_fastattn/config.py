@@ -12,6 +12,11 @@ from typing import Optional
 # gradient takes mma.sync), "mma_sync" the sm80 kernels that Ampere/Ada run.
 CUDA_FORWARD_KERNELS = ("auto", "wgmma", "mma_sync")
 CUDA_BACKWARD_KERNELS = ("auto", "wgmma", "mma_sync")
+# CUDA decode kernels (decode_attention): "simt", the CUDA-core split
+# kernel (every dtype and head dim <= 256, paged caches); "mma_sync", the
+# tensor-core one (bf16/f16, head dim 64 or 128, at most 16 q heads per kv
+# head, contiguous caches). "auto" takes "simt".
+CUDA_DECODE_KERNELS = ("auto", "simt", "mma_sync")
 # Shared-memory operand layout of the Volta kernel: FastAttention's
 # bank-conflict-free swizzle, or the plain row-major layout (the ablation).
 VOLTA_LAYOUTS = ("swizzled", "naive")
@@ -45,6 +50,7 @@ class KernelConfig:
       tiles: passing other sizes to them is an error.
     cuda_forward, cuda_backward: one of CUDA_FORWARD_KERNELS /
       CUDA_BACKWARD_KERNELS.
+    cuda_decode: one of CUDA_DECODE_KERNELS (decode_attention only).
     volta_layout: one of VOLTA_LAYOUTS.
     cpu_isa: one of CPU_ISAS, the CPU kernels' instruction-set level.
     """
@@ -52,6 +58,7 @@ class KernelConfig:
     tiles: Optional[TileConfig] = None
     cuda_forward: str = "auto"
     cuda_backward: str = "auto"
+    cuda_decode: str = "auto"
     volta_layout: str = "swizzled"
     cpu_isa: str = "auto"
 
@@ -59,7 +66,8 @@ class KernelConfig:
         if self.tiles is not None and not isinstance(self.tiles, TileConfig):
             raise ValueError(f"KernelConfig.tiles must be a TileConfig or None, got {type(self.tiles).__name__}")
         for name, allowed in (("cuda_forward", CUDA_FORWARD_KERNELS), ("cuda_backward", CUDA_BACKWARD_KERNELS),
-                              ("volta_layout", VOLTA_LAYOUTS), ("cpu_isa", CPU_ISAS)):
+                              ("cuda_decode", CUDA_DECODE_KERNELS), ("volta_layout", VOLTA_LAYOUTS),
+                              ("cpu_isa", CPU_ISAS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"KernelConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
 

@@ -59,17 +59,30 @@ def _gather_pages(cache, page_table):
     return rows.reshape(rows.shape[0], -1, *rows.shape[3:])
 
 
-def _decode_cpu_isa(config, backend: str) -> str:
-    """The cpu_isa a decode call runs with; a decode-irrelevant or
-    wrong-backend choice in `config` is an error, not ignored."""
+def _decode_config(config, backend: str, q, k_cache, paged: bool) -> KernelConfig:
+    """The KernelConfig of a decode call; a decode-irrelevant or
+    wrong-backend choice, or a cuda_decode kernel that cannot take the call,
+    is an error, not ignored."""
     config = config_or_default(config)
     chosen = {f: getattr(config, f) for f in ("cuda_forward", "cuda_backward", "volta_layout", "tiles")
               if getattr(config, f) != getattr(DEFAULT, f)}
     if chosen:
         raise ArgumentError(f"config.{'/'.join(chosen)} choose attention kernels; decode_attention takes only "
-                            f"config.cpu_isa")
+                            f"config.cpu_isa and config.cuda_decode")
     check_cpu_isa(config, backend)
-    return config.cpu_isa
+    if config.cuda_decode != DEFAULT.cuda_decode and backend != "cuda":
+        raise ArgumentError(f"config.cuda_decode chooses the CUDA decode kernel, but the call runs on "
+                            f"backend={backend!r}")
+    if config.cuda_decode == "mma_sync":
+        group = q.shape[1] // k_cache.shape[2]
+        why = [w for w, bad in ((f"dtype bfloat16 or float16 (got {q.dtype})",
+                                 q.dtype not in (jnp.bfloat16, jnp.float16)),
+                                (f"head dim 64 or 128 (got {q.shape[-1]})", q.shape[-1] not in (64, 128)),
+                                (f"at most 16 q heads per kv head (got {group})", group > 16),
+                                ("a contiguous cache (got a page_table)", paged)) if bad]
+        if why:
+            raise ArgumentError(f"config.cuda_decode='mma_sync' needs {', '.join(why)}; use 'simt' or 'auto'")
+    return config
 
 
 def decode_attention(q, k_cache, v_cache, lengths, *, page_table=None, softmax_scale: Optional[float] = None,
@@ -90,14 +103,15 @@ def decode_attention(q, k_cache, v_cache, lengths, *, page_table=None, softmax_s
     backend "cpu" (and "cuda" on GPUs) run split-KV (flash-decoding)
     kernels; "xla" and "reference" express the valid prefix as a segment mask
     of flash_attention (pages gathered first). config: a KernelConfig; decode
-    reads only its cpu_isa (the CPU kernel's instruction-set level), and
-    other choices are errors here as they would be for the attention kernels.
+    reads only its cpu_isa (the CPU kernel's instruction-set level) and
+    cuda_decode (the CUDA kernel: CUDA_DECODE_KERNELS), and other choices are
+    errors here as they would be for the attention kernels.
     """
     _check(q, k_cache, v_cache, lengths, page_table, softmax_scale)
     if not isinstance(return_lse, (bool, np.bool_)):
         raise ArgumentError(f"return_lse must be a Python bool, got {type(return_lse).__name__}")
     concrete = backends.resolve(backend, "decode", q.dtype, q.shape[-1]).name
-    cpu_isa = _decode_cpu_isa(config, concrete)
+    config = _decode_config(config, concrete, q, k_cache, page_table is not None)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     lengths = jnp.asarray(lengths, jnp.int32)
     if concrete in ("cpu", "cuda"):
@@ -105,7 +119,8 @@ def decode_attention(q, k_cache, v_cache, lengths, *, page_table=None, softmax_s
         max_len = k_cache.shape[1] * (1 if page_table is None else table.shape[1])
         splits = decode_num_splits(q.shape[0], k_cache.shape[2], q.shape[1] // k_cache.shape[2], max_len) \
             if concrete == "cuda" else 1
-        call = sharding.decode_call(concrete, scale, page_table is not None, splits, cpu_isa)
+        call = sharding.decode_call(concrete, scale, page_table is not None, splits, config.cpu_isa,
+                                    config.cuda_decode)
         out, lse = call(q, k_cache, v_cache, lengths, table)[:2]
         return (out, lse) if return_lse else out
     if page_table is not None:

@@ -77,6 +77,7 @@ def is_absent(x) -> bool:
 KERNEL_CODES = {
     "cuda_forward": {"auto": 0, "wgmma": 1, "mma_sync": 2},
     "cuda_backward": {"auto": 0, "wgmma": 1, "mma_sync": 2},
+    "cuda_decode": {"auto": 0, "simt": 1, "mma_sync": 2},
     "volta_layout": {"swizzled": 0, "naive": 1},
     "cpu_isa": {"auto": 0, "avx2": 1, "avx512": 2, "avx512_bf16": 3, "amx": 4},
 }
@@ -166,16 +167,19 @@ def backward_ffi(platform: str, attrs: CallAttrs):
     return call
 
 
-def decode_ffi(platform: str, softmax_scale: float, num_splits: int = 1, cpu_isa: str = "auto"):
+def decode_ffi(platform: str, softmax_scale: float, num_splits: int = 1, cpu_isa: str = "auto",
+               cuda_decode: str = "auto"):
     """fn(q, k, v, lengths, page_table) -> (out, lse) on the CPU, (out, lse,
     workspace) on CUDA; page_table empty means a contiguous cache; lse
     float32 [B, Hq] (-inf for a row of length 0). The CUDA
     workspace [B, Hq, num_splits * (D + 2)] float32 holds the split partials
     (an output, not FFI scratch: XLA keeps it alive until the kernels ran).
-    cpu_isa: the CPU kernel's level, one of config.CPU_ISAS."""
+    cpu_isa: the CPU kernel's level, one of config.CPU_ISAS; cuda_decode:
+    the CUDA kernel, one of config.CUDA_DECODE_KERNELS."""
     register()
-    if cpu_isa not in KERNEL_CODES["cpu_isa"]:
-        raise ValueError(f"cpu_isa must be one of {tuple(KERNEL_CODES['cpu_isa'])}, got {cpu_isa!r}")
+    for name, value in (("cpu_isa", cpu_isa), ("cuda_decode", cuda_decode)):
+        if value not in KERNEL_CODES[name]:
+            raise ValueError(f"{name} must be one of {tuple(KERNEL_CODES[name])}, got {value!r}")
 
     def call(q, k, v, lengths, page_table):
         results = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(q.shape[:2], jnp.float32)]
@@ -186,6 +190,7 @@ def decode_ffi(platform: str, softmax_scale: float, num_splits: int = 1, cpu_isa
             b, hq, d = q.shape
             results.append(jax.ShapeDtypeStruct((b, hq, num_splits * (d + 2)), jnp.float32))
             attrs["num_splits"] = np.int64(num_splits)
+            attrs["cuda_decode"] = np.int32(KERNEL_CODES["cuda_decode"][cuda_decode])
         fn = jax.ffi.ffi_call(f"fastattn_decode_{platform}", tuple(results), vmap_method="broadcast_all")
         return tuple(fn(q, k, v, lengths, page_table, **attrs))
 

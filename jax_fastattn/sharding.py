@@ -349,10 +349,12 @@ def backward_call(platform: str, attrs: ffi.CallAttrs):
 
 
 @functools.lru_cache(maxsize=None)
-def decode_call(platform: str, softmax_scale: float, paged: bool, num_splits: int = 1, cpu_isa: str = "auto"):
+def decode_call(platform: str, softmax_scale: float, paged: bool, num_splits: int = 1, cpu_isa: str = "auto",
+                cuda_decode: str = "auto"):
     """fn(q [B, Hq, D], k, v, lengths [B], page_table) -> (out, lse) or
-    (out, lse, workspace) on CUDA. cpu_isa: the CPU kernel's level (CPU only)."""
-    raw = ffi.decode_ffi(platform, softmax_scale, num_splits, cpu_isa=cpu_isa)
+    (out, lse, workspace) on CUDA. cpu_isa: the CPU kernel's level (CPU only);
+    cuda_decode: the CUDA kernel (CUDA only)."""
+    raw = ffi.decode_ffi(platform, softmax_scale, num_splits, cpu_isa=cpu_isa, cuda_decode=cuda_decode)
     names = ("decode_out", "decode_lse") + (("split_partials",) if platform == "cuda" else ())
     if paged:
         return _varying_like(_batched_paged(_partitioned(raw, DECODE_PAGED_ARGS, names)))

@@ -111,6 +111,24 @@ def test_decode_return_lse_vmap_and_paged(backend):
             assert_lse_close(l[i], expected_lse, jnp.float32)
 
 
+def test_cuda_decode_option_errors():
+    from jax_fastattn.config import KernelConfig
+    from jax_fastattn.decode import _decode_config
+    q, k = jnp.zeros((1, 32, 128), jnp.bfloat16), jnp.zeros((1, 8, 8, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match="cuda_decode must be one of"):
+        KernelConfig(cuda_decode="tensor")
+    with pytest.raises(ValueError, match="config.cuda_decode chooses the CUDA decode kernel.*backend='cpu'"):
+        decode_attention(q, k, k, jnp.array([3], jnp.int32), backend="cpu",
+                         config=KernelConfig(cuda_decode="simt"))
+    with pytest.raises(ValueError, match="flash_attention does not take it"):
+        flash_attention(q[:, None], k, k, backend="cpu", config=KernelConfig(cuda_decode="mma_sync"))
+    mma = KernelConfig(cuda_decode="mma_sync")
+    assert _decode_config(mma, "cuda", q, k, paged=False) is mma      # GQA 32/8, bf16, D=128: taken
+    with pytest.raises(ValueError, match=r"bfloat16 or float16 \(got float32\), head dim 64 or 128 \(got 96\), "
+                                         r"at most 16 q heads per kv head \(got 32\), a contiguous cache"):
+        _decode_config(mma, "cuda", jnp.zeros((1, 32, 96)), jnp.zeros((1, 8, 1, 96)), paged=True)
+
+
 def test_decode_return_lse_must_be_bool():
     q = jnp.zeros((1, 2, 8))
     k = jnp.zeros((1, 4, 2, 8))

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from jax_fastattn import decode_attention, ffi
+from jax_fastattn.config import KernelConfig
 from helpers import assert_close
 from test_decode import _paged, assert_lse_close, reference_decode
 
@@ -37,6 +38,50 @@ def test_cuda_decode_matches_reference(dtype, heads, d):
     assert out.dtype == q.dtype
     assert_close(out, reference_decode(q, k, v, lengths), dtype)
     assert np.all(np.asarray(out, np.float32)[2] == 0)
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("heads", [(32, 8), (8, 1), (4, 4), (12, 4), (16, 1)],
+                         ids=["gqa-32/8", "mqa-8", "mha", "group-3", "group-16"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_cuda_decode_mma_sync_matches_reference(dtype, heads, d):
+    """The tensor-core kernel: ragged lengths (0, 1, a partial last tile,
+    the whole cache), garbage past each length, lse."""
+    batch, s_max = 5, 1000
+    q, k, v = _inputs(4, batch, s_max, heads[0], heads[1], d, dtype)
+    lengths = jnp.array([1, s_max, 0, 300, 513], jnp.int32)
+    past = jnp.arange(s_max)[None, :, None, None] >= lengths[:, None, None, None]
+    k_dirty = jnp.where(past, jnp.nan, k).astype(dtype)
+    v_dirty = jnp.where(past, jnp.inf, v).astype(dtype)
+    mma = KernelConfig(cuda_decode="mma_sync")
+    out, lse = jax.jit(lambda *a: decode_attention(*a, backend="cuda", config=mma, return_lse=True))(
+        q, k_dirty, v_dirty, lengths)
+    expected_out, expected_lse = reference_decode(q, k, v, lengths, return_lse=True)
+    assert out.dtype == q.dtype
+    assert_close(out, expected_out, dtype)
+    assert_lse_close(lse, expected_lse, dtype)
+    assert np.all(np.asarray(out, np.float32)[2] == 0)
+
+
+@requires_gpu
+@pytest.mark.parametrize("s_max", [64, 70000], ids=["one-tile", "many-splits"])
+def test_cuda_decode_mma_sync_equals_simt(s_max):
+    q, k, v = _inputs(5, 3, s_max, 32, 8, 128, jnp.bfloat16)
+    lengths = jnp.array([s_max, s_max // 2 + 1, 17], jnp.int32)
+    run = lambda kernel: jax.jit(lambda *a: decode_attention(*a, backend="cuda", return_lse=True,  # noqa: E731
+                                                             config=KernelConfig(cuda_decode=kernel)))(q, k, v, lengths)
+    (mma_out, mma_lse), (simt_out, simt_lse) = run("mma_sync"), run("simt")
+    assert_close(mma_out, simt_out, jnp.bfloat16)
+    np.testing.assert_allclose(np.asarray(mma_lse), np.asarray(simt_lse), rtol=1e-2, atol=1e-2)
+
+
+@requires_gpu
+def test_cuda_decode_mma_sync_rejects_what_it_cannot_take():
+    q, k, v = _inputs(6, 2, 64, 8, 2, 80, jnp.bfloat16)
+    with pytest.raises(ValueError, match="head dim 64 or 128"):
+        decode_attention(q, k, v, jnp.array([3, 4], jnp.int32), backend="cuda",
+                         config=KernelConfig(cuda_decode="mma_sync"))
 
 
 @requires_gpu

@@ -29,5 +29,15 @@ bool decode_supported(const DecodeParams& params);
 cudaError_t decode_attention(const DecodeParams& params, int64_t num_splits, float* workspace,
                              cudaStream_t stream);
 
+// True if the tensor-core kernel (decode_mma_sm80.cu) takes this call:
+// bf16/f16, head_dim 64 or 128, at most 16 q heads per kv head, a
+// contiguous cache.
+bool decode_mma_supported(const DecodeParams& params);
+
+// The same result through the tensor-core split kernel and the same merge;
+// same workspace. cudaErrorInvalidValue if !decode_mma_supported(params).
+cudaError_t decode_attention_mma(const DecodeParams& params, int64_t num_splits, float* workspace,
+                                 cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace fastattn

@@ -1,5 +1,6 @@
-// Thin FFI handler: decode and check buffers, then enqueue cuda::decode_attention
-// on XLA's stream (no synchronisation).
+// Thin FFI handler: decode and check buffers, then enqueue the decode kernel
+// the cuda_decode attribute names (0 auto and 1 simt: decode_attention; 2
+// mma_sync: decode_attention_mma) on XLA's stream (no synchronisation).
 #include <cuda_runtime.h>
 
 #include "../common/check.h"
@@ -15,7 +16,7 @@ ffi::Error decode_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, 
                        ffi::AnyBuffer lengths, ffi::AnyBuffer page_table,
                        ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> lse,
                        ffi::Result<ffi::AnyBuffer> workspace, float softmax_scale,
-                       int64_t num_splits) {
+                       int64_t num_splits, int32_t cuda_decode) {
   DecodeParams params;
   if (auto e = decode_decode_args(q, k, v, lengths, page_table, *out, *lse, &params); e.failure())
     return e;
@@ -24,12 +25,19 @@ ffi::Error decode_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, 
   FFI_CHECK(decode_supported(params),
             "the CUDA decode kernel needs head_dim <= 256 with rows of whole 16-byte vectors "
             "(D % 8 == 0 for bf16/f16, D % 4 == 0 for f32); got D=" << params.head_dim);
+  FFI_CHECK(cuda_decode >= 0 && cuda_decode <= 2,
+            "cuda_decode must be 0 (auto), 1 (simt) or 2 (mma_sync), got " << cuda_decode);
+  const bool mma = cuda_decode == 2;
+  FFI_CHECK(!mma || decode_mma_supported(params),
+            "cuda_decode='mma_sync' needs bf16/f16, head_dim 64 or 128, at most 16 q heads per kv head "
+            "and a contiguous cache");
   const int64_t floats = decode_workspace_floats(params, num_splits);
   FFI_CHECK(workspace->element_type() == ffi::DataType::F32 &&
                 int64_t(workspace->element_count()) >= floats,
             "workspace must be float32 with at least " << floats << " elements");
-  const cudaError_t status = decode_attention(
-      params, num_splits, static_cast<float*>(workspace->untyped_data()), stream);
+  float* partials = static_cast<float*>(workspace->untyped_data());
+  const cudaError_t status = mma ? decode_attention_mma(params, num_splits, partials, stream)
+                                 : decode_attention(params, num_splits, partials, stream);
   if (status != cudaSuccess) {
     return ffi::Error(ffi::ErrorCode::kInternal,
                       std::string("jax_fastattn: decode kernel launch failed: ") + cudaGetErrorString(status));
@@ -51,7 +59,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FastattnDecodeCuda, decode_cuda,
                                   .Ret<ffi::AnyBuffer>()  // lse
                                   .Ret<ffi::AnyBuffer>()  // workspace
                                   .Attr<float>("softmax_scale")
-                                  .Attr<int64_t>("num_splits"));
+                                  .Attr<int64_t>("num_splits")
+                                  .Attr<int32_t>("cuda_decode"));
 
 }  // namespace cuda
 }  // namespace fastattn
