@@ -14,6 +14,9 @@
 #   cpubench the CPU grid of issue 32 on this host's CPU (ours, torch SDPA, XLA interleaved) at all its
 #           cores and at 2 (CPU_THREADS overrides the list), no GPU involved (the bench's worker pins
 #           jax to the CPU platform)
+#   decode  the CUDA decode kernels: the plain kernel test (both kernels against the CPU kernel)
+#           under compute-sanitizer memcheck and racecheck, the GPU decode tests, then the
+#           three decode cases with ours (CUDA cores, tensor cores), cuDNN and a device copy
 #   hostkv  Llama-3-8B decode with part of a 64K-token KV cache in host memory vs all on the device
 # Logs and JSON under $OUT (a few files, as the device tool brings back at most 8).
 source "$(dirname "$0")/common.sh"
@@ -76,6 +79,18 @@ for stage in "$@"; do
         timeout ${CPU_BENCH_TIMEOUT:-400} bash tools/cpu_bench.sh "$threads" "$OUT/cpu_t$threads" 2>&1 \
           | grep -v "^running" | tail -32 | tee -a "$LOG"
       done ;;
+    decode)
+      nvcc -std=c++17 -O2 -gencode arch=compute_90a,code=sm_90a -Ixla_ffi -Xcompiler -march=native \
+        xla_ffi/tests/cuda_decode_test.cu xla_ffi/cuda/decode_sm80.cu xla_ffi/cuda/decode_mma_sm80.cu \
+        xla_ffi/cpu/decode.cc xla_ffi/common/thread_pool.cc -o /tmp/cuda_decode_test 2>&1 | grep -v warning | tail -5 | tee -a "$LOG"
+      timeout 120 /tmp/cuda_decode_test 2>&1 | tee -a "$LOG"
+      for tool in memcheck racecheck; do
+        timeout 240 compute-sanitizer --tool $tool --error-exitcode 9 /tmp/cuda_decode_test > /tmp/sanitizer_$tool.txt 2>&1
+        echo "compute-sanitizer $tool: exit $?; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' /tmp/sanitizer_$tool.txt | tail -1)" | tee -a "$LOG"
+      done
+      timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_decode.py 2>&1 | tail -8 | tee -a "$LOG"
+      DECODE_PEERS="memcpy-device fastattn-cuda fastattn-cuda-mma jax.nn-cudnn" DEADLINE_S=${DECODE_BENCH_S:-200} \
+        bash "$(dirname "$0")/bench_peers.sh" decode-b8 decode-b1 decode-b32 2>&1 | tail -30 | tee -a "$LOG" ;;
     hostkv)
       for mode in device host; do
         timeout 300 python3 -m models.llama --config llama3-8b --batch 1 --prompt-len 65536 --gen 32 --kv-cache $mode \

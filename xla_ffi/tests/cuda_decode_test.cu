@@ -37,8 +37,10 @@ T* to_device(const std::vector<T>& host) {
   return device;
 }
 
+// One call of the CUDA-core kernel (mma false) or the tensor-core one
+// against the CPU kernel's result.
 int run_case(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t head_dim, int64_t s_max,
-             int64_t page_size, unsigned seed) {
+             int64_t page_size, unsigned seed, bool mma = false) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal;
   const bool paged = page_size > 0;
@@ -109,7 +111,15 @@ int run_case(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t head_dim,
   p.page_table = d_table;
   p.out = d_out;
   p.lse = d_lse;
-  CHECK_CUDA(fastattn::cuda::decode_attention(p, splits, workspace, nullptr));
+  if (mma) {
+    if (!fastattn::cuda::decode_mma_supported(p)) {
+      std::printf("FAIL: the tensor-core kernel does not take this case\n");
+      return 1;
+    }
+    CHECK_CUDA(fastattn::cuda::decode_attention_mma(p, splits, workspace, nullptr));
+  } else {
+    CHECK_CUDA(fastattn::cuda::decode_attention(p, splits, workspace, nullptr));
+  }
   CHECK_CUDA(cudaDeviceSynchronize());
   CHECK_CUDA(cudaMemcpy(actual.data(), d_out, actual.size() * sizeof(bf16_t), cudaMemcpyDeviceToHost));
   CHECK_CUDA(cudaMemcpy(actual_lse.data(), d_lse, actual_lse.size() * sizeof(float), cudaMemcpyDeviceToHost));
@@ -132,9 +142,9 @@ int run_case(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t head_dim,
       if (failures++ < 5) std::printf("  lse mismatch at %zu: %g vs %g\n", i, a, e);
     }
   }
-  std::printf("%s B=%ld Hq=%ld Hkv=%ld D=%ld S=%ld page=%ld: %d mismatches\n", failures ? "FAIL" : "ok",
-              long(batch), long(q_heads), long(kv_heads), long(head_dim), long(s_max), long(page_size),
-              failures);
+  std::printf("%s %s B=%ld Hq=%ld Hkv=%ld D=%ld S=%ld page=%ld: %d mismatches\n", failures ? "FAIL" : "ok",
+              mma ? "mma_sync" : "simt", long(batch), long(q_heads), long(kv_heads), long(head_dim),
+              long(s_max), long(page_size), failures);
   return failures;
 }
 
@@ -147,6 +157,9 @@ int main() {
   failures += run_case(3, 8, 1, 64, 300, 256, 3);   // MQA, 256-row pages
   failures += run_case(3, 4, 4, 256, 129, 0, 4);    // MHA, D = 256
   failures += run_case(4, 12, 4, 80, 200, 0, 5);    // D = 80 (padded lanes), group 3
+  failures += run_case(4, 32, 8, 128, 700, 0, 6, true);   // tensor cores: GQA 32/8
+  failures += run_case(3, 16, 1, 64, 300, 0, 7, true);    // group 16, D = 64
+  failures += run_case(4, 12, 4, 128, 1000, 0, 8, true);  // group 3, a partial last tile
   std::printf(failures ? "FAILED\n" : "all checks passed\n");
   return failures ? 1 : 0;
 }
