@@ -204,9 +204,12 @@ __global__ void __launch_bounds__(kMmaThreads) decode_mma_kernel(DecodeArgs args
 template <typename T, int D>
 cudaError_t launch_mma(const DecodeArgs& args, cudaStream_t stream) {
   constexpr size_t shared = MmaDecodeShape<T, D>::kSharedBytes;
-  static const cudaError_t attribute = cudaFuncSetAttribute(
-      decode_mma_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared));
-  if (attribute != cudaSuccess) return attribute;
+  // Set on every launch (a cheap host call), not once per process: the
+  // attribute is per device, and one process may drive several GPUs.
+  if (cudaError_t e = cudaFuncSetAttribute(decode_mma_kernel<T, D>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared));
+      e != cudaSuccess)
+    return e;
   const dim3 grid(unsigned(args.num_splits), unsigned(args.kv_heads), unsigned(args.batch));
   decode_mma_kernel<T, D><<<grid, kMmaThreads, shared, stream>>>(args);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;

@@ -326,9 +326,12 @@ template <typename T, int D, int HEADS>
 cudaError_t launch_typed(const DecodeArgs& args, cudaStream_t stream) {
   const dim3 grid(unsigned(args.num_splits), unsigned(args.kv_heads * args.head_groups), unsigned(args.batch));
   constexpr size_t shared = DecodeShape<T, D>::kSharedBytes;
-  static const cudaError_t attribute = cudaFuncSetAttribute(
-      decode_split_kernel<T, D, HEADS>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared));
-  if (attribute != cudaSuccess) return attribute;
+  // Set on every launch (a cheap host call), not once per process: the
+  // attribute is per device, and one process may drive several GPUs.
+  if (cudaError_t e = cudaFuncSetAttribute(decode_split_kernel<T, D, HEADS>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared));
+      e != cudaSuccess)
+    return e;
   decode_split_kernel<T, D, HEADS><<<grid, kThreads, shared, stream>>>(args);
   if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
   return decode_split::launch_combine<T>(args, stream);
