@@ -59,7 +59,7 @@ def _gather_pages(cache, page_table):
     return rows.reshape(rows.shape[0], -1, *rows.shape[3:])
 
 
-def _decode_config(config, backend: str, q, k_cache, paged: bool) -> KernelConfig:
+def _decode_config(config, backend: str, q, k_cache) -> KernelConfig:
     """The KernelConfig of a decode call; a decode-irrelevant or
     wrong-backend choice, or a cuda_decode kernel that cannot take the call,
     is an error, not ignored."""
@@ -78,8 +78,7 @@ def _decode_config(config, backend: str, q, k_cache, paged: bool) -> KernelConfi
         why = [w for w, bad in ((f"dtype bfloat16 or float16 (got {q.dtype})",
                                  q.dtype not in (jnp.bfloat16, jnp.float16)),
                                 (f"head dim 64 or 128 (got {q.shape[-1]})", q.shape[-1] not in (64, 128)),
-                                (f"at most 16 q heads per kv head (got {group})", group > 16),
-                                ("a contiguous cache (got a page_table)", paged)) if bad]
+                                (f"at most 16 q heads per kv head (got {group})", group > 16)) if bad]
         if why:
             raise ArgumentError(f"config.cuda_decode='mma_sync' needs {', '.join(why)}; use 'simt' or 'auto'")
     return config
@@ -111,7 +110,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, page_table=None, softmax_s
     if not isinstance(return_lse, (bool, np.bool_)):
         raise ArgumentError(f"return_lse must be a Python bool, got {type(return_lse).__name__}")
     concrete = backends.resolve(backend, "decode", q.dtype, q.shape[-1]).name
-    config = _decode_config(config, concrete, q, k_cache, page_table is not None)
+    config = _decode_config(config, concrete, q, k_cache)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     lengths = jnp.asarray(lengths, jnp.int32)
     if concrete in ("cpu", "cuda"):

@@ -123,10 +123,10 @@ def test_cuda_decode_option_errors():
     with pytest.raises(ValueError, match="flash_attention does not take it"):
         flash_attention(q[:, None], k, k, backend="cpu", config=KernelConfig(cuda_decode="mma_sync"))
     mma = KernelConfig(cuda_decode="mma_sync")
-    assert _decode_config(mma, "cuda", q, k, paged=False) is mma      # GQA 32/8, bf16, D=128: taken
+    assert _decode_config(mma, "cuda", q, k) is mma      # GQA 32/8, bf16, D=128: taken
     with pytest.raises(ValueError, match=r"bfloat16 or float16 \(got float32\), head dim 64 or 128 \(got 96\), "
-                                         r"at most 16 q heads per kv head \(got 32\), a contiguous cache"):
-        _decode_config(mma, "cuda", jnp.zeros((1, 32, 96)), jnp.zeros((1, 8, 1, 96)), paged=True)
+                                         r"at most 16 q heads per kv head \(got 32\); use 'simt'"):
+        _decode_config(mma, "cuda", jnp.zeros((1, 32, 96)), jnp.zeros((1, 8, 1, 96)))
 
 
 def test_decode_return_lse_must_be_bool():

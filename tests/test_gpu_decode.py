@@ -77,6 +77,20 @@ def test_cuda_decode_mma_sync_equals_simt(s_max):
 
 
 @requires_gpu
+@pytest.mark.parametrize("page_size", [16, 24, 256])  # 24: a 64-key tile spans pages at odd offsets
+def test_cuda_decode_mma_sync_paged(page_size):
+    q, k, v = _inputs(7, 4, 1000, 32, 8, 128, jnp.bfloat16)
+    lengths = jnp.array([1, 1000, 255, 513], jnp.int32)
+    k_pages, v_pages, table = _paged(k, v, page_size, seed=page_size)
+    mma = KernelConfig(cuda_decode="mma_sync")
+    out, lse = jax.jit(lambda *a: decode_attention(*a[:4], page_table=a[4], backend="cuda", config=mma,
+                                                   return_lse=True))(q, k_pages, v_pages, lengths, table)
+    expected_out, expected_lse = reference_decode(q, k, v, lengths, return_lse=True)
+    assert_close(out, expected_out, jnp.bfloat16)
+    assert_lse_close(lse, expected_lse, jnp.bfloat16)
+
+
+@requires_gpu
 def test_cuda_decode_mma_sync_rejects_what_it_cannot_take():
     q, k, v = _inputs(6, 2, 64, 8, 2, 80, jnp.bfloat16)
     with pytest.raises(ValueError, match="head dim 64 or 128"):

@@ -30,8 +30,7 @@ cudaError_t decode_attention(const DecodeParams& params, int64_t num_splits, flo
                              cudaStream_t stream);
 
 // True if the tensor-core kernel (decode_mma_sm80.cu) takes this call:
-// bf16/f16, head_dim 64 or 128, at most 16 q heads per kv head, a
-// contiguous cache.
+// bf16/f16, head_dim 64 or 128, at most 16 q heads per kv head.
 bool decode_mma_supported(const DecodeParams& params);
 
 // The same result through the tensor-core split kernel and the same merge;

@@ -29,8 +29,8 @@ ffi::Error decode_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, 
             "cuda_decode must be 0 (auto), 1 (simt) or 2 (mma_sync), got " << cuda_decode);
   const bool mma = cuda_decode == 2;
   FFI_CHECK(!mma || decode_mma_supported(params),
-            "cuda_decode='mma_sync' needs bf16/f16, head_dim 64 or 128, at most 16 q heads per kv head "
-            "and a contiguous cache");
+            "cuda_decode='mma_sync' needs bf16/f16, head_dim 64 or 128 and at most 16 q heads per kv "
+            "head");
   const int64_t floats = decode_workspace_floats(params, num_splits);
   FFI_CHECK(workspace->element_type() == ffi::DataType::F32 &&
                 int64_t(workspace->element_count()) >= floats,

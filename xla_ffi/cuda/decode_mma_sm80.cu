@@ -1,5 +1,5 @@
 // Split-KV decode on tensor cores (sm80 and newer, bf16/f16, D = 64 or 128,
-// contiguous caches, GQA groups of up to 16 q heads).
+// GQA groups of up to 16 q heads; contiguous or paged caches).
 //
 // The q heads of one kv head's group are the 16 rows of an m16n8k16 A
 // operand (rows past the group are zero), so Q Kᵀ and P V run as mma.sync
@@ -51,6 +51,33 @@ struct MmaDecodeShape {
   static constexpr size_t kSharedBytes = kTileBytes > kMergeBytes ? kTileBytes : kMergeBytes;
 };
 
+// kTileKeys rows of a paged cache into a swizzled tile: each row's page from
+// the table (a 32-bit division per row; a page's rows are contiguous). Rows
+// at or past valid_rows are zero-filled and their pages never looked up.
+// `base`: row 0 of page 0 at the tile's kv head.
+template <int D, typename T>
+__device__ __forceinline__ void load_paged_tile_async(uint4* tile, const T* base,
+                                                      const int32_t* table, int page_size,
+                                                      int first_key, int64_t row_stride,
+                                                      int64_t valid_rows) {
+  constexpr int kChunks = D / 8;
+  constexpr int kStep = kMmaThreads / kChunks;
+  static_assert(kMmaThreads % kChunks == 0 && kTileKeys % kStep == 0, "tile shape");
+  const int row0 = threadIdx.x / kChunks, chunk = threadIdx.x % kChunks;
+#pragma unroll
+  for (int i = 0; i < kTileKeys / kStep; ++i) {
+    const int row = row0 + i * kStep;
+    const bool valid = row < valid_rows;
+    const T* src = base;  // an in-bounds address for a zero-filling copy, which reads nothing
+    if (valid) {
+      const int j = first_key + row;
+      const int64_t cache_row = int64_t(table[j / page_size]) * page_size + j % page_size;
+      src = base + cache_row * row_stride + chunk * 8;
+    }
+    copy16_async(shared_address(tile + chunk_of<D>(row, chunk)), src, valid);
+  }
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kMmaThreads) decode_mma_kernel(DecodeArgs args) {
   using S = MmaDecodeShape<T, D>;
@@ -71,10 +98,13 @@ __global__ void __launch_bounds__(kMmaThreads) decode_mma_kernel(DecodeArgs args
   const int64_t end = min(length, begin + args.keys_per_split);
   const int num_tiles = end > begin ? int((end - begin + kTileKeys - 1) / kTileKeys) : 0;
   const int64_t row_stride = int64_t(args.kv_heads) * D;
+  const T* k_head = static_cast<const T*>(args.k) + int64_t(kv_h) * D;
+  const T* v_head = static_cast<const T*>(args.v) + int64_t(kv_h) * D;
+  const int32_t* table = args.page_table ? args.page_table + int64_t(b) * args.max_pages : nullptr;
   // Contiguous cache: row b * Smax + j holds position j of sequence b.
   const int64_t first_row = int64_t(b) * args.page_size + begin;
-  const T* k = static_cast<const T*>(args.k) + first_row * row_stride + int64_t(kv_h) * D;
-  const T* v = static_cast<const T*>(args.v) + first_row * row_stride + int64_t(kv_h) * D;
+  const T* k = k_head + first_row * row_stride;
+  const T* v = v_head + first_row * row_stride;
 
   // Q rows (rows past the group zero-filled), in the first commit group.
   load_tile_async<D, kGroupRows, kMmaThreads>(q_tile, static_cast<const T*>(args.q) +
@@ -85,10 +115,17 @@ __global__ void __launch_bounds__(kMmaThreads) decode_mma_kernel(DecodeArgs args
       const int stage = tile % kStages;
       const int64_t key0 = int64_t(tile) * kTileKeys;
       // Rows at or past `end` are zero-filled, never read.
-      load_tile_async<D, kTileKeys, kMmaThreads>(k_tiles + stage * S::kTileChunks, k + key0 * row_stride,
-                                                 row_stride, end - begin - key0);
-      load_tile_async<D, kTileKeys, kMmaThreads>(v_tiles + stage * S::kTileChunks, v + key0 * row_stride,
-                                                 row_stride, end - begin - key0);
+      uint4* k_dst = k_tiles + stage * S::kTileChunks;
+      uint4* v_dst = v_tiles + stage * S::kTileChunks;
+      const int64_t rows = end - begin - key0;
+      if (table) {
+        const int first_key = int(begin + key0);
+        load_paged_tile_async<D>(k_dst, k_head, table, args.page_size, first_key, row_stride, rows);
+        load_paged_tile_async<D>(v_dst, v_head, table, args.page_size, first_key, row_stride, rows);
+      } else {
+        load_tile_async<D, kTileKeys, kMmaThreads>(k_dst, k + key0 * row_stride, row_stride, rows);
+        load_tile_async<D, kTileKeys, kMmaThreads>(v_dst, v + key0 * row_stride, row_stride, rows);
+      }
     }
     commit_async();  // an empty group past the last tile keeps the counting simple
   };
@@ -225,7 +262,7 @@ cudaError_t launch_mma_dim(const DecodeArgs& args, cudaStream_t stream) {
 
 bool decode_mma_supported(const DecodeParams& p) {
   return (p.dtype == ElementType::kBF16 || p.dtype == ElementType::kF16) &&
-         (p.head_dim == 64 || p.head_dim == 128) && p.group() <= kGroupRows && p.page_table == nullptr;
+         (p.head_dim == 64 || p.head_dim == 128) && p.group() <= kGroupRows;
 }
 
 cudaError_t decode_attention_mma(const DecodeParams& p, int64_t num_splits, float* workspace,

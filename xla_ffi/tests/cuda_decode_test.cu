@@ -160,6 +160,7 @@ int main() {
   failures += run_case(4, 32, 8, 128, 700, 0, 6, true);   // tensor cores: GQA 32/8
   failures += run_case(3, 16, 1, 64, 300, 0, 7, true);    // group 16, D = 64
   failures += run_case(4, 12, 4, 128, 1000, 0, 8, true);  // group 3, a partial last tile
+  failures += run_case(4, 32, 8, 128, 700, 24, 9, true);  // paged, 24-row pages
   std::printf(failures ? "FAILED\n" : "all checks passed\n");
   return failures ? 1 : 0;
 }
