@@ -72,7 +72,7 @@ def _decode_config(config, backend: str, q, k_cache) -> KernelConfig:
     check_cpu_isa(config, backend)
     if config.cuda_decode != DEFAULT.cuda_decode and backend != "cuda":
         raise ArgumentError(f"config.cuda_decode chooses the CUDA decode kernel, but the call runs on "
-                            f"backend={backend!r}")
+                            f"backend={backend!r}; leave it 'auto'")
     if config.cuda_decode == "mma_sync":
         group = q.shape[1] // k_cache.shape[2]
         why = [w for w, bad in ((f"dtype bfloat16 or float16 (got {q.dtype})",

@@ -68,6 +68,8 @@ def test_codes_cover_every_choice_and_match_the_cpp_enums():
         assert set(ffi.KERNEL_CODES[field]) == set(ALLOWED[field])
     assert ffi.KERNEL_CODES["volta_layout"] == enums["VoltaLayout"]
     assert set(ffi.KERNEL_CODES["volta_layout"]) == set(config.VOLTA_LAYOUTS)
+    assert ffi.KERNEL_CODES["cuda_decode"] == enums["DecodeKernel"]
+    assert set(ffi.KERNEL_CODES["cuda_decode"]) == set(config.CUDA_DECODE_KERNELS)
 
 
 def _every_config():

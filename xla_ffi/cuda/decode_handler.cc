@@ -7,6 +7,7 @@
 #include "../common/ffi_decode.h"
 #include "decode.h"
 #include "handlers.h"
+#include "kernel_choice.h"
 
 namespace fastattn {
 namespace cuda {
@@ -25,12 +26,14 @@ ffi::Error decode_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, 
   FFI_CHECK(decode_supported(params),
             "the CUDA decode kernel needs head_dim <= 256 with rows of whole 16-byte vectors "
             "(D % 8 == 0 for bf16/f16, D % 4 == 0 for f32); got D=" << params.head_dim);
-  FFI_CHECK(cuda_decode >= 0 && cuda_decode <= 2,
-            "cuda_decode must be 0 (auto), 1 (simt) or 2 (mma_sync), got " << cuda_decode);
-  const bool mma = cuda_decode == 2;
+  const auto kernel = static_cast<DecodeKernel>(cuda_decode);
+  FFI_CHECK(kernel == DecodeKernel::kAuto || kernel == DecodeKernel::kSimt ||
+                kernel == DecodeKernel::kMmaSync,
+            "KernelConfig.cuda_decode: no kernel with code " << cuda_decode);
+  const bool mma = kernel == DecodeKernel::kMmaSync;
   FFI_CHECK(!mma || decode_mma_supported(params),
-            "cuda_decode='mma_sync' needs bf16/f16, head_dim 64 or 128 and at most 16 q heads per kv "
-            "head");
+            "KernelConfig.cuda_decode='mma_sync' needs bf16/f16, head_dim 64 or 128 and at most 16 q "
+            "heads per kv head");
   const int64_t floats = decode_workspace_floats(params, num_splits);
   FFI_CHECK(workspace->element_type() == ffi::DataType::F32 &&
                 int64_t(workspace->element_count()) >= floats,

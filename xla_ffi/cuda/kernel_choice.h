@@ -1,5 +1,5 @@
 // Kernel choices of the CUDA custom calls: KernelConfig.cuda_forward,
-// cuda_backward and volta_layout (jax_fastattn/config.py) arrive as int32
+// cuda_backward, cuda_decode and volta_layout (jax_fastattn/config.py) arrive as int32
 // FFI attributes of the same names, with the codes of the enums below
 // (jax_fastattn/ffi.py KERNEL_CODES holds the same numbers). Plain C++, no
 // CUDA: the choice is a pure function of the call and the device.
@@ -15,6 +15,14 @@ enum class KernelChoice : int32_t {
   kAuto = 0,     // wgmma where it can run the call, else mma.sync
   kWgmma = 1,    // the sm90 wgmma kernels; an error where they cannot run
   kMmaSync = 2,  // the sm80 mma.sync kernels (they run on sm80 and later)
+};
+
+// The decode kernel (decode_attention): the CUDA-core split kernel or the
+// tensor-core one (decode_mma_sm80.cu).
+enum class DecodeKernel : int32_t {
+  kAuto = 0,     // the CUDA-core kernel
+  kSimt = 1,     // the CUDA-core kernel (decode_sm80.cu)
+  kMmaSync = 2,  // the tensor-core kernel; an error where it cannot take the call
 };
 
 // Shared-memory operand layout of the Volta kernel (sm70/): FastAttention's
