@@ -51,15 +51,16 @@ struct MmaDecodeShape {
   static constexpr size_t kSharedBytes = kTileBytes > kMergeBytes ? kTileBytes : kMergeBytes;
 };
 
-// kTileKeys rows of a paged cache into a swizzled tile: each row's page from
-// the table (a 32-bit division per row; a page's rows are contiguous). Rows
-// at or past valid_rows are zero-filled and their pages never looked up.
-// `base`: row 0 of page 0 at the tile's kv head.
+// kTileKeys rows of a paged cache into swizzled K and V tiles: each row's
+// page from the table (a 32-bit division per row, shared by K and V; a
+// page's rows are contiguous). Rows at or past valid_rows are zero-filled
+// and their pages never looked up. k_head / v_head: row 0 of page 0 at the
+// tile's kv head.
 template <int D, typename T>
-__device__ __forceinline__ void load_paged_tile_async(uint4* tile, const T* base,
-                                                      const int32_t* table, int page_size,
-                                                      int first_key, int64_t row_stride,
-                                                      int64_t valid_rows) {
+__device__ __forceinline__ void load_paged_tiles_async(uint4* k_tile, uint4* v_tile, const T* k_head,
+                                                       const T* v_head, const int32_t* table,
+                                                       int page_size, int first_key,
+                                                       int64_t row_stride, int64_t valid_rows) {
   constexpr int kChunks = D / 8;
   constexpr int kStep = kMmaThreads / kChunks;
   static_assert(kMmaThreads % kChunks == 0 && kTileKeys % kStep == 0, "tile shape");
@@ -68,13 +69,14 @@ __device__ __forceinline__ void load_paged_tile_async(uint4* tile, const T* base
   for (int i = 0; i < kTileKeys / kStep; ++i) {
     const int row = row0 + i * kStep;
     const bool valid = row < valid_rows;
-    const T* src = base;  // an in-bounds address for a zero-filling copy, which reads nothing
+    int64_t offset = 0;  // a zero-filling copy reads nothing; any in-bounds address will do
     if (valid) {
       const int j = first_key + row;
-      const int64_t cache_row = int64_t(table[j / page_size]) * page_size + j % page_size;
-      src = base + cache_row * row_stride + chunk * 8;
+      offset = (int64_t(table[j / page_size]) * page_size + j % page_size) * row_stride + chunk * 8;
     }
-    copy16_async(shared_address(tile + chunk_of<D>(row, chunk)), src, valid);
+    const int slot = chunk_of<D>(row, chunk);
+    copy16_async(shared_address(k_tile + slot), k_head + offset, valid);
+    copy16_async(shared_address(v_tile + slot), v_head + offset, valid);
   }
 }
 
@@ -120,8 +122,8 @@ __global__ void __launch_bounds__(kMmaThreads) decode_mma_kernel(DecodeArgs args
       const int64_t rows = end - begin - key0;
       if (table) {
         const int first_key = int(begin + key0);
-        load_paged_tile_async<D>(k_dst, k_head, table, args.page_size, first_key, row_stride, rows);
-        load_paged_tile_async<D>(v_dst, v_head, table, args.page_size, first_key, row_stride, rows);
+        load_paged_tiles_async<D>(k_dst, v_dst, k_head, v_head, table, args.page_size, first_key,
+                                  row_stride, rows);
       } else {
         load_tile_async<D, kTileKeys, kMmaThreads>(k_dst, k + key0 * row_stride, row_stride, rows);
         load_tile_async<D, kTileKeys, kMmaThreads>(v_dst, v + key0 * row_stride, row_stride, rows);
