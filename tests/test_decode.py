@@ -117,6 +117,9 @@ def test_cuda_decode_option_errors():
     q, k = jnp.zeros((1, 32, 128), jnp.bfloat16), jnp.zeros((1, 8, 8, 128), jnp.bfloat16)
     with pytest.raises(ValueError, match="cuda_decode must be one of"):
         KernelConfig(cuda_decode="tensor")
+    from jax_fastattn import ffi
+    with pytest.raises(ValueError, match="cuda_decode must be one of"):
+        ffi.decode_ffi("cuda", 1.0, cuda_decode="tensor")
     with pytest.raises(ValueError, match="config.cuda_decode chooses the CUDA decode kernel.*backend='cpu'"):
         decode_attention(q, k, k, jnp.array([3], jnp.int32), backend="cpu",
                          config=KernelConfig(cuda_decode="simt"))

@@ -445,3 +445,28 @@ def test_partial_ignores_garbage_past_the_length(backend):
     clean, clean_lse = partial_decode(q, k, v, lengths, backend=backend)
     np.testing.assert_allclose(np.asarray(out), np.asarray(clean), atol=1e-6)
     np.testing.assert_allclose(np.asarray(lse), np.asarray(clean_lse), atol=1e-6)
+
+
+@pytest.mark.parametrize("stream_blocks", ["stacked", "separate"])
+def test_offload_benchmark_dry_run(tmp_path, stream_blocks):
+    """tools/gpu/offload_bench.py end to end at toy sizes on this machine's
+    CPU (the device run has no time to find a broken script): every strategy
+    builds its caches in place, decodes, and reports its figures."""
+    import json
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "offload.json"
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    run = subprocess.run([sys.executable, os.path.join(root, "tools", "gpu", "offload_bench.py"), "--preset", "tiny",
+                          "--stream-blocks", stream_blocks, "--out", str(out)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    results = json.loads(out.read_text())
+    assert not results["errors"]
+    cases = {c["strategy"]: c for c in results["cases"]}
+    assert set(cases) == {"split", "both", "stream"} and all(c["status"] == "ok" for c in cases.values())
+    assert cases["stream"]["pcie_bytes_per_token"] > 0 and cases["stream"]["effective_pcie_bytes_per_s"] > 0
+    assert cases["split"]["kv_bytes"]["cpu"] > 0 and cases["split"]["pcie_bytes_per_token"] == 0
+    assert cases["both"]["kv_bytes"]["stream"] > 0 and cases["both"]["kv_bytes"]["cpu"] > 0
+    assert all(c["stream_blocks"] == stream_blocks for c in cases.values())
