@@ -26,6 +26,24 @@ def reference_decode(q, k_cache, v_cache, lengths, return_lse=False):
     return (jnp.stack(rows), jnp.stack(lses)) if return_lse else jnp.stack(rows)
 
 
+def garbage_past_length(k_cache, v_cache, lengths):
+    """K with NaN and V with inf at every position at or past each row's
+    length: a kernel that reads them poisons its result."""
+    past = jnp.arange(k_cache.shape[1])[None, :, None, None] >= lengths[:, None, None, None]
+    return (jnp.where(past, jnp.nan, k_cache).astype(k_cache.dtype),
+            jnp.where(past, jnp.inf, v_cache).astype(v_cache.dtype))
+
+
+def _vmapped_inputs(seed):
+    """q [2, 3, 4, 16], caches [2, 3, 50, 2, 16] and ragged lengths [2, 3]
+    (0, 1 and full rows among them), for tests under vmap."""
+    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+    q = jax.random.normal(keys[0], (2, 3, 4, 16))
+    k_cache = jax.random.normal(keys[1], (2, 3, 50, 2, 16))
+    v_cache = jax.random.normal(keys[2], (2, 3, 50, 2, 16))
+    return q, k_cache, v_cache, jnp.array([[3, 50, 0], [17, 1, 49]], jnp.int32)
+
+
 def assert_lse_close(lse, expected, dtype):
     """Finite entries close (bf16/f16 inputs round the logits), -inf where expected."""
     lse, expected = np.asarray(lse), np.asarray(expected)
@@ -47,9 +65,7 @@ def test_decode_ragged_lengths_with_garbage_past_length(backend, dtype, heads):
     lengths = jnp.array([1, s_max, 0, 77, 128], jnp.int32)
     expected = reference_decode(q, k_cache, v_cache, lengths)
     # Garbage (NaN, inf) past each length must never reach the result.
-    past = jnp.arange(s_max)[None, :, None, None] >= lengths[:, None, None, None]
-    k_dirty = jnp.where(past, jnp.nan, k_cache).astype(dtype)
-    v_dirty = jnp.where(past, jnp.inf, v_cache).astype(dtype)
+    k_dirty, v_dirty = garbage_past_length(k_cache, v_cache, lengths)
     out = jax.jit(lambda *a: decode_attention(*a, backend=backend))(q, k_dirty, v_dirty, lengths)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert_close(out, expected, dtype)
@@ -69,16 +85,15 @@ def test_decode_return_lse(backend, dtype, heads):
     v_cache = jax.random.normal(keys[2], (batch, s_max, heads[1], d)).astype(dtype)
     lengths = jnp.array([0, 1, s_max, 129, 2], jnp.int32)
     expected_out, expected_lse = reference_decode(q, k_cache, v_cache, lengths, return_lse=True)
-    past = jnp.arange(s_max)[None, :, None, None] >= lengths[:, None, None, None]
-    k_dirty = jnp.where(past, jnp.nan, k_cache).astype(dtype)
+    k_dirty, v_dirty = garbage_past_length(k_cache, v_cache, lengths)
     fn = jax.jit(lambda *a: decode_attention(*a, backend=backend, softmax_scale=0.3, return_lse=True))
-    out, lse = fn(q, k_dirty, v_cache, lengths)
+    out, lse = fn(q, k_dirty, v_dirty, lengths)
     ref_out, ref_lse = flash_attention(q[:, None], k_cache, v_cache, backend="reference", return_lse=True,
                                        softmax_scale=0.3, mask=_prefix_mask(lengths, s_max))
     assert_close(out, ref_out[:, 0], dtype)
     assert_lse_close(lse, jnp.where(lengths[:, None] > 0, ref_lse[:, :, 0], -jnp.inf), dtype)
     assert np.all(np.asarray(out, np.float32)[0] == 0)
-    plain = jax.jit(lambda *a: decode_attention(*a, backend=backend, softmax_scale=0.3))(q, k_dirty, v_cache, lengths)
+    plain = jax.jit(lambda *a: decode_attention(*a, backend=backend, softmax_scale=0.3))(q, k_dirty, v_dirty, lengths)
     np.testing.assert_array_equal(np.asarray(plain, np.float32), np.asarray(out, np.float32))
     # Default scale: against the row-by-row reference.
     out, lse = jax.jit(lambda *a: decode_attention(*a, backend=backend, return_lse=True))(q, k_cache, v_cache, lengths)
@@ -93,11 +108,7 @@ def _prefix_mask(lengths, s_max):
 
 
 def test_decode_return_lse_vmap_and_paged(backend):
-    keys = jax.random.split(jax.random.PRNGKey(8), 3)
-    q = jax.random.normal(keys[0], (2, 3, 4, 16))
-    k_cache = jax.random.normal(keys[1], (2, 3, 50, 2, 16))
-    v_cache = jax.random.normal(keys[2], (2, 3, 50, 2, 16))
-    lengths = jnp.array([[3, 50, 0], [17, 1, 49]], jnp.int32)
+    q, k_cache, v_cache, lengths = _vmapped_inputs(8)
     out, lse = jax.vmap(lambda *a: decode_attention(*a, backend=backend, return_lse=True))(
         q, k_cache, v_cache, lengths)
     pools = [_paged(k_cache[i], v_cache[i], 16, seed=i) for i in range(2)]
@@ -185,11 +196,7 @@ def test_paged_cache(backend, page_size, heads):
 
 
 def test_paged_vmap(backend):
-    keys = jax.random.split(jax.random.PRNGKey(3), 3)
-    q = jax.random.normal(keys[0], (2, 3, 4, 16))
-    k_cache = jax.random.normal(keys[1], (2, 3, 50, 2, 16))
-    v_cache = jax.random.normal(keys[2], (2, 3, 50, 2, 16))
-    lengths = jnp.array([[3, 50, 0], [17, 1, 49]], jnp.int32)
+    q, k_cache, v_cache, lengths = _vmapped_inputs(3)
     pools = [_paged(k_cache[i], v_cache[i], 16, seed=i) for i in range(2)]
     k_pages, v_pages, tables = (jnp.stack([p[j] for p in pools]) for j in range(3))
     out = jax.vmap(lambda *a: decode_attention(*a[:4], page_table=a[4], backend=backend))(

@@ -7,7 +7,7 @@ import pytest
 from jax_fastattn import decode_attention, ffi
 from jax_fastattn.config import KernelConfig
 from helpers import assert_close
-from test_decode import _paged, assert_lse_close, reference_decode
+from test_decode import _paged, assert_lse_close, garbage_past_length, reference_decode
 
 pytestmark = pytest.mark.gpu
 
@@ -31,9 +31,7 @@ def test_cuda_decode_matches_reference(dtype, heads, d):
     batch, s_max = 5, 777
     q, k, v = _inputs(0, batch, s_max, heads[0], heads[1], d, dtype)
     lengths = jnp.array([1, s_max, 0, 300, 511], jnp.int32)
-    past = jnp.arange(s_max)[None, :, None, None] >= lengths[:, None, None, None]
-    k_dirty = jnp.where(past, jnp.nan, k).astype(dtype)
-    v_dirty = jnp.where(past, jnp.inf, v).astype(dtype)
+    k_dirty, v_dirty = garbage_past_length(k, v, lengths)
     out = jax.jit(lambda *a: decode_attention(*a, backend="cuda"))(q, k_dirty, v_dirty, lengths)
     assert out.dtype == q.dtype
     assert_close(out, reference_decode(q, k, v, lengths), dtype)
@@ -51,9 +49,7 @@ def test_cuda_decode_mma_sync_matches_reference(dtype, heads, d):
     batch, s_max = 5, 1000
     q, k, v = _inputs(4, batch, s_max, heads[0], heads[1], d, dtype)
     lengths = jnp.array([1, s_max, 0, 300, 513], jnp.int32)
-    past = jnp.arange(s_max)[None, :, None, None] >= lengths[:, None, None, None]
-    k_dirty = jnp.where(past, jnp.nan, k).astype(dtype)
-    v_dirty = jnp.where(past, jnp.inf, v).astype(dtype)
+    k_dirty, v_dirty = garbage_past_length(k, v, lengths)
     mma = KernelConfig(cuda_decode="mma_sync")
     out, lse = jax.jit(lambda *a: decode_attention(*a, backend="cuda", config=mma, return_lse=True))(
         q, k_dirty, v_dirty, lengths)
