@@ -80,14 +80,7 @@ for stage in "$@"; do
           | grep -v "^running" | tail -32 | tee -a "$LOG"
       done ;;
     decode)
-      nvcc -std=c++17 -O2 -gencode arch=compute_90a,code=sm_90a -Ixla_ffi -Xcompiler -march=native \
-        xla_ffi/tests/cuda_decode_test.cu xla_ffi/cuda/decode_sm80.cu xla_ffi/cuda/decode_mma_sm80.cu \
-        xla_ffi/cpu/decode.cc xla_ffi/common/thread_pool.cc -o /tmp/cuda_decode_test 2>&1 | grep -v warning | tail -5 | tee -a "$LOG"
-      timeout 120 /tmp/cuda_decode_test 2>&1 | tee -a "$LOG"
-      for tool in memcheck racecheck; do
-        timeout 240 compute-sanitizer --tool $tool --error-exitcode 9 /tmp/cuda_decode_test > /tmp/sanitizer_$tool.txt 2>&1
-        echo "compute-sanitizer $tool: exit $?; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' /tmp/sanitizer_$tool.txt | tail -1)" | tee -a "$LOG"
-      done
+      cuda_decode_kernel_test "$LOG"
       timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_decode.py 2>&1 | tail -8 | tee -a "$LOG"
       DECODE_PEERS="memcpy-device fastattn-cuda fastattn-cuda-mma jax.nn-cudnn" DEADLINE_S=${DECODE_BENCH_S:-200} \
         bash "$(dirname "$0")/bench_peers.sh" decode-b8 decode-b1 decode-b32 2>&1 | tail -30 | tee -a "$LOG" ;;
