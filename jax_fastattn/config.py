@@ -15,7 +15,7 @@ CUDA_BACKWARD_KERNELS = ("auto", "wgmma", "mma_sync")
 # CUDA decode kernels (decode_attention): "simt", the CUDA-core split
 # kernel (every dtype and head dim <= 256, paged caches); "mma_sync", the
 # tensor-core one (bf16/f16, head dim 64 or 128, at most 16 q heads per kv
-# head). "auto" takes "simt".
+# head). "auto" takes "mma_sync" where it can run the call, else "simt".
 CUDA_DECODE_KERNELS = ("auto", "simt", "mma_sync")
 # Shared-memory operand layout of the Volta kernel: FastAttention's
 # bank-conflict-free swizzle, or the plain row-major layout (the ablation).

@@ -73,6 +73,21 @@ def test_cuda_decode_mma_sync_equals_simt(s_max):
 
 
 @requires_gpu
+@pytest.mark.parametrize("dtype,head_dim,expected", [(jnp.bfloat16, 128, "mma_sync"), (jnp.float16, 64, "mma_sync"),
+                                                      (jnp.float32, 128, "simt"), (jnp.bfloat16, 96, "simt")])
+def test_cuda_decode_auto_takes_mma_sync_where_it_can(dtype, head_dim, expected):
+    q, k, v = _inputs(11, 2, 3000, 16, 4, head_dim, dtype)
+    lengths = jnp.array([3000, 1234], jnp.int32)
+    run = lambda kernel: np.asarray(jax.jit(lambda *a: decode_attention(  # noqa: E731
+        *a, backend="cuda", config=KernelConfig(cuda_decode=kernel)))(q, k, v, lengths), np.float32)
+    chosen = run("auto")
+    np.testing.assert_array_equal(chosen, run(expected))  # the same kernel: bit for bit
+    other = "simt" if expected == "mma_sync" else None
+    if other:
+        assert not np.array_equal(chosen, run(other)), "simt and mma_sync round differently; auto ran simt"
+
+
+@requires_gpu
 @pytest.mark.parametrize("page_size", [16, 24, 256])  # 24: a 64-key tile spans pages at odd offsets
 def test_cuda_decode_mma_sync_paged(page_size):
     q, k, v = _inputs(7, 4, 1000, 32, 8, 128, jnp.bfloat16)

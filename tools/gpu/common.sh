@@ -17,14 +17,16 @@ build_extension() {
   }
 }
 
-# cuda_decode_kernel_test LOG: builds xla_ffi/tests/cuda_decode_test.cu (both
-# CUDA decode kernels against the CPU kernel) and runs it plainly and under
-# compute-sanitizer memcheck and racecheck, each line in LOG.
+# cuda_decode_kernel_test LOG [plain|sanitize|both]: builds xla_ffi/tests/cuda_decode_test.cu
+# (both CUDA decode kernels against the CPU kernel) and runs it plainly, under
+# compute-sanitizer memcheck and racecheck, or both (the default), each line in LOG.
 cuda_decode_kernel_test() {
+  local runs=${2:-both}
   nvcc -std=c++17 -O2 -gencode arch=compute_90a,code=sm_90a -Ixla_ffi -Xcompiler -march=native \
     xla_ffi/tests/cuda_decode_test.cu xla_ffi/cuda/decode_sm80.cu xla_ffi/cuda/decode_mma_sm80.cu \
     xla_ffi/cpu/decode.cc xla_ffi/common/thread_pool.cc -o /tmp/cuda_decode_test 2>&1 | grep -v warning | tee -a "$1"
-  timeout 120 /tmp/cuda_decode_test 2>&1 | tee -a "$1"
+  if [ "$runs" != sanitize ]; then timeout 120 /tmp/cuda_decode_test 2>&1 | tee -a "$1"; fi
+  if [ "$runs" = plain ]; then return; fi
   for tool in memcheck racecheck; do
     timeout 240 compute-sanitizer --tool $tool --error-exitcode 9 /tmp/cuda_decode_test > /tmp/sanitizer_$tool.txt 2>&1
     echo "compute-sanitizer $tool: exit $?; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' /tmp/sanitizer_$tool.txt | tail -1)" \

@@ -20,7 +20,7 @@ enum class KernelChoice : int32_t {
 // The decode kernel (decode_attention): the CUDA-core split kernel or the
 // tensor-core one (decode_mma_sm80.cu).
 enum class DecodeKernel : int32_t {
-  kAuto = 0,     // the CUDA-core kernel
+  kAuto = 0,     // the tensor-core kernel where it can take the call, else the CUDA-core one
   kSimt = 1,     // the CUDA-core kernel (decode_sm80.cu)
   kMmaSync = 2,  // the tensor-core kernel; an error where it cannot take the call
 };
