@@ -238,3 +238,26 @@ def test_decode_sharded_over_batch_and_heads(paged):
     hlo = compiled.as_text()
     assert not re.search(r"\b(all-gather|all-to-all|collective-permute)\b", hlo)
     assert out.sharding.is_equivalent_to(NamedSharding(mesh, P("batch", "heads", None)), 3)
+
+
+@pytest.mark.parametrize("dtype,head_dim,q_heads,kv_heads,expected", [
+    (jnp.bfloat16, 128, 32, 8, "mma_sync"), (jnp.float16, 64, 16, 1, "mma_sync"),
+    (jnp.float32, 128, 32, 8, "simt"), (jnp.bfloat16, 96, 32, 8, "simt"), (jnp.bfloat16, 128, 64, 2, "simt")])
+def test_cuda_decode_auto_kernel_choice(dtype, head_dim, q_heads, kv_heads, expected):
+    from jax_fastattn.config import KernelConfig
+    from jax_fastattn.decode import cuda_decode_kernel
+    q = jax.ShapeDtypeStruct((2, q_heads, head_dim), dtype)
+    k_cache = jax.ShapeDtypeStruct((2, 64, kv_heads, head_dim), dtype)
+    assert cuda_decode_kernel(KernelConfig(), q, k_cache) == expected
+    assert cuda_decode_kernel(KernelConfig(cuda_decode="simt"), q, k_cache) == "simt"
+
+
+def test_decode_num_splits_counts_each_kernels_ctas():
+    from jax_fastattn.decode import _TARGET_CTAS, decode_num_splits
+    # A simt CTA takes up to 8 q heads, so a group of 16 has two CTAs per kv
+    # head; a mma_sync CTA takes all 16. Either grid lands on its target.
+    for kernel, ctas_per_split in (("simt", 8 * 2), ("mma_sync", 8)):
+        splits = decode_num_splits(1, 8, 16, 1 << 20, kernel)
+        assert _TARGET_CTAS[kernel] <= splits * ctas_per_split < _TARGET_CTAS[kernel] + ctas_per_split
+    assert decode_num_splits(1, 8, 4, 300, "mma_sync") == 2     # at least 256 keys per split
+    assert decode_num_splits(1024, 8, 4, 1 << 16, "simt") == 1   # the batch alone fills the card
