@@ -1,6 +1,7 @@
 """Key-split count of the CUDA decode kernels: each kernel at several split
-counts (the number of CTAs the grid aims at, per decode case), timed
-round-robin in one process by jax_fastattn.bench.timing. It picks the
+counts (the number of CTAs the grid aims at, per decode case), and cuDNN's
+decode through jax.nn.dot_product_attention, timed round-robin in one
+process by jax_fastattn.bench.timing. It picks the
 targets of jax_fastattn.decode.decode_num_splits.
 
     python tools/gpu/decode_splits.py --out $OUT/decode_splits.json
@@ -55,6 +56,10 @@ def main(argv=None):
                 impls[label] = (lambda fn=fn: fn(q, k, v, lengths, table),
                                 lambda outs: [o.block_until_ready() for o in outs])
                 meta[label] = dict(kernel=kernel, target_ctas=target, splits=splits)
+        cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q[:, None], k, v, implementation="cudnn")[:, 0])
+        cudnn(q, k, v).block_until_ready()
+        impls["cudnn"] = (lambda: cudnn(q, k, v), lambda outs: [o.block_until_ready() for o in outs])
+        meta["cudnn"] = dict(kernel="cudnn", target_ctas=0, splits=0)
         times, _ = interleaved_samples(impls, args.repeats, GPU_CALLS_PER_SAMPLE)
         kv_bytes = 2 * batch * seq * kv_heads * head_dim * 2
         for label, samples in times.items():
