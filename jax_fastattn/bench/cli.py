@@ -31,7 +31,7 @@ PEERS: Dict[str, List[str]] = {
 }
 DECODE_PEERS: Dict[str, List[str]] = {
     "cpu": ["memcpy-numpy", "fastattn-cpu", "fastattn-xla", "jax.nn-xla"],
-    "cuda": ["memcpy-device", "fastattn-cuda", "fastattn-cuda-mma", "jax.nn-cudnn", "jax.nn-xla"],
+    "cuda": ["memcpy-device", "fastattn-cuda", "fastattn-cuda-simt", "jax.nn-cudnn", "jax.nn-xla"],
 }
 # Implementations that build the full [B, H, Sq, Skv] logits.
 QUADRATIC = {"jax.nn-xla", "reference"}

@@ -74,10 +74,10 @@ def build_decode(name: str) -> Callable:
 
     from jax_fastattn import decode_attention
 
-    if name == "fastattn-cuda-mma":     # the tensor-core CUDA decode kernel
+    if name == "fastattn-cuda-simt":     # the CUDA-core decode kernel ("fastattn-cuda": the default choice)
         from jax_fastattn.config import KernelConfig
-        mma = KernelConfig(cuda_decode="mma_sync")
-        return jax.jit(lambda q, k, v, n: decode_attention(q, k, v, n, backend="cuda", config=mma))
+        simt = KernelConfig(cuda_decode="simt")
+        return jax.jit(lambda q, k, v, n: decode_attention(q, k, v, n, backend="cuda", config=simt))
     if name.startswith("fastattn-"):
         backend = name.split("-", 1)[1]
         return jax.jit(lambda q, k, v, n: decode_attention(q, k, v, n, backend=backend))
