@@ -42,18 +42,39 @@ def _check(q, k_cache, v_cache, lengths, page_table, softmax_scale):
         check_inputs(q[:, None], k_cache, v_cache, None, softmax_scale, names=_NAMES)
 
 
-# CTAs the split grid of each CUDA decode kernel aims at: enough to fill an
-# H100 (132 SMs) several times over, even for B = 1.
-_TARGET_CTAS = {"simt": 8 * 132, "mma_sync": 8 * 132}
+# The CUDA-core kernel's split grid aims at this many CTAs: enough to fill
+# an H100 (132 SMs) several times over, even for B = 1.
+_SIMT_TARGET_CTAS = 8 * 132
+_SMS = 132  # H100 and H200
+# The tensor-core kernel's CTA keeps 3 stages of 64-key K and V tiles in
+# shared memory (96 KiB at D=128, 48 KiB at D=64): 2 or 4 CTAs per SM.
+_MMA_CTAS_PER_SM = {64: 4, 128: 2}
+# Its grid is sized to whole waves of those slots: the fewest splits whose
+# CTAs fill at least this share of all their waves (or make 4 waves, where
+# the last one's idle slots cost little). On an H100 at Hq/Hkv
+# 32/8, D=128 (tools/gpu/decode_splits.py): B=1, S=128K ran 0.204 ms at 33
+# splits (one wave) against 0.233 ms at 132; B=32, S=8K 0.378 ms unsplit
+# (256 of 264 slots) against 0.388 ms at 5 splits.
+_MMA_WAVE_FILL = 0.95
 
 
-def decode_num_splits(batch: int, kv_heads: int, group: int, max_len: int, kernel: str = "simt") -> int:
+def decode_num_splits(batch: int, kv_heads: int, group: int, max_len: int, kernel: str = "simt",
+                      head_dim: int = 128) -> int:
     """Key splits of the CUDA decode kernel `kernel` ("simt" or "mma_sync";
-    static: it shapes the workspace). A simt CTA takes up to 8 q heads of
-    one kv head, a mma_sync CTA the whole GQA group."""
-    head_groups = 1 if group == 1 or kernel == "mma_sync" else -(-group // 8)
-    ctas = batch * kv_heads * head_groups
-    return max(1, min(-(-max_len // 256), -(-_TARGET_CTAS[kernel] // ctas)))
+    static: it shapes the workspace), at least 256 keys each. A simt CTA
+    takes up to 8 q heads of one kv head, a mma_sync CTA the whole GQA
+    group."""
+    most = max(1, -(-max_len // 256))
+    if kernel == "simt":
+        ctas = batch * kv_heads * (1 if group == 1 else -(-group // 8))
+        return max(1, min(most, -(-_SIMT_TARGET_CTAS // ctas)))
+    ctas, slots = batch * kv_heads, _SMS * _MMA_CTAS_PER_SM.get(head_dim, 2)
+    for splits in range(1, most + 1):
+        total = ctas * splits
+        waves = -(-total // slots)
+        if waves >= 4 or (total >= _MMA_WAVE_FILL * slots and total >= _MMA_WAVE_FILL * waves * slots):
+            return splits
+    return most
 
 
 def _mma_sync_obstacles(q, k_cache) -> list:
@@ -135,7 +156,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, page_table=None, softmax_s
         max_len = k_cache.shape[1] * (1 if page_table is None else table.shape[1])
         kernel = cuda_decode_kernel(config, q, k_cache) if concrete == "cuda" else "auto"
         splits = decode_num_splits(q.shape[0], k_cache.shape[2], q.shape[1] // k_cache.shape[2], max_len,
-                                   kernel) if concrete == "cuda" else 1
+                                   kernel, q.shape[-1]) if concrete == "cuda" else 1
         call = sharding.decode_call(concrete, scale, page_table is not None, splits, config.cpu_isa, kernel)
         out, lse = call(q, k_cache, v_cache, lengths, table)[:2]
         return (out, lse) if return_lse else out

@@ -253,11 +253,22 @@ def test_cuda_decode_auto_kernel_choice(dtype, head_dim, q_heads, kv_heads, expe
 
 
 def test_decode_num_splits_counts_each_kernels_ctas():
-    from jax_fastattn.decode import _TARGET_CTAS, decode_num_splits
+    from jax_fastattn.decode import _MMA_WAVE_FILL, _SIMT_TARGET_CTAS, _SMS, decode_num_splits
     # A simt CTA takes up to 8 q heads, so a group of 16 has two CTAs per kv
-    # head; a mma_sync CTA takes all 16. Either grid lands on its target.
-    for kernel, ctas_per_split in (("simt", 8 * 2), ("mma_sync", 8)):
-        splits = decode_num_splits(1, 8, 16, 1 << 20, kernel)
-        assert _TARGET_CTAS[kernel] <= splits * ctas_per_split < _TARGET_CTAS[kernel] + ctas_per_split
+    # head, and its grid lands on its target.
+    splits = decode_num_splits(1, 8, 16, 1 << 20, "simt")
+    assert _SIMT_TARGET_CTAS <= splits * 16 < _SIMT_TARGET_CTAS + 16
+    # A mma_sync CTA takes the whole group; its grid fills whole waves of 2
+    # CTAs per SM at D=128 and 4 at D=64, with the fewest splits that do.
+    for head_dim, per_sm in ((128, 2), (64, 4)):
+        slots = _SMS * per_sm
+        for batch, kv_heads in ((1, 8), (8, 8), (32, 8), (3, 1), (5, 4)):
+            splits = decode_num_splits(batch, kv_heads, 16, 1 << 20, "mma_sync", head_dim)
+            fill = lambda s: batch * kv_heads * s / (-(-(batch * kv_heads * s) // slots) * slots)  # noqa: E731
+            assert fill(splits) >= _MMA_WAVE_FILL and batch * kv_heads * splits >= _MMA_WAVE_FILL * slots
+            assert splits == 1 or not (fill(splits - 1) >= _MMA_WAVE_FILL and
+                                       batch * kv_heads * (splits - 1) >= _MMA_WAVE_FILL * slots)
+    assert decode_num_splits(1, 8, 4, 1 << 20, "mma_sync", 128) == 32     # 256 of 264 slots
     assert decode_num_splits(1, 8, 4, 300, "mma_sync") == 2     # at least 256 keys per split
     assert decode_num_splits(1024, 8, 4, 1 << 16, "simt") == 1   # the batch alone fills the card
+    assert decode_num_splits(300, 8, 4, 1 << 16, "mma_sync") == 1   # 10 waves: the last one's gap is small

@@ -1,10 +1,10 @@
-"""Key-split count of the CUDA decode kernels: each kernel at several split
-counts (the number of CTAs the grid aims at, per decode case), and cuDNN's
-decode through jax.nn.dot_product_attention, timed round-robin in one
-process by jax_fastattn.bench.timing. It picks the
-targets of jax_fastattn.decode.decode_num_splits.
+"""Key-split count of the CUDA decode kernels: the tensor-core kernel at
+several split counts per decode case, both kernels at the count
+jax_fastattn.decode.decode_num_splits picks, and cuDNN's decode through
+jax.nn.dot_product_attention, timed round-robin in one process by
+jax_fastattn.bench.timing. It is the evidence behind decode_num_splits.
 
-    python tools/gpu/decode_splits.py --out $OUT/decode_splits.json
+    PYTHONPATH=. python tools/gpu/decode_splits.py --out $OUT/decode_splits.json
 """
 from __future__ import annotations
 
@@ -17,15 +17,12 @@ import jax.numpy as jnp
 
 from jax_fastattn import ffi, sharding
 from jax_fastattn.bench.timing import GPU_CALLS_PER_SAMPLE, interleaved_samples
+from jax_fastattn.decode import decode_num_splits
 
-CASES = {"b1_s128k": (1, 131072), "b8_s32k": (8, 32768), "b32_s8k": (32, 8192)}
-TARGET_CTAS = (132, 264, 528, 1056, 2112)
-
-
-def splits_for(target: int, batch: int, kv_heads: int, max_len: int) -> int:
-    """Split count whose grid has about `target` CTAs (one CTA per split,
-    kv head and batch row), at least 256 keys per split."""
-    return max(1, min(-(-max_len // 256), -(-target // (batch * kv_heads))))
+# (batch, keys) and the tensor-core kernel's split counts to time.
+CASES = {"b1_s128k": (1, 131072, (17, 24, 32, 33, 48, 66, 132)),
+         "b8_s32k": (8, 32768, (3, 4, 5, 8, 9, 17)),
+         "b32_s8k": (32, 8192, (1, 2, 3, 5))}
 
 
 def main(argv=None):
@@ -38,7 +35,7 @@ def main(argv=None):
     scale = 1.0 / math.sqrt(head_dim)
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "cases": []}
     for name in args.cases.split(","):
-        batch, seq = CASES[name]
+        batch, seq, mma_splits = CASES[name]
         keys = jax.random.split(jax.random.PRNGKey(0), 3)
         q = jax.random.normal(keys[0], (batch, q_heads, head_dim), jnp.bfloat16)
         k = jax.random.normal(keys[1], (batch, seq, kv_heads, head_dim), jnp.bfloat16)
@@ -46,28 +43,30 @@ def main(argv=None):
         lengths = jnp.full((batch,), seq, jnp.int32)
         table = ffi.absent(jnp.int32)
         impls, meta = {}, {}
-        for kernel in ("simt", "mma_sync"):
-            for target in TARGET_CTAS:
-                splits = splits_for(target, batch, kv_heads, seq)
-                call = sharding.decode_call("cuda", scale, False, splits, "auto", kernel)
-                fn = jax.jit(lambda q, k, v, n, t, call=call: call(q, k, v, n, t)[0])
-                fn(q, k, v, lengths, table).block_until_ready()
-                label = f"{kernel}/{target}"
-                impls[label] = (lambda fn=fn: fn(q, k, v, lengths, table),
-                                lambda outs: [o.block_until_ready() for o in outs])
-                meta[label] = dict(kernel=kernel, target_ctas=target, splits=splits)
+        runs = [("mma_sync", n, False) for n in mma_splits]
+        for kernel in ("mma_sync", "simt"):
+            runs.append((kernel, decode_num_splits(batch, kv_heads, q_heads // kv_heads, seq, kernel, head_dim), True))
+        for kernel, splits, chosen in runs:
+            label = f"{kernel}/{splits}" + ("/chosen" if chosen else "")
+            call = sharding.decode_call("cuda", scale, False, splits, "auto", kernel)
+            fn = jax.jit(lambda q, k, v, n, t, call=call: call(q, k, v, n, t)[0])
+            fn(q, k, v, lengths, table).block_until_ready()
+            impls[label] = (lambda fn=fn: fn(q, k, v, lengths, table),
+                            lambda outs: [o.block_until_ready() for o in outs])
+            meta[label] = dict(kernel=kernel, splits=splits, chosen=chosen)
         cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q[:, None], k, v, implementation="cudnn")[:, 0])
         cudnn(q, k, v).block_until_ready()
         impls["cudnn"] = (lambda: cudnn(q, k, v), lambda outs: [o.block_until_ready() for o in outs])
-        meta["cudnn"] = dict(kernel="cudnn", target_ctas=0, splits=0)
+        meta["cudnn"] = dict(kernel="cudnn", splits=0, chosen=False)
         times, _ = interleaved_samples(impls, args.repeats, GPU_CALLS_PER_SAMPLE)
         kv_bytes = 2 * batch * seq * kv_heads * head_dim * 2
         for label, samples in times.items():
             median = sorted(samples)[len(samples) // 2]
             row = dict(case=name, **meta[label], median_s=median, kv_gbps=kv_bytes / median / 1e9, times_s=samples)
             results["cases"].append(row)
-            print(f"{name:9s} {meta[label]['kernel']:8s} target {meta[label]['target_ctas']:5d} "
-                  f"splits {meta[label]['splits']:4d}  {median * 1e3:.3f} ms  {row['kv_gbps']:.0f} GB/s", flush=True)
+            print(f"{name:9s} {meta[label]['kernel']:8s} splits {meta[label]['splits']:4d}"
+                  f"{' (chosen)' if meta[label]['chosen'] else '         '}  {median * 1e3:.3f} ms  "
+                  f"{row['kv_gbps']:.0f} GB/s", flush=True)
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
 

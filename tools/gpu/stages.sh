@@ -17,6 +17,7 @@
 #   decode  the CUDA decode kernels: the plain kernel test (both kernels against the CPU kernel),
 #           the GPU decode tests, then the three decode cases with ours (the default, tensor
 #           cores where they run; the CUDA-core kernel), cuDNN and a device copy
+#   splits  tools/gpu/decode_splits.py (the tensor-core decode kernel's split counts against cuDNN)
 #   sanitize the plain decode kernel test under compute-sanitizer memcheck and racecheck
 #   hostkv  Llama-3-8B decode with part of a 64K-token KV cache in host memory vs all on the device
 # Logs and JSON under $OUT (a few files, as the device tool brings back at most 8).
@@ -85,6 +86,9 @@ for stage in "$@"; do
       timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_decode.py 2>&1 | tail -8 | tee -a "$LOG"
       DECODE_PEERS="memcpy-device fastattn-cuda fastattn-cuda-simt jax.nn-cudnn" DEADLINE_S=${DECODE_BENCH_S:-200} \
         bash "$(dirname "$0")/bench_peers.sh" decode-b8 decode-b1 decode-b32 2>&1 | tail -30 | tee -a "$LOG" ;;
+    splits)
+      PYTHONPATH=. timeout 200 python3 tools/gpu/decode_splits.py --repeats 25 --out "$OUT/decode_splits.json" 2>&1 \
+        | grep -v Warn | tail -40 | tee -a "$LOG" ;;
     sanitize)
       cuda_decode_kernel_test "$LOG" sanitize ;;
     hostkv)
