@@ -51,10 +51,11 @@ _SMS = 132  # H100 and H200
 _MMA_CTAS_PER_SM = {64: 4, 128: 2}
 # Its grid is sized to whole waves of those slots: the fewest splits whose
 # CTAs fill at least this share of all their waves (or make 4 waves, where
-# the last one's idle slots cost little). On an H100 at Hq/Hkv
-# 32/8, D=128 (tools/gpu/decode_splits.py): B=1, S=128K ran 0.204 ms at 33
-# splits (one wave) against 0.233 ms at 132; B=32, S=8K 0.378 ms unsplit
-# (256 of 264 slots) against 0.388 ms at 5 splits.
+# the last one's idle slots cost little). On an H100 at Hq/Hkv 32/8, D=128
+# (tools/gpu/decode_splits.py, docs/bench/decode_h100): B=1, S=128K 0.199
+# ms at 32 splits (one wave) against 0.230 ms at 132; B=8, S=32K 0.376 ms
+# at 4 against 0.387 ms at 17; B=32, S=8K 0.385 ms unsplit against 0.395
+# ms at 5.
 _MMA_WAVE_FILL = 0.95
 
 
