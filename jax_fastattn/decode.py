@@ -89,8 +89,8 @@ def _mma_sync_obstacles(q, k_cache) -> list:
 def cuda_decode_kernel(config: KernelConfig, q, k_cache) -> str:
     """The CUDA decode kernel a call runs: config.cuda_decode, with "auto"
     taking the tensor-core kernel where it can run the call (it reads the
-    cache at 95-99 % of a device copy's rate on an H100 where the CUDA-core
-    kernel reaches 84-86 %), else the CUDA-core one."""
+    cache at 92-100 % of a device copy's rate on an H100 where the CUDA-core
+    kernel reaches 72-87 %), else the CUDA-core one."""
     if config.cuda_decode != "auto":
         return config.cuda_decode
     return "simt" if _mma_sync_obstacles(q, k_cache) else "mma_sync"
