@@ -14,13 +14,7 @@
 
 #include "cpu/amx_tiles.h"
 
-#ifndef FASTATTN_HAVE_AMX_TILES
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#define FASTATTN_HAVE_AMX_TILES 1
-#endif
-#endif
-
-#ifdef FASTATTN_HAVE_AMX_TILES
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)  // as amx_tiles.h
 using fastattn::cpu::AmxTileConfig;
 using fastattn::cpu::AmxTileScope;
 using fastattn::cpu::amx_available;
@@ -47,7 +41,8 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "this CPU or kernel does not grant the AMX tile registers\n");
     return 1;
   }
-  // 32 KiB of operands (L1-resident), 8 tiles of 1 KiB per 8 KiB slot.
+  // 32 KiB of operands (L1-resident): 4 slots of 8 KiB, each probe step
+  // reading 4 tiles of 1 KiB from one slot.
   std::vector<uint32_t> operands(8192, 0x3f803f80u);  // bf16 1.0 pairs
   std::vector<float> results(16 * 32);
   AmxTileConfig config;
@@ -55,11 +50,15 @@ int main(int argc, char** argv) {
   AmxTileScope scope(config);
   const uint32_t* base = operands.data();
   auto slot = [&](int i) { return base + (i & 3) * 2048; };
-  // Tile register numbers are immediates.
-  _tile_loadd(4, base, 64);
-  _tile_loadd(5, base + 256, 64);
-  _tile_loadd(6, base + 512, 64);
-  _tile_loadd(7, base + 768, 64);
+  // The operand registers 4-7 from one slot (tile register numbers are
+  // immediates): the load probe, and the operands of the product probe.
+  auto load_operands = [](const uint32_t* b) {
+    _tile_loadd(4, b, 64);
+    _tile_loadd(5, b + 256, 64);
+    _tile_loadd(6, b + 512, 64);
+    _tile_loadd(7, b + 768, 64);
+  };
+  load_operands(base);
 
   struct Row {
     const char* what;
@@ -72,13 +71,7 @@ int main(int argc, char** argv) {
          _tile_dpbf16ps(2, 5, 6);
          _tile_dpbf16ps(3, 5, 7);
        }, 4)},
-      {"TILELOADD of 1 KiB from L1, 4 registers", seconds_per_op([&](int i) {
-         const uint32_t* b = slot(i);
-         _tile_loadd(4, b, 64);
-         _tile_loadd(5, b + 256, 64);
-         _tile_loadd(6, b + 512, 64);
-         _tile_loadd(7, b + 768, 64);
-       }, 4)},
+      {"TILELOADD of 1 KiB from L1, 4 registers", seconds_per_op([&](int i) { load_operands(slot(i)); }, 4)},
       {"TILESTORED of 1 KiB, 2 registers", seconds_per_op([&](int) {
          _tile_stored(0, results.data(), 128);
          _tile_stored(1, results.data() + 16, 128);

@@ -33,6 +33,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     q_heads, kv_heads, head_dim = 32, 8, 128
     scale = 1.0 / math.sqrt(head_dim)
+    wait = lambda outs: [o.block_until_ready() for o in outs]  # noqa: E731
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "cases": []}
     for name in args.cases.split(","):
         batch, seq, mma_splits = CASES[name]
@@ -51,12 +52,11 @@ def main(argv=None):
             call = sharding.decode_call("cuda", scale, False, splits, "auto", kernel)
             fn = jax.jit(lambda q, k, v, n, t, call=call: call(q, k, v, n, t)[0])
             fn(q, k, v, lengths, table).block_until_ready()
-            impls[label] = (lambda fn=fn: fn(q, k, v, lengths, table),
-                            lambda outs: [o.block_until_ready() for o in outs])
+            impls[label] = (lambda fn=fn: fn(q, k, v, lengths, table), wait)
             meta[label] = dict(kernel=kernel, splits=splits, chosen=chosen)
         cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q[:, None], k, v, implementation="cudnn")[:, 0])
         cudnn(q, k, v).block_until_ready()
-        impls["cudnn"] = (lambda: cudnn(q, k, v), lambda outs: [o.block_until_ready() for o in outs])
+        impls["cudnn"] = (lambda: cudnn(q, k, v), wait)
         meta["cudnn"] = dict(kernel="cudnn", splits=0, chosen=False)
         times, _ = interleaved_samples(impls, args.repeats, GPU_CALLS_PER_SAMPLE)
         kv_bytes = 2 * batch * seq * kv_heads * head_dim * 2
