@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import backends, ffi, masks
-from .config import DEFAULT, KernelConfig, TileConfig
+from .config import DEFAULT, WGMMA_BACKWARD_KERNELS, KernelConfig, TileConfig
 from .errors import ArgumentError
 
 _FLOAT_DTYPES = [jnp.dtype(d) for d in backends.ALL_DTYPES]
@@ -76,12 +76,13 @@ def _check_wgmma_request(config: KernelConfig, backend: backends.Backend, head_d
     it then fails with an error naming the option)."""
     padded = backend.padded_head_dim(head_dim)
     for name in ("cuda_forward", "cuda_backward"):
-        if getattr(config, name) == "wgmma" and padded not in (64, 128):
-            raise ArgumentError(f"config.{name}='wgmma': the wgmma kernels take head dims up to 64 or 128 "
+        choice = getattr(config, name)
+        if choice in WGMMA_BACKWARD_KERNELS and padded not in (64, 128):
+            raise ArgumentError(f"config.{name}={choice!r}: the wgmma kernels take head dims up to 64 or 128 "
                                 f"(padded), got q.shape[-1] = {head_dim}")
-    if config.cuda_backward == "wgmma" and has_bias:
-        raise ArgumentError("config.cuda_backward='wgmma': the wgmma backward has no bias gradient; use 'auto' "
-                            "or 'mma_sync' with a bias")
+    if config.cuda_backward in WGMMA_BACKWARD_KERNELS and has_bias:
+        raise ArgumentError(f"config.cuda_backward={config.cuda_backward!r}: the wgmma backward has no bias "
+                            "gradient; use 'auto' or 'mma_sync' with a bias")
 
 
 def check_config(config, backend: backends.Backend, head_dim: int, has_bias: bool) -> KernelConfig:

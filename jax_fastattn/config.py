@@ -10,8 +10,16 @@ from typing import Optional
 # Kernel variants of the CUDA backend on sm90 (H100/H200): "auto" takes the
 # wgmma kernels where they exist (head dim 64/128; a backward with a bias
 # gradient takes mma.sync), "mma_sync" the sm80 kernels that Ampere/Ada run.
+# The wgmma backward has three variants: "wgmma" (dK/dV, then dQ in a
+# second kernel: seven products per tile, no workspace, bitwise
+# reproducible; what "auto" takes), "wgmma_ordered" (one kernel per key
+# block makes dK, dV and dQ: five products per tile; dQ is summed through a
+# float32 workspace in a fixed order, so also reproducible) and
+# "wgmma_atomic" (the same with dQ added by float atomics in any order: the
+# fastest, not reproducible bit for bit).
 CUDA_FORWARD_KERNELS = ("auto", "wgmma", "mma_sync")
-CUDA_BACKWARD_KERNELS = ("auto", "wgmma", "mma_sync")
+CUDA_BACKWARD_KERNELS = ("auto", "wgmma", "mma_sync", "wgmma_ordered", "wgmma_atomic")
+WGMMA_BACKWARD_KERNELS = ("wgmma", "wgmma_ordered", "wgmma_atomic")
 # CUDA decode kernels (decode_attention): "simt", the CUDA-core split
 # kernel (every dtype and head dim <= 256, paged caches); "mma_sync", the
 # tensor-core one (bf16/f16, head dim 64 or 128, at most 16 q heads per kv

@@ -76,7 +76,7 @@ def is_absent(x) -> bool:
 # xla_ffi/cpu/dispatch.h CpuIsa).
 KERNEL_CODES = {
     "cuda_forward": {"auto": 0, "wgmma": 1, "mma_sync": 2},
-    "cuda_backward": {"auto": 0, "wgmma": 1, "mma_sync": 2},
+    "cuda_backward": {"auto": 0, "wgmma": 1, "mma_sync": 2, "wgmma_ordered": 3, "wgmma_atomic": 4},
     "cuda_decode": {"auto": 0, "simt": 1, "mma_sync": 2},
     "volta_layout": {"swizzled": 0, "naive": 1},
     "cpu_isa": {"auto": 0, "avx2": 1, "avx512": 2, "avx512_bf16": 3, "amx": 4},
@@ -144,21 +144,48 @@ def forward_ffi(platform: str, attrs: CallAttrs):
     return call
 
 
+@functools.lru_cache(maxsize=None)
+def cuda_devices_run_wgmma() -> bool:
+    """True if every CUDA device is compute capability 9.0 (H100/H200), the
+    devices the wgmma kernels run on (whether this build has their sm_90a
+    code, only the handlers know)."""
+    try:
+        devices = jax.devices("gpu")
+    except RuntimeError:
+        return False
+    return bool(devices) and all(getattr(d, "compute_capability", "9.0") == "9.0" for d in devices)
+
+
+def fused_dq_workspace(kernel: KernelConfig, head_dim: int, has_bias: bool) -> bool:
+    """Whether a CUDA backward call gets the one-pass wgmma backward's dQ
+    workspace: where KernelConfig.cuda_backward asks for it
+    ("wgmma_ordered", "wgmma_atomic"), for head dims 64/128 without a bias
+    gradient, on sm90 devices."""
+    return (kernel.cuda_backward in ("wgmma_ordered", "wgmma_atomic") and head_dim in (64, 128)
+            and not has_bias and cuda_devices_run_wgmma())
+
+
 def backward_ffi(platform: str, attrs: CallAttrs):
     """fn(q, k, v, out, lse, d_out, d_lse, bias, q_ids, kv_ids, dense,
     tile_class) -> (dq, dk, dv, dbias) on the CPU, (dq, dk, dv, dbias,
-    delta) on CUDA: delta [B, Hq, Sq] float32 is the kernels' workspace (an
-    output, so that XLA keeps it alive until they ran)."""
+    delta, dq_accum, dq_turns) on CUDA: workspaces of the kernels (outputs,
+    so that XLA keeps them alive until they ran): delta [B, Hq, Sq] float32;
+    dq_accum [B, Hq, q tiles * 64 * D] float32 and dq_turns [B, Hq, q tiles]
+    int32, the fused wgmma backward's dQ sums and their order flags (width 0
+    where fused_dq_workspace says that it cannot run)."""
     register()
 
     def call(q, k, v, out, lse, d_out, d_lse, bias, q_ids, kv_ids, dense, tile_class):
-        b, sq, hq, _ = q.shape
+        b, sq, hq, d = q.shape
         d_bias_type = (jax.ShapeDtypeStruct((0,), jnp.float32) if is_absent(bias)
                        else jax.ShapeDtypeStruct((b, hq, sq, k.shape[1]), jnp.float32))
         result_types = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                         jax.ShapeDtypeStruct(v.shape, v.dtype), d_bias_type)
         if platform == "cuda":
-            result_types += (jax.ShapeDtypeStruct((b, hq, sq), jnp.float32),)
+            q_tiles = -(-sq // 64) if fused_dq_workspace(attrs.kernel, d, not is_absent(bias)) else 0
+            result_types += (jax.ShapeDtypeStruct((b, hq, sq), jnp.float32),
+                             jax.ShapeDtypeStruct((b, hq, q_tiles * 64 * d), jnp.float32),
+                             jax.ShapeDtypeStruct((b, hq, q_tiles), jnp.int32))
         target = f"fastattn_backward_{platform}"
         fn = jax.ffi.ffi_call(target, result_types, vmap_method="broadcast_all")
         return tuple(fn(q, k, v, out, lse, d_out, d_lse, bias, q_ids, kv_ids, dense, tile_class,

@@ -48,6 +48,8 @@ LAYOUTS = {
     "d_out": "b s (k g) d", "d_lse": "b (k g) s",
     "d_q": "b s (k g) d", "d_k": "b t k d", "d_v": "b t k d", "d_bias": "b (k g) s t",
     "delta": "b (k g) s",            # CUDA: rowsum(d_out * out), the kernels' workspace
+    "dq_accum": "b (k g) w",         # CUDA: the fused wgmma backward's float32 dQ sums
+    "dq_turns": "b (k g) w",         # CUDA: their order flags, one per q tile
     # decode
     "decode_q": "b (k g) d", "k_cache": "b t k d", "v_cache": "b t k d",
     "k_pages": "p t k d", "v_pages": "p t k d", "lengths": "b", "page_table": "b mp",
@@ -343,7 +345,7 @@ def backward_call(platform: str, attrs: ffi.CallAttrs):
     """fn(q, k, v, out, lse, d_out, d_lse, bias, q_ids, kv_ids, dense,
     tile_class) -> (dq, dk, dv, dbias)."""
     raw = ffi.backward_ffi(platform, attrs)
-    names = ("d_q", "d_k", "d_v", "d_bias") + (("delta",) if platform == "cuda" else ())
+    names = ("d_q", "d_k", "d_v", "d_bias") + (("delta", "dq_accum", "dq_turns") if platform == "cuda" else ())
     call = _varying_like(_batched(_partitioned(raw, BACKWARD_ARGS, names), BACKWARD_ARGS))
     return lambda *args: call(*args)[:4]
 

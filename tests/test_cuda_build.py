@@ -32,11 +32,12 @@ def _ptxas_report(source, tmp_path):
     # forward: the 16-row kernel at D=256 and at D=128 under the general
     # mask, the 32-row ("tall") one at D=64 (both mask variants) and at D=128
     # under the band mask alone. The others: head dims 64/128; the wgmma
-    # forward and dK/dV also have band-only and general-mask variants.
+    # forward and dK/dV also have band-only and general-mask variants, the
+    # sm90 dK/dV kernel three dQ modes (separate, ordered, atomic).
     ("attention_sm80.cu", {"forward_kernel": 8, "forward_tall_kernel": 12}),
     ("attention_sm90.cu", {"forward_wgmma_kernel": 20}),  # and 176-key steps at D=128
     ("attention_backward_sm80.cu", {"delta_kernel": 8, "dkdv_kernel": 8, "dq_kernel": 8}),
-    ("attention_backward_sm90.cu", {"dq_wgmma_kernel": 8, "dkdv_wgmma_kernel": 16}),
+    ("attention_backward_sm90.cu", {"dq_wgmma_kernel": 8, "dkdv_wgmma_kernel": 48, "dq_convert_kernel": 8}),
 ], ids=lambda x: x if isinstance(x, str) else "")
 def test_kernels_have_no_spills(tmp_path, source, variants):
     entries, report = _ptxas_report(source, tmp_path)

@@ -96,6 +96,18 @@ def test_impossible_wgmma_requests(pretend_gpu_kernels, head_dim, bias, pattern)
         flash_attention(x, x, x, backend="cuda", config=config, bias=jnp.zeros((1, 1, 8, 8)) if bias else None)
 
 
+@pytest.mark.parametrize("choice", ["wgmma_ordered", "wgmma_atomic"])
+@pytest.mark.parametrize("head_dim,bias", [(200, False), (64, True)])
+def test_impossible_one_pass_backward_requests(pretend_gpu_kernels, choice, head_dim, bias):
+    """The one-pass wgmma backwards have the wgmma kernels' limits, named as
+    the option the caller set."""
+    x = jnp.zeros((1, 8, 2, head_dim), jnp.bfloat16)
+    why = "the wgmma backward has no bias gradient" if bias else "the wgmma kernels take head dims up to 64 or 128"
+    with pytest.raises(ValueError, match=rf"config.cuda_backward='{choice}': {why}"):
+        flash_attention(x, x, x, backend="cuda", config=KernelConfig(cuda_backward=choice),
+                        bias=jnp.zeros((1, 1, 8, 8)) if bias else None)
+
+
 def test_decode_row_rule_and_auto(monkeypatch, pretend_gpu_kernels):
     """The CUDA decode kernel reads whole 16-byte rows: backend="cuda" with
     another head dim raises naming q's last axis; "auto" takes xla."""

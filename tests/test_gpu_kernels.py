@@ -1,7 +1,8 @@
 """GPU-kernel properties beyond the shared suite (pytest -m gpu): the
 persistent sm90a forward across many work items, long GQA sequences in the
-backward, the wgmma and mma.sync backwards agreeing bit for bit, bitwise
-reproducibility, and the Volta kernel's two shared-memory layouts."""
+backward, the wgmma backwards against the mma.sync one (bit for bit where
+they sum in the same order), bitwise reproducibility, and the Volta
+kernel's two shared-memory layouts."""
 import dataclasses
 
 import jax
@@ -62,24 +63,72 @@ def _grads(q, k, v, config=None, **kwargs):
     return jax.grad(loss, (0, 1, 2))(q, k, v)
 
 
-@pytest.mark.parametrize("mask", [None, masks.Causal(), masks.SlidingWindow(100, 0)],
-                         ids=["full", "causal", "window"])
-def test_wgmma_backward_matches_mma_sync(cuda, mask):
-    """Where the wgmma backward runs (sm_90), it sums every gradient element
-    in the same order as the mma.sync kernels (q tiles, then 16-wide k steps),
-    so the two agree bit for bit; a wrong lse, delta or mask column would not."""
-    q, k, v = random_qkv(18, 2, 700, 650, 8, 2, 128, cuda.dtype)
-    wgmma = _grads(q, k, v, mask=mask)
+WINDOW_SEGMENTS = masks.Segments(jnp.asarray(np.repeat(np.arange(5), 140)[None].repeat(2, 0), jnp.int32),
+                                 jnp.asarray(np.repeat(np.arange(5), 130)[None].repeat(2, 0), jnp.int32))
+
+
+@pytest.mark.parametrize("mask", [None, masks.Causal(), masks.SlidingWindow(100, 0), WINDOW_SEGMENTS],
+                         ids=["full", "causal", "window", "segments"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_wgmma_backwards_match_mma_sync(cuda, mask, head_dim):
+    """Where the wgmma backwards run (sm_90): the two-pass one ("wgmma",
+    what "auto" takes) sums every gradient element in the same order as the
+    mma.sync kernels (q tiles, then 16-wide k steps), so they agree bit for
+    bit; so do dK and dV of the one-pass ones (same kernel, same order),
+    whose dQ is summed per 128-key block and then across blocks, so it
+    agrees to rounding (a wrong lse, delta, mask column or dS tile would
+    not)."""
+    q, k, v = random_qkv(18, 2, 700, 650, 8, 2, head_dim, cuda.dtype)
     mma_sync = _grads(q, k, v, config=KernelConfig(cuda_backward="mma_sync"), mask=mask)
-    for a, b in zip(wgmma, mma_sync):
+    scale = max(float(jnp.max(jnp.abs(mma_sync[0].astype(jnp.float32)))), 1e-3)
+    for choice in ("wgmma", "auto", "wgmma_ordered", "wgmma_atomic"):
+        grads = _grads(q, k, v, config=KernelConfig(cuda_backward=choice), mask=mask)
+        for a, b in zip(grads[1:], mma_sync[1:]):
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32), err_msg=choice)
+        dq, expected = np.asarray(grads[0], np.float32), np.asarray(mma_sync[0], np.float32)
+        if choice in ("wgmma", "auto"):
+            np.testing.assert_array_equal(dq, expected)
+        else:
+            np.testing.assert_allclose(dq, expected, atol=2e-2 * scale, rtol=2e-2, err_msg=choice)
+
+
+@pytest.mark.parametrize("choice", ["wgmma_ordered", "wgmma_atomic"])
+def test_one_pass_backward_rows_that_see_nothing(cuda, choice):
+    """Query rows whose segment has no keys (segment -1) get dQ = 0 exactly,
+    also where whole q tiles see nothing (the fused backward's dQ workspace
+    is never written for them); the other rows match mma.sync."""
+    length = 640
+    ids = np.repeat(np.arange(length // 128), 128)[None]
+    q_ids = jnp.asarray(ids, jnp.int32).at[0, 128:300].set(-1)
+    mask = masks.Segments(q_ids, jnp.asarray(ids, jnp.int32))
+    q, k, v = random_qkv(19, 1, length, length, 4, 4, 128, cuda.dtype)
+    grads = _grads(q, k, v, config=KernelConfig(cuda_backward=choice), mask=mask)
+    mma_sync = _grads(q, k, v, config=KernelConfig(cuda_backward="mma_sync"), mask=mask)
+    dq = np.asarray(grads[0], np.float32)
+    assert np.all(dq[0, 128:300] == 0)
+    np.testing.assert_allclose(dq, np.asarray(mma_sync[0], np.float32), atol=2e-2, rtol=2e-2)
+
+
+def test_one_pass_backward_reproducible_across_grid_orders(cuda):
+    """dQ of the ordered one-pass backward is the same bits whatever the
+    number of heads and batch rows beside it (the grid's dispatch order
+    changes with them, the summation order does not)."""
+    q, k, v = random_qkv(20, 3, 1500, 1500, 8, 2, 128, cuda.dtype)
+    ordered = KernelConfig(cuda_backward="wgmma_ordered")
+    alone = _grads(q[:1, :, :4], k[:1, :, :1], v[:1, :, :1], config=ordered, causal=True)
+    together = _grads(q, k, v, config=ordered, causal=True)
+    again = _grads(q, k, v, config=ordered, causal=True)
+    for a, b in zip(together, again):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    for a, b in zip(alone, together):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b[:1, :, :a.shape[2]], np.float32))
 
 
 def test_bitwise_reproducible_jit_and_vmap(cuda):
     q, k, v = random_qkv(14, 2, 520, 520, 8, 2, 128, cuda.dtype)
     grad = jax.jit(lambda q, k, v: _grads(q, k, v, causal=True))
     first, second = grad(q, k, v), grad(q, k, v)
-    for a, b in zip(first, second):  # no atomics: the same bits every run
+    for a, b in zip(first, second):  # dQ summed in a fixed order: the same bits every run
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
     for a, b in zip(first, _grads(q, k, v, causal=True)):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))

@@ -37,7 +37,7 @@ KERNEL_FIELDS = ("cuda_forward", "cuda_backward", "volta_layout")
 ALLOWED = {"cuda_forward": config.CUDA_FORWARD_KERNELS, "cuda_backward": config.CUDA_BACKWARD_KERNELS,
            "volta_layout": config.VOLTA_LAYOUTS}
 # The C++ enums' codes (xla_ffi/cuda/kernel_choice.h), written out.
-CODES = {"auto": 0, "wgmma": 1, "mma_sync": 2, "swizzled": 0, "naive": 1}
+CODES = {"auto": 0, "wgmma": 1, "mma_sync": 2, "wgmma_ordered": 3, "wgmma_atomic": 4, "swizzled": 0, "naive": 1}
 # The CPU level enum's codes (xla_ffi/cpu), written out.
 CPU_ISA_CODES = {"auto": 0, "avx2": 1, "avx512": 2, "avx512_bf16": 3, "amx": 4}
 
@@ -61,10 +61,12 @@ def _cpp_enum_codes():
 
 def test_codes_cover_every_choice_and_match_the_cpp_enums():
     enums = _cpp_enum_codes()
-    assert enums["KernelChoice"] == {name: CODES[name] for name in ("auto", "wgmma", "mma_sync")}
+    assert enums["KernelChoice"] == {name: CODES[name] for name in config.CUDA_BACKWARD_KERNELS}
     assert enums["VoltaLayout"] == {name: CODES[name] for name in ("swizzled", "naive")}
+    assert ffi.KERNEL_CODES["cuda_backward"] == enums["KernelChoice"]
+    # The forward takes the first three (the others are backward variants).
+    assert ffi.KERNEL_CODES["cuda_forward"] == {name: CODES[name] for name in ("auto", "wgmma", "mma_sync")}
     for field in ("cuda_forward", "cuda_backward"):
-        assert ffi.KERNEL_CODES[field] == enums["KernelChoice"]
         assert set(ffi.KERNEL_CODES[field]) == set(ALLOWED[field])
     assert ffi.KERNEL_CODES["volta_layout"] == enums["VoltaLayout"]
     assert set(ffi.KERNEL_CODES["volta_layout"]) == set(config.VOLTA_LAYOUTS)
@@ -200,9 +202,25 @@ def _expected_route(option, code, head_dim, has_d_bias, device):
         return "wgmma" if can else "mma_sync"
     if code == 2:
         return "mma_sync"
-    if code == 1:
+    if code == 1 or (code in (3, 4) and option == "cuda_backward"):
         return "wgmma" if can else "error"
     return "error"
+
+
+# How the wgmma backward makes dQ (KernelChoice code, has the dQ workspace):
+# auto and wgmma take the second pass; wgmma_ordered and wgmma_atomic need
+# the workspace.
+EXPECTED_DQ = {(0, False): "separate_pass", (0, True): "separate_pass", (1, False): "separate_pass",
+               (1, True): "separate_pass", (3, False): "error", (3, True): "fused_ordered",
+               (4, False): "error", (4, True): "fused_atomic"}
+
+
+NAMES = {1: "wgmma", 3: "wgmma_ordered", 4: "wgmma_atomic"}
+
+
+def expected_named(option, code):
+    """Codes 3 and 4 are backward variants: the forward knows no such code."""
+    return code == 1 or option == "cuda_backward"
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
@@ -211,7 +229,18 @@ def test_cpp_routing_follows_the_choice(tmp_path):
     subprocess.run(["g++", "-std=c++17", "-O0", "-I", XLA_FFI, os.path.join(XLA_FFI, "tests", "kernel_choice_test.cc"),
                     "-o", str(binary)], check=True, capture_output=True)
     lines = subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout.splitlines()
-    assert len(lines) == (1 + 2) * 4 * 4 * 2  # forward: no bias gradient; 4 codes, 4 head dims, 2 devices
+    dq_lines = [line for line in lines if line.startswith("dq ")]
+    lines = [line for line in lines if not line.startswith("dq ")]
+    assert len(lines) == (1 + 2) * 6 * 4 * 2  # forward: no bias gradient; 6 codes, 4 head dims, 2 devices
+    assert len(dq_lines) == len(EXPECTED_DQ)
+    for line in dq_lines:
+        head, result = line.split(" -> ", 1)
+        _, code, has_workspace = head.split()
+        expected = EXPECTED_DQ[int(code), has_workspace == "1"]
+        if expected == "error":
+            assert result.startswith("error: KernelConfig.cuda_backward='wgmma") and "dQ workspace" in result, line
+        else:
+            assert result == expected, line
     for line in lines:
         head, result = line.split(" -> ", 1)
         option, code, head_dim, has_d_bias, device = head.split()
@@ -221,8 +250,8 @@ def test_cpp_routing_follows_the_choice(tmp_path):
             assert result == expected, line
             continue
         assert result.startswith("error: KernelConfig." + option), line
-        if code == 1:  # the reason names what is missing
-            assert "'wgmma' cannot run this call" in result, line
+        if code in (1, 3, 4) and expected_named(option, code):  # the reason names what is missing
+            assert f"'{NAMES[code]}' cannot run this call" in result, line
             if head_dim not in (64, 128):
                 assert f"head_dim 64 or 128, got {head_dim}" in result, line
             elif option == "cuda_backward" and has_d_bias:
@@ -292,3 +321,23 @@ def test_one_dispatch_place_routes_between_sm90_and_sm80():
         "attention_backward_wgmma": {"attention_backward_sm90.cu", "dispatch.cc"},
         "attention_backward_mma_sync": {"attention_backward_sm80.cu", "dispatch.cc"},
     }
+
+
+@pytest.mark.parametrize("choice", config.CUDA_BACKWARD_KERNELS)
+@pytest.mark.parametrize("sm90", [False, True])
+def test_backward_dq_workspace_only_for_the_one_pass_kernels(monkeypatch, choice, sm90):
+    """The one-pass wgmma backward's dQ workspace (float32 [B, Hq, q tiles *
+    64 * D] and int32 [B, Hq, q tiles]) is allocated where it was asked for
+    on an sm90 device, and is empty otherwise (no memory for a kernel that
+    does not run)."""
+    monkeypatch.setattr(ffi, "cuda_devices_run_wgmma", lambda: sm90)
+    kernel = config.KernelConfig(cuda_backward=choice)
+    q, k, v, bias, q_ids, kv_ids, dense, tiles = _forward_args(sq=130)
+    S = jax.ShapeDtypeStruct
+    args = (q, k, v, q, S((1, 2, 130), jnp.float32), q, S((0,), jnp.float32), bias, q_ids, kv_ids, dense, tiles)
+    results = jax.eval_shape(ffi.backward_ffi("cuda", _attrs(kernel)), *args)
+    assert len(results) == 7
+    fused = sm90 and choice in ("wgmma_ordered", "wgmma_atomic")
+    assert results[5].shape == (1, 2, 3 * 64 * 64 if fused else 0) and results[5].dtype == jnp.float32
+    assert results[6].shape == (1, 2, 3 if fused else 0) and results[6].dtype == jnp.int32
+    assert not ffi.fused_dq_workspace(kernel, 256, False) and not ffi.fused_dq_workspace(kernel, 64, True)

@@ -25,9 +25,10 @@ PEERS: Dict[str, List[str]] = {
     # torch-*: torch SDPA pinned to FlashAttention-2 / cuDNN; fa4:
     # FlashAttention-4 (flash_attn.cute); tokamax: its Mosaic-GPU kernel;
     # pallas-mha: jax's Pallas GPU op; fastattn-cuda-sm80: ours with the
-    # sm80 (mma.sync) kernels, the ones A100/L40/RTX GPUs run.
-    "cuda": ["fastattn-cuda", "fastattn-cuda-sm80", "jax.nn-cudnn", "torch-cudnn", "tokamax", "fa4",
-             "torch-flash", "pallas-mha", "jax.nn-xla"],
+    # sm80 (mma.sync) kernels, the ones A100/L40/RTX GPUs run;
+    # fastattn-cuda-ordered / -atomic: our one-pass sm90 backward variants.
+    "cuda": ["fastattn-cuda", "fastattn-cuda-sm80", "fastattn-cuda-ordered", "fastattn-cuda-atomic",
+             "jax.nn-cudnn", "torch-cudnn", "tokamax", "fa4", "torch-flash", "pallas-mha", "jax.nn-xla"],
 }
 DECODE_PEERS: Dict[str, List[str]] = {
     "cpu": ["memcpy-numpy", "fastattn-cpu", "fastattn-xla", "jax.nn-xla"],

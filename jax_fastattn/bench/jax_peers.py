@@ -14,13 +14,20 @@ from jax_fastattn.bench import timing
 from jax_fastattn.bench.cases import Case, make_inputs, probe
 
 
+# Our one-pass CUDA backward variants, timed beside the default (the
+# two-pass wgmma backward).
+CUDA_BACKWARD_VARIANTS = {"fastattn-cuda-ordered": "wgmma_ordered", "fastattn-cuda-atomic": "wgmma_atomic"}
+
+
 def _ours(name: str):
     """(backend, config) of our implementations. fastattn-cuda-sm80 is the
     cuda backend with the sm80 (mma.sync) kernels that A100/L40/RTX GPUs
     run, timed on whatever GPU this is."""
+    from jax_fastattn.config import KernelConfig
     if name == "fastattn-cuda-sm80":
-        from jax_fastattn.config import KernelConfig
         return "cuda", KernelConfig(cuda_forward="mma_sync", cuda_backward="mma_sync")
+    if name in CUDA_BACKWARD_VARIANTS:
+        return "cuda", KernelConfig(cuda_backward=CUDA_BACKWARD_VARIANTS[name])
     return name.split("-", 1)[1], None
 
 

@@ -11,6 +11,23 @@
 //   each: S^T = K Q^T and dP^T = V dO^T (m64n64, both operands in shared
 //   memory), P^T and dS^T in registers, then dV += P^T dO and dK += dS^T Q
 //   with P^T and dS^T as register A operands and dO, Q as MN-major ones.
+//   With a DqMode other than kSeparate the same kernel also produces dQ (five
+//   products per step instead of the two passes' seven): each consumer
+//   stores its dS^T to shared memory, and dQ(step) = dS K is one m64n64
+//   product per consumer (D=128: the consumer's 64 columns over all 128
+//   keys, both dS^T halves; D=64: all columns over its own 64 keys, the
+//   writer adding both halves). The fp32 result goes through shared memory
+//   to warp 2 of the producer warpgroup (the dQ writer), which adds it to a
+//   float32 dQ workspace [B, Hq, q tiles, 64, D]. kOrdered: the writer of
+//   key block n waits for its turn on the q tile (a flag counting the
+//   contributors done) and the contributors add in descending key-block
+//   order, so dQ is bitwise reproducible; the grid runs the key blocks in
+//   that order (block n only waits on blocks dispatched before it), which
+//   under a causal mask is also the order in which they reach a q tile.
+//   The first contributor stores instead of adding (no clearing of the
+//   workspace); dq_convert_kernel then scales and casts it into dQ.
+//   kUnordered: plain float atomics on a cleared workspace (not
+//   reproducible).
 // dq_wgmma_kernel: a CTA owns 128 queries of one q head (64 per consumer);
 //   the producer loads Q and dO once, then 64-key K and V tiles: S = Q K^T,
 //   dP = dO V^T, dS, dQ += dS K (K as an MN-major operand: the sw128 layout
@@ -31,6 +48,19 @@ constexpr int kBlock = 128;  // keys (dK/dV) or queries (dQ) per CTA
 constexpr int kStep = 64;    // queries (dK/dV) or keys (dQ) per step
 constexpr int kThreads = 384;
 constexpr int kStages = 2;
+
+// How the dK/dV kernel treats dQ: not at all (the dQ kernel computes it),
+// summed in a fixed order, or with atomics in any order.
+enum class DqMode { kSeparate, kOrdered, kUnordered };
+
+// Fused dQ: the dS^T tiles ([128 keys][64 queries], two buffers, so that a
+// consumer can store step i + 1's while the other still reads step i's)
+// and the fp32 dQ staging slabs ([2][64 rows][64 columns], padded rows,
+// one per consumer).
+constexpr int kDsTileBytes = kBlock * kStep * 2;
+constexpr int kDqSlabRow = 64 + 8;  // floats
+constexpr int kDqSlabBytes = kStep * kDqSlabRow * 4;
+constexpr int kFusedBytes = 2 * kDsTileBytes + 2 * kDqSlabBytes;
 static_assert(kStep == kBackwardTileQ && kStep == kBackwardTileKv, "steps are plan tiles");
 
 // What the dK/dV producer tells its consumers about a stage (next to the
@@ -44,12 +74,26 @@ struct alignas(16) StepRecord {
 };
 constexpr int kStepRecordBytes = sizeof(StepRecord);
 
-template <int D>
+// Fused dQ: what warp 1 tells the dQ writer about a step, in a ring of
+// kDqRing entries: the q tile (index into the dQ workspace), how many key
+// blocks add to it before this one (kOrdered), and `last` (the loop ends).
+// The ring does not overrun: warp 1 fills step p once the consumers freed
+// stage p - kStages, i.e. had waited for the writer to finish step
+// p - kStages - 1 (> p - kDqRing).
+struct alignas(16) DqStep {
+  int64_t tile;
+  int32_t rank, last;
+};
+constexpr int kDqRing = 4;
+static_assert(kDqRing > kStages + 1, "the writer's ring must outlast the stages in flight");
+
+template <int D, bool kFused = false>
 constexpr int shared_bytes() {
-  // The block's two tiles, kStages x two step tiles, lse and delta rows of
-  // each stage, barriers, alignment slack.
-  return 2 * kBlock * D * 2 + kStages * 2 * kStep * D * 2 + kStages * kStepRecordBytes + 256 +
-         1024;
+  // The block's two tiles, kStages x two step tiles, (fused dQ tiles,) lse
+  // and delta rows of each stage, barriers, alignment slack.
+  return 2 * kBlock * D * 2 + kStages * 2 * kStep * D * 2 +
+         (kFused ? kFusedBytes + kDqRing * int(sizeof(DqStep)) : 0) + kStages * kStepRecordBytes +
+         256 + 1024;
 }
 
 struct TensorMaps {
@@ -57,15 +101,27 @@ struct TensorMaps {
   CUtensorMap step_a, step_b;    // Q, dO (dK/dV) or K, V (dQ): kStep-row boxes
 };
 
+// Fused dQ workspace of one call: float32 [B, Hq, q tiles, 64, D] and the
+// turn flags [B, Hq, q tiles] (kOrdered: how many key blocks have added to
+// the q tile; 0 = none, so the convert kernel writes zeros).
+struct DqWorkspace {
+  float* accum;
+  int32_t* turns;
+};
+
 #if FASTATTN_HAS_WGMMA
 constexpr int kConsumerWarps = 8;
+// Named barriers of the fused dQ's dS^T tiles.
+constexpr int kDsBarrierBoth = 1;  // D=128: both consumers (each reads all 128 keys of dS^T)
+constexpr int kDsBarrierOwn = 2;   // D=64: + consumer, its own warpgroup
 
 // Shared-memory map and barriers common to both kernels.
-template <int D>
+template <int D, bool kFused = false>
 struct Layout {
   static constexpr uint32_t kBlockBytes = kBlock * D * 2, kStepBytes = kStep * D * 2;
-  uint32_t block_a, block_b, step_a, step_b, barriers;
+  uint32_t block_a, block_b, step_a, step_b, ds, dq_slabs, barriers;
   StepRecord* records;  // [kStages] (dK/dV only)
+  DqStep* dq_steps;     // [kDqRing] (fused dQ only)
 
   __device__ explicit Layout(uint8_t* raw) {
     const uint32_t base = sm80::shared_address(raw);
@@ -74,13 +130,21 @@ struct Layout {
     block_b = block_a + kBlockBytes;
     step_a = block_b + kBlockBytes;  // [kStages]
     step_b = step_a + kStages * kStepBytes;
-    const uint32_t records_at = step_b + kStages * kStepBytes;
+    ds = step_b + kStages * kStepBytes;  // [2] (fused dQ only)
+    dq_slabs = ds + 2 * kDsTileBytes;
+    const uint32_t records_at = kFused ? dq_slabs + 2 * kDqSlabBytes : ds;
     records = reinterpret_cast<StepRecord*>(raw + (records_at - base));
-    barriers = records_at + kStages * kStepRecordBytes;
+    const uint32_t dq_steps_at = records_at + kStages * kStepRecordBytes;
+    dq_steps = reinterpret_cast<DqStep*>(raw + (dq_steps_at - base));
+    barriers = dq_steps_at + (kFused ? kDqRing * int(sizeof(DqStep)) : 0);
   }
   __device__ uint32_t block_full() const { return barriers; }
   __device__ uint32_t full(int stage) const { return barriers + 8 * (1 + stage); }
   __device__ uint32_t empty(int stage) const { return barriers + 8 * (1 + kStages + stage); }
+  // Fused dQ: the slabs hold a step's dQ (consumers -> writer), and are
+  // free again (writer -> consumers).
+  __device__ uint32_t dq_full() const { return barriers + 8 * (1 + 2 * kStages); }
+  __device__ uint32_t dq_free() const { return barriers + 8 * (2 + 2 * kStages); }
 
   // One thread: the barriers, with the arrivals that fill and that free a
   // stage.
@@ -90,9 +154,65 @@ struct Layout {
       sm90::mbarrier_init(full(stage), fill_arrivals);
       sm90::mbarrier_init(empty(stage), free_arrivals);
     }
+    if (kFused) {
+      sm90::mbarrier_init(dq_full(), 2 * 128);
+      sm90::mbarrier_init(dq_free(), 1);
+    }
     sm90::mbarrier_init_fence();
   }
 };
+
+// Stores a consumer's dS^T fragment (the mma A layout of its warp's 16
+// keys x 64 queries, as bf16/f16 pairs) into a sw128 [128 keys][64
+// queries] tile with one stmatrix.x4 per 16 queries: lane L gives the
+// address of row L % 8 of 8 x 8 matrix L / 8 (matrices: keys +0/+8 x
+// queries +0/+8, the order of the fragment's registers). first_key: the
+// warp's first key row (a multiple of 8, so that a row's swizzle is
+// (L % 8)); 8 distinct 16-byte chunks per matrix: no bank conflicts.
+__device__ __forceinline__ void store_ds_tile(uint32_t tile, const uint32_t (&a)[kStep / 16][4],
+                                              int first_key, int lane) {
+  const int row = lane % 8, matrix = lane / 8;
+  const uint32_t row_at = tile + (first_key + (matrix & 1) * 8 + row) * 128;
+#pragma unroll
+  for (int kb = 0; kb < kStep / 16; ++kb) {
+    const uint32_t at = row_at + (((2 * kb + (matrix >> 1)) ^ row) << 4);
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(at),
+                 "r"(a[kb][0]), "r"(a[kb][1]), "r"(a[kb][2]), "r"(a[kb][3])
+                 : "memory");
+  }
+}
+
+// A [64][64] float32 slab with rows kDqSlabRow floats apart: the padding of
+// 8 floats makes the consumers' float2 stores (rows g, columns 2t of each
+// 8-column block) and the writer's float4 loads free of bank conflicts,
+// and keeps every address of a thread an immediate offset of one base.
+__device__ __forceinline__ uint32_t slab_at(uint32_t slab, int row, int col) {
+  return slab + (row * kDqSlabRow + col) * 4;
+}
+
+// A consumer's m64n64 dQ accumulator into its slab.
+__device__ __forceinline__ void store_dq_slab(uint32_t slab, const float (&dq)[8][4], int warp,
+                                              int g, int t) {
+  const uint32_t base = slab_at(slab, warp * 16 + g, 2 * t);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(base + (8 * r * kDqSlabRow + 8 * j) * 4),
+                   "f"(dq[j][2 * r]), "f"(dq[j][2 * r + 1])
+                   : "memory");
+    }
+  }
+}
+
+__device__ __forceinline__ float4 load_slab4(uint32_t at) {
+  float4 v;
+  asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+               : "r"(at)
+               : "memory");
+  return v;
+}
 
 // TMA of `rows` rows (row0..) of one head into a sw128 tile, in boxes of 64
 // columns; their bytes count on `full` (whose expected bytes the caller set).
@@ -111,20 +231,23 @@ __device__ __forceinline__ void load_rows(uint32_t to, const CUtensorMap* map, i
 // kBandOnly: no segments, dense mask or bias (the band test alone); then
 // dP^T is computed while the consumer masks S^T and takes P^T. The general
 // mask needs the registers of dP^T, so that variant issues it afterwards.
-template <int D, typename T, bool kBandOnly>
+template <int D, typename T, bool kBandOnly, DqMode kDq>
 __global__ void __launch_bounds__(kThreads, 1)
     dkdv_wgmma_kernel(const BackwardParams p, const float* delta,
-                      const __grid_constant__ TensorMaps maps) {
+                      const __grid_constant__ TensorMaps maps, const DqWorkspace dq_ws) {
 #if FASTATTN_HAS_WGMMA
   using namespace sm80;
   using namespace sm90;
+  constexpr bool kFused = kDq != DqMode::kSeparate;
   extern __shared__ uint8_t shared_raw[];
-  const Layout<D> at(shared_raw);
+  const Layout<D, kFused> at(shared_raw);
   const uint32_t k_tile = at.block_a, v_tile = at.block_b;
 
   const AttentionShape& s = p.shape;
   const int warpgroup = threadIdx.x / 128;
-  const int64_t kv_block = blockIdx.x;  // early key blocks see the most queries under causal
+  // Early key blocks see the most queries under causal; the fused kernel
+  // runs them last (its dQ order waits on later blocks).
+  const int64_t kv_block = kFused ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
   const int64_t kv_head = blockIdx.y, batch = blockIdx.z;
   const int64_t group = s.q_heads / s.kv_heads;
   const int64_t kv0 = kv_block * kBlock;
@@ -132,10 +255,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t plan_kv = (s.kv_len + kStep - 1) / kStep;
   // Work items: (q head of the group, q tile), q tiles inner.
   const int num_items = int(group) * plan_q;
-  // Plan classes of this block's two 64-key tiles for the group's first
-  // head and q tile 0 (the producer's lookups: few registers).
-  const int8_t* classes =
-      class_row(p.mask, batch, kv_head * group, 0, plan_q, plan_kv) + 2 * kv_block;
+  // Plan classes of the group's first head and q tile 0 (the producer's
+  // lookups: few registers); item i's row is head_step and plan_kv apart.
+  const int8_t* class_base = class_row(p.mask, batch, kv_head * group, 0, plan_q, plan_kv);
+  const int8_t* classes = class_base + 2 * kv_block;
   const int64_t head_step = p.mask.tile_heads == 1 ? 0 : plan_q * plan_kv;
   const int halves = int(min(int64_t(2), plan_kv - 2 * kv_block));  // 1 at a ragged end
   auto class_of = [&](int item, int half) -> int8_t {
@@ -159,11 +282,60 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
 
   if (warpgroup == 0) {  // producer
-    release_registers<24>();
+    release_registers<kFused ? 40 : 24>();
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if constexpr (kFused) {
+      if (warp == 2) {  // the dQ writer
+        // D=128: slab c holds columns 64c..; D=64: each slab holds all 64
+        // columns over one consumer's keys, summed here. A lane keeps its
+        // columns; a pass of the warp covers kRowsPerPass rows.
+        constexpr int kRowsPerPass = 32 * 4 / D;
+        const int lane_row = lane / (D / 4), lane_col = lane % (D / 4) * 4;
+        const uint32_t from =
+            slab_at(at.dq_slabs + (lane_col / 64) * kDqSlabBytes, lane_row, lane_col % 64);
+        for (int i = 0;; ++i) {
+          mbarrier_wait(at.dq_full(), i & 1);
+          const DqStep step = at.dq_steps[i % kDqRing];
+          if (step.last) return;
+          int32_t* turn = dq_ws.turns + step.tile;
+          if constexpr (kDq == DqMode::kOrdered) {
+            if (lane == 0) {
+              while (load_acquire(turn) != step.rank) {
+              }
+            }
+            __syncwarp();
+          }
+          // The first block to add to a tile stores (no cleared workspace).
+          const bool first_add = kDq == DqMode::kOrdered && step.rank == 0;
+          float* to = dq_ws.accum + step.tile * (kStep * D) + lane_row * D + lane_col;
+#pragma unroll 4
+          for (int pass = 0; pass < kStep / kRowsPerPass; ++pass) {
+            const uint32_t row_from = from + pass * kRowsPerPass * kDqSlabRow * 4;
+            float4 v = load_slab4(row_from);
+            if constexpr (D == 64) {
+              const float4 b = load_slab4(row_from + kDqSlabBytes);
+              v = make_float4(v.x + b.x, v.y + b.y, v.z + b.z, v.w + b.w);
+            }
+            float* row_to = to + pass * kRowsPerPass * D;
+            if (first_add) {
+              *reinterpret_cast<float4*>(row_to) = v;
+            } else {
+              red_add_f32x4(row_to, v);
+            }
+          }
+          __syncwarp();
+          if (lane == 0) mbarrier_arrive(at.dq_free());
+          if constexpr (kDq == DqMode::kOrdered) {
+            __threadfence();  // this lane's stores and reductions, before the turn passes
+            __syncwarp();
+            if (lane == 0) store_release(turn, step.rank + 1);
+          }
+        }
+      }
+    }
     if (warp > 1) return;
     if (threadIdx.x == 0) {
-      mbarrier_arrive_expect_bytes(at.block_full(), 2 * Layout<D>::kBlockBytes);
+      mbarrier_arrive_expect_bytes(at.block_full(), 2 * Layout<D, kFused>::kBlockBytes);
       load_rows<D>(k_tile, &maps.block_a, kBlock, kv_head, kv0, batch, at.block_full());
       load_rows<D>(v_tile, &maps.block_b, kBlock, kv_head, kv0, batch, at.block_full());
     }
@@ -177,11 +349,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         if (lane == 0 && last) mbarrier_arrive(at.full(stage));
         if (lane == 0 && !last) {
           const uint32_t full = at.full(stage);
-          mbarrier_arrive_expect_bytes(full, 2 * Layout<D>::kStepBytes);
-          load_rows<D>(at.step_a + stage * Layout<D>::kStepBytes, &maps.step_a, kStep, head, q0,
-                       batch, full);
-          load_rows<D>(at.step_b + stage * Layout<D>::kStepBytes, &maps.step_b, kStep, head, q0,
-                       batch, full);
+          mbarrier_arrive_expect_bytes(full, 2 * Layout<D, kFused>::kStepBytes);
+          load_rows<D>(at.step_a + stage * Layout<D, kFused>::kStepBytes, &maps.step_a, kStep,
+                       head, q0, batch, full);
+          load_rows<D>(at.step_b + stage * Layout<D, kFused>::kStepBytes, &maps.step_b, kStep,
+                       head, q0, batch, full);
         }
       } else {
         // Rows past Sq: P = 0 (lse +inf) and delta 0; their Q and dO rows
@@ -204,6 +376,26 @@ __global__ void __launch_bounds__(kThreads, 1)
             record.tile_class[1] = consumer_class(item, 1);
           }
         }
+        if constexpr (kFused) {
+          // Key blocks after this one that add to the q tile (those whose
+          // two plan tiles are not both empty) add before it.
+          int rank = 0;
+          if (kDq == DqMode::kOrdered && !last) {
+            const int8_t* row = class_base + (item / plan_q) * head_step + (item % plan_q) * plan_kv;
+            const int64_t num_blocks = (plan_kv + 1) / 2;
+            for (int64_t first = kv_block + 1; first < num_blocks; first += 32) {
+              const int64_t block = first + lane;
+              const bool adds = block < num_blocks &&
+                                (row[2 * block] != kEmpty ||
+                                 (2 * block + 1 < plan_kv && row[2 * block + 1] != kEmpty));
+              rank += __popc(__ballot_sync(~0u, adds));
+            }
+          }
+          if (lane == 0) {
+            at.dq_steps[i % kDqRing] = DqStep{(batch * s.q_heads + head) * plan_q + q0 / kStep,
+                                              rank, int32_t(last)};
+          }
+        }
         mbarrier_arrive(at.full(stage));
       }
       if (last) break;
@@ -211,7 +403,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     return;
   }
 
-  claim_registers<240>();
+  claim_registers<kFused ? 232 : 240>();
   const int consumer = warpgroup - 1, warp = (threadIdx.x / 32) % 4;
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int key_row = consumer * 64 + warp * 16;  // the warp's first key in the block
@@ -228,88 +420,139 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int stage = i % kStages;
     mbarrier_wait(at.full(stage), (i / kStages) & 1);
     const StepRecord& record = at.records[stage];
-    if (record.last) break;
+    if (record.last) {
+      if constexpr (kFused) {  // the writer learns of the end as of a step
+        if (i > 0) mbarrier_wait(at.dq_free(), (i - 1) & 1);
+        mbarrier_arrive(at.dq_full());
+      }
+      break;
+    }
     const int8_t cls = record.tile_class[consumer];
-    if (cls == kEmpty) {
+    // The fused kernel's consumers both take every step (each dQ product
+    // reads both dS^T halves); an empty tile's dS^T is zero.
+    if (!kFused && cls == kEmpty) {
       mbarrier_arrive(at.empty(stage));
       continue;
     }
     const int64_t head = record.head, q0 = record.q0;
-    const uint32_t q_tile = at.step_a + stage * Layout<D>::kStepBytes;
-    const uint32_t do_tile = at.step_b + stage * Layout<D>::kStepBytes;
+    const uint32_t q_tile = at.step_a + stage * Layout<D, kFused>::kStepBytes;
+    const uint32_t do_tile = at.step_b + stage * Layout<D, kFused>::kStepBytes;
     const float* lse_rows = record.lse;
     const float* delta_rows = record.delta;
 
-    float st[kStep / 8][4], dpt[kStep / 8][4];  // S^T, dP^T: keys x queries
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      Wgmma<T>::template ss<kStep>(st, k_major(k_tile, kBlock, consumer * 64, kk),
-                                   k_major(q_tile, kStep, 0, kk), kk > 0);
-    }
-    wgmma_commit();
-    auto issue_dpt = [&] {
+    uint32_t pa[kStep / 16][4], dsa[kStep / 16][4];
+    if (cls != kEmpty) {
+      float st[kStep / 8][4], dpt[kStep / 8][4];  // S^T, dP^T: keys x queries
+      wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
-        Wgmma<T>::template ss<kStep>(dpt, k_major(v_tile, kBlock, consumer * 64, kk),
-                                     k_major(do_tile, kStep, 0, kk), kk > 0);
+        Wgmma<T>::template ss<kStep>(st, k_major(k_tile, kBlock, consumer * 64, kk),
+                                     k_major(q_tile, kStep, 0, kk), kk > 0);
       }
       wgmma_commit();
-    };
-    if constexpr (kBandOnly) {
-      issue_dpt();
-      wgmma_wait<1>();
+      auto issue_dpt = [&] {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+          Wgmma<T>::template ss<kStep>(dpt, k_major(v_tile, kBlock, consumer * 64, kk),
+                                       k_major(do_tile, kStep, 0, kk), kk > 0);
+        }
+        wgmma_commit();
+      };
+      if constexpr (kBandOnly) {
+        issue_dpt();
+        wgmma_wait<1>();
+      } else {
+        wgmma_wait<0>();
+      }
+      fence_operands(st);
+#pragma unroll
+      for (int nt = 0; nt < kStep / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) st[nt][e] *= scale_log2;
+      mask_scores<kStep / 8, true, kBandOnly>(st, s, p.mask, p.bias, batch, head, kv0 + key_row,
+                                              q0, cls != kFull);
+      if constexpr (!kBandOnly) {
+        wgmma_fence();
+        issue_dpt();
+      }
+#pragma unroll
+      for (int nt = 0; nt < kStep / 8; ++nt) {
+        const float2 lse = *reinterpret_cast<const float2*>(lse_rows + nt * 8 + 2 * t);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) st[nt][e] = exp2_fast(st[nt][e] - (e & 1 ? lse.y : lse.x));
+      }
+      wgmma_wait<0>();
+      fence_operands(dpt);
+#pragma unroll
+      for (int nt = 0; nt < kStep / 8; ++nt) {
+        const float2 d = *reinterpret_cast<const float2*>(delta_rows + nt * 8 + 2 * t);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dpt[nt][e] = st[nt][e] * (dpt[nt][e] - (e & 1 ? d.y : d.x));
+      }
+#pragma unroll
+      for (int kb = 0; kb < kStep / 16; ++kb) {
+        c_to_a<T>(pa[kb], st[2 * kb], st[2 * kb + 1]);
+        c_to_a<T>(dsa[kb], dpt[2 * kb], dpt[2 * kb + 1]);
+      }
+      // dV += P^T dO, dK += dS^T Q: queries are the k dimension.
+      fence_operands(dv);
+      fence_operands(dk);
+      wgmma_fence();
+#pragma unroll
+      for (int kb = 0; kb < kStep / 16; ++kb) {
+        Wgmma<T>::template rs<D>(dv, pa[kb], mn_major(do_tile, kStep, kb), true);
+      }
+#pragma unroll
+      for (int kb = 0; kb < kStep / 16; ++kb) {
+        Wgmma<T>::template rs<D>(dk, dsa[kb], mn_major(q_tile, kStep, kb), true);
+      }
+      wgmma_commit();
+    } else {
+#pragma unroll
+      for (int kb = 0; kb < kStep / 16; ++kb) dsa[kb][0] = dsa[kb][1] = dsa[kb][2] = dsa[kb][3] = 0;
+    }
+    if constexpr (kFused) {
+      // dS^T to shared memory, then dQ(step) = dS K: D=128, this
+      // consumer's 64 columns over all 128 keys (both halves of dS^T and
+      // of K's rows); D=64, all columns over its own 64 keys.
+      const uint32_t ds_tile = at.ds + (i & 1) * kDsTileBytes;
+      store_ds_tile(ds_tile, dsa, key_row, lane);
+      fence_proxy_async_shared();
+      if constexpr (D == 128) {
+        named_barrier_sync(kDsBarrierBoth, 2 * 128);
+      } else {
+        named_barrier_sync(kDsBarrierOwn + consumer, 128);
+      }
+      float dq[8][4];
+      wgmma_fence();
+      if constexpr (D == 128) {
+#pragma unroll
+        for (int kk = 0; kk < kBlock / 16; ++kk) {
+          Wgmma<T>::tt(dq, mn_major(ds_tile, kBlock, kk),
+                       mn_major(k_tile + consumer * kBlock * 128, kBlock, kk), kk > 0);
+        }
+      } else {
+#pragma unroll
+        for (int kk = 0; kk < 64 / 16; ++kk) {
+          Wgmma<T>::tt(dq, mn_major(ds_tile + consumer * 64 * 128, 64, kk),
+                       mn_major(k_tile + consumer * 64 * 128, kBlock, kk), kk > 0);
+        }
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operands(dv);
+      fence_operands(dk);
+      fence_operands(dq);
+      mbarrier_arrive(at.empty(stage));
+      if (i > 0) mbarrier_wait(at.dq_free(), (i - 1) & 1);
+      store_dq_slab(at.dq_slabs + consumer * kDqSlabBytes, dq, warp, g, t);
+      mbarrier_arrive(at.dq_full());
     } else {
       wgmma_wait<0>();
+      fence_operands(dv);
+      fence_operands(dk);
+      mbarrier_arrive(at.empty(stage));
     }
-    fence_operands(st);
-#pragma unroll
-    for (int nt = 0; nt < kStep / 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) st[nt][e] *= scale_log2;
-    mask_scores<kStep / 8, true, kBandOnly>(st, s, p.mask, p.bias, batch, head, kv0 + key_row,
-                                            q0, cls != kFull);
-    if constexpr (!kBandOnly) {
-      wgmma_fence();
-      issue_dpt();
-    }
-#pragma unroll
-    for (int nt = 0; nt < kStep / 8; ++nt) {
-      const float2 lse = *reinterpret_cast<const float2*>(lse_rows + nt * 8 + 2 * t);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) st[nt][e] = exp2_fast(st[nt][e] - (e & 1 ? lse.y : lse.x));
-    }
-    wgmma_wait<0>();
-    fence_operands(dpt);
-#pragma unroll
-    for (int nt = 0; nt < kStep / 8; ++nt) {
-      const float2 d = *reinterpret_cast<const float2*>(delta_rows + nt * 8 + 2 * t);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) dpt[nt][e] = st[nt][e] * (dpt[nt][e] - (e & 1 ? d.y : d.x));
-    }
-    uint32_t pa[kStep / 16][4], dsa[kStep / 16][4];
-#pragma unroll
-    for (int kb = 0; kb < kStep / 16; ++kb) {
-      c_to_a<T>(pa[kb], st[2 * kb], st[2 * kb + 1]);
-      c_to_a<T>(dsa[kb], dpt[2 * kb], dpt[2 * kb + 1]);
-    }
-    // dV += P^T dO, dK += dS^T Q: queries are the k dimension.
-    fence_operands(dv);
-    fence_operands(dk);
-    wgmma_fence();
-#pragma unroll
-    for (int kb = 0; kb < kStep / 16; ++kb) {
-      Wgmma<T>::template rs<D>(dv, pa[kb], mn_major(do_tile, kStep, kb), true);
-    }
-#pragma unroll
-    for (int kb = 0; kb < kStep / 16; ++kb) {
-      Wgmma<T>::template rs<D>(dk, dsa[kb], mn_major(q_tile, kStep, kb), true);
-    }
-    wgmma_commit();
-    wgmma_wait<0>();
-    fence_operands(dv);
-    fence_operands(dk);
-    mbarrier_arrive(at.empty(stage));
   }
 
   // Keys past Skv are not stored (their rows were TMA zeros).
@@ -319,6 +562,36 @@ __global__ void __launch_bounds__(kThreads, 1)
   store_key_rows<D>(dk, dv, d_k, d_v, kv_stride, kv0 + key_row + g, s.kv_len, t,
                     p.softmax_scale);
 #endif  // FASTATTN_HAS_WGMMA
+}
+
+// Fused dQ: dQ[b, i, h, :] = scale * workspace row (b, h, i), or zeros where
+// no key block added to the row's q tile (turns 0; kOrdered). One thread
+// per 8 columns.
+template <int D, typename T>
+__global__ void dq_convert_kernel(const BackwardParams p, const DqWorkspace dq_ws, bool ordered) {
+  const AttentionShape& s = p.shape;
+  const int64_t plan_q = (s.q_len + kStep - 1) / kStep;
+  const int64_t index = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t total = s.batch * s.q_heads * s.q_len * (D / 8);
+  if (index >= total) return;
+  const int col = int(index % (D / 8)) * 8;
+  const int64_t row = index / (D / 8);  // (b, h, i)
+  const int64_t i = row % s.q_len, bh = row / s.q_len;
+  const int64_t head = bh % s.q_heads, batch = bh / s.q_heads;
+  const int64_t tile = bh * plan_q + i / kStep;
+  T* to = static_cast<T*>(p.d_q) + ((batch * s.q_len + i) * s.q_heads + head) * D + col;
+  uint32_t packed[4] = {0, 0, 0, 0};
+  if (!ordered || dq_ws.turns[tile] > 0) {
+    const float* from = dq_ws.accum + (tile * kStep + i % kStep) * D + col;
+    const float4 a = *reinterpret_cast<const float4*>(from);
+    const float4 b = *reinterpret_cast<const float4*>(from + 4);
+    const float scale = p.softmax_scale;
+    packed[0] = sm80::Mma<T>::pack(a.x * scale, a.y * scale);
+    packed[1] = sm80::Mma<T>::pack(a.z * scale, a.w * scale);
+    packed[2] = sm80::Mma<T>::pack(b.x * scale, b.y * scale);
+    packed[3] = sm80::Mma<T>::pack(b.z * scale, b.w * scale);
+  }
+  *reinterpret_cast<uint4*>(to) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
 }
 
 template <int D, typename T>
@@ -455,7 +728,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 template <int D, typename T>
-cudaError_t launch(const BackwardParams& p, const float* delta, cudaStream_t stream) {
+cudaError_t launch(const BackwardParams& p, const float* delta, DqMode dq_mode,
+                   const DqWorkspace& dq_ws, cudaStream_t stream) {
   const AttentionShape& s = p.shape;
   TensorMaps kv_side, q_side;  // maps of the dK/dV kernel and of the dQ kernel
   const bool encoded =
@@ -468,20 +742,57 @@ cudaError_t launch(const BackwardParams& p, const float* delta, cudaStream_t str
       encode_tensor_map(&q_side.step_a, p.k, p.dtype, s.batch, s.kv_len, s.kv_heads, D, kStep) &&
       encode_tensor_map(&q_side.step_b, p.v, p.dtype, s.batch, s.kv_len, s.kv_heads, D, kStep);
   if (!encoded) return cudaErrorInvalidValue;
-  constexpr int bytes = shared_bytes<D>();
   const bool band_only = band_mask_only(p.mask, p.bias);
-  auto dkdv = band_only ? dkdv_wgmma_kernel<D, T, true> : dkdv_wgmma_kernel<D, T, false>;
-  auto dq = dq_wgmma_kernel<D, T>;
-  for (const void* kernel : {reinterpret_cast<const void*>(dkdv), reinterpret_cast<const void*>(dq)}) {
-    if (cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             bytes);
+  const auto blocks = [](int64_t len) { return static_cast<unsigned>((len + kBlock - 1) / kBlock); };
+  const dim3 kv_grid(blocks(s.kv_len), static_cast<unsigned>(s.kv_heads),
+                     static_cast<unsigned>(s.batch));
+  auto set_shared = [](const void* kernel, int bytes) {
+    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  };
+  if (dq_mode != DqMode::kSeparate) {
+    const int64_t plan_q = (s.q_len + kStep - 1) / kStep;
+    const int64_t tiles = s.batch * s.q_heads * plan_q;
+    if (cudaError_t e = cudaMemsetAsync(dq_ws.turns, 0, tiles * sizeof(int32_t), stream);
         e != cudaSuccess) {
       return e;
     }
+    if (dq_mode == DqMode::kUnordered) {
+      if (cudaError_t e =
+              cudaMemsetAsync(dq_ws.accum, 0, tiles * kStep * D * sizeof(float), stream);
+          e != cudaSuccess) {
+        return e;
+      }
+    }
+    constexpr int bytes = shared_bytes<D, true>();
+    using Kernel = void (*)(const BackwardParams, const float*, const TensorMaps, const DqWorkspace);
+    Kernel fused;
+    if (dq_mode == DqMode::kOrdered) {
+      fused = band_only ? dkdv_wgmma_kernel<D, T, true, DqMode::kOrdered>
+                        : dkdv_wgmma_kernel<D, T, false, DqMode::kOrdered>;
+    } else {
+      fused = band_only ? dkdv_wgmma_kernel<D, T, true, DqMode::kUnordered>
+                        : dkdv_wgmma_kernel<D, T, false, DqMode::kUnordered>;
+    }
+    if (cudaError_t e = set_shared(reinterpret_cast<const void*>(fused), bytes); e != cudaSuccess) {
+      return e;
+    }
+    fused<<<kv_grid, kThreads, bytes, stream>>>(p, delta, kv_side, dq_ws);
+    if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+    constexpr int kConvertThreads = 256;
+    const int64_t work = s.batch * s.q_heads * s.q_len * (D / 8);
+    dq_convert_kernel<D, T><<<static_cast<unsigned>((work + kConvertThreads - 1) / kConvertThreads),
+                              kConvertThreads, 0, stream>>>(p, dq_ws,
+                                                            dq_mode == DqMode::kOrdered);
+    return cudaGetLastError();
   }
-  const auto blocks = [](int64_t len) { return static_cast<unsigned>((len + kBlock - 1) / kBlock); };
-  dkdv<<<dim3(blocks(s.kv_len), static_cast<unsigned>(s.kv_heads), static_cast<unsigned>(s.batch)),
-         kThreads, bytes, stream>>>(p, delta, kv_side);
+  constexpr int bytes = shared_bytes<D>();
+  auto dkdv = band_only ? dkdv_wgmma_kernel<D, T, true, DqMode::kSeparate>
+                        : dkdv_wgmma_kernel<D, T, false, DqMode::kSeparate>;
+  auto dq = dq_wgmma_kernel<D, T>;
+  for (const void* kernel : {reinterpret_cast<const void*>(dkdv), reinterpret_cast<const void*>(dq)}) {
+    if (cudaError_t e = set_shared(kernel, bytes); e != cudaSuccess) return e;
+  }
+  dkdv<<<kv_grid, kThreads, bytes, stream>>>(p, delta, kv_side, DqWorkspace{nullptr, nullptr});
   dq<<<dim3(blocks(s.q_len), static_cast<unsigned>(s.q_heads), static_cast<unsigned>(s.batch)),
        kThreads, bytes, stream>>>(p, delta, q_side);
   return cudaGetLastError();
@@ -490,14 +801,19 @@ cudaError_t launch(const BackwardParams& p, const float* delta, cudaStream_t str
 }  // namespace
 
 cudaError_t attention_backward_wgmma(const BackwardParams& params, const float* delta,
+                                     BackwardDq dq, float* dq_accum, int32_t* dq_turns,
                                      cudaStream_t stream) {
+  const DqMode mode = dq == BackwardDq::kSeparatePass ? DqMode::kSeparate
+                      : dq == BackwardDq::kFusedOrdered ? DqMode::kOrdered
+                                                        : DqMode::kUnordered;
+  const DqWorkspace ws{dq_accum, dq_turns};
   const bool bf16 = params.dtype == ElementType::kBF16;
   if (params.shape.head_dim == 64) {
-    return bf16 ? launch<64, __nv_bfloat16>(params, delta, stream)
-                : launch<64, __half>(params, delta, stream);
+    return bf16 ? launch<64, __nv_bfloat16>(params, delta, mode, ws, stream)
+                : launch<64, __half>(params, delta, mode, ws, stream);
   }
-  return bf16 ? launch<128, __nv_bfloat16>(params, delta, stream)
-              : launch<128, __half>(params, delta, stream);
+  return bf16 ? launch<128, __nv_bfloat16>(params, delta, mode, ws, stream)
+              : launch<128, __half>(params, delta, mode, ws, stream);
 }
 
 }  // namespace cuda

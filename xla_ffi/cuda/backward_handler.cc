@@ -22,6 +22,7 @@ ffi::Error backward_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
                          ffi::Result<ffi::AnyBuffer> d_v, ffi::Result<ffi::AnyBuffer> d_bias,
                          float softmax_scale, int64_t band_lo, int64_t band_hi, int64_t tile_q,
                          int64_t tile_kv, ffi::Result<ffi::AnyBuffer> delta,
+                         ffi::Result<ffi::AnyBuffer> dq_accum, ffi::Result<ffi::AnyBuffer> dq_turns,
                          KernelChoice cuda_backward) {
   BackwardParams params;
   if (auto e = decode_backward_args(q, k, v, out, lse, d_out, d_lse, bias, q_segment, kv_segment,
@@ -40,8 +41,22 @@ ffi::Error backward_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
                             ffi::DataType::F32);
       e.failure())
     return e;
+  // The fused wgmma backward's dQ workspace, or empty buffers.
+  const int64_t q_tiles = (s.q_len + kBackwardTileQ - 1) / kBackwardTileQ;
+  const bool has_dq_workspace = dq_accum->element_count() > 0;
+  if (auto e = expect_shape(*dq_accum, "dq_accum workspace",
+                            {s.batch, s.q_heads, has_dq_workspace ? q_tiles * kBackwardTileQ * s.head_dim : 0},
+                            ffi::DataType::F32);
+      e.failure())
+    return e;
+  if (auto e = expect_shape(*dq_turns, "dq_turns workspace",
+                            {s.batch, s.q_heads, has_dq_workspace ? q_tiles : 0}, ffi::DataType::S32);
+      e.failure())
+    return e;
   const DispatchStatus status = attention_backward(
-      params, cuda_backward, static_cast<float*>(delta->untyped_data()), stream);
+      params, cuda_backward, static_cast<float*>(delta->untyped_data()),
+      has_dq_workspace ? static_cast<float*>(dq_accum->untyped_data()) : nullptr,
+      has_dq_workspace ? static_cast<int32_t*>(dq_turns->untyped_data()) : nullptr, stream);
   FFI_CHECK(status.refused.empty(), status.refused);
   if (status.launch != cudaSuccess) {
     return ffi::Error(ffi::ErrorCode::kInternal,
@@ -53,12 +68,16 @@ ffi::Error backward_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k
 
 }  // namespace
 
-// The delta rows are a workspace output after the gradients (XLA keeps an
-// output alive until the kernels ran; FFI scratch would be freed too early);
-// cuda_backward is KernelConfig.cuda_backward's code (kernel_choice.h).
+// The delta rows and the dQ workspace (dq_accum, dq_turns: empty where the
+// fused wgmma backward cannot run) are workspace outputs after the
+// gradients (XLA keeps an output alive until the kernels ran; FFI scratch
+// would be freed too early); cuda_backward is KernelConfig.cuda_backward's
+// code (kernel_choice.h).
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FastattnBackwardCuda, backward_cuda,
                               bind_backward_args(
                                   ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<KernelChoice>("cuda_backward"));
 

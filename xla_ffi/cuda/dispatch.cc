@@ -33,15 +33,22 @@ DispatchStatus attention_forward(const ForwardParams& params, KernelChoice choic
 }
 
 DispatchStatus attention_backward(const BackwardParams& params, KernelChoice choice,
-                                  float* delta, cudaStream_t stream) {
+                                  float* delta, float* dq_accum, int32_t* dq_turns,
+                                  cudaStream_t stream) {
   DispatchStatus status;
   Kernel kernel;
   status.refused = select_backward_kernel(params, choice, &kernel);
   if (!status.refused.empty()) return status;
+  BackwardDq dq = BackwardDq::kSeparatePass;
+  if (kernel == Kernel::kWgmma) {
+    status.refused = choose_backward_dq(choice, dq_accum != nullptr && dq_turns != nullptr, &dq);
+    if (!status.refused.empty()) return status;
+  }
   status.launch = attention_backward_delta(params, delta, stream);
   if (status.launch != cudaSuccess) return status;
-  status.launch = kernel == Kernel::kWgmma ? attention_backward_wgmma(params, delta, stream)
-                                           : attention_backward_mma_sync(params, delta, stream);
+  status.launch = kernel == Kernel::kWgmma
+                      ? attention_backward_wgmma(params, delta, dq, dq_accum, dq_turns, stream)
+                      : attention_backward_mma_sync(params, delta, stream);
   return status;
 }
 

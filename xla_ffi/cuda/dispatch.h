@@ -39,10 +39,13 @@ std::string select_backward_kernel(const BackwardParams& params, KernelChoice ch
 DispatchStatus attention_forward(const ForwardParams& params, KernelChoice choice,
                                  int32_t* work_counter, cudaStream_t stream);
 
-// Enqueues the delta rows into `delta` ([B, Hq, Sq] float32), then the dK/dV
-// and dQ passes of the selected family, on `stream`, no synchronisation.
+// Enqueues the delta rows into `delta` ([B, Hq, Sq] float32), then the
+// gradients of the selected family, on `stream`, no synchronisation.
+// dq_accum / dq_turns: the one-pass wgmma backward's dQ workspace
+// (attention_backward.h), or null (then a request for it is refused).
 DispatchStatus attention_backward(const BackwardParams& params, KernelChoice choice,
-                                  float* delta, cudaStream_t stream);
+                                  float* delta, float* dq_accum, int32_t* dq_turns,
+                                  cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastattn

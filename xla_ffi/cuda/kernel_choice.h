@@ -15,6 +15,17 @@ enum class KernelChoice : int32_t {
   kAuto = 0,     // wgmma where it can run the call, else mma.sync
   kWgmma = 1,    // the sm90 wgmma kernels; an error where they cannot run
   kMmaSync = 2,  // the sm80 mma.sync kernels (they run on sm80 and later)
+  // Backward only, the one-pass wgmma backward (kWgmma: dK/dV, then dQ in
+  // a second kernel), with dQ summed through a float32 workspace:
+  kWgmmaOrdered = 3,  // in a fixed order (bitwise reproducible)
+  kWgmmaAtomic = 4,   // by float atomics in any order
+};
+
+// How the wgmma backward produces dQ.
+enum class BackwardDq : int32_t {
+  kFusedOrdered = 0,  // in the dK/dV kernel, added in a fixed order (reproducible)
+  kFusedAtomic = 1,   // in the dK/dV kernel, atomics in any order
+  kSeparatePass = 2,  // a second kernel over q blocks
 };
 
 // The decode kernel (decode_attention): the CUDA-core split kernel or the
@@ -62,12 +73,43 @@ inline std::string choose_kernel(const char* option, KernelChoice choice,
       *kernel = Kernel::kMmaSync;
       return "";
     case KernelChoice::kWgmma:
-      if (!wgmma_obstacle.empty()) return name + "='wgmma' cannot run this call: " + wgmma_obstacle;
+    case KernelChoice::kWgmmaOrdered:
+    case KernelChoice::kWgmmaAtomic: {
+      const bool backward_only = choice != KernelChoice::kWgmma;
+      const char* value = choice == KernelChoice::kWgmma          ? "wgmma"
+                          : choice == KernelChoice::kWgmmaOrdered ? "wgmma_ordered"
+                                                                  : "wgmma_atomic";
+      if (backward_only && std::string(option) != "cuda_backward") break;
+      if (!wgmma_obstacle.empty()) {
+        return name + "='" + value + "' cannot run this call: " + wgmma_obstacle;
+      }
       *kernel = Kernel::kWgmma;
       return "";
+    }
   }
   return name + " has no kernel with code " + std::to_string(static_cast<int32_t>(choice)) +
-         " (0 auto, 1 wgmma, 2 mma_sync)";
+         (std::string(option) == "cuda_backward"
+              ? " (0 auto, 1 wgmma, 2 mma_sync, 3 wgmma_ordered, 4 wgmma_atomic)"
+              : " (0 auto, 1 wgmma, 2 mma_sync)");
+}
+
+// How a wgmma backward call produces dQ: `choice` resolved into the dQ
+// variant, or an error. "auto" and "wgmma" take the second pass; the
+// one-pass variants need the dQ workspace.
+inline std::string choose_backward_dq(KernelChoice choice, bool has_dq_workspace,
+                                      BackwardDq* dq) {
+  if (choice == KernelChoice::kAuto || choice == KernelChoice::kWgmma) {
+    *dq = BackwardDq::kSeparatePass;
+    return "";
+  }
+  if (!has_dq_workspace) {
+    return std::string("KernelConfig.cuda_backward='") +
+           (choice == KernelChoice::kWgmmaAtomic ? "wgmma_atomic" : "wgmma_ordered") +
+           "' needs the dQ workspace (dq_accum [B, Hq, q tiles * 64 * D] float32 and dq_turns "
+           "[B, Hq, q tiles] int32), got empty ones";
+  }
+  *dq = choice == KernelChoice::kWgmmaAtomic ? BackwardDq::kFusedAtomic : BackwardDq::kFusedOrdered;
+  return "";
 }
 
 }  // namespace cuda

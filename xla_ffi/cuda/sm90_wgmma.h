@@ -105,6 +105,8 @@ __device__ __forceinline__ void fence_operands(float (&d)[kTiles][4]) {
 // d (m64 x nN, f32, the accumulator layout of mma.m16n8 per warp: n8 tile
 // j of a warp's 16 rows in d[j]) += A B. `accumulate` false: d = A B.
 //   ss<N>:   A and B from K-major descriptors, N = 64, 128 or 176.
+//   tt:      A and B from MN-major descriptors (A stored as its transpose,
+//            rows = K), N = 64.
 //   rs<N>:   A from registers (the mma.m16n8k16 A fragment of the warp's 16
 //            rows), B from an MN-major descriptor; N = 64 or 128.
 #define FASTATTN_DEFINE_WGMMA(TYPE, PTX_TYPES)                                                 \
@@ -136,6 +138,16 @@ __device__ __forceinline__ void fence_operands(float (&d)[kTiles][4]) {
             : FASTATTN_D32                                                                     \
             : "l"(a), "l"(b), "r"(int(accumulate)));                                           \
       }                                                                                        \
+    }                                                                                          \
+    /* tt: A and B both MN-major (transposed) descriptors, N = 64. */                        \
+    static __device__ __forceinline__ void tt(float (&d)[8][4], uint64_t a, uint64_t b,        \
+                                              bool accumulate) {                               \
+      asm volatile(                                                                            \
+          "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                       \
+          "wgmma.mma_async.sync.aligned.m64n64k16.f32" PTX_TYPES                               \
+          " {" FASTATTN_WGMMA_REGS32 "}, %32, %33, p, 1, 1, 1, 1;\n}\n"                       \
+          : FASTATTN_D32                                                                       \
+          : "l"(a), "l"(b), "r"(int(accumulate)));                                             \
     }                                                                                          \
     template <int N>                                                                           \
     static __device__ __forceinline__ void rs(float (&d)[N / 8][4], const uint32_t* a,         \
@@ -230,6 +242,30 @@ __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
 
 __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// Orders this thread's generic-proxy shared-memory writes before later
+// async-proxy reads of them (wgmma operands written by threads).
+__device__ __forceinline__ void fence_proxy_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// Global float4 reduction (fire and forget) and store, and the acquire load
+// and release store of a gpu-scope flag.
+__device__ __forceinline__ void red_add_f32x4(float* at, float4 v) {
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(at), "f"(v.x), "f"(v.y),
+               "f"(v.z), "f"(v.w)
+               : "memory");
+}
+
+__device__ __forceinline__ int32_t load_acquire(const int32_t* at) {
+  int32_t v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(at) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void store_release(int32_t* at, int32_t v) {
+  asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(at), "r"(v) : "memory");
 }
 
 // Register budget of a warpgroup (setmaxnreg): producers give registers

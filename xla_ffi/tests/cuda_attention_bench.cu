@@ -1,14 +1,15 @@
 // Times cuda::attention_forward or cuda::attention_backward (dispatch.h)
 // alone (no JAX), for ncu and quick A/B runs; build it with
 // xla_ffi/cuda/dispatch.cc and the four attention_sm*.cu files:
-//   cuda_attention_bench [batch seq heads dim causal tile_q fwd|bwd launches data]
+//   cuda_attention_bench [batch seq heads dim causal tile_q fwd|bwd launches data choice]
 // Prints the median of `launches` (default 20) and TFLOP/s (causal counts
 // half; the backward counts 2.5x the forward's FLOPs, as FlashAttention
 // reports it). data "uniform" (default): one array of uniform(-0.5, 0.5)
 // values copied into q, k and v; "normal": q, k, v each standard normal, as
 // python -m jax_fastattn.bench draws them (the two differ in power drawn,
 // hence in clocks under a sustained load).
-// The timed launches take the kernels KernelChoice::kAuto selects. Where
+// The timed launches take the kernels KernelChoice::kAuto selects (the
+// backward: those of `choice`, a KernelChoice code, default 0). Where
 // the backward ran the wgmma kernels, it also compares their dQ, dK and dV
 // with the mma.sync kernels' (KernelChoice::kMmaSync) on the same inputs:
 // the largest difference relative to the largest value. The forward
@@ -61,6 +62,8 @@ int main(int argc, char** argv) {
   const bool backward = argc > 7 && argv[7][0] == 'b';
   const int launches = argc > 8 ? std::max(1, atoi(argv[8])) : 20;
   const bool normal = argc > 9 && std::string(argv[9]) == "normal";
+  // The backward's KernelChoice code (kernel_choice.h; 0 auto).
+  const KernelChoice backward_choice = static_cast<KernelChoice>(argc > 10 ? atoi(argv[10]) : 0);
   const long tile_kv = fastattn::cuda::kForwardTileKv;
   const size_t elements = size_t(batch) * seq * heads * dim;
   std::vector<__nv_bfloat16> host(elements);
@@ -117,6 +120,8 @@ int main(int argc, char** argv) {
   cudaMalloc(&work_counter, sizeof(int32_t));
   fastattn::BackwardParams grads;
   float* delta = nullptr;
+  float* dq_accum = nullptr;
+  int32_t* dq_turns = nullptr;
   if (backward) {
     fastattn::cuda::attention_forward(params, KernelChoice::kAuto, work_counter, nullptr);
     grads.shape = params.shape;
@@ -132,6 +137,9 @@ int main(int argc, char** argv) {
     for (void** p : {&d_out, &d_q, &d_k, &d_v}) cudaMalloc(p, elements * 2);
     cudaMemcpy(d_out, host.data(), elements * 2, cudaMemcpyHostToDevice);
     cudaMalloc(&delta, batch * heads * seq * 4);
+    const int64_t q_tiles = (seq + 63) / 64;  // the fused wgmma backward's dQ workspace
+    cudaMalloc(&dq_accum, batch * heads * q_tiles * 64 * dim * 4);
+    cudaMalloc(&dq_turns, batch * heads * q_tiles * 4);
     grads.d_out = d_out;
     grads.d_q = d_q;
     grads.d_k = d_k;
@@ -144,7 +152,8 @@ int main(int argc, char** argv) {
   for (int i = 0; i < launches + 2; ++i) {
     cudaEventRecord(start);
     const cudaError_t e = launch_status(
-        backward ? fastattn::cuda::attention_backward(grads, KernelChoice::kAuto, delta, nullptr)
+        backward ? fastattn::cuda::attention_backward(grads, backward_choice, delta, dq_accum,
+                                                        dq_turns, nullptr)
                  : fastattn::cuda::attention_forward(params, KernelChoice::kAuto, work_counter,
                                                      nullptr));
     if (e != cudaSuccess) {
@@ -159,7 +168,7 @@ int main(int argc, char** argv) {
   }
   std::sort(ms.begin(), ms.end());
   fastattn::cuda::Kernel selected = fastattn::cuda::Kernel::kMmaSync;
-  if (backward) fastattn::cuda::select_backward_kernel(grads, KernelChoice::kAuto, &selected);
+  if (backward) fastattn::cuda::select_backward_kernel(grads, backward_choice, &selected);
   if (backward && selected == fastattn::cuda::Kernel::kWgmma) {
     std::vector<std::vector<__nv_bfloat16>> wgmma(3, std::vector<__nv_bfloat16>(elements));
     void* outputs[3] = {grads.d_q, grads.d_k, grads.d_v};
@@ -167,7 +176,8 @@ int main(int argc, char** argv) {
       cudaMemcpy(wgmma[i].data(), outputs[i], elements * 2, cudaMemcpyDeviceToHost);
     for (void* output : outputs) cudaMemset(output, 0, elements * 2);
     if (!run_mma_sync("backward", [&](KernelChoice choice) {
-          return fastattn::cuda::attention_backward(grads, choice, delta, nullptr);
+          return fastattn::cuda::attention_backward(grads, choice, delta, dq_accum, dq_turns,
+                                                  nullptr);
         })) {
       return 1;
     }
