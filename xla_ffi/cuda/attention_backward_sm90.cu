@@ -11,14 +11,14 @@
 //   each: S^T = K Q^T and dP^T = V dO^T (m64n64, both operands in shared
 //   memory), P^T and dS^T in registers, then dV += P^T dO and dK += dS^T Q
 //   with P^T and dS^T as register A operands and dO, Q as MN-major ones.
-//   With a DqMode other than kSeparate the same kernel also produces dQ (five
+//   With kDq other than BackwardDq::kSeparatePass the same kernel also produces dQ (five
 //   products per step instead of the two passes' seven): each consumer
 //   stores its dS^T to shared memory, and dQ(step) = dS K is one m64n64
 //   product per consumer (D=128: the consumer's 64 columns over all 128
 //   keys, both dS^T halves; D=64: all columns over its own 64 keys, the
 //   writer adding both halves). The fp32 result goes through shared memory
 //   to warp 2 of the producer warpgroup (the dQ writer), which adds it to a
-//   float32 dQ workspace [B, Hq, q tiles, 64, D]. kOrdered: the writer of
+//   float32 dQ workspace [B, Hq, q tiles, 64, D]. kFusedOrdered: the writer of
 //   key block n waits for its turn on the q tile (a flag counting the
 //   contributors done) and the contributors add in descending key-block
 //   order, so dQ is bitwise reproducible; the grid runs the key blocks in
@@ -26,7 +26,7 @@
 //   under a causal mask is also the order in which they reach a q tile.
 //   The first contributor stores instead of adding (no clearing of the
 //   workspace); dq_convert_kernel then scales and casts it into dQ.
-//   kUnordered: plain float atomics on a cleared workspace (not
+//   kFusedAtomic: plain float atomics on a cleared workspace (not
 //   reproducible).
 // dq_wgmma_kernel: a CTA owns 128 queries of one q head (64 per consumer);
 //   the producer loads Q and dO once, then 64-key K and V tiles: S = Q K^T,
@@ -48,10 +48,6 @@ constexpr int kBlock = 128;  // keys (dK/dV) or queries (dQ) per CTA
 constexpr int kStep = 64;    // queries (dK/dV) or keys (dQ) per step
 constexpr int kThreads = 384;
 constexpr int kStages = 2;
-
-// How the dK/dV kernel treats dQ: not at all (the dQ kernel computes it),
-// summed in a fixed order, or with atomics in any order.
-enum class DqMode { kSeparate, kOrdered, kUnordered };
 
 // Fused dQ: the dS^T tiles ([128 keys][64 queries], two buffers, so that a
 // consumer can store step i + 1's while the other still reads step i's)
@@ -76,7 +72,7 @@ constexpr int kStepRecordBytes = sizeof(StepRecord);
 
 // Fused dQ: what warp 1 tells the dQ writer about a step, in a ring of
 // kDqRing entries: the q tile (index into the dQ workspace), how many key
-// blocks add to it before this one (kOrdered), and `last` (the loop ends).
+// blocks add to it before this one (kFusedOrdered), and `last` (the loop ends).
 // The ring does not overrun: warp 1 fills step p once the consumers freed
 // stage p - kStages, i.e. had waited for the writer to finish step
 // p - kStages - 1 (> p - kDqRing).
@@ -102,7 +98,7 @@ struct TensorMaps {
 };
 
 // Fused dQ workspace of one call: float32 [B, Hq, q tiles, 64, D] and the
-// turn flags [B, Hq, q tiles] (kOrdered: how many key blocks have added to
+// turn flags [B, Hq, q tiles] (kFusedOrdered: how many key blocks have added to
 // the q tile; 0 = none, so the convert kernel writes zeros).
 struct DqWorkspace {
   float* accum;
@@ -231,14 +227,14 @@ __device__ __forceinline__ void load_rows(uint32_t to, const CUtensorMap* map, i
 // kBandOnly: no segments, dense mask or bias (the band test alone); then
 // dP^T is computed while the consumer masks S^T and takes P^T. The general
 // mask needs the registers of dP^T, so that variant issues it afterwards.
-template <int D, typename T, bool kBandOnly, DqMode kDq>
+template <int D, typename T, bool kBandOnly, BackwardDq kDq>
 __global__ void __launch_bounds__(kThreads, 1)
     dkdv_wgmma_kernel(const BackwardParams p, const float* delta,
                       const __grid_constant__ TensorMaps maps, const DqWorkspace dq_ws) {
 #if FASTATTN_HAS_WGMMA
   using namespace sm80;
   using namespace sm90;
-  constexpr bool kFused = kDq != DqMode::kSeparate;
+  constexpr bool kFused = kDq != BackwardDq::kSeparatePass;
   extern __shared__ uint8_t shared_raw[];
   const Layout<D, kFused> at(shared_raw);
   const uint32_t k_tile = at.block_a, v_tile = at.block_b;
@@ -298,7 +294,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           const DqStep step = at.dq_steps[i % kDqRing];
           if (step.last) return;
           int32_t* turn = dq_ws.turns + step.tile;
-          if constexpr (kDq == DqMode::kOrdered) {
+          if constexpr (kDq == BackwardDq::kFusedOrdered) {
             if (lane == 0) {
               while (load_acquire(turn) != step.rank) {
               }
@@ -306,7 +302,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             __syncwarp();
           }
           // The first block to add to a tile stores (no cleared workspace).
-          const bool first_add = kDq == DqMode::kOrdered && step.rank == 0;
+          const bool first_add = kDq == BackwardDq::kFusedOrdered && step.rank == 0;
           float* to = dq_ws.accum + step.tile * (kStep * D) + lane_row * D + lane_col;
 #pragma unroll 4
           for (int pass = 0; pass < kStep / kRowsPerPass; ++pass) {
@@ -325,7 +321,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
           __syncwarp();
           if (lane == 0) mbarrier_arrive(at.dq_free());
-          if constexpr (kDq == DqMode::kOrdered) {
+          if constexpr (kDq == BackwardDq::kFusedOrdered) {
             __threadfence();  // this lane's stores and reductions, before the turn passes
             __syncwarp();
             if (lane == 0) store_release(turn, step.rank + 1);
@@ -380,7 +376,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           // Key blocks after this one that add to the q tile (those whose
           // two plan tiles are not both empty) add before it.
           int rank = 0;
-          if (kDq == DqMode::kOrdered && !last) {
+          if (kDq == BackwardDq::kFusedOrdered && !last) {
             const int8_t* row = class_base + (item / plan_q) * head_step + (item % plan_q) * plan_kv;
             const int64_t num_blocks = (plan_kv + 1) / 2;
             for (int64_t first = kv_block + 1; first < num_blocks; first += 32) {
@@ -565,7 +561,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 // Fused dQ: dQ[b, i, h, :] = scale * workspace row (b, h, i), or zeros where
-// no key block added to the row's q tile (turns 0; kOrdered). One thread
+// no key block added to the row's q tile (turns 0; kFusedOrdered). One thread
 // per 8 columns.
 template <int D, typename T>
 __global__ void dq_convert_kernel(const BackwardParams p, const DqWorkspace dq_ws, bool ordered) {
@@ -728,7 +724,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 template <int D, typename T>
-cudaError_t launch(const BackwardParams& p, const float* delta, DqMode dq_mode,
+cudaError_t launch(const BackwardParams& p, const float* delta, BackwardDq dq_mode,
                    const DqWorkspace& dq_ws, cudaStream_t stream) {
   const AttentionShape& s = p.shape;
   TensorMaps kv_side, q_side;  // maps of the dK/dV kernel and of the dQ kernel
@@ -749,14 +745,14 @@ cudaError_t launch(const BackwardParams& p, const float* delta, DqMode dq_mode,
   auto set_shared = [](const void* kernel, int bytes) {
     return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   };
-  if (dq_mode != DqMode::kSeparate) {
+  if (dq_mode != BackwardDq::kSeparatePass) {
     const int64_t plan_q = (s.q_len + kStep - 1) / kStep;
     const int64_t tiles = s.batch * s.q_heads * plan_q;
     if (cudaError_t e = cudaMemsetAsync(dq_ws.turns, 0, tiles * sizeof(int32_t), stream);
         e != cudaSuccess) {
       return e;
     }
-    if (dq_mode == DqMode::kUnordered) {
+    if (dq_mode == BackwardDq::kFusedAtomic) {
       if (cudaError_t e =
               cudaMemsetAsync(dq_ws.accum, 0, tiles * kStep * D * sizeof(float), stream);
           e != cudaSuccess) {
@@ -766,12 +762,12 @@ cudaError_t launch(const BackwardParams& p, const float* delta, DqMode dq_mode,
     constexpr int bytes = shared_bytes<D, true>();
     using Kernel = void (*)(const BackwardParams, const float*, const TensorMaps, const DqWorkspace);
     Kernel fused;
-    if (dq_mode == DqMode::kOrdered) {
-      fused = band_only ? dkdv_wgmma_kernel<D, T, true, DqMode::kOrdered>
-                        : dkdv_wgmma_kernel<D, T, false, DqMode::kOrdered>;
+    if (dq_mode == BackwardDq::kFusedOrdered) {
+      fused = band_only ? dkdv_wgmma_kernel<D, T, true, BackwardDq::kFusedOrdered>
+                        : dkdv_wgmma_kernel<D, T, false, BackwardDq::kFusedOrdered>;
     } else {
-      fused = band_only ? dkdv_wgmma_kernel<D, T, true, DqMode::kUnordered>
-                        : dkdv_wgmma_kernel<D, T, false, DqMode::kUnordered>;
+      fused = band_only ? dkdv_wgmma_kernel<D, T, true, BackwardDq::kFusedAtomic>
+                        : dkdv_wgmma_kernel<D, T, false, BackwardDq::kFusedAtomic>;
     }
     if (cudaError_t e = set_shared(reinterpret_cast<const void*>(fused), bytes); e != cudaSuccess) {
       return e;
@@ -782,12 +778,12 @@ cudaError_t launch(const BackwardParams& p, const float* delta, DqMode dq_mode,
     const int64_t work = s.batch * s.q_heads * s.q_len * (D / 8);
     dq_convert_kernel<D, T><<<static_cast<unsigned>((work + kConvertThreads - 1) / kConvertThreads),
                               kConvertThreads, 0, stream>>>(p, dq_ws,
-                                                            dq_mode == DqMode::kOrdered);
+                                                            dq_mode == BackwardDq::kFusedOrdered);
     return cudaGetLastError();
   }
   constexpr int bytes = shared_bytes<D>();
-  auto dkdv = band_only ? dkdv_wgmma_kernel<D, T, true, DqMode::kSeparate>
-                        : dkdv_wgmma_kernel<D, T, false, DqMode::kSeparate>;
+  auto dkdv = band_only ? dkdv_wgmma_kernel<D, T, true, BackwardDq::kSeparatePass>
+                        : dkdv_wgmma_kernel<D, T, false, BackwardDq::kSeparatePass>;
   auto dq = dq_wgmma_kernel<D, T>;
   for (const void* kernel : {reinterpret_cast<const void*>(dkdv), reinterpret_cast<const void*>(dq)}) {
     if (cudaError_t e = set_shared(kernel, bytes); e != cudaSuccess) return e;
@@ -803,17 +799,14 @@ cudaError_t launch(const BackwardParams& p, const float* delta, DqMode dq_mode,
 cudaError_t attention_backward_wgmma(const BackwardParams& params, const float* delta,
                                      BackwardDq dq, float* dq_accum, int32_t* dq_turns,
                                      cudaStream_t stream) {
-  const DqMode mode = dq == BackwardDq::kSeparatePass ? DqMode::kSeparate
-                      : dq == BackwardDq::kFusedOrdered ? DqMode::kOrdered
-                                                        : DqMode::kUnordered;
   const DqWorkspace ws{dq_accum, dq_turns};
   const bool bf16 = params.dtype == ElementType::kBF16;
   if (params.shape.head_dim == 64) {
-    return bf16 ? launch<64, __nv_bfloat16>(params, delta, mode, ws, stream)
-                : launch<64, __half>(params, delta, mode, ws, stream);
+    return bf16 ? launch<64, __nv_bfloat16>(params, delta, dq, ws, stream)
+                : launch<64, __half>(params, delta, dq, ws, stream);
   }
-  return bf16 ? launch<128, __nv_bfloat16>(params, delta, mode, ws, stream)
-              : launch<128, __half>(params, delta, mode, ws, stream);
+  return bf16 ? launch<128, __nv_bfloat16>(params, delta, dq, ws, stream)
+              : launch<128, __half>(params, delta, dq, ws, stream);
 }
 
 }  // namespace cuda
