@@ -19,7 +19,8 @@ from typing import Optional
 # fastest, not reproducible bit for bit).
 CUDA_FORWARD_KERNELS = ("auto", "wgmma", "mma_sync")
 CUDA_BACKWARD_KERNELS = ("auto", "wgmma", "mma_sync", "wgmma_ordered", "wgmma_atomic")
-WGMMA_BACKWARD_KERNELS = ("wgmma", "wgmma_ordered", "wgmma_atomic")
+ONE_PASS_BACKWARD_KERNELS = ("wgmma_ordered", "wgmma_atomic")  # they take the dQ workspace
+WGMMA_BACKWARD_KERNELS = ("wgmma",) + ONE_PASS_BACKWARD_KERNELS
 # CUDA decode kernels (decode_attention): "simt", the CUDA-core split
 # kernel (every dtype and head dim <= 256, paged caches); "mma_sync", the
 # tensor-core one (bf16/f16, head dim 64 or 128, at most 16 q heads per kv

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import DEFAULT, KernelConfig
+from .config import DEFAULT, ONE_PASS_BACKWARD_KERNELS, KernelConfig
 
 try:
     from . import _xla_ffi
@@ -161,7 +161,7 @@ def fused_dq_workspace(kernel: KernelConfig, head_dim: int, has_bias: bool) -> b
     workspace: where KernelConfig.cuda_backward asks for it
     ("wgmma_ordered", "wgmma_atomic"), for head dims 64/128 without a bias
     gradient, on sm90 devices."""
-    return (kernel.cuda_backward in ("wgmma_ordered", "wgmma_atomic") and head_dim in (64, 128)
+    return (kernel.cuda_backward in ONE_PASS_BACKWARD_KERNELS and head_dim in (64, 128)
             and not has_bias and cuda_devices_run_wgmma())
 
 

@@ -58,6 +58,14 @@ inline std::string wgmma_obstacle(int64_t head_dim, bool has_d_bias, bool device
   return "";
 }
 
+// The KernelConfig value of a wgmma choice (kWgmma, kWgmmaOrdered,
+// kWgmmaAtomic), for error messages.
+inline const char* wgmma_choice_name(KernelChoice choice) {
+  return choice == KernelChoice::kWgmma          ? "wgmma"
+         : choice == KernelChoice::kWgmmaOrdered ? "wgmma_ordered"
+                                                 : "wgmma_atomic";
+}
+
 // Resolves `choice`, the value of the attribute `option` ("cuda_forward" or
 // "cuda_backward"), into `*kernel`. Returns an empty string, or the error
 // for an explicit request that cannot be honoured (never a silent fallback)
@@ -76,12 +84,10 @@ inline std::string choose_kernel(const char* option, KernelChoice choice,
     case KernelChoice::kWgmmaOrdered:
     case KernelChoice::kWgmmaAtomic: {
       const bool backward_only = choice != KernelChoice::kWgmma;
-      const char* value = choice == KernelChoice::kWgmma          ? "wgmma"
-                          : choice == KernelChoice::kWgmmaOrdered ? "wgmma_ordered"
-                                                                  : "wgmma_atomic";
       if (backward_only && std::string(option) != "cuda_backward") break;
       if (!wgmma_obstacle.empty()) {
-        return name + "='" + value + "' cannot run this call: " + wgmma_obstacle;
+        return name + "='" + wgmma_choice_name(choice) + "' cannot run this call: " +
+               wgmma_obstacle;
       }
       *kernel = Kernel::kWgmma;
       return "";
@@ -103,8 +109,7 @@ inline std::string choose_backward_dq(KernelChoice choice, bool has_dq_workspace
     return "";
   }
   if (!has_dq_workspace) {
-    return std::string("KernelConfig.cuda_backward='") +
-           (choice == KernelChoice::kWgmmaAtomic ? "wgmma_atomic" : "wgmma_ordered") +
+    return std::string("KernelConfig.cuda_backward='") + wgmma_choice_name(choice) +
            "' needs the dQ workspace (dq_accum [B, Hq, q tiles * 64 * D] float32 and dq_turns "
            "[B, Hq, q tiles] int32), got empty ones";
   }
