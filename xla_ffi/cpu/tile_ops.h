@@ -60,6 +60,32 @@ void pack_transposed(float* dst, int64_t padded_rows, int64_t padded_dim, const 
   }
 }
 
+// One kv tile as the column panels of gemm_accumulate_panels (kPanelCols =
+// 32 columns each). Element (r, d) of the tile (key r, dim d) goes to
+//   transposed (K^T, key columns):  panel r / 32, [padded_dim][32]
+//   not transposed (V, dim columns): panel d / 32, [padded_rows][32]
+// Keys in [rows, padded_rows), dims in [head_dim, padded_dim) and invalid
+// keys (row_valid[r] == false) are zero.
+constexpr int64_t kPanelCols = 32;
+
+template <typename T>
+void pack_panels(float* dst, int64_t padded_rows, int64_t padded_dim, const T* src, int64_t src_row_stride,
+                 int64_t rows, int64_t head_dim, const bool* row_valid, bool transposed) {
+  std::fill(dst, dst + padded_rows * padded_dim, 0.f);
+  for (int64_t r = 0; r < rows; ++r) {
+    if (row_valid != nullptr && !row_valid[r]) continue;
+    const T* in = src + r * src_row_stride;
+    if (transposed) {
+      float* out = dst + (r / kPanelCols) * padded_dim * kPanelCols + r % kPanelCols;
+      for (int64_t d = 0; d < head_dim; ++d) out[d * kPanelCols] = to_float(in[d]);
+    } else {
+      for (int64_t d = 0; d < head_dim; ++d) {
+        dst[(d / kPanelCols) * padded_rows * kPanelCols + r * kPanelCols + d % kPanelCols] = to_float(in[d]);
+      }
+    }
+  }
+}
+
 // Which keys of a tile may be read at all: inside Skv and, with segments, not
 // padding (negative id).
 inline void mark_valid_keys(bool* valid, const MaskParams& mask, const AttentionShape& shape,
@@ -125,12 +151,14 @@ inline void mask_tile(float* logits, int64_t ld, const MaskParams& mask,
 
 // Every kv tile of one k or v array, converted to float32 and packed once per
 // call (not once per q tile): [B][Hkv][num_kv_tiles][tile], each tile either
-// row-major [tile_kv][padded_dim] or transposed [padded_dim][tile_kv]. Keys
+// row-major [tile_kv][padded_dim], transposed [padded_dim][tile_kv], or
+// either one as 32-column panels (pack_panels: kRowPanels is V's layout for
+// the forward's P V, kTransposedPanels K^T's for its Q K^T). Keys
 // past Skv and padding keys (negative segment id) are zero. Costs
 // O(Skv * D) memory, like the input itself, and turns the per-q-tile
 // transpose (as many instructions as a third of the tile's FMAs) into a
 // plain read.
-enum class KvLayout { kRows, kTransposed };
+enum class KvLayout { kRows, kTransposed, kRowPanels, kTransposedPanels };
 
 // Reusable memory of the calling thread (the one XLA runs the custom call
 // on): the packed K/V of a call live here, [slot] per packed array, so a
@@ -207,6 +235,9 @@ PackedKv pack_kv_tiles(const T* src, const AttentionShape& s, const MaskParams& 
     const T* in = src + ((b * s.kv_len + k0) * s.kv_heads + kv_h) * s.head_dim;
     if (layout == KvLayout::kTransposed) {
       pack_transposed(dst, tile_kv, padded_dim, in, row_stride, keys, s.head_dim, valid);
+    } else if (layout == KvLayout::kRowPanels || layout == KvLayout::kTransposedPanels) {
+      pack_panels(dst, tile_kv, padded_dim, in, row_stride, keys, s.head_dim, valid,
+                  layout == KvLayout::kTransposedPanels);
     } else {
       pack_rows(dst, padded_dim, in, row_stride, keys, s.head_dim, 1.f, valid);
       std::fill(dst + keys * padded_dim, dst + tile_kv * padded_dim, 0.f);
