@@ -72,7 +72,7 @@ void forward_typed(const ForwardParams& p) {
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   T* out = static_cast<T*>(p.out);
-  // Both products take B as 32-column panels (gemm_accumulate_panels):
+  // Both products take B as 32-column panels (gemm_panels):
   // K^T's panels are 32 keys x padded_dim, V's are tile_kv keys x 32 dims.
   const PackedKv k_t_tiles = pack_kv_tiles(k, s, mask, padded_dim, KvLayout::kTransposedPanels, 0);
   const PackedKv v_tiles = pack_kv_tiles(v, s, mask, padded_dim, KvLayout::kRowPanels, 1);
@@ -109,16 +109,19 @@ void forward_typed(const ForwardParams& p) {
       const float* k_t = k_t_tiles.tile(b, kv_h, kv_tile);
       const float* v_tile = v_tiles.tile(b, kv_h, kv_tile);
 
-      std::fill(logits, logits + rows * tile_kv, 0.f);
-      gemm_accumulate_panels(logits, tile_kv, q_tile_buf, padded_dim, k_t, padded_dim * kPanelCols, rows,
-                             tile_kv, padded_dim);
+      // Each product brings the tile that the next one reads into L2: V of
+      // this kv tile during Q K^T, K^T of the next kv tile during P V.
+      const int64_t tile_bytes = tile_kv * padded_dim * int64_t(sizeof(float));
+      gemm_panels</*kAccumulate=*/false>(logits, tile_kv, q_tile_buf, padded_dim, k_t, padded_dim * kPanelCols,
+                                         rows, tile_kv, padded_dim, v_tile, tile_bytes);
       if (p.bias.data != nullptr) {
         add_bias_tile(logits, tile_kv, p.bias, s, b, h, q0, rows, k0, keys);
       }
       mask_tile(logits, tile_kv, mask, s, b, h, q0, rows, k0, keys, cls == kPartial);
       online_softmax_rows(logits, rows, tile_kv, row_max, row_sum, acc, padded_dim, new_max);
-      gemm_accumulate_panels(acc, padded_dim, logits, tile_kv, v_tile, tile_kv * kPanelCols, rows, padded_dim,
-                             keys);
+      const float* next_k_t = kv_tile + 1 < num_kv_tiles ? k_t_tiles.tile(b, kv_h, kv_tile + 1) : nullptr;
+      gemm_panels</*kAccumulate=*/true>(acc, padded_dim, logits, tile_kv, v_tile, tile_kv * kPanelCols, rows,
+                                        padded_dim, keys, next_k_t, tile_bytes);
     }
 
     write_normalized_rows(out + ((b * s.q_len + q0) * s.q_heads + h) * s.head_dim, q_row_stride,

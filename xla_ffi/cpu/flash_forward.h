@@ -15,7 +15,7 @@ inline namespace FASTATTN_ISA_NS {
 // key tiles of mask.tile_kv keys, skipping tiles the mask plan marks empty;
 // the q tile, the packed K^T and V tiles and the logits tile stay in L2.
 // Inner level: gemm.h's register blocks over 32-column panels of the packed
-// K^T and V tiles (gemm_accumulate_panels), vectorised over keys (for q k^T)
+// K^T and V tiles (gemm_panels), vectorised over keys (for q k^T)
 // and over the head dim (for P V). Requires tile_kv % 32 == 0.
 void flash_forward(const ForwardParams& params);
 

@@ -60,7 +60,7 @@ void pack_transposed(float* dst, int64_t padded_rows, int64_t padded_dim, const 
   }
 }
 
-// One kv tile as the column panels of gemm_accumulate_panels (kPanelCols =
+// One kv tile as the column panels of gemm_panels (kPanelCols =
 // 32 columns each). Element (r, d) of the tile (key r, dim d) goes to
 //   transposed (K^T, key columns):  panel r / 32, [padded_dim][32]
 //   not transposed (V, dim columns): panel d / 32, [padded_rows][32]
