@@ -47,6 +47,17 @@ inline void prefetch_first_rows(const T* src, int64_t src_row_stride, int64_t ro
   for (int64_t r = 0; r < std::min(rows, kRowsAhead); ++r) prefetch_row(src + r * src_row_stride, count);
 }
 
+// One row as float32: out[d] = scale * in[d] for d < head_dim, zero up to
+// padded_dim; all zeros when `in` is null (a padding or invalid key).
+template <typename T>
+inline void convert_row(float* out, int64_t padded_dim, const T* in, int64_t head_dim, float scale) {
+  int64_t d = 0;
+  if (in != nullptr) {
+    for (; d < head_dim; ++d) out[d] = scale * to_float(in[d]);
+  }
+  std::fill(out + d, out + padded_dim, 0.f);
+}
+
 // dst[r][d] = scale * src[r * src_row_stride + d] for r < rows, d < head_dim;
 // zero for d in [head_dim, padded_dim). Rows whose key is padding
 // (row_valid[r] == false) are zeroed, so garbage there (a KV cache past its
@@ -57,14 +68,8 @@ void pack_rows(float* dst, int64_t padded_dim, const T* src, int64_t src_row_str
   prefetch_first_rows(src, src_row_stride, rows, head_dim);
   for (int64_t r = 0; r < rows; ++r) {
     if (r + kRowsAhead < rows) prefetch_row(src + (r + kRowsAhead) * src_row_stride, head_dim);
-    float* out = dst + r * padded_dim;
-    if (row_valid != nullptr && !row_valid[r]) {
-      std::fill(out, out + padded_dim, 0.f);
-      continue;
-    }
-    const T* in = src + r * src_row_stride;
-    for (int64_t d = 0; d < head_dim; ++d) out[d] = scale * to_float(in[d]);
-    std::fill(out + head_dim, out + padded_dim, 0.f);
+    const bool valid = row_valid == nullptr || row_valid[r];
+    convert_row(dst + r * padded_dim, padded_dim, valid ? src + r * src_row_stride : nullptr, head_dim, scale);
   }
 }
 
@@ -97,12 +102,8 @@ template <typename T>
 inline void convert_key_row(float* out, int64_t padded_dim, const T* src, int64_t src_row_stride, int64_t r,
                             int64_t rows, int64_t head_dim, const bool* row_valid) {
   if (r + kRowsAhead < rows) prefetch_row(src + (r + kRowsAhead) * src_row_stride, head_dim);
-  int64_t d = 0;
-  if (r < rows && (row_valid == nullptr || row_valid[r])) {
-    const T* in = src + r * src_row_stride;
-    for (; d < head_dim; ++d) out[d] = to_float(in[d]);
-  }
-  std::fill(out + d, out + padded_dim, 0.f);
+  const bool valid = r < rows && (row_valid == nullptr || row_valid[r]);
+  convert_row(out, padded_dim, valid ? src + r * src_row_stride : nullptr, head_dim, 1.f);
 }
 
 // Both layouts are written in order, one panel at a time: V's rows are
@@ -286,10 +287,10 @@ PackedKv pack_kv_tiles(const T* src, const AttentionShape& s, const MaskParams& 
     if (layout == KvLayout::kTransposed) {
       pack_transposed(dst, tile_kv, padded_dim, in, row_stride, keys, s.head_dim, valid);
     } else if (layout == KvLayout::kRowPanels || layout == KvLayout::kTransposedPanels) {
-      thread_local std::vector<float> rows_buf;
-      rows_buf.resize(kPanelCols * padded_dim);
+      // The staging rows live in this thread's scratch: packing runs before
+      // any work item of the call takes its scratch.
       pack_panels(dst, tile_kv, padded_dim, in, row_stride, keys, s.head_dim, valid,
-                  layout == KvLayout::kTransposedPanels, rows_buf.data());
+                  layout == KvLayout::kTransposedPanels, thread_scratch().get(0, kPanelCols * padded_dim));
     } else {
       pack_rows(dst, padded_dim, in, row_stride, keys, s.head_dim, 1.f, valid);
       std::fill(dst + keys * padded_dim, dst + tile_kv * padded_dim, 0.f);
