@@ -25,16 +25,32 @@ struct TileGradients {
 };
 
 // The bf16 operands of the two products that recompute S = Q K^T and
-// dP = dO V^T on AMX tiles (bf16_tiles.h): q and dO rows as they are, bf16
-// with row stride padded_dim, readable for rows rounded up to 16 (rows past
-// the tile's are never used), and K and V tiles in the VNNI order of
-// bf16_tiles.h's K. All null: those products run in float32.
-struct AmxOperands {
+// dP = dO V^T as bf16 products (bf16_tiles.h): q and dO rows as they are,
+// bf16 with row stride padded_dim, readable for rows rounded up to 16 (rows
+// past the tile's are never used), and K and V tiles in the VNNI order of
+// bf16_tiles.h's K. `amx`: on AMX tiles (TDPBF16PS), else with vdpbf16ps
+// (AVX512-BF16). All null: those products run in float32.
+struct Bf16Operands {
   const bf16_t* q = nullptr;
   const bf16_t* d_out = nullptr;
   const uint32_t* k = nullptr;
   const uint32_t* v = nullptr;
+  bool amx = false;
 };
+
+#ifdef FASTATTN_HAVE_BF16_TILES
+// logits [rows_p][ld] = a (bf16 rows) times the packed tile's keys.
+inline void bf16_logits(float* logits, int64_t ld, const bf16_t* a, int64_t padded_dim, const uint32_t* packed,
+                        int64_t rows_p, int64_t key_blocks, bool amx) {
+#ifdef FASTATTN_HAVE_AMX_TILES
+  if (amx) {
+    amx_logits(logits, ld, a, padded_dim, packed, rows_p, key_blocks);
+    return;
+  }
+#endif
+  dot_logits(logits, ld, a, padded_dim, packed, rows_p, key_blocks);
+}
+#endif
 
 // Given packed scale*Q [rows][padded_dim], dO [rows][padded_dim], K^T and V^T
 // [padded_dim][tile_kv], recomputes P and dS for one tile pair.
@@ -43,14 +59,14 @@ inline void tile_gradients(const TileGradients& t, const float* q_scaled, const 
                            const float* delta, int64_t rows, int64_t tile_kv,
                            int64_t padded_dim, const BackwardParams& p, int64_t b, int64_t h,
                            int64_t q0, int64_t k0, int64_t keys, bool partial,
-                           const AmxOperands& amx = {}) {
+                           const Bf16Operands& bf16 = {}) {
   const AttentionShape& s = p.shape;
-#ifdef FASTATTN_HAVE_AMX_TILES
-  if (amx.q != nullptr) {
+#ifdef FASTATTN_HAVE_BF16_TILES
+  if (bf16.q != nullptr) {
     // Columns past round_up(keys, 32) are not written: the mask below makes
     // them -inf in S (P = 0) and no product reads them from dS.
     const int64_t rows_p = round_up(rows, kTileRows), key_blocks = 2 * ((keys + 31) / 32);
-    amx_logits(t.probs, tile_kv, amx.q, padded_dim, amx.k, rows_p, key_blocks);
+    bf16_logits(t.probs, tile_kv, bf16.q, padded_dim, bf16.k, rows_p, key_blocks, bf16.amx);
     for (int64_t i = 0; i < rows; ++i) {
       float* row = t.probs + i * tile_kv;
       for (int64_t j = 0; j < tile_kv; j += kLanes) store(row + j, load(row + j) * p.softmax_scale);
@@ -72,10 +88,10 @@ inline void tile_gradients(const TileGradients& t, const float* q_scaled, const 
     }
     for (int64_t j = 0; j < tile_kv; j += kLanes) store(row + j, vexp(load(row + j) - lse[i]));
   }
-#ifdef FASTATTN_HAVE_AMX_TILES
-  if (amx.q != nullptr) {
-    amx_logits(t.d_logits, tile_kv, amx.d_out, padded_dim, amx.v, round_up(rows, kTileRows),
-               2 * ((keys + 31) / 32));
+#ifdef FASTATTN_HAVE_BF16_TILES
+  if (bf16.q != nullptr) {
+    bf16_logits(t.d_logits, tile_kv, bf16.d_out, padded_dim, bf16.v, round_up(rows, kTileRows),
+                2 * ((keys + 31) / 32), bf16.amx);
   } else
 #endif
   {
@@ -115,16 +131,20 @@ void backward_typed(const BackwardParams& p) {
   };
 
 
-  // bf16 on AMX: S = Q K^T and dP = dO V^T (2 of the 5 products) as bf16
-  // tile products; the rest stays float32.
-  bool use_amx = false;
+  // bf16 where the level has bf16 products (AMX tiles, else AVX512-BF16
+  // vdpbf16ps): S = Q K^T and dP = dO V^T (2 of the 5 products) as bf16
+  // products; the rest stays float32.
+  bool use_bf16 = false, use_amx = false;
   const uint32_t* k_vnni = nullptr;
   const uint32_t* v_vnni = nullptr;
   int64_t vnni_tile_dwords = 0;
-#ifdef FASTATTN_HAVE_AMX_TILES
+#ifdef FASTATTN_HAVE_BF16_TILES
   if constexpr (std::is_same_v<T, bf16_t>) {
-    use_amx = amx_available() && padded_dim % kBf16DimChunk == 0;
-    if (use_amx) {
+    use_bf16 = padded_dim % kBf16DimChunk == 0;
+#ifdef FASTATTN_HAVE_AMX_TILES
+    use_amx = use_bf16 && amx_available();
+#endif
+    if (use_bf16) {
       const PackedBf16Kv k_packed = pack_bf16_kv(k, nullptr, s, mask, padded_dim, 0);
       const PackedBf16Kv v_packed = pack_bf16_kv(v, nullptr, s, mask, padded_dim, 2);
       k_vnni = k_packed.k;
@@ -135,9 +155,9 @@ void backward_typed(const BackwardParams& p) {
 #endif
   // K^T and V^T in float32 only where S and dP are float32 products.
   const PackedKv k_t_tiles =
-      use_amx ? PackedKv{} : pack_kv_tiles(k, s, mask, padded_dim, KvLayout::kTransposed, 0);
+      use_bf16 ? PackedKv{} : pack_kv_tiles(k, s, mask, padded_dim, KvLayout::kTransposed, 0);
   const PackedKv v_t_tiles =
-      use_amx ? PackedKv{} : pack_kv_tiles(v, s, mask, padded_dim, KvLayout::kTransposed, 1);
+      use_bf16 ? PackedKv{} : pack_kv_tiles(v, s, mask, padded_dim, KvLayout::kTransposed, 1);
   const PackedKv k_tiles = pack_kv_tiles(k, s, mask, padded_dim, KvLayout::kRows, 2);
 
   // delta = rowsum(dO * O) - dlse, [B, Hq, Sq].
@@ -168,7 +188,7 @@ void backward_typed(const BackwardParams& p) {
   const int64_t group = s.group();
   const int64_t group_rows = s.batch * s.kv_heads;
   if (group_rows == 0) return;
-  // Rows per head of the bf16 q side: AMX reads round_up(rows, 16) rows from
+  // Rows per head of the bf16 q side: the bf16 products read round_up(rows, 16) rows from
   // a q tile's first row, which need not be a multiple of 16 (tile_q is any
   // size), so up to 15 rows past q_len; they are zero.
   const int64_t rows_padded = round_up(s.q_len, 16) + 16;
@@ -207,7 +227,7 @@ void backward_typed(const BackwardParams& p) {
     Scratch& scratch = thread_scratch();
 
     // The group's q side, packed once per item: scale*Q and dO in float32
-    // [group][Sq][Dp], and for AMX bf16 Q and dO [group][rows_padded][Dp], zero
+    // [group][Sq][Dp], and for the bf16 products Q and dO [group][rows_padded][Dp], zero
     // past Sq.
     float* q_scaled = scratch.get(0, dq_elems);
     float* d_out_rows = scratch.get(1, dq_elems);
@@ -221,7 +241,7 @@ void backward_typed(const BackwardParams& p) {
                 q_row_stride, s.q_len, s.head_dim, 1.f, nullptr);
     }
     if constexpr (std::is_same_v<T, bf16_t>) {
-      if (use_amx) {
+      if (use_bf16) {
         const int64_t per_head = rows_padded * padded_dim;
         q_bf16 = reinterpret_cast<bf16_t*>(scratch.get(8, (group * per_head + 1) / 2));
         d_out_bf16 = reinterpret_cast<bf16_t*>(scratch.get(9, (group * per_head + 1) / 2));
@@ -259,11 +279,12 @@ void backward_typed(const BackwardParams& p) {
       const float* k_t = k_t_tiles.tile(b, kv_h, kv_tile);
       const float* v_t = v_t_tiles.tile(b, kv_h, kv_tile);
       const float* k_rows = k_tiles.tile(b, kv_h, kv_tile);
-      AmxOperands amx;
-      if (use_amx) {
+      Bf16Operands bf16;
+      if (use_bf16) {
         const int64_t tile_index = (b * s.kv_heads + kv_h) * num_kv_tiles + kv_tile;
-        amx.k = k_vnni + tile_index * vnni_tile_dwords;
-        amx.v = v_vnni + tile_index * vnni_tile_dwords;
+        bf16.k = k_vnni + tile_index * vnni_tile_dwords;
+        bf16.v = v_vnni + tile_index * vnni_tile_dwords;
+        bf16.amx = use_amx;
       }
       std::fill(d_k, d_k + tile_kv * padded_dim, 0.f);
       std::fill(d_v, d_v + tile_kv * padded_dim, 0.f);
@@ -286,12 +307,12 @@ void backward_typed(const BackwardParams& p) {
           const int64_t q_side = (g * s.q_len + q0) * padded_dim;
           const float* q_tile_scaled = q_scaled + q_side;
           const float* d_out_tile = d_out_rows + q_side;
-          if (use_amx) {
-            amx.q = q_bf16 + (g * rows_padded + q0) * padded_dim;
-            amx.d_out = d_out_bf16 + (g * rows_padded + q0) * padded_dim;
+          if (use_bf16) {
+            bf16.q = q_bf16 + (g * rows_padded + q0) * padded_dim;
+            bf16.d_out = d_out_bf16 + (g * rows_padded + q0) * padded_dim;
           }
           tile_gradients(t, q_tile_scaled, d_out_tile, k_t, v_t, p.lse + row0, delta.data() + row0,
-                         rows, tile_kv, padded_dim, p, b, h, q0, k0, keys, cls == kPartial, amx);
+                         rows, tile_kv, padded_dim, p, b, h, q0, k0, keys, cls == kPartial, bf16);
           // dV += P^T dO ; dK += dS^T (scale * Q) ; dQ += dS K (times scale at the end)
           gemm_accumulate(d_v, padded_dim, t.probs, 1, tile_kv, d_out_tile, padded_dim, keys,
                           padded_dim, rows);
