@@ -476,3 +476,19 @@ def test_offload_benchmark_dry_run(tmp_path, stream_blocks):
         assert (case["kv_bytes"]["stream"] > 0) == (plan["stream_tokens"] > 0)
         assert (case["kv_bytes"]["cpu"] > 0) == (plan["cpu_tokens"] > 0)
     assert all(c["stream_blocks"] == stream_blocks for c in cases.values())
+
+
+@pytest.mark.parametrize("device_bytes", [0, (3 << 30) + 12345, 117_574_729_728 // 32])
+def test_max_context_tokens_is_the_longest_context_plan_accepts(device_bytes):
+    # The device part is rounded down to whole position quanta, so the
+    # longest context is not (device + host bytes) / bytes per token.
+    kw = dict(kv_bytes_per_token=4096, device_kv_bytes=device_bytes, host_kv_bytes=(88 << 30) // 32)
+    longest = offload.max_context_tokens(**kw)
+    assert longest <= (device_bytes + kw["host_kv_bytes"]) // 4096
+    p = offload.plan(longest, throughputs=THROUGHPUTS, strategy="stream", **kw)
+    assert p.device_tokens + p.stream_tokens + p.cpu_tokens == longest
+    assert p.stream_tokens * 4096 <= kw["host_kv_bytes"]
+    with pytest.raises(ValueError, match="host_kv_bytes allows"):
+        offload.plan(longest + 1, throughputs=THROUGHPUTS, strategy="stream", **kw)
+    with pytest.raises(ValueError, match="host_kv_bytes"):
+        offload.max_context_tokens(kv_bytes_per_token=4096, device_kv_bytes=0, host_kv_bytes=-1)

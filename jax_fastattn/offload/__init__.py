@@ -14,8 +14,8 @@ from .cache import OffloadedKV, check_memory_kind
 from .decode import accelerator_partial, cpu_partial, decode_attention_offloaded
 from .prefill import prefill_attention_offloaded
 from .partial import partial_decode
-from .plan import Plan, Throughputs, measure_throughputs, plan
+from .plan import Plan, Throughputs, max_context_tokens, measure_throughputs, plan
 
 __all__ = ["OffloadedKV", "Plan", "Throughputs", "accelerator_partial", "check_memory_kind", "cpu_partial",
-           "decode_attention_offloaded", "measure_throughputs", "partial_decode", "plan",
+           "decode_attention_offloaded", "max_context_tokens", "measure_throughputs", "partial_decode", "plan",
            "prefill_attention_offloaded"]

@@ -170,6 +170,18 @@ def plan(context_tokens: int, *, kv_bytes_per_token: int, device_kv_bytes: int, 
     return Plan(context_tokens, device_tokens, host_tokens - cpu_tokens, cpu_tokens, block_tokens, b, acc_s, cpu_s)
 
 
+def max_context_tokens(*, kv_bytes_per_token: int, device_kv_bytes: int, host_kv_bytes: int,
+                       position_quantum: int = POSITION_QUANTUM) -> int:
+    """The longest context `plan` accepts with these budgets: the device part
+    is whole multiples of position_quantum (as `plan` rounds it), the rest
+    must fit host_kv_bytes."""
+    if kv_bytes_per_token <= 0 or device_kv_bytes < 0 or host_kv_bytes < 0 or position_quantum < 1:
+        raise ValueError(f"kv_bytes_per_token and position_quantum must be > 0, device_kv_bytes and host_kv_bytes "
+                         f">= 0, got {kv_bytes_per_token}, {position_quantum}, {device_kv_bytes}, {host_kv_bytes}")
+    device_tokens = device_kv_bytes // kv_bytes_per_token // position_quantum * position_quantum
+    return device_tokens + host_kv_bytes // kv_bytes_per_token
+
+
 def _best_time(fn, repeats: int) -> float:
     jax.block_until_ready(fn())                                  # compile / warm up
     best = math.inf

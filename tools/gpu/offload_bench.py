@@ -455,7 +455,9 @@ def main(argv=None):
     per_token = 2 * cfg["kv_heads"] * cfg["head_dim"] * 2
     results.update(weight_bytes=weight_bytes, device_kv_bytes=device_kv, kv_bytes_per_token_all_layers=
                    per_token * cfg["layers"])
-    max_context = int((device_kv + args.host_gib * GiB) // (per_token * cfg["layers"]))
+    max_context = offload.max_context_tokens(kv_bytes_per_token=per_token,
+                                             device_kv_bytes=args.device_kv_bytes_per_layer,
+                                             host_kv_bytes=int(args.host_gib * GiB / cfg["layers"]))
     print(f"weights {weight_bytes / GiB:.1f} GiB; KV on device {device_kv / GiB:.1f} GiB, host {args.host_gib} GiB:"
           f" longest context {max_context:,} tokens", flush=True)
     for context in contexts:
