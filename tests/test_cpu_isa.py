@@ -155,6 +155,16 @@ def test_backward_over_several_kv_chunks(level, dtype, causal):
     _run_backward(level, dtype, causal, dict(b=1, sq=150, skv=1100, hq=3, hkv=1, d=64))
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("level", LEVELS)
+def test_bf16_backward_odd_head_dim_and_partial_tiles(level, causal):
+    # Tiles of whole 32-row / 32-key chunks, where the bf16 levels run all five
+    # products in bf16: head dim 40 (zero padded to 64), a last q tile of 35
+    # rows and a last kv tile of 11 keys, GQA 6/2.
+    _run_backward(level, jnp.bfloat16, causal, dict(b=2, sq=99, skv=203, hq=6, hkv=2, d=40),
+                  tiles=TileConfig(tile_q=64, tile_kv=96))
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("level", LEVELS)
 def test_backward_with_q_tiles_not_a_multiple_of_16(level, dtype):

@@ -50,6 +50,45 @@ inline void bf16_logits(float* logits, int64_t ld, const bf16_t* a, int64_t padd
 #endif
   dot_logits(logits, ld, a, padded_dim, packed, rows_p, key_blocks);
 }
+
+// src [rows][cols] float32 (row stride ld) as bf16 in V order over the rows:
+// [round_up(rows, 32) / 32 chunks][cols / 16 blocks][16 row pairs][16
+// columns], a dword holding rows 2i and 2i + 1 of one column; rows past
+// `rows` are zero. The B operand of dV^T += dO^T P and dK^T += Q^T dS.
+inline void pack_row_pairs_bf16(uint32_t* dst, const float* src, int64_t ld, int64_t rows, int64_t cols) {
+  const int64_t blocks = cols / kTileRows, chunks = (rows + kBf16KeyChunk - 1) / kBf16KeyChunk;
+  for (int64_t c = 0; c < chunks; ++c) {
+    for (int64_t i = 0; i < kBf16KeyChunk / 2; ++i) {
+      const int64_t r = c * kBf16KeyChunk + 2 * i;
+      const float* even = r < rows ? src + r * ld : nullptr;
+      const float* odd = r + 1 < rows ? src + (r + 1) * ld : nullptr;
+      for (int64_t cb = 0; cb < blocks; ++cb) {
+        __m512i pair = _mm512_setzero_si512();
+        if (even != nullptr) {
+          pair = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(even + cb * 16)));
+        }
+        if (odd != nullptr) {
+          pair = _mm512_or_si512(
+              pair, _mm512_slli_epi32(
+                        _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(odd + cb * 16))), 16));
+        }
+        _mm512_storeu_si512(dst + ((c * blocks + cb) * 16 + i) * 16, pair);
+      }
+    }
+  }
+}
+
+// src [rows][cols] float32 (cols a multiple of 32) as bf16 rows, rows from
+// `rows` to rows_p zero: the A operand of dQ += dS K.
+inline void rows_to_bf16(bf16_t* dst, const float* src, int64_t rows, int64_t rows_p, int64_t cols) {
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; j += 32) {
+      _mm512_storeu_si512(dst + i * cols + j, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i * cols + j + 16),
+                                                                            _mm512_loadu_ps(src + i * cols + j)));
+    }
+  }
+  std::fill(dst + rows * cols, dst + rows_p * cols, bf16_t{0});
+}
 #endif
 
 // Given packed scale*Q [rows][padded_dim], dO [rows][padded_dim], K^T and V^T
@@ -132,11 +171,17 @@ void backward_typed(const BackwardParams& p) {
 
 
   // bf16 where the level has bf16 products (AMX tiles, else AVX512-BF16
-  // vdpbf16ps): S = Q K^T and dP = dO V^T (2 of the 5 products) as bf16
-  // products; the rest stays float32.
-  bool use_bf16 = false, use_amx = false;
+  // vdpbf16ps): S = Q K^T and dP = dO V^T as bf16 products. With vdpbf16ps
+  // and tiles of whole 32-row and 32-key chunks (the default 64 x 128) the
+  // other three run in bf16 too (`all_bf16`), as FlashAttention-2 does on
+  // GPUs: P and dS rounded to bf16, float32 accumulators; dV^T += dO^T P
+  // and dK^T += Q^T dS, so that P and dS are the packed B operands and
+  // dO^T, Q^T are packed once per work item; dQ += dS K. Otherwise (and on
+  // AMX tiles) those three stay float32.
+  bool use_bf16 = false, use_amx = false, all_bf16 = false;
   const uint32_t* k_vnni = nullptr;
   const uint32_t* v_vnni = nullptr;
+  const uint32_t* k_pairs = nullptr;  // K in V order (keys in pairs): B of dQ += dS K
   int64_t vnni_tile_dwords = 0;
 #ifdef FASTATTN_HAVE_BF16_TILES
   if constexpr (std::is_same_v<T, bf16_t>) {
@@ -144,10 +189,12 @@ void backward_typed(const BackwardParams& p) {
 #ifdef FASTATTN_HAVE_AMX_TILES
     use_amx = use_bf16 && amx_available();
 #endif
+    all_bf16 = use_bf16 && !use_amx && tile_q % kBf16KeyChunk == 0 && tile_kv % kBf16KeyChunk == 0;
     if (use_bf16) {
-      const PackedBf16Kv k_packed = pack_bf16_kv(k, nullptr, s, mask, padded_dim, 0);
+      const PackedBf16Kv k_packed = pack_bf16_kv(k, all_bf16 ? k : nullptr, s, mask, padded_dim, 0);
       const PackedBf16Kv v_packed = pack_bf16_kv(v, nullptr, s, mask, padded_dim, 2);
       k_vnni = k_packed.k;
+      k_pairs = k_packed.v;
       v_vnni = v_packed.k;
       vnni_tile_dwords = k_packed.tile_dwords;
     }
@@ -158,7 +205,7 @@ void backward_typed(const BackwardParams& p) {
       use_bf16 ? PackedKv{} : pack_kv_tiles(k, s, mask, padded_dim, KvLayout::kTransposed, 0);
   const PackedKv v_t_tiles =
       use_bf16 ? PackedKv{} : pack_kv_tiles(v, s, mask, padded_dim, KvLayout::kTransposed, 1);
-  const PackedKv k_tiles = pack_kv_tiles(k, s, mask, padded_dim, KvLayout::kRows, 2);
+  const PackedKv k_tiles = all_bf16 ? PackedKv{} : pack_kv_tiles(k, s, mask, padded_dim, KvLayout::kRows, 2);
 
   // delta = rowsum(dO * O) - dlse, [B, Hq, Sq].
   std::vector<float> delta(s.batch * s.q_heads * s.q_len);
@@ -229,11 +276,11 @@ void backward_typed(const BackwardParams& p) {
     // The group's q side, packed once per item: scale*Q and dO in float32
     // [group][Sq][Dp], and for the bf16 products Q and dO [group][rows_padded][Dp], zero
     // past Sq.
-    float* q_scaled = scratch.get(0, dq_elems);
-    float* d_out_rows = scratch.get(1, dq_elems);
+    float* q_scaled = all_bf16 ? nullptr : scratch.get(0, dq_elems);
+    float* d_out_rows = all_bf16 ? nullptr : scratch.get(1, dq_elems);
     bf16_t* q_bf16 = nullptr;
     bf16_t* d_out_bf16 = nullptr;
-    for (int64_t g = 0; g < group; ++g) {
+    for (int64_t g = 0; g < group && !all_bf16; ++g) {
       const int64_t h = kv_h * group + g;
       pack_rows(q_scaled + g * s.q_len * padded_dim, padded_dim, q + q_offset(b, h, 0), q_row_stride,
                 s.q_len, s.head_dim, p.softmax_scale, nullptr);
@@ -260,6 +307,48 @@ void backward_typed(const BackwardParams& p) {
         }
       }
     }
+#ifdef FASTATTN_HAVE_BF16_TILES
+    // all_bf16: Q^T and dO^T as bf16, q tile by q tile: [group][q tile][Dp]
+    // [tile_q], zero past Sq: the A operands of dK^T += Q^T dS and
+    // dV^T += dO^T P, each tile's rows tile_q * 2 bytes apart (with the whole
+    // [Dp][Sq] as one array, the 8 rows a register block reads were Sq * 2
+    // bytes apart, a multiple of 4 KiB at S = 4K: one L1 set).
+    bf16_t* q_t_bf16 = nullptr;
+    bf16_t* d_out_t_bf16 = nullptr;
+    if constexpr (std::is_same_v<T, bf16_t>) {
+      if (all_bf16) {
+        const int64_t per_head = num_q_tiles * padded_dim * tile_q;
+        q_t_bf16 = reinterpret_cast<bf16_t*>(scratch.get(0, (group * per_head + 1) / 2));
+        d_out_t_bf16 = reinterpret_cast<bf16_t*>(scratch.get(1, (group * per_head + 1) / 2));
+        for (int slot = 0; slot < 2; ++slot) {
+          bf16_t* dst_all = slot == 0 ? q_t_bf16 : d_out_t_bf16;
+          const T* src_all = slot == 0 ? q : d_out;
+          std::fill(dst_all, dst_all + group * per_head, bf16_t{0});
+          for (int64_t g = 0; g < group; ++g) {
+            const T* src = src_all + q_offset(b, kv_h * group + g, 0);
+            bf16_t* dst = dst_all + g * per_head;
+            for (int64_t i = 0; i < s.q_len; ++i) {
+              bf16_t* tile_column = dst + (i / tile_q) * padded_dim * tile_q + i % tile_q;
+              for (int64_t d = 0; d < s.head_dim; ++d) tile_column[d * tile_q] = src[i * q_row_stride + d];
+            }
+          }
+        }
+      }
+    }
+    // Per tile pair: P and dS as B operands (row pairs), dS as bf16 rows,
+    // and dS K of the tile before it is added to the item's dQ.
+    uint32_t* p_pairs = nullptr;
+    uint32_t* d_logits_pairs = nullptr;
+    bf16_t* d_logits_bf16 = nullptr;
+    float* d_q_tile = nullptr;
+    if (all_bf16) {
+      const int64_t pair_floats = round_up(tile_q, kBf16KeyChunk) / 2 * tile_kv;
+      p_pairs = reinterpret_cast<uint32_t*>(scratch.get(10, pair_floats));
+      d_logits_pairs = reinterpret_cast<uint32_t*>(scratch.get(11, pair_floats));
+      d_logits_bf16 = reinterpret_cast<bf16_t*>(scratch.get(12, round_up(tile_q, kTileRows) * tile_kv / 2));
+      d_q_tile = scratch.get(13, round_up(tile_q, kTileRows) * padded_dim);
+    }
+#endif
     float* d_q_acc = num_chunks == 1
                          ? scratch.get(2, dq_elems)
                          : dq_partials.get() + (chunk * group_rows + b * s.kv_heads + kv_h) * dq_elems;
@@ -279,9 +368,9 @@ void backward_typed(const BackwardParams& p) {
       const float* k_t = k_t_tiles.tile(b, kv_h, kv_tile);
       const float* v_t = v_t_tiles.tile(b, kv_h, kv_tile);
       const float* k_rows = k_tiles.tile(b, kv_h, kv_tile);
+      const int64_t tile_index = (b * s.kv_heads + kv_h) * num_kv_tiles + kv_tile;
       Bf16Operands bf16;
       if (use_bf16) {
-        const int64_t tile_index = (b * s.kv_heads + kv_h) * num_kv_tiles + kv_tile;
         bf16.k = k_vnni + tile_index * vnni_tile_dwords;
         bf16.v = v_vnni + tile_index * vnni_tile_dwords;
         bf16.amx = use_amx;
@@ -305,21 +394,43 @@ void backward_typed(const BackwardParams& p) {
             continue;
           }
           const int64_t q_side = (g * s.q_len + q0) * padded_dim;
-          const float* q_tile_scaled = q_scaled + q_side;
-          const float* d_out_tile = d_out_rows + q_side;
+          const float* q_tile_scaled = all_bf16 ? nullptr : q_scaled + q_side;
+          const float* d_out_tile = all_bf16 ? nullptr : d_out_rows + q_side;
           if (use_bf16) {
             bf16.q = q_bf16 + (g * rows_padded + q0) * padded_dim;
             bf16.d_out = d_out_bf16 + (g * rows_padded + q0) * padded_dim;
           }
           tile_gradients(t, q_tile_scaled, d_out_tile, k_t, v_t, p.lse + row0, delta.data() + row0,
                          rows, tile_kv, padded_dim, p, b, h, q0, k0, keys, cls == kPartial, bf16);
-          // dV += P^T dO ; dK += dS^T (scale * Q) ; dQ += dS K (times scale at the end)
-          gemm_accumulate(d_v, padded_dim, t.probs, 1, tile_kv, d_out_tile, padded_dim, keys,
-                          padded_dim, rows);
-          gemm_accumulate(d_k, padded_dim, t.d_logits, 1, tile_kv, q_tile_scaled, padded_dim, keys,
-                          padded_dim, rows);
-          gemm_accumulate(d_q_acc + q_side, padded_dim, t.d_logits, tile_kv, 1, k_rows, padded_dim,
-                          rows, padded_dim, keys);
+#ifdef FASTATTN_HAVE_BF16_TILES
+          if (all_bf16) {
+            // dV^T += dO^T P ; dK^T += Q^T dS (times scale at the end) ; dQ += dS K
+            const int64_t q_chunks = (rows + kBf16KeyChunk - 1) / kBf16KeyChunk;
+            const int64_t rows_p = round_up(rows, kTileRows);
+            const int64_t q_t_offset = (g * num_q_tiles + q_tile) * padded_dim * tile_q;
+            pack_row_pairs_bf16(p_pairs, t.probs, tile_kv, rows, tile_kv);
+            pack_row_pairs_bf16(d_logits_pairs, t.d_logits, tile_kv, rows, tile_kv);
+            dot_accumulate_pv(d_v, tile_kv, d_out_t_bf16 + q_t_offset, tile_q, p_pairs, padded_dim, q_chunks);
+            dot_accumulate_pv(d_k, tile_kv, q_t_bf16 + q_t_offset, tile_q, d_logits_pairs, padded_dim, q_chunks);
+            rows_to_bf16(d_logits_bf16, t.d_logits, rows, rows_p, tile_kv);
+            std::fill(d_q_tile, d_q_tile + rows_p * padded_dim, 0.f);
+            dot_accumulate_pv(d_q_tile, padded_dim, d_logits_bf16, tile_kv, k_pairs + tile_index * vnni_tile_dwords,
+                              rows_p, (keys + kBf16KeyChunk - 1) / kBf16KeyChunk);
+            float* d_q_rows = d_q_acc + q_side;
+            for (int64_t e = 0; e < rows * padded_dim; e += kLanes) {
+              store(d_q_rows + e, load(d_q_rows + e) + load(d_q_tile + e));
+            }
+          } else
+#endif
+          {
+            // dV += P^T dO ; dK += dS^T (scale * Q) ; dQ += dS K (times scale at the end)
+            gemm_accumulate(d_v, padded_dim, t.probs, 1, tile_kv, d_out_tile, padded_dim, keys,
+                            padded_dim, rows);
+            gemm_accumulate(d_k, padded_dim, t.d_logits, 1, tile_kv, q_tile_scaled, padded_dim, keys,
+                            padded_dim, rows);
+            gemm_accumulate(d_q_acc + q_side, padded_dim, t.d_logits, tile_kv, 1, k_rows, padded_dim,
+                            rows, padded_dim, keys);
+          }
           if (d_bias_tile != nullptr) {
             for (int64_t i = 0; i < rows; ++i) {
               std::copy(t.d_logits + i * tile_kv, t.d_logits + i * tile_kv + keys,
@@ -330,10 +441,19 @@ void backward_typed(const BackwardParams& p) {
       }
       T* d_k_out = static_cast<T*>(p.d_k) + kv_offset(b, kv_h, k0);
       T* d_v_out = static_cast<T*>(p.d_v) + kv_offset(b, kv_h, k0);
-      for (int64_t j = 0; j < keys; ++j) {
-        for (int64_t d = 0; d < s.head_dim; ++d) {
-          from_float(d_k[j * padded_dim + d], &d_k_out[j * kv_row_stride + d]);
-          from_float(d_v[j * padded_dim + d], &d_v_out[j * kv_row_stride + d]);
+      if (all_bf16) {  // dK^T and dV^T, [Dp][tile_kv]
+        for (int64_t j = 0; j < keys; ++j) {
+          for (int64_t d = 0; d < s.head_dim; ++d) {
+            from_float(p.softmax_scale * d_k[d * tile_kv + j], &d_k_out[j * kv_row_stride + d]);
+            from_float(d_v[d * tile_kv + j], &d_v_out[j * kv_row_stride + d]);
+          }
+        }
+      } else {
+        for (int64_t j = 0; j < keys; ++j) {
+          for (int64_t d = 0; d < s.head_dim; ++d) {
+            from_float(d_k[j * padded_dim + d], &d_k_out[j * kv_row_stride + d]);
+            from_float(d_v[j * padded_dim + d], &d_v_out[j * kv_row_stride + d]);
+          }
         }
       }
     }

@@ -240,7 +240,7 @@ PackedKv pack_kv_tiles(const T* src, const AttentionShape& s, const MaskParams& 
 
 // Thread-private scratch, grown on demand and reused across calls.
 struct Scratch {
-  std::vector<float> buffers[10];
+  std::vector<float> buffers[14];
   float* get(int slot, int64_t count) {
     if (int64_t(buffers[slot].size()) < count) buffers[slot].resize(count);
     return buffers[slot].data();
