@@ -287,24 +287,28 @@ void backward_typed(const BackwardParams& p) {
       pack_rows(d_out_rows + g * s.q_len * padded_dim, padded_dim, d_out + q_offset(b, h, 0),
                 q_row_stride, s.q_len, s.head_dim, 1.f, nullptr);
     }
+    // Q and dO of the group as bf16 (T is bf16 wherever this runs), `per_head`
+    // elements a head, zero where `place` (head's array, row index, source
+    // row) puts nothing.
+    auto pack_group_bf16 = [&](bf16_t* q_dst, bf16_t* d_out_dst, int64_t per_head, auto&& place) {
+      for (int slot = 0; slot < 2; ++slot) {
+        bf16_t* dst_all = slot == 0 ? q_dst : d_out_dst;
+        const T* src_all = slot == 0 ? q : d_out;
+        std::fill(dst_all, dst_all + group * per_head, bf16_t{0});
+        for (int64_t g = 0; g < group; ++g) {
+          const T* src = src_all + q_offset(b, kv_h * group + g, 0);
+          for (int64_t i = 0; i < s.q_len; ++i) place(dst_all + g * per_head, i, src + i * q_row_stride);
+        }
+      }
+    };
     if constexpr (std::is_same_v<T, bf16_t>) {
       if (use_bf16) {
         const int64_t per_head = rows_padded * padded_dim;
         q_bf16 = reinterpret_cast<bf16_t*>(scratch.get(8, (group * per_head + 1) / 2));
         d_out_bf16 = reinterpret_cast<bf16_t*>(scratch.get(9, (group * per_head + 1) / 2));
-        for (int slot = 0; slot < 2; ++slot) {
-          bf16_t* dst_all = slot == 0 ? q_bf16 : d_out_bf16;
-          const T* src_all = slot == 0 ? q : d_out;
-          std::fill(dst_all, dst_all + group * per_head, bf16_t{0});
-          for (int64_t g = 0; g < group; ++g) {
-            const T* src = src_all + q_offset(b, kv_h * group + g, 0);
-            bf16_t* dst = dst_all + g * per_head;
-            for (int64_t i = 0; i < s.q_len; ++i) {
-              std::copy(src + i * q_row_stride, src + i * q_row_stride + s.head_dim,
-                        dst + i * padded_dim);
-            }
-          }
-        }
+        pack_group_bf16(q_bf16, d_out_bf16, per_head, [&](bf16_t* dst, int64_t i, const T* row) {
+          std::copy(row, row + s.head_dim, dst + i * padded_dim);
+        });
       }
     }
 #ifdef FASTATTN_HAVE_BF16_TILES
@@ -320,19 +324,10 @@ void backward_typed(const BackwardParams& p) {
         const int64_t per_head = num_q_tiles * padded_dim * tile_q;
         q_t_bf16 = reinterpret_cast<bf16_t*>(scratch.get(0, (group * per_head + 1) / 2));
         d_out_t_bf16 = reinterpret_cast<bf16_t*>(scratch.get(1, (group * per_head + 1) / 2));
-        for (int slot = 0; slot < 2; ++slot) {
-          bf16_t* dst_all = slot == 0 ? q_t_bf16 : d_out_t_bf16;
-          const T* src_all = slot == 0 ? q : d_out;
-          std::fill(dst_all, dst_all + group * per_head, bf16_t{0});
-          for (int64_t g = 0; g < group; ++g) {
-            const T* src = src_all + q_offset(b, kv_h * group + g, 0);
-            bf16_t* dst = dst_all + g * per_head;
-            for (int64_t i = 0; i < s.q_len; ++i) {
-              bf16_t* tile_column = dst + (i / tile_q) * padded_dim * tile_q + i % tile_q;
-              for (int64_t d = 0; d < s.head_dim; ++d) tile_column[d * tile_q] = src[i * q_row_stride + d];
-            }
-          }
-        }
+        pack_group_bf16(q_t_bf16, d_out_t_bf16, per_head, [&](bf16_t* dst, int64_t i, const T* row) {
+          bf16_t* tile_column = dst + (i / tile_q) * padded_dim * tile_q + i % tile_q;
+          for (int64_t d = 0; d < s.head_dim; ++d) tile_column[d * tile_q] = row[d];
+        });
       }
     }
     // Per tile pair: P and dS as B operands (row pairs), dS as bf16 rows,
