@@ -436,19 +436,13 @@ void backward_typed(const BackwardParams& p) {
       }
       T* d_k_out = static_cast<T*>(p.d_k) + kv_offset(b, kv_h, k0);
       T* d_v_out = static_cast<T*>(p.d_v) + kv_offset(b, kv_h, k0);
-      if (all_bf16) {  // dK^T and dV^T, [Dp][tile_kv]
-        for (int64_t j = 0; j < keys; ++j) {
-          for (int64_t d = 0; d < s.head_dim; ++d) {
-            from_float(p.softmax_scale * d_k[d * tile_kv + j], &d_k_out[j * kv_row_stride + d]);
-            from_float(d_v[d * tile_kv + j], &d_v_out[j * kv_row_stride + d]);
-          }
-        }
-      } else {
-        for (int64_t j = 0; j < keys; ++j) {
-          for (int64_t d = 0; d < s.head_dim; ++d) {
-            from_float(d_k[j * padded_dim + d], &d_k_out[j * kv_row_stride + d]);
-            from_float(d_v[j * padded_dim + d], &d_v_out[j * kv_row_stride + d]);
-          }
+      // d_k, d_v: [tile_kv][Dp], or transposed [Dp][tile_kv] with dK not yet scaled (all_bf16).
+      const int64_t key_step = all_bf16 ? 1 : padded_dim, dim_step = all_bf16 ? tile_kv : 1;
+      const float d_k_scale = all_bf16 ? p.softmax_scale : 1.f;
+      for (int64_t j = 0; j < keys; ++j) {
+        for (int64_t d = 0; d < s.head_dim; ++d) {
+          from_float(d_k_scale * d_k[j * key_step + d * dim_step], &d_k_out[j * kv_row_stride + d]);
+          from_float(d_v[j * key_step + d * dim_step], &d_v_out[j * kv_row_stride + d]);
         }
       }
     }
