@@ -15,8 +15,8 @@ from typing import Optional
 # reproducible; what "auto" takes), "wgmma_ordered" (one kernel per key
 # block makes dK, dV and dQ: five products per tile; dQ is summed through a
 # float32 workspace in a fixed order, so also reproducible) and
-# "wgmma_atomic" (the same with dQ added by float atomics in any order: the
-# fastest, not reproducible bit for bit).
+# "wgmma_atomic" (the same with dQ's float adds in any order: the fastest,
+# not reproducible bit for bit).
 CUDA_FORWARD_KERNELS = ("auto", "wgmma", "mma_sync")
 CUDA_BACKWARD_KERNELS = ("auto", "wgmma", "mma_sync", "wgmma_ordered", "wgmma_atomic")
 ONE_PASS_BACKWARD_KERNELS = ("wgmma_ordered", "wgmma_atomic")  # they take the dQ workspace

@@ -250,14 +250,46 @@ __device__ __forceinline__ void fence_proxy_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
-// Global float4 reduction (fire and forget) and store, and the acquire load
-// and release store of a gpu-scope flag.
-__device__ __forceinline__ void red_add_f32x4(float* at, float4 v) {
-  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(at), "f"(v.x), "f"(v.y),
-               "f"(v.z), "f"(v.w)
+// Bulk (TMA) transfers of a contiguous shared-memory block into global
+// memory, issued by one thread: an element-wise float add into what is there
+// (done by the L2's reduction units, whole lines at a time) or a plain store.
+// `bytes`: a multiple of 16, both addresses 16-byte aligned. They join the
+// thread's bulk group; bulk_wait_read<N>() waits until at most N groups still
+// read shared memory (the source may be overwritten), bulk_wait<N>() until
+// their global writes are done.
+__device__ __forceinline__ void bulk_add_f32(float* to, uint32_t from, uint32_t bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(to),
+               "r"(from), "r"(bytes)
                : "memory");
 }
 
+__device__ __forceinline__ void bulk_store(float* to, uint32_t from, uint32_t bytes) {
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(to), "r"(from),
+               "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void bulk_commit() {
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+}
+
+template <int kPending>
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(kPending) : "memory");
+}
+
+template <int kPending>
+__device__ __forceinline__ void bulk_wait() {
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// Orders this thread's completed async-proxy global writes (bulk_wait) before
+// its later generic-proxy operations, such as a release store of a flag.
+__device__ __forceinline__ void fence_proxy_async_global() {
+  asm volatile("fence.proxy.async.global;\n" ::: "memory");
+}
+
+// The acquire load and release store of a gpu-scope flag.
 __device__ __forceinline__ int32_t load_acquire(const int32_t* at) {
   int32_t v;
   asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(at) : "memory");
