@@ -18,7 +18,7 @@ enum class KernelChoice : int32_t {
   // Backward only, the one-pass wgmma backward (kWgmma: dK/dV, then dQ in
   // a second kernel), with dQ summed through a float32 workspace:
   kWgmmaOrdered = 3,  // in a fixed order (bitwise reproducible)
-  kWgmmaAtomic = 4,   // by float atomics in any order
+  kWgmmaAtomic = 4,   // by float adds in any order
 };
 
 // How the wgmma backward produces dQ.
