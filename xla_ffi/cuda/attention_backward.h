@@ -35,9 +35,10 @@ cudaError_t attention_backward_mma_sync(const BackwardParams& params, const floa
 
 // The wgmma backward (attention_backward_sm90.cu): head_dim 64 or 128, no
 // d_bias, where device_runs_wgmma() (attention.h). `dq` picks how dQ is
-// made; the fused variants take the workspace dq_accum (float32 [B, Hq,
-// q tiles, 64, D]) and dq_turns (int32 [B, Hq, q tiles]), both cleared or
-// written here as they need.
+// made; the fused variants take the workspace dq_accum (float32, 64 * D
+// per q tile of each (batch, q head), in the kernel's own order) and
+// dq_turns (int32 [B, Hq, q tiles]), both cleared or written here as they
+// need.
 cudaError_t attention_backward_wgmma(const BackwardParams& params, const float* delta,
                                      BackwardDq dq, float* dq_accum, int32_t* dq_turns,
                                      cudaStream_t stream);

@@ -108,8 +108,9 @@ struct TensorMaps {
   CUtensorMap step_a, step_b;    // Q, dO (dK/dV) or K, V (dQ): kStep-row boxes
 };
 
-// Fused dQ workspace of one call: float32 [B, Hq, q tiles, 64, D] and the
-// turn flags [B, Hq, q tiles] (kFusedOrdered: how many key blocks have added to
+// Fused dQ workspace of one call: float32 [B, Hq, q tiles] blocks of
+// [D / 64][64 rows][64 columns] (each the order of a staging slab,
+// slab_offset) and the turn flags [B, Hq, q tiles] (kFusedOrdered: how many key blocks have added to
 // the q tile; 0 = none, so the convert kernel writes zeros).
 struct DqWorkspace {
   float* accum;
