@@ -159,9 +159,10 @@ def cuda_devices_run_wgmma() -> bool:
 def fused_dq_workspace(kernel: KernelConfig, head_dim: int, has_bias: bool) -> bool:
     """Whether a CUDA backward call gets the one-pass wgmma backward's dQ
     workspace: where KernelConfig.cuda_backward asks for it
-    ("wgmma_ordered", "wgmma_atomic"), for head dims 64/128 without a bias
-    gradient, on sm90 devices."""
-    return (kernel.cuda_backward in ONE_PASS_BACKWARD_KERNELS and head_dim in (64, 128)
+    ("wgmma_ordered", "wgmma_atomic", or "auto", which then takes the
+    ordered one), for head dims 64/128 without a bias gradient, on sm90
+    devices."""
+    return (kernel.cuda_backward in ("auto",) + ONE_PASS_BACKWARD_KERNELS and head_dim in (64, 128)
             and not has_bias and cuda_devices_run_wgmma())
 
 

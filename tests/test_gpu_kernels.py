@@ -71,25 +71,28 @@ WINDOW_SEGMENTS = masks.Segments(jnp.asarray(np.repeat(np.arange(5), 140)[None].
                          ids=["full", "causal", "window", "segments"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_wgmma_backwards_match_mma_sync(cuda, mask, head_dim):
-    """Where the wgmma backwards run (sm_90): the two-pass one ("wgmma",
-    what "auto" takes) sums every gradient element in the same order as the
-    mma.sync kernels (q tiles, then 16-wide k steps), so they agree bit for
-    bit; so do dK and dV of the one-pass ones (same kernel, same order),
-    whose dQ is summed per 128-key block and then across blocks, so it
-    agrees to rounding (a wrong lse, delta, mask column or dS tile would
-    not)."""
+    """Where the wgmma backwards run (sm_90): the two-pass one ("wgmma")
+    sums every gradient element in the same order as the mma.sync kernels
+    (q tiles, then 16-wide k steps), so they agree bit for bit; so do dK
+    and dV of the one-pass ones (same kernel, same order), whose dQ is
+    summed per 128-key block and then across blocks, so it agrees to
+    rounding (a wrong lse, delta, mask column or dS tile would not). "auto"
+    is the ordered one-pass kernel, bit for bit."""
     q, k, v = random_qkv(18, 2, 700, 650, 8, 2, head_dim, cuda.dtype)
     mma_sync = _grads(q, k, v, config=KernelConfig(cuda_backward="mma_sync"), mask=mask)
     scale = max(float(jnp.max(jnp.abs(mma_sync[0].astype(jnp.float32)))), 1e-3)
+    results = {}
     for choice in ("wgmma", "auto", "wgmma_ordered", "wgmma_atomic"):
-        grads = _grads(q, k, v, config=KernelConfig(cuda_backward=choice), mask=mask)
+        grads = results[choice] = _grads(q, k, v, config=KernelConfig(cuda_backward=choice), mask=mask)
         for a, b in zip(grads[1:], mma_sync[1:]):
             np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32), err_msg=choice)
         dq, expected = np.asarray(grads[0], np.float32), np.asarray(mma_sync[0], np.float32)
-        if choice in ("wgmma", "auto"):
+        if choice == "wgmma":
             np.testing.assert_array_equal(dq, expected)
         else:
             np.testing.assert_allclose(dq, expected, atol=2e-2 * scale, rtol=2e-2, err_msg=choice)
+    np.testing.assert_array_equal(np.asarray(results["auto"][0], np.float32),
+                                  np.asarray(results["wgmma_ordered"][0], np.float32))
 
 
 @pytest.mark.parametrize("choice", ["wgmma_ordered", "wgmma_atomic"])

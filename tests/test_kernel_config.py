@@ -208,9 +208,10 @@ def _expected_route(option, code, head_dim, has_d_bias, device):
 
 
 # How the wgmma backward makes dQ (KernelChoice code, has the dQ workspace):
-# auto and wgmma take the second pass; wgmma_ordered and wgmma_atomic need
+# wgmma takes the second pass, auto the ordered one-pass kernel where it has
+# the workspace (else the second pass); wgmma_ordered and wgmma_atomic need
 # the workspace.
-EXPECTED_DQ = {(0, False): "separate_pass", (0, True): "separate_pass", (1, False): "separate_pass",
+EXPECTED_DQ = {(0, False): "separate_pass", (0, True): "fused_ordered", (1, False): "separate_pass",
                (1, True): "separate_pass", (3, False): "error", (3, True): "fused_ordered",
                (4, False): "error", (4, True): "fused_atomic"}
 
@@ -328,8 +329,8 @@ def test_one_dispatch_place_routes_between_sm90_and_sm80():
 def test_backward_dq_workspace_only_for_the_one_pass_kernels(monkeypatch, choice, sm90):
     """The one-pass wgmma backward's dQ workspace (float32 [B, Hq, q tiles *
     64 * D] and int32 [B, Hq, q tiles]) is allocated where it was asked for
-    on an sm90 device, and is empty otherwise (no memory for a kernel that
-    does not run)."""
+    ("auto" takes the ordered one-pass kernel) on an sm90 device, and is
+    empty otherwise (no memory for a kernel that does not run)."""
     monkeypatch.setattr(ffi, "cuda_devices_run_wgmma", lambda: sm90)
     kernel = config.KernelConfig(cuda_backward=choice)
     q, k, v, bias, q_ids, kv_ids, dense, tiles = _forward_args(sq=130)
@@ -337,7 +338,7 @@ def test_backward_dq_workspace_only_for_the_one_pass_kernels(monkeypatch, choice
     args = (q, k, v, q, S((1, 2, 130), jnp.float32), q, S((0,), jnp.float32), bias, q_ids, kv_ids, dense, tiles)
     results = jax.eval_shape(ffi.backward_ffi("cuda", _attrs(kernel)), *args)
     assert len(results) == 7
-    fused = sm90 and choice in ("wgmma_ordered", "wgmma_atomic")
+    fused = sm90 and choice in ("auto", "wgmma_ordered", "wgmma_atomic")
     assert results[5].shape == (1, 2, 3 * 64 * 64 if fused else 0) and results[5].dtype == jnp.float32
     assert results[6].shape == (1, 2, 3 if fused else 0) and results[6].dtype == jnp.int32
     assert not ffi.fused_dq_workspace(kernel, 256, False) and not ffi.fused_dq_workspace(kernel, 64, True)

@@ -17,10 +17,11 @@
 //   product per consumer (D=128: the consumer's 64 columns over all 128
 //   keys, both dS^T halves; D=64: all columns over its own 64 keys, the
 //   writer adding both halves). The fp32 result goes through shared memory
-//   to warp 2 of the producer warpgroup (the dQ writer), whose lane 0 adds
-//   it to a float32 dQ workspace [B, Hq, q tiles, D / 64, 64, 64] with bulk
-//   (TMA) reductions, 16 KB per transfer, so that the adds cost the writer
-//   no per-element instructions. kFusedOrdered: the writer of
+//   (two buffers) to warps 2 and 3 of the producer warpgroup (the dQ
+//   writers, taking alternate steps), whose lane 0 adds it to a float32 dQ
+//   workspace [B, Hq, q tiles, D / 64, 64, 64] with bulk (TMA) reductions,
+//   16 KB per transfer, so that the adds cost the writer no per-element
+//   instructions. kFusedOrdered: the writer of
 //   key block n waits for its turn on the q tile (a flag counting the
 //   contributors done) and the contributors add in descending key-block
 //   order, so dQ is bitwise reproducible; the grid runs the key blocks in
@@ -53,12 +54,14 @@ constexpr int kStages = 2;
 
 // Fused dQ: the dS^T tiles ([128 keys][64 queries], two buffers, so that a
 // consumer can store step i + 1's while the other still reads step i's)
-// and the fp32 dQ staging slabs ([2][64 rows][64 columns], one per
-// consumer, each a contiguous block in the workspace's layout, so that one
-// bulk transfer adds it to the workspace).
+// and the fp32 dQ staging slabs ([64 rows][64 columns], one per consumer,
+// each a contiguous block in the workspace's layout, so that one bulk
+// transfer adds it to the workspace), in two buffers: step i's in buffer
+// i % 2, which dQ writer i % 2 moves out.
 constexpr int kDsTileBytes = kBlock * kStep * 2;
 constexpr int kDqSlabBytes = kStep * 64 * 4;
-constexpr int kFusedBytes = 2 * kDsTileBytes + 2 * kDqSlabBytes;
+constexpr int kDqBuffers = 2;
+constexpr int kFusedBytes = 2 * kDsTileBytes + kDqBuffers * 2 * kDqSlabBytes;
 static_assert(kStep == kBackwardTileQ && kStep == kBackwardTileKv, "steps are plan tiles");
 
 // A [64][64] float32 slab, dense rows, the 8-float chunks of row r at chunk
@@ -81,18 +84,20 @@ struct alignas(16) StepRecord {
 };
 constexpr int kStepRecordBytes = sizeof(StepRecord);
 
-// Fused dQ: what warp 1 tells the dQ writer about a step, in a ring of
+// Fused dQ: what warp 1 tells the dQ writers about a step, in a ring of
 // kDqRing entries: the q tile (index into the dQ workspace), how many key
-// blocks add to it before this one (kFusedOrdered), and `last` (the loop ends).
-// The ring does not overrun: warp 1 fills step p once the consumers freed
-// stage p - kStages, i.e. had waited for the writer to finish step
-// p - kStages - 1 (> p - kDqRing).
+// blocks add to it before this one (kFusedOrdered), and `last` (the loop
+// ends; the last step and the one after it carry it, one for each writer).
+// The ring does not overrun: warp 1 fills step p (and p + 1 at the end)
+// once the consumers freed stage p - kStages, i.e. had finished step
+// p - kStages - 1 and so waited for the writers to take step
+// p - kStages - 1 - kDqBuffers; later steps may still be unread.
 struct alignas(16) DqStep {
   int64_t tile;
   int32_t rank, last;
 };
-constexpr int kDqRing = 4;
-static_assert(kDqRing > kStages + 1, "the writer's ring must outlast the stages in flight");
+constexpr int kDqRing = 8;
+static_assert(kDqRing > kStages + kDqBuffers + 1, "the writers' ring must outlast the steps in flight");
 
 template <int D, bool kFused = false>
 constexpr int shared_bytes() {
@@ -139,8 +144,8 @@ struct Layout {
     step_a = block_b + kBlockBytes;  // [kStages]
     step_b = step_a + kStages * kStepBytes;
     ds = step_b + kStages * kStepBytes;  // [2] (fused dQ only)
-    dq_slabs = ds + 2 * kDsTileBytes;
-    const uint32_t records_at = kFused ? dq_slabs + 2 * kDqSlabBytes : ds;
+    dq_slabs = ds + 2 * kDsTileBytes;    // [kDqBuffers][2 slabs] (fused dQ only)
+    const uint32_t records_at = kFused ? dq_slabs + kDqBuffers * 2 * kDqSlabBytes : ds;
     records = reinterpret_cast<StepRecord*>(raw + (records_at - base));
     const uint32_t dq_steps_at = records_at + kStages * kStepRecordBytes;
     dq_steps = reinterpret_cast<DqStep*>(raw + (dq_steps_at - base));
@@ -149,10 +154,12 @@ struct Layout {
   __device__ uint32_t block_full() const { return barriers; }
   __device__ uint32_t full(int stage) const { return barriers + 8 * (1 + stage); }
   __device__ uint32_t empty(int stage) const { return barriers + 8 * (1 + kStages + stage); }
-  // Fused dQ: the slabs hold a step's dQ (consumers -> writer), and are
-  // free again (writer -> consumers).
-  __device__ uint32_t dq_full() const { return barriers + 8 * (1 + 2 * kStages); }
-  __device__ uint32_t dq_free() const { return barriers + 8 * (2 + 2 * kStages); }
+  // Fused dQ, per slab buffer (and writer): the buffer holds a step's dQ
+  // (consumers -> writer), and is free again (writer -> consumers).
+  __device__ uint32_t dq_full(int buffer) const { return barriers + 8 * (1 + 2 * kStages + buffer); }
+  __device__ uint32_t dq_free(int buffer) const {
+    return barriers + 8 * (1 + 2 * kStages + kDqBuffers + buffer);
+  }
 
   // One thread: the barriers, with the arrivals that fill and that free a
   // stage.
@@ -163,8 +170,10 @@ struct Layout {
       sm90::mbarrier_init(empty(stage), free_arrivals);
     }
     if (kFused) {
-      sm90::mbarrier_init(dq_full(), 2 * 128);
-      sm90::mbarrier_init(dq_free(), 32);
+      for (int buffer = 0; buffer < kDqBuffers; ++buffer) {
+        sm90::mbarrier_init(dq_full(buffer), 2 * 128);
+        sm90::mbarrier_init(dq_free(buffer), 32);
+      }
     }
     sm90::mbarrier_init_fence();
   }
@@ -285,30 +294,33 @@ __global__ void __launch_bounds__(kThreads, 1)
     release_registers<kFused ? 40 : 24>();
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     if constexpr (kFused) {
-      if (warp == 2) {  // the dQ writer
+      if (warp >= 2) {  // the dQ writers: warp 2 takes the even steps, warp 3 the odd ones
         // Lane 0 moves the step's slabs into the q tile's workspace block
         // with bulk transfers (D=128: slab c is columns 64c..; D=64: each
         // slab holds all 64 columns over one consumer's keys, and the warp
         // first sums slab 1 into slab 0, so that one ordered add suffices).
         // kFusedOrdered: a step's turn passes as soon as its adds are done
-        // in global memory. The later key blocks of the q tile wait for it,
-        // so its latency is on their path: passing it only after the next
-        // step's transfer was issued (to overlap that latency with the next
-        // step) ran at 0.62-0.99x of the two-pass kernel against 0.73-1.13x
-        // this way (H100, B=4 S=4K H=32, D 64/128, causal and full).
+        // in global memory; the later key blocks of the q tile wait for it.
+        // Two writers, so that one waits for its turn, or for its adds to
+        // complete before it passes the turn on, while the other moves the
+        // next step: a writer's step then takes two steps of the consumers,
+        // and the chain's latency stays off their path.
+        const int writer = warp - 2;
         float* const accum = dq_ws.accum;
-        for (int i = 0;; ++i) {
-          mbarrier_wait(at.dq_full(), i & 1);
+        for (int j = 0;; ++j) {
+          const int i = kDqBuffers * j + writer;
+          mbarrier_wait(at.dq_full(writer), j & 1);
           const DqStep step = at.dq_steps[i % kDqRing];
           if (step.last) {
             if (lane == 0) bulk_wait<0>();
             return;
           }
+          const uint32_t slabs = at.dq_slabs + writer * 2 * kDqSlabBytes;
           if constexpr (D == 64) {
             for (int at4 = lane * 16; at4 < kDqSlabBytes; at4 += 32 * 16) {
-              const float4 a = load_slab4(at.dq_slabs + at4);
-              const float4 b = load_slab4(at.dq_slabs + kDqSlabBytes + at4);
-              asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(at.dq_slabs + at4),
+              const float4 a = load_slab4(slabs + at4);
+              const float4 b = load_slab4(slabs + kDqSlabBytes + at4);
+              asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(slabs + at4),
                            "f"(a.x + b.x), "f"(a.y + b.y), "f"(a.z + b.z), "f"(a.w + b.w)
                            : "memory");
             }
@@ -327,7 +339,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             float* to = accum + step.tile * (kStep * D);
 #pragma unroll
             for (int slab = 0; slab < D / 64; ++slab) {
-              const uint32_t from = at.dq_slabs + slab * kDqSlabBytes;
+              const uint32_t from = slabs + slab * kDqSlabBytes;
               if (first_add) {
                 bulk_store(to + slab * kStep * 64, from, kDqSlabBytes);
               } else {
@@ -340,12 +352,11 @@ __global__ void __launch_bounds__(kThreads, 1)
           // Every lane arrives, after its own reads of the slabs (D=64) and
           // lane 0's transfer has read them: the consumers may overwrite.
           __syncwarp();
-          mbarrier_arrive(at.dq_free());
+          mbarrier_arrive(at.dq_free(writer));
           if constexpr (kDq == BackwardDq::kFusedOrdered) {
             if (lane == 0) {
-              bulk_wait<0>();  // the adds are done in global memory
-              fence_proxy_async_global();
-              __threadfence();
+              bulk_wait<0>();              // the adds are done in global memory
+              fence_proxy_async_global();  // ... and ordered before the release
               store_release(turn, step.rank + 1);
             }
           }
@@ -358,12 +369,17 @@ __global__ void __launch_bounds__(kThreads, 1)
       load_rows<D>(k_tile, &maps.block_a, kBlock, kv_head, kv0, batch, at.block_full());
       load_rows<D>(v_tile, &maps.block_b, kBlock, kv_head, kv0, batch, at.block_full());
     }
-    // One stage past the last item carries `last`.
+    // One stage past the last item carries `last`. In the fused kernels
+    // warp 1 reads the item's lse and delta rows (and its dQ rank) before
+    // waiting for the stage, so that their latency overlaps the consumers'
+    // work on the stages in flight.
     for (int item = next_item(0), i = 0;; item = next_item(item + 1), ++i) {
       const int stage = i % kStages;
-      mbarrier_wait(at.empty(stage), ((i / kStages) & 1) ^ 1);
+      const int empty_parity = ((i / kStages) & 1) ^ 1;
       const bool last = item >= num_items;
       const int64_t head = kv_head * group + item / plan_q, q0 = item % plan_q * kStep;
+      // The fused kernels' warp 1 waits after its reads.
+      if (!kFused || warp == 0) mbarrier_wait(at.empty(stage), empty_parity);
       if (warp == 0) {
         if (lane == 0 && last) mbarrier_arrive(at.full(stage));
         if (lane == 0 && !last) {
@@ -377,8 +393,59 @@ __global__ void __launch_bounds__(kThreads, 1)
       } else {
         // Rows past Sq: P = 0 (lse +inf) and delta 0; their Q and dO rows
         // are TMA zeros.
+        static_assert(kStep == 64, "two rows per lane");
+        struct Rows {
+          float lse[2], delta[2];
+          int rank;
+        };
+        auto read_rows = [&] {
+          Rows rows{{INFINITY, INFINITY}, {0.f, 0.f}, 0};
+          const int64_t row_at = (batch * s.q_heads + head) * s.q_len + q0;
+#pragma unroll
+          for (int k = 0; k < 2; ++k) {
+            const bool valid = !last && q0 + lane + 32 * k < s.q_len;
+            if (valid) {
+              rows.lse[k] = lse_log2(p.lse[row_at + lane + 32 * k]);
+              rows.delta[k] = delta[row_at + lane + 32 * k];
+            }
+          }
+          // Fused ordered dQ: key blocks after this one that add to the q
+          // tile (those whose two plan tiles are not both empty) add before
+          // it. Under the band mask alone they are the blocks up to the one
+          // holding the tile's last visible key (the visible keys of a row
+          // range are one run, and this block holds some of them).
+          if constexpr (kDq == BackwardDq::kFusedOrdered) {
+            if (!last && kBandOnly) {
+              const int64_t q_last = min(q0 + kStep, s.q_len) - 1;
+              const int64_t hi = min(q_last + min(p.mask.band_hi, s.kv_len), s.kv_len - 1);
+              rows.rank = int(hi / kBlock - kv_block);
+            } else if (!last) {
+              const int8_t* row = class_base + (item / plan_q) * head_step + (item % plan_q) * plan_kv;
+              const int64_t num_blocks = (plan_kv + 1) / 2;
+              int adds = 0;
+#pragma unroll 1
+              for (int64_t block = kv_block + 1 + lane; block < num_blocks; block += 32) {
+                adds += row[2 * block] != kEmpty ||
+                        (2 * block + 1 < plan_kv && row[2 * block + 1] != kEmpty);
+              }
+              rows.rank = __reduce_add_sync(~0u, adds);
+            }
+          }
+          return rows;
+        };
         StepRecord& record = at.records[stage];
-        if (!last) {
+        Rows rows{};
+        if constexpr (kFused) {
+          rows = read_rows();
+          mbarrier_wait(at.empty(stage), empty_parity);
+          if (!last) {
+#pragma unroll
+            for (int k = 0; k < 2; ++k) {
+              record.lse[lane + 32 * k] = rows.lse[k];
+              record.delta[lane + 32 * k] = rows.delta[k];
+            }
+          }
+        } else if (!last) {  // a row at a time: the two-pass producer has 24 registers
           const int64_t row_at = (batch * s.q_heads + head) * s.q_len + q0;
           for (int r = lane; r < kStep; r += 32) {
             const bool valid = q0 + r < s.q_len;
@@ -394,25 +461,11 @@ __global__ void __launch_bounds__(kThreads, 1)
             record.tile_class[0] = consumer_class(item, 0);
             record.tile_class[1] = consumer_class(item, 1);
           }
-        }
-        if constexpr (kFused) {
-          // Key blocks after this one that add to the q tile (those whose
-          // two plan tiles are not both empty) add before it.
-          int rank = 0;
-          if (kDq == BackwardDq::kFusedOrdered && !last) {
-            const int8_t* row = class_base + (item / plan_q) * head_step + (item % plan_q) * plan_kv;
-            const int64_t num_blocks = (plan_kv + 1) / 2;
-            for (int64_t first = kv_block + 1; first < num_blocks; first += 32) {
-              const int64_t block = first + lane;
-              const bool adds = block < num_blocks &&
-                                (row[2 * block] != kEmpty ||
-                                 (2 * block + 1 < plan_kv && row[2 * block + 1] != kEmpty));
-              rank += __popc(__ballot_sync(~0u, adds));
-            }
-          }
-          if (lane == 0) {
+          if constexpr (kFused) {
             at.dq_steps[i % kDqRing] = DqStep{(batch * s.q_heads + head) * plan_q + q0 / kStep,
-                                              rank, int32_t(last)};
+                                              rows.rank, int32_t(last)};
+            // The writer of the step after the last one learns of the end too.
+            if (last) at.dq_steps[(i + 1) % kDqRing] = DqStep{0, 0, 1};
           }
         }
         mbarrier_arrive(at.full(stage));
@@ -440,9 +493,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     mbarrier_wait(at.full(stage), (i / kStages) & 1);
     const StepRecord& record = at.records[stage];
     if (record.last) {
-      if constexpr (kFused) {  // the writer learns of the end as of a step
-        if (i > 0) mbarrier_wait(at.dq_free(), (i - 1) & 1);
-        mbarrier_arrive(at.dq_full());
+      if constexpr (kFused) {  // each writer learns of the end as of a step: i and i + 1
+        for (int k = i; k < i + kDqBuffers; ++k) {
+          if (k >= kDqBuffers) mbarrier_wait(at.dq_free(k % kDqBuffers), (k / kDqBuffers - 1) & 1);
+          mbarrier_arrive(at.dq_full(k % kDqBuffers));
+        }
       }
       break;
     }
@@ -563,10 +618,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       fence_operands(dk);
       fence_operands(dq);
       mbarrier_arrive(at.empty(stage));
-      if (i > 0) mbarrier_wait(at.dq_free(), (i - 1) & 1);
-      store_dq_slab(at.dq_slabs + consumer * kDqSlabBytes, dq, warp, g, t);
+      // Buffer i % 2 is free once its writer has moved step i - 2 out.
+      const int buffer = i % kDqBuffers;
+      if (i >= kDqBuffers) mbarrier_wait(at.dq_free(buffer), (i / kDqBuffers - 1) & 1);
+      store_dq_slab(at.dq_slabs + (buffer * 2 + consumer) * kDqSlabBytes, dq, warp, g, t);
       fence_proxy_async_shared();  // the stores, before the writer's bulk transfer reads them
-      mbarrier_arrive(at.dq_full());
+      mbarrier_arrive(at.dq_full(buffer));
     } else {
       wgmma_wait<0>();
       fence_operands(dv);
