@@ -157,6 +157,26 @@ def test_sm80_peer_selects_the_mma_sync_kernels_through_kernel_config(monkeypatc
     assert "fastattn-cuda-sm80" in bench.PEERS["cuda"]
 
 
+def test_backward_variant_peers_select_their_kernel_through_kernel_config(monkeypatch):
+    """fastattn-cuda-two-pass / -ordered / -atomic time the three sm90
+    backwards by name, beside the default (fastattn-cuda, no config)."""
+    import jax.numpy as jnp
+
+    import jax_fastattn
+    from jax_fastattn.config import KernelConfig
+
+    calls = []
+    monkeypatch.setattr(jax_fastattn, "flash_attention", lambda q, k, v, **kwargs: calls.append(kwargs) or q)
+    case = bench.Case(1, 16, 2, 2, 8, True, "float32", "fwd")
+    x = jnp.zeros((1, 16, 2, 8))
+    expected = {"fastattn-cuda-two-pass": "wgmma", "fastattn-cuda-ordered": "wgmma_ordered",
+                "fastattn-cuda-atomic": "wgmma_atomic"}
+    for name in expected:
+        jax_peers.attention_fn(name, case)(x, x, x)
+        assert name in bench.PEERS["cuda"]
+    assert [c["config"] for c in calls] == [KernelConfig(cuda_backward=v) for v in expected.values()]
+
+
 def test_torch_forward_backward_step_leaves_grad_alone():
     torch = pytest.importorskip("torch")
     q, k, v = (torch.randn(1, 8, 2, 4, requires_grad=True) for _ in range(3))

@@ -26,8 +26,10 @@ PEERS: Dict[str, List[str]] = {
     # FlashAttention-4 (flash_attn.cute); tokamax: its Mosaic-GPU kernel;
     # pallas-mha: jax's Pallas GPU op; fastattn-cuda-sm80: ours with the
     # sm80 (mma.sync) kernels, the ones A100/L40/RTX GPUs run;
-    # fastattn-cuda-ordered / -atomic: our one-pass sm90 backward variants.
-    "cuda": ["fastattn-cuda", "fastattn-cuda-sm80", "fastattn-cuda-ordered", "fastattn-cuda-atomic",
+    # fastattn-cuda-two-pass / -ordered / -atomic: our sm90 backward
+    # variants ("wgmma", "wgmma_ordered" = the default, "wgmma_atomic").
+    "cuda": ["fastattn-cuda", "fastattn-cuda-sm80", "fastattn-cuda-two-pass", "fastattn-cuda-ordered",
+             "fastattn-cuda-atomic",
              "jax.nn-cudnn", "torch-cudnn", "tokamax", "fa4", "torch-flash", "pallas-mha", "jax.nn-xla"],
 }
 DECODE_PEERS: Dict[str, List[str]] = {

@@ -107,11 +107,13 @@ def device_is_sm90():
 def correctness_cases(on_gpu, size):
     """(name, backend, config, dim, kv_heads, causal) of every matching case."""
     backend = "cuda" if on_gpu else "cpu"
-    choices = ("auto", "wgmma", "mma_sync") if on_gpu else ("auto",)
+    # "wgmma_ordered": the wgmma forward with the ordered one-pass backward.
+    choices = ("auto", "wgmma", "wgmma_ordered", "mma_sync") if on_gpu else ("auto",)
     for dim in (64, 128):
         for causal, kv_heads in ((False, size["q_heads"]), (True, size["q_heads"] // 2)):
             for choice in choices:
-                config = KernelConfig(cuda_forward=choice, cuda_backward=choice) if on_gpu else None
+                forward = "wgmma" if choice == "wgmma_ordered" else choice
+                config = KernelConfig(cuda_forward=forward, cuda_backward=choice) if on_gpu else None
                 name = f"{backend} fwd+bwd={choice} D={dim} {'causal GQA' if causal else 'full MHA'}"
                 yield name, backend, config, dim, kv_heads, causal
 
@@ -130,10 +132,11 @@ def check_correctness(case, size, results):
 
 
 def check_auto_is_bitwise(on_gpu, results):
-    """auto must give bitwise the results of the kernel it should pick."""
+    """auto must give bitwise the results of the kernels it should pick (on
+    sm90 the wgmma forward and the ordered one-pass backward)."""
     if not on_gpu:
         return []
-    picked = "wgmma" if device_is_sm90() else "mma_sync"
+    picked = "wgmma_ordered" if device_is_sm90() else "mma_sync"
     records = []
     for name in [n for n in results if "fwd+bwd=auto" in n]:
         other = name.replace("fwd+bwd=auto", f"fwd+bwd={picked}")

@@ -12,7 +12,8 @@ namespace fastattn {
 namespace cuda {
 
 enum class KernelChoice : int32_t {
-  kAuto = 0,     // wgmma where it can run the call, else mma.sync
+  kAuto = 0,     // wgmma where it can run the call (the backward: kWgmmaOrdered's
+                 // kernel where it has the dQ workspace), else mma.sync
   kWgmma = 1,    // the sm90 wgmma kernels; an error where they cannot run
   kMmaSync = 2,  // the sm80 mma.sync kernels (they run on sm80 and later)
   // Backward only, the one-pass wgmma backward (kWgmma: dK/dV, then dQ in
