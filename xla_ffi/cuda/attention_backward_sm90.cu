@@ -39,6 +39,7 @@
 // tile, a step is skipped by the whole CTA when both are empty.
 
 #include "attention_backward.h"
+#include "dq_order.h"
 #include "sm80_tiles.h"
 #include "sm90_tensor_map.h"
 #include "sm90_wgmma.h"
@@ -411,14 +412,12 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
           // Fused ordered dQ: key blocks after this one that add to the q
           // tile (those whose two plan tiles are not both empty) add before
-          // it. Under the band mask alone they are the blocks up to the one
-          // holding the tile's last visible key (the visible keys of a row
-          // range are one run, and this block holds some of them).
+          // it: from the band alone where it decides (dq_order.h), else
+          // counted in the plan.
           if constexpr (kDq == BackwardDq::kFusedOrdered) {
             if (!last && kBandOnly) {
-              const int64_t q_last = min(q0 + kStep, s.q_len) - 1;
-              const int64_t hi = min(q_last + min(p.mask.band_hi, s.kv_len), s.kv_len - 1);
-              rows.rank = int(hi / kBlock - kv_block);
+              rows.rank = band_dq_rank(min(q0 + kStep, s.q_len) - 1, p.mask.band_hi, s.kv_len,
+                                       kv_block, kBlock);
             } else if (!last) {
               const int8_t* row = class_base + (item / plan_q) * head_step + (item % plan_q) * plan_kv;
               const int64_t num_blocks = (plan_kv + 1) / 2;
