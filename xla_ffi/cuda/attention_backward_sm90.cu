@@ -94,7 +94,7 @@ constexpr int kStepRecordBytes = sizeof(StepRecord);
 // p - kStages - 1 and so waited for the writers to take step
 // p - kStages - 1 - kDqBuffers; later steps may still be unread.
 struct alignas(16) DqStep {
-  int64_t tile;
+  int32_t tile;  // < 2^31: its workspace block alone is 16-32 KB
   int32_t rank, last;
 };
 constexpr int kDqRing = 8;
@@ -294,6 +294,118 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (warpgroup == 0) {  // producer
     release_registers<kFused ? 40 : 24>();
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    // Warps 0 and 1 first, the dQ writers after: the values the loads and
+    // records need are then dead in the writers' code, and the producer's
+    // few registers suffice for both without spilling.
+    if (warp <= 1) {  // the loads (warp 0) and the step records (warp 1)
+      if (threadIdx.x == 0) {
+        mbarrier_arrive_expect_bytes(at.block_full(), 2 * Layout<D, kFused>::kBlockBytes);
+        load_rows<D>(k_tile, &maps.block_a, kBlock, kv_head, kv0, batch, at.block_full());
+        load_rows<D>(v_tile, &maps.block_b, kBlock, kv_head, kv0, batch, at.block_full());
+      }
+      // One stage past the last item carries `last`. In the fused kernels
+      // warp 1 reads the item's lse and delta rows (and its dQ rank) before
+      // waiting for the stage, so that their latency overlaps the consumers'
+      // work on the stages in flight.
+      for (int item = next_item(0), i = 0;; item = next_item(item + 1), ++i) {
+        const int stage = i % kStages;
+        const int empty_parity = ((i / kStages) & 1) ^ 1;
+        const bool last = item >= num_items;
+        const int64_t head = kv_head * group + item / plan_q, q0 = item % plan_q * kStep;
+        // The fused kernels' warp 1 waits after its reads.
+        if (!kFused || warp == 0) mbarrier_wait(at.empty(stage), empty_parity);
+        if (warp == 0) {
+          if (lane == 0 && last) mbarrier_arrive(at.full(stage));
+          if (lane == 0 && !last) {
+            const uint32_t full = at.full(stage);
+            mbarrier_arrive_expect_bytes(full, 2 * Layout<D, kFused>::kStepBytes);
+            load_rows<D>(at.step_a + stage * Layout<D, kFused>::kStepBytes, &maps.step_a, kStep,
+                         head, q0, batch, full);
+            load_rows<D>(at.step_b + stage * Layout<D, kFused>::kStepBytes, &maps.step_b, kStep,
+                         head, q0, batch, full);
+          }
+        } else {
+          // Rows past Sq: P = 0 (lse +inf) and delta 0; their Q and dO rows
+          // are TMA zeros.
+          static_assert(kStep == 64, "two rows per lane");
+          struct Rows {
+            float lse[2], delta[2];
+            int rank;
+          };
+          auto read_rows = [&] {
+            Rows rows{{INFINITY, INFINITY}, {0.f, 0.f}, 0};
+            const int64_t row_at = (batch * s.q_heads + head) * s.q_len + q0;
+#pragma unroll
+            for (int k = 0; k < 2; ++k) {
+              const bool valid = !last && q0 + lane + 32 * k < s.q_len;
+              if (valid) {
+                rows.lse[k] = lse_log2(p.lse[row_at + lane + 32 * k]);
+                rows.delta[k] = delta[row_at + lane + 32 * k];
+              }
+            }
+            // Fused ordered dQ: key blocks after this one that add to the q
+            // tile (those whose two plan tiles are not both empty) add before
+            // it: from the band alone where it decides (dq_order.h), else
+            // counted in the plan.
+            if constexpr (kDq == BackwardDq::kFusedOrdered) {
+              if (!last && kBandOnly) {
+                rows.rank = band_dq_rank(min(q0 + kStep, s.q_len) - 1, p.mask.band_hi, s.kv_len,
+                                         kv_block, kBlock);
+              } else if (!last) {
+                const int8_t* row = class_base + (item / plan_q) * head_step + (item % plan_q) * plan_kv;
+                const int64_t num_blocks = (plan_kv + 1) / 2;
+                int adds = 0;
+#pragma unroll 1
+                for (int64_t block = kv_block + 1 + lane; block < num_blocks; block += 32) {
+                  adds += row[2 * block] != kEmpty ||
+                          (2 * block + 1 < plan_kv && row[2 * block + 1] != kEmpty);
+                }
+                rows.rank = __reduce_add_sync(~0u, adds);
+              }
+            }
+            return rows;
+          };
+          StepRecord& record = at.records[stage];
+          Rows rows{};
+          if constexpr (kFused) {
+            rows = read_rows();
+            mbarrier_wait(at.empty(stage), empty_parity);
+            if (!last) {
+#pragma unroll
+              for (int k = 0; k < 2; ++k) {
+                record.lse[lane + 32 * k] = rows.lse[k];
+                record.delta[lane + 32 * k] = rows.delta[k];
+              }
+            }
+          } else if (!last) {  // a row at a time: the two-pass producer has 24 registers
+            const int64_t row_at = (batch * s.q_heads + head) * s.q_len + q0;
+            for (int r = lane; r < kStep; r += 32) {
+              const bool valid = q0 + r < s.q_len;
+              record.lse[r] = valid ? lse_log2(p.lse[row_at + r]) : INFINITY;
+              record.delta[r] = valid ? delta[row_at + r] : 0.f;
+            }
+          }
+          if (lane == 0) {
+            record.last = last;
+            if (!last) {
+              record.q0 = int32_t(q0);
+              record.head = int32_t(head);
+              record.tile_class[0] = consumer_class(item, 0);
+              record.tile_class[1] = consumer_class(item, 1);
+            }
+            if constexpr (kFused) {
+              const int64_t tile = (batch * s.q_heads + head) * plan_q + q0 / kStep;
+              at.dq_steps[i % kDqRing] = DqStep{int32_t(tile), rows.rank, int32_t(last)};
+              // The writer of the step after the last one learns of the end too.
+              if (last) at.dq_steps[(i + 1) % kDqRing] = DqStep{0, 0, 1};
+            }
+          }
+          mbarrier_arrive(at.full(stage));
+        }
+        if (last) break;
+      }
+      return;
+    }
     if constexpr (kFused) {
       if (warp >= 2) {  // the dQ writers: warp 2 takes the even steps, warp 3 the odd ones
         // Lane 0 moves the step's slabs into the q tile's workspace block
@@ -337,7 +449,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             }
             // The first block to add to a tile stores (no cleared workspace).
             const bool first_add = kDq == BackwardDq::kFusedOrdered && step.rank == 0;
-            float* to = accum + step.tile * (kStep * D);
+            float* to = accum + int64_t(step.tile) * (kStep * D);
 #pragma unroll
             for (int slab = 0; slab < D / 64; ++slab) {
               const uint32_t from = slabs + slab * kDqSlabBytes;
@@ -363,113 +475,6 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
       }
-    }
-    if (warp > 1) return;
-    if (threadIdx.x == 0) {
-      mbarrier_arrive_expect_bytes(at.block_full(), 2 * Layout<D, kFused>::kBlockBytes);
-      load_rows<D>(k_tile, &maps.block_a, kBlock, kv_head, kv0, batch, at.block_full());
-      load_rows<D>(v_tile, &maps.block_b, kBlock, kv_head, kv0, batch, at.block_full());
-    }
-    // One stage past the last item carries `last`. In the fused kernels
-    // warp 1 reads the item's lse and delta rows (and its dQ rank) before
-    // waiting for the stage, so that their latency overlaps the consumers'
-    // work on the stages in flight.
-    for (int item = next_item(0), i = 0;; item = next_item(item + 1), ++i) {
-      const int stage = i % kStages;
-      const int empty_parity = ((i / kStages) & 1) ^ 1;
-      const bool last = item >= num_items;
-      const int64_t head = kv_head * group + item / plan_q, q0 = item % plan_q * kStep;
-      // The fused kernels' warp 1 waits after its reads.
-      if (!kFused || warp == 0) mbarrier_wait(at.empty(stage), empty_parity);
-      if (warp == 0) {
-        if (lane == 0 && last) mbarrier_arrive(at.full(stage));
-        if (lane == 0 && !last) {
-          const uint32_t full = at.full(stage);
-          mbarrier_arrive_expect_bytes(full, 2 * Layout<D, kFused>::kStepBytes);
-          load_rows<D>(at.step_a + stage * Layout<D, kFused>::kStepBytes, &maps.step_a, kStep,
-                       head, q0, batch, full);
-          load_rows<D>(at.step_b + stage * Layout<D, kFused>::kStepBytes, &maps.step_b, kStep,
-                       head, q0, batch, full);
-        }
-      } else {
-        // Rows past Sq: P = 0 (lse +inf) and delta 0; their Q and dO rows
-        // are TMA zeros.
-        static_assert(kStep == 64, "two rows per lane");
-        struct Rows {
-          float lse[2], delta[2];
-          int rank;
-        };
-        auto read_rows = [&] {
-          Rows rows{{INFINITY, INFINITY}, {0.f, 0.f}, 0};
-          const int64_t row_at = (batch * s.q_heads + head) * s.q_len + q0;
-#pragma unroll
-          for (int k = 0; k < 2; ++k) {
-            const bool valid = !last && q0 + lane + 32 * k < s.q_len;
-            if (valid) {
-              rows.lse[k] = lse_log2(p.lse[row_at + lane + 32 * k]);
-              rows.delta[k] = delta[row_at + lane + 32 * k];
-            }
-          }
-          // Fused ordered dQ: key blocks after this one that add to the q
-          // tile (those whose two plan tiles are not both empty) add before
-          // it: from the band alone where it decides (dq_order.h), else
-          // counted in the plan.
-          if constexpr (kDq == BackwardDq::kFusedOrdered) {
-            if (!last && kBandOnly) {
-              rows.rank = band_dq_rank(min(q0 + kStep, s.q_len) - 1, p.mask.band_hi, s.kv_len,
-                                       kv_block, kBlock);
-            } else if (!last) {
-              const int8_t* row = class_base + (item / plan_q) * head_step + (item % plan_q) * plan_kv;
-              const int64_t num_blocks = (plan_kv + 1) / 2;
-              int adds = 0;
-#pragma unroll 1
-              for (int64_t block = kv_block + 1 + lane; block < num_blocks; block += 32) {
-                adds += row[2 * block] != kEmpty ||
-                        (2 * block + 1 < plan_kv && row[2 * block + 1] != kEmpty);
-              }
-              rows.rank = __reduce_add_sync(~0u, adds);
-            }
-          }
-          return rows;
-        };
-        StepRecord& record = at.records[stage];
-        Rows rows{};
-        if constexpr (kFused) {
-          rows = read_rows();
-          mbarrier_wait(at.empty(stage), empty_parity);
-          if (!last) {
-#pragma unroll
-            for (int k = 0; k < 2; ++k) {
-              record.lse[lane + 32 * k] = rows.lse[k];
-              record.delta[lane + 32 * k] = rows.delta[k];
-            }
-          }
-        } else if (!last) {  // a row at a time: the two-pass producer has 24 registers
-          const int64_t row_at = (batch * s.q_heads + head) * s.q_len + q0;
-          for (int r = lane; r < kStep; r += 32) {
-            const bool valid = q0 + r < s.q_len;
-            record.lse[r] = valid ? lse_log2(p.lse[row_at + r]) : INFINITY;
-            record.delta[r] = valid ? delta[row_at + r] : 0.f;
-          }
-        }
-        if (lane == 0) {
-          record.last = last;
-          if (!last) {
-            record.q0 = int32_t(q0);
-            record.head = int32_t(head);
-            record.tile_class[0] = consumer_class(item, 0);
-            record.tile_class[1] = consumer_class(item, 1);
-          }
-          if constexpr (kFused) {
-            at.dq_steps[i % kDqRing] = DqStep{(batch * s.q_heads + head) * plan_q + q0 / kStep,
-                                              rows.rank, int32_t(last)};
-            // The writer of the step after the last one learns of the end too.
-            if (last) at.dq_steps[(i + 1) % kDqRing] = DqStep{0, 0, 1};
-          }
-        }
-        mbarrier_arrive(at.full(stage));
-      }
-      if (last) break;
     }
     return;
   }
