@@ -108,6 +108,8 @@ constexpr int shared_bytes() {
          (kFused ? kFusedBytes + kDqRing * int(sizeof(DqStep)) : 0) + kStages * kStepRecordBytes +
          256 + 1024;
 }
+// What one CTA may opt into on sm90 (227 KB); the fused D=128 kernel is the largest.
+static_assert(shared_bytes<128, true>() <= 227 * 1024, "the fused D=128 kernel's shared memory");
 
 struct TensorMaps {
   CUtensorMap block_a, block_b;  // K, V (dK/dV) or Q, dO (dQ): kBlock-row boxes
@@ -345,8 +347,9 @@ __global__ void __launch_bounds__(kThreads, 1)
             }
             // Fused ordered dQ: key blocks after this one that add to the q
             // tile (those whose two plan tiles are not both empty) add before
-            // it: from the band alone where it decides (dq_order.h), else
-            // counted in the plan.
+            // it: from the band alone where it decides (dq_order.h; the plan
+            // is then the band's own, as the Python side builds it and as
+            // the visits above assume), else counted in the plan.
             if constexpr (kDq == BackwardDq::kFusedOrdered) {
               if (!last && kBandOnly) {
                 rows.rank = band_dq_rank(min(q0 + kStep, s.q_len) - 1, p.mask.band_hi, s.kv_len,

@@ -26,7 +26,10 @@ namespace cuda {
 // the block holds some of them (it visits the tile), so the blocks adding
 // before it are those above it up to the block of the run's last key,
 // min(q_last + band_hi, kv_len - 1). band_hi may be "unbounded" (2^62):
-// it is clipped to kv_len before the sum.
+// it is clipped to kv_len before the sum. The blocks that visit a tile come
+// from the mask plan, so the plan must be the band's own (as
+// jax_fastattn.masks builds it): a looser class would let a block the band
+// cannot reach visit with a negative rank and wait forever.
 FASTATTN_DQ_ORDER_FN int band_dq_rank(int64_t q_last, int64_t band_hi, int64_t kv_len,
                                       int64_t kv_block, int64_t block_keys) {
   const int64_t reach = band_hi < kv_len ? band_hi : kv_len;
