@@ -12,9 +12,7 @@
 # $OUT/backward_ab.txt. SHAPES ("batch seq heads dim causal;..."), CHOICES
 # (KernelChoice codes; default "1 3 4": two passes, ordered, atomic),
 # LAUNCHES (default 20), ROUNDS (default 1) override the runs.
-set -uo pipefail
-OUT=${OUT:-gpu_out}
-mkdir -p "$OUT"
+source "$(dirname "$0")/common.sh"
 LOG="$OUT/backward_ab.txt"
 flags="-std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a --use_fast_math -Ixla_ffi -Ixla_ffi/cuda"
 common="xla_ffi/tests/cuda_attention_bench.cu xla_ffi/cuda/dispatch.cc xla_ffi/cuda/attention_sm80.cu \
