@@ -20,7 +20,7 @@ from typing import Optional
 # backward alone 0.98-1.09x "wgmma_ordered", 1.26x at D=64 without a mask).
 CUDA_FORWARD_KERNELS = ("auto", "wgmma", "mma_sync")
 CUDA_BACKWARD_KERNELS = ("auto", "wgmma", "mma_sync", "wgmma_ordered", "wgmma_atomic")
-ONE_PASS_BACKWARD_KERNELS = ("wgmma_ordered", "wgmma_atomic")  # they take the dQ workspace
+ONE_PASS_BACKWARD_KERNELS = ("wgmma_ordered", "wgmma_atomic")  # they (and "auto" on sm90) take the dQ workspace
 WGMMA_BACKWARD_KERNELS = ("wgmma",) + ONE_PASS_BACKWARD_KERNELS
 # CUDA decode kernels (decode_attention): "simt", the CUDA-core split
 # kernel (every dtype and head dim <= 256, paged caches); "mma_sync", the

@@ -330,19 +330,16 @@ __global__ void __launch_bounds__(kThreads, 1)
           // Rows past Sq: P = 0 (lse +inf) and delta 0; their Q and dO rows
           // are TMA zeros.
           static_assert(kStep == 64, "two rows per lane");
-          struct Rows {
-            float lse[2], delta[2];
-            int rank;
-          };
-          auto read_rows = [&] {
-            Rows rows{{INFINITY, INFINITY}, {0.f, 0.f}, 0};
+          StepRecord& record = at.records[stage];
+          int rank = 0;  // the writers' (kFusedOrdered)
+          if constexpr (kFused) {
+            float lse_rows[2] = {INFINITY, INFINITY}, delta_rows[2] = {0.f, 0.f};
             const int64_t row_at = (batch * s.q_heads + head) * s.q_len + q0;
 #pragma unroll
             for (int k = 0; k < 2; ++k) {
-              const bool valid = !last && q0 + lane + 32 * k < s.q_len;
-              if (valid) {
-                rows.lse[k] = lse_log2(p.lse[row_at + lane + 32 * k]);
-                rows.delta[k] = delta[row_at + lane + 32 * k];
+              if (!last && q0 + lane + 32 * k < s.q_len) {
+                lse_rows[k] = lse_log2(p.lse[row_at + lane + 32 * k]);
+                delta_rows[k] = delta[row_at + lane + 32 * k];
               }
             }
             // Fused ordered dQ: key blocks after this one that add to the q
@@ -352,8 +349,8 @@ __global__ void __launch_bounds__(kThreads, 1)
             // the visits above assume), else counted in the plan.
             if constexpr (kDq == BackwardDq::kFusedOrdered) {
               if (!last && kBandOnly) {
-                rows.rank = band_dq_rank(min(q0 + kStep, s.q_len) - 1, p.mask.band_hi, s.kv_len,
-                                         kv_block, kBlock);
+                rank = band_dq_rank(min(q0 + kStep, s.q_len) - 1, p.mask.band_hi, s.kv_len, kv_block,
+                                    kBlock);
               } else if (!last) {
                 const int8_t* row = class_base + (item / plan_q) * head_step + (item % plan_q) * plan_kv;
                 const int64_t num_blocks = (plan_kv + 1) / 2;
@@ -363,21 +360,15 @@ __global__ void __launch_bounds__(kThreads, 1)
                   adds += row[2 * block] != kEmpty ||
                           (2 * block + 1 < plan_kv && row[2 * block + 1] != kEmpty);
                 }
-                rows.rank = __reduce_add_sync(~0u, adds);
+                rank = __reduce_add_sync(~0u, adds);
               }
             }
-            return rows;
-          };
-          StepRecord& record = at.records[stage];
-          Rows rows{};
-          if constexpr (kFused) {
-            rows = read_rows();
             mbarrier_wait(at.empty(stage), empty_parity);
             if (!last) {
 #pragma unroll
               for (int k = 0; k < 2; ++k) {
-                record.lse[lane + 32 * k] = rows.lse[k];
-                record.delta[lane + 32 * k] = rows.delta[k];
+                record.lse[lane + 32 * k] = lse_rows[k];
+                record.delta[lane + 32 * k] = delta_rows[k];
               }
             }
           } else if (!last) {  // a row at a time: the two-pass producer has 24 registers
@@ -398,7 +389,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             }
             if constexpr (kFused) {
               const int64_t tile = (batch * s.q_heads + head) * plan_q + q0 / kStep;
-              at.dq_steps[i % kDqRing] = DqStep{int32_t(tile), rows.rank, int32_t(last)};
+              at.dq_steps[i % kDqRing] = DqStep{int32_t(tile), rank, int32_t(last)};
               // The writer of the step after the last one learns of the end too.
               if (last) at.dq_steps[(i + 1) % kDqRing] = DqStep{0, 0, 1};
             }
@@ -409,72 +400,70 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       return;
     }
-    if constexpr (kFused) {
-      if (warp >= 2) {  // the dQ writers: warp 2 takes the even steps, warp 3 the odd ones
-        // Lane 0 moves the step's slabs into the q tile's workspace block
-        // with bulk transfers (D=128: slab c is columns 64c..; D=64: each
-        // slab holds all 64 columns over one consumer's keys, and the warp
-        // first sums slab 1 into slab 0, so that one ordered add suffices).
-        // kFusedOrdered: a step's turn passes as soon as its adds are done
-        // in global memory; the later key blocks of the q tile wait for it.
-        // Two writers, so that one waits for its turn, or for its adds to
-        // complete before it passes the turn on, while the other moves the
-        // next step: a writer's step then takes two steps of the consumers,
-        // and the chain's latency stays off their path.
-        const int writer = warp - 2;
-        float* const accum = dq_ws.accum;
-        for (int j = 0;; ++j) {
-          const int i = kDqBuffers * j + writer;
-          mbarrier_wait(at.dq_full(writer), j & 1);
-          const DqStep step = at.dq_steps[i % kDqRing];
-          if (step.last) {
-            if (lane == 0) bulk_wait<0>();
-            return;
+    if constexpr (kFused) {  // the dQ writers: warp 2 takes the even steps, warp 3 the odd ones
+      // Lane 0 moves the step's slabs into the q tile's workspace block
+      // with bulk transfers (D=128: slab c is columns 64c..; D=64: each
+      // slab holds all 64 columns over one consumer's keys, and the warp
+      // first sums slab 1 into slab 0, so that one ordered add suffices).
+      // kFusedOrdered: a step's turn passes as soon as its adds are done
+      // in global memory; the later key blocks of the q tile wait for it.
+      // Two writers, so that one waits for its turn, or for its adds to
+      // complete before it passes the turn on, while the other moves the
+      // next step: a writer's step then takes two steps of the consumers,
+      // and the chain's latency stays off their path.
+      const int writer = warp - 2;
+      float* const accum = dq_ws.accum;
+      for (int j = 0;; ++j) {
+        const int i = kDqBuffers * j + writer;
+        mbarrier_wait(at.dq_full(writer), j & 1);
+        const DqStep step = at.dq_steps[i % kDqRing];
+        if (step.last) {
+          if (lane == 0) bulk_wait<0>();
+          return;
+        }
+        const uint32_t slabs = at.dq_slabs + writer * 2 * kDqSlabBytes;
+        if constexpr (D == 64) {
+          for (int at4 = lane * 16; at4 < kDqSlabBytes; at4 += 32 * 16) {
+            const float4 a = load_slab4(slabs + at4);
+            const float4 b = load_slab4(slabs + kDqSlabBytes + at4);
+            asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(slabs + at4),
+                         "f"(a.x + b.x), "f"(a.y + b.y), "f"(a.z + b.z), "f"(a.w + b.w)
+                         : "memory");
           }
-          const uint32_t slabs = at.dq_slabs + writer * 2 * kDqSlabBytes;
-          if constexpr (D == 64) {
-            for (int at4 = lane * 16; at4 < kDqSlabBytes; at4 += 32 * 16) {
-              const float4 a = load_slab4(slabs + at4);
-              const float4 b = load_slab4(slabs + kDqSlabBytes + at4);
-              asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(slabs + at4),
-                           "f"(a.x + b.x), "f"(a.y + b.y), "f"(a.z + b.z), "f"(a.w + b.w)
-                           : "memory");
-            }
-            fence_proxy_async_shared();  // the sums, before the bulk transfer reads them
-            __syncwarp();
-          }
-          int32_t* const turn = dq_ws.turns + step.tile;
-          if (lane == 0) {
-            if constexpr (kDq == BackwardDq::kFusedOrdered) {
-              while (load_acquire(turn) != step.rank) {
-              }
-              fence_proxy_async_global();  // the earlier adds, before this one's
-            }
-            // The first block to add to a tile stores (no cleared workspace).
-            const bool first_add = kDq == BackwardDq::kFusedOrdered && step.rank == 0;
-            float* to = accum + int64_t(step.tile) * (kStep * D);
-#pragma unroll
-            for (int slab = 0; slab < D / 64; ++slab) {
-              const uint32_t from = slabs + slab * kDqSlabBytes;
-              if (first_add) {
-                bulk_store(to + slab * kStep * 64, from, kDqSlabBytes);
-              } else {
-                bulk_add_f32(to + slab * kStep * 64, from, kDqSlabBytes);
-              }
-            }
-            bulk_commit();
-            bulk_wait_read<0>();
-          }
-          // Every lane arrives, after its own reads of the slabs (D=64) and
-          // lane 0's transfer has read them: the consumers may overwrite.
+          fence_proxy_async_shared();  // the sums, before the bulk transfer reads them
           __syncwarp();
-          mbarrier_arrive(at.dq_free(writer));
+        }
+        int32_t* const turn = dq_ws.turns + step.tile;
+        if (lane == 0) {
           if constexpr (kDq == BackwardDq::kFusedOrdered) {
-            if (lane == 0) {
-              bulk_wait<0>();              // the adds are done in global memory
-              fence_proxy_async_global();  // ... and ordered before the release
-              store_release(turn, step.rank + 1);
+            while (load_acquire(turn) != step.rank) {
             }
+            fence_proxy_async_global();  // the earlier adds, before this one's
+          }
+          // The first block to add to a tile stores (no cleared workspace).
+          const bool first_add = kDq == BackwardDq::kFusedOrdered && step.rank == 0;
+          float* to = accum + int64_t(step.tile) * (kStep * D);
+#pragma unroll
+          for (int slab = 0; slab < D / 64; ++slab) {
+            const uint32_t from = slabs + slab * kDqSlabBytes;
+            if (first_add) {
+              bulk_store(to + slab * kStep * 64, from, kDqSlabBytes);
+            } else {
+              bulk_add_f32(to + slab * kStep * 64, from, kDqSlabBytes);
+            }
+          }
+          bulk_commit();
+          bulk_wait_read<0>();
+        }
+        // Every lane arrives, after its own reads of the slabs (D=64) and
+        // lane 0's transfer has read them: the consumers may overwrite.
+        __syncwarp();
+        mbarrier_arrive(at.dq_free(writer));
+        if constexpr (kDq == BackwardDq::kFusedOrdered) {
+          if (lane == 0) {
+            bulk_wait<0>();              // the adds are done in global memory
+            fence_proxy_async_global();  // ... and ordered before the release
+            store_release(turn, step.rank + 1);
           }
         }
       }
