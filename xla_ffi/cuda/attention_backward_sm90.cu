@@ -13,10 +13,10 @@
 //   with P^T and dS^T as register A operands and dO, Q as MN-major ones.
 //   With kDq other than BackwardDq::kSeparatePass the same kernel also produces dQ (five
 //   products per step instead of the two passes' seven): each consumer
-//   stores its dS^T to shared memory, and dQ(step) = dS K is one m64n64
-//   product per consumer (D=128: the consumer's 64 columns over all 128
-//   keys, both dS^T halves; D=64: all columns over its own 64 keys, the
-//   writer adding both halves). The fp32 result goes through shared memory
+//   stores its dS^T to shared memory, and dQ(step) = dS K over all 128
+//   keys (both dS^T halves) is an m64n64 product (D=128: each consumer its
+//   64 columns; D=64: all 64 columns, by the consumers in turn, consumer
+//   i % 2 taking step i). The fp32 result goes through shared memory
 //   (two buffers) to warps 2 and 3 of the producer warpgroup (the dQ
 //   writers, taking alternate steps), whose lane 0 adds it to a float32 dQ
 //   workspace [B, Hq, q tiles, D / 64, 64, 64] with bulk (TMA) reductions,
@@ -55,14 +55,17 @@ constexpr int kStages = 2;
 
 // Fused dQ: the dS^T tiles ([128 keys][64 queries], two buffers, so that a
 // consumer can store step i + 1's while the other still reads step i's)
-// and the fp32 dQ staging slabs ([64 rows][64 columns], one per consumer,
-// each a contiguous block in the workspace's layout, so that one bulk
-// transfer adds it to the workspace), in two buffers: step i's in buffer
-// i % 2, which dQ writer i % 2 moves out.
+// and the fp32 dQ staging slabs ([64 rows][64 columns], D / 64 of them: one
+// per 64 columns, each a contiguous block in the workspace's layout, so
+// that one bulk transfer adds it to the workspace), in two buffers: step
+// i's in buffer i % 2, which dQ writer i % 2 moves out.
 constexpr int kDsTileBytes = kBlock * kStep * 2;
 constexpr int kDqSlabBytes = kStep * 64 * 4;
 constexpr int kDqBuffers = 2;
-constexpr int kFusedBytes = 2 * kDsTileBytes + kDqBuffers * 2 * kDqSlabBytes;
+template <int D>
+constexpr int fused_bytes() {
+  return 2 * kDsTileBytes + kDqBuffers * (D / 64) * kDqSlabBytes;
+}
 static_assert(kStep == kBackwardTileQ && kStep == kBackwardTileKv, "steps are plan tiles");
 
 // A [64][64] float32 slab, dense rows, the 8-float chunks of row r at chunk
@@ -105,7 +108,7 @@ constexpr int shared_bytes() {
   // The block's two tiles, kStages x two step tiles, (fused dQ tiles,) lse
   // and delta rows of each stage, barriers, alignment slack.
   return 2 * kBlock * D * 2 + kStages * 2 * kStep * D * 2 +
-         (kFused ? kFusedBytes + kDqRing * int(sizeof(DqStep)) : 0) + kStages * kStepRecordBytes +
+         (kFused ? fused_bytes<D>() + kDqRing * int(sizeof(DqStep)) : 0) + kStages * kStepRecordBytes +
          256 + 1024;
 }
 // What one CTA may opt into on sm90 (227 KB); the fused D=128 kernel is the largest.
@@ -127,9 +130,9 @@ struct DqWorkspace {
 
 #if FASTATTN_HAS_WGMMA
 constexpr int kConsumerWarps = 8;
-// Named barriers of the fused dQ's dS^T tiles.
-constexpr int kDsBarrierBoth = 1;  // D=128: both consumers (each reads all 128 keys of dS^T)
-constexpr int kDsBarrierOwn = 2;   // D=64: + consumer, its own warpgroup
+// Named barrier of the fused dQ's dS^T tiles: both consumers have stored
+// theirs (the dQ product reads all 128 keys).
+constexpr int kDsBarrier = 1;
 
 // Shared-memory map and barriers common to both kernels.
 template <int D, bool kFused = false>
@@ -147,8 +150,8 @@ struct Layout {
     step_a = block_b + kBlockBytes;  // [kStages]
     step_b = step_a + kStages * kStepBytes;
     ds = step_b + kStages * kStepBytes;  // [2] (fused dQ only)
-    dq_slabs = ds + 2 * kDsTileBytes;    // [kDqBuffers][2 slabs] (fused dQ only)
-    const uint32_t records_at = kFused ? dq_slabs + kDqBuffers * 2 * kDqSlabBytes : ds;
+    dq_slabs = ds + 2 * kDsTileBytes;    // [kDqBuffers][D / 64 slabs] (fused dQ only)
+    const uint32_t records_at = kFused ? dq_slabs + kDqBuffers * (D / 64) * kDqSlabBytes : ds;
     records = reinterpret_cast<StepRecord*>(raw + (records_at - base));
     const uint32_t dq_steps_at = records_at + kStages * kStepRecordBytes;
     dq_steps = reinterpret_cast<DqStep*>(raw + (dq_steps_at - base));
@@ -174,7 +177,7 @@ struct Layout {
     }
     if (kFused) {
       for (int buffer = 0; buffer < kDqBuffers; ++buffer) {
-        sm90::mbarrier_init(dq_full(buffer), 2 * 128);
+        sm90::mbarrier_init(dq_full(buffer), (D / 64) * 128);  // the consumers that store a slab
         sm90::mbarrier_init(dq_free(buffer), 32);
       }
     }
@@ -215,15 +218,6 @@ __device__ __forceinline__ void store_dq_slab(uint32_t slab, const float (&dq)[8
                    : "memory");
     }
   }
-}
-
-__device__ __forceinline__ float4 load_slab4(uint32_t at) {
-  float4 v;
-  asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
-               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-               : "r"(at)
-               : "memory");
-  return v;
 }
 
 // TMA of `rows` rows (row0..) of one head into a sw128 tile, in boxes of 64
@@ -401,10 +395,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       return;
     }
     if constexpr (kFused) {  // the dQ writers: warp 2 takes the even steps, warp 3 the odd ones
-      // Lane 0 moves the step's slabs into the q tile's workspace block
-      // with bulk transfers (D=128: slab c is columns 64c..; D=64: each
-      // slab holds all 64 columns over one consumer's keys, and the warp
-      // first sums slab 1 into slab 0, so that one ordered add suffices).
+      // Lane 0 moves the step's slabs (slab c: columns 64c..) into the q
+      // tile's workspace block with bulk transfers.
       // kFusedOrdered: a step's turn passes as soon as its adds are done
       // in global memory; the later key blocks of the q tile wait for it.
       // Two writers, so that one waits for its turn, or for its adds to
@@ -421,18 +413,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           if (lane == 0) bulk_wait<0>();
           return;
         }
-        const uint32_t slabs = at.dq_slabs + writer * 2 * kDqSlabBytes;
-        if constexpr (D == 64) {
-          for (int at4 = lane * 16; at4 < kDqSlabBytes; at4 += 32 * 16) {
-            const float4 a = load_slab4(slabs + at4);
-            const float4 b = load_slab4(slabs + kDqSlabBytes + at4);
-            asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"r"(slabs + at4),
-                         "f"(a.x + b.x), "f"(a.y + b.y), "f"(a.z + b.z), "f"(a.w + b.w)
-                         : "memory");
-          }
-          fence_proxy_async_shared();  // the sums, before the bulk transfer reads them
-          __syncwarp();
-        }
+        const uint32_t slabs = at.dq_slabs + writer * (D / 64) * kDqSlabBytes;
         int32_t* const turn = dq_ws.turns + step.tile;
         if (lane == 0) {
           if constexpr (kDq == BackwardDq::kFusedOrdered) {
@@ -455,8 +436,8 @@ __global__ void __launch_bounds__(kThreads, 1)
           bulk_commit();
           bulk_wait_read<0>();
         }
-        // Every lane arrives, after its own reads of the slabs (D=64) and
-        // lane 0's transfer has read them: the consumers may overwrite.
+        // Every lane arrives, once lane 0's transfer has read the slabs: the
+        // consumers may overwrite them.
         __syncwarp();
         mbarrier_arrive(at.dq_free(writer));
         if constexpr (kDq == BackwardDq::kFusedOrdered) {
@@ -491,6 +472,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (record.last) {
       if constexpr (kFused) {  // each writer learns of the end as of a step: i and i + 1
         for (int k = i; k < i + kDqBuffers; ++k) {
+          if (D == 64 && k % kDqBuffers != consumer) continue;  // the step's dQ consumer arrives
           if (k >= kDqBuffers) mbarrier_wait(at.dq_free(k % kDqBuffers), (k / kDqBuffers - 1) & 1);
           mbarrier_arrive(at.dq_full(k % kDqBuffers));
         }
@@ -582,44 +564,41 @@ __global__ void __launch_bounds__(kThreads, 1)
       for (int kb = 0; kb < kStep / 16; ++kb) dsa[kb][0] = dsa[kb][1] = dsa[kb][2] = dsa[kb][3] = 0;
     }
     if constexpr (kFused) {
-      // dS^T to shared memory, then dQ(step) = dS K: D=128, this
-      // consumer's 64 columns over all 128 keys (both halves of dS^T and
-      // of K's rows); D=64, all columns over its own 64 keys.
+      // dS^T to shared memory, then dQ(step) = dS K over all 128 keys
+      // (both halves of dS^T and of K's rows): D=128, this consumer's 64
+      // columns; D=64, all 64 columns, by consumer i % 2 alone (one slab,
+      // which the writer adds as it is; the other consumer goes on to the
+      // next step, and the two alternate).
       const uint32_t ds_tile = at.ds + (i & 1) * kDsTileBytes;
       store_ds_tile(ds_tile, dsa, key_row, lane);
       fence_proxy_async_shared();
-      if constexpr (D == 128) {
-        named_barrier_sync(kDsBarrierBoth, 2 * 128);
-      } else {
-        named_barrier_sync(kDsBarrierOwn + consumer, 128);
-      }
+      named_barrier_sync(kDsBarrier, 2 * 128);
+      const bool stores_dq = D == 128 || i % kDqBuffers == consumer;
       float dq[8][4];
-      wgmma_fence();
-      if constexpr (D == 128) {
+      if (stores_dq) {
+        wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < kBlock / 16; ++kk) {
           Wgmma<T>::tt(dq, mn_major(ds_tile, kBlock, kk),
-                       mn_major(k_tile + consumer * kBlock * 128, kBlock, kk), kk > 0);
+                       mn_major(k_tile + (D == 128 ? consumer : 0) * kBlock * 128, kBlock, kk),
+                       kk > 0);
         }
-      } else {
-#pragma unroll
-        for (int kk = 0; kk < 64 / 16; ++kk) {
-          Wgmma<T>::tt(dq, mn_major(ds_tile + consumer * 64 * 128, 64, kk),
-                       mn_major(k_tile + consumer * 64 * 128, kBlock, kk), kk > 0);
-        }
+        wgmma_commit();
       }
-      wgmma_commit();
       wgmma_wait<0>();
       fence_operands(dv);
       fence_operands(dk);
-      fence_operands(dq);
       mbarrier_arrive(at.empty(stage));
-      // Buffer i % 2 is free once its writer has moved step i - 2 out.
-      const int buffer = i % kDqBuffers;
-      if (i >= kDqBuffers) mbarrier_wait(at.dq_free(buffer), (i / kDqBuffers - 1) & 1);
-      store_dq_slab(at.dq_slabs + (buffer * 2 + consumer) * kDqSlabBytes, dq, warp, g, t);
-      fence_proxy_async_shared();  // the stores, before the writer's bulk transfer reads them
-      mbarrier_arrive(at.dq_full(buffer));
+      if (stores_dq) {
+        fence_operands(dq);
+        // Buffer i % 2 is free once its writer has moved step i - 2 out.
+        const int buffer = i % kDqBuffers;
+        if (i >= kDqBuffers) mbarrier_wait(at.dq_free(buffer), (i / kDqBuffers - 1) & 1);
+        const int slab = buffer * (D / 64) + (D == 128 ? consumer : 0);
+        store_dq_slab(at.dq_slabs + slab * kDqSlabBytes, dq, warp, g, t);
+        fence_proxy_async_shared();  // the stores, before the writer's bulk transfer reads them
+        mbarrier_arrive(at.dq_full(buffer));
+      }
     } else {
       wgmma_wait<0>();
       fence_operands(dv);
