@@ -456,6 +456,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int consumer = warpgroup - 1, warp = (threadIdx.x / 32) % 4;
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int key_row = consumer * 64 + warp * 16;  // the warp's first key in the block
+  // Fused dQ: which consumers make step i's dQ (D=128 both, D=64 consumer
+  // i % 2) and which 64 columns this one makes (its column box of K and
+  // its slab of the buffer).
+  auto makes_dq = [&](int i) { return D == 128 || i % kDqBuffers == consumer; };
+  const int dq_box = D == 128 ? consumer : 0;
   float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
   for (int dt = 0; dt < D / 8; ++dt) {
@@ -472,7 +477,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (record.last) {
       if constexpr (kFused) {  // each writer learns of the end as of a step: i and i + 1
         for (int k = i; k < i + kDqBuffers; ++k) {
-          if (D == 64 && k % kDqBuffers != consumer) continue;  // the step's dQ consumer arrives
+          if (!makes_dq(k)) continue;
           if (k >= kDqBuffers) mbarrier_wait(at.dq_free(k % kDqBuffers), (k / kDqBuffers - 1) & 1);
           mbarrier_arrive(at.dq_full(k % kDqBuffers));
         }
@@ -573,15 +578,14 @@ __global__ void __launch_bounds__(kThreads, 1)
       store_ds_tile(ds_tile, dsa, key_row, lane);
       fence_proxy_async_shared();
       named_barrier_sync(kDsBarrier, 2 * 128);
-      const bool stores_dq = D == 128 || i % kDqBuffers == consumer;
+      const bool stores_dq = makes_dq(i);
       float dq[8][4];
       if (stores_dq) {
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < kBlock / 16; ++kk) {
           Wgmma<T>::tt(dq, mn_major(ds_tile, kBlock, kk),
-                       mn_major(k_tile + (D == 128 ? consumer : 0) * kBlock * 128, kBlock, kk),
-                       kk > 0);
+                       mn_major(k_tile + dq_box * kBlock * 128, kBlock, kk), kk > 0);
         }
         wgmma_commit();
       }
@@ -594,8 +598,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         // Buffer i % 2 is free once its writer has moved step i - 2 out.
         const int buffer = i % kDqBuffers;
         if (i >= kDqBuffers) mbarrier_wait(at.dq_free(buffer), (i / kDqBuffers - 1) & 1);
-        const int slab = buffer * (D / 64) + (D == 128 ? consumer : 0);
-        store_dq_slab(at.dq_slabs + slab * kDqSlabBytes, dq, warp, g, t);
+        store_dq_slab(at.dq_slabs + (buffer * (D / 64) + dq_box) * kDqSlabBytes, dq, warp, g, t);
         fence_proxy_async_shared();  // the stores, before the writer's bulk transfer reads them
         mbarrier_arrive(at.dq_full(buffer));
       }
