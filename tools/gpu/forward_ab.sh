@@ -9,7 +9,9 @@
 # interleaved and twice, so that clock drift hits all alike. Each run also
 # compares the forward it took with the mma.sync forward. Log:
 # $OUT/forward_ab.txt. SHAPES ("batch seq heads dim causal;..."), LAUNCHES
-# (default 20) and DATA (uniform or normal) override the runs.
+# (default 20) and DATA (uniform or normal) override the runs. BUILD=only
+# builds and stops, BUILD=no runs the binaries an earlier BUILD=only made
+# (so that the builds can overlap another job's GPU runs).
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -19,20 +21,23 @@ common="xla_ffi/tests/cuda_attention_bench.cu xla_ffi/cuda/dispatch.cc xla_ffi/c
   xla_ffi/cuda/attention_backward_sm90.cu"
 sm80=xla_ffi/cuda/attention_sm80.cu
 sm90=xla_ffi/cuda/attention_sm90.cu
+build=${BUILD:-yes}
+compile() { [[ $build != no ]] && nvcc "$@" & }
 names=(tree)
-nvcc $flags $common $sm80 $sm90 -o /tmp/forward_ab_tree &
+compile $flags $common $sm80 $sm90 -o /tmp/forward_ab_tree
 index=0
 for variant in "$@"; do
   index=$((index + 1))
   names+=("v$index")
-  echo "v$index = $variant" | tee -a "$LOG"
+  [[ $build != only ]] && echo "v$index = $variant" | tee -a "$LOG"
   if [[ "$(basename "$variant")" == *sm80* ]]; then
-    nvcc $flags $common "$variant" $sm90 -o "/tmp/forward_ab_v$index" &
+    compile $flags $common "$variant" $sm90 -o "/tmp/forward_ab_v$index"
   else
-    nvcc $flags $common $sm80 "$variant" -o "/tmp/forward_ab_v$index" &
+    compile $flags $common $sm80 "$variant" -o "/tmp/forward_ab_v$index"
   fi
 done
 wait
+[[ $build == only ]] && exit 0
 # batch seq heads dim causal
 default_shapes=("4 4096 32 128 0" "4 4096 32 128 1" "16 1024 32 128 1" "16 1024 32 128 0"
         "1 16384 32 128 1" "1 16384 32 128 0" "4 4096 32 64 0" "4 4096 32 64 1"

@@ -74,9 +74,19 @@ constexpr int kLongKeys = 176;
 
 __host__ __device__ constexpr int stages_for(int keys) { return keys == kLongKeys ? 2 : 3; }
 
-template <int D, int kKeys>
-constexpr int shared_bytes() {  // tiles, barriers, alignment
-  return (kRows + 2 * stages_for(kKeys) * kKeys) * D * 2 + 1024 + 1024;
+// Row sums on the tensor cores (D=64 under the band mask alone): O += P V
+// runs 72 columns wide, V's 64 and 8 of a block of ones (kKeys rows of 128
+// bytes, beside the V stages), whose 8 result columns are then the row sums
+// of P as the product used it (rounded to T). That takes an FADD per score
+// off the softmax, which at D=64 has as many scores per product FLOP as
+// twice D=128's. D=128 has no shared memory left for the ones block.
+template <int D, bool kBandOnly>
+__host__ __device__ constexpr bool tensor_row_sums() { return kBandOnly && D == 64; }
+
+template <int D, int kKeys, bool kBandOnly>
+constexpr int shared_bytes() {  // tiles, (ones,) barriers, alignment
+  return (kRows + 2 * stages_for(kKeys) * kKeys) * D * 2 +
+         (tensor_row_sums<D, kBandOnly>() ? kKeys * 128 : 0) + 1024 + 1024;
 }
 
 struct TensorMaps {
@@ -139,7 +149,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr uint32_t kTileBytes = kKeys * D * 2;
   const uint32_t k_tiles = q_tile + kRows * D * 2;        // [kStages]
   const uint32_t v_tiles = k_tiles + kStages * kTileBytes;  // [kStages]
-  const uint32_t barriers = v_tiles + kStages * kTileBytes;
+  constexpr bool kTensorSums = tensor_row_sums<D, kBandOnly>();
+  constexpr bool kEarlyStart = kTensorSums;  // see start_item
+  const uint32_t ones_tile = v_tiles + kStages * kTileBytes;  // kTensorSums: [kKeys][128 bytes]
+  const uint32_t barriers = ones_tile + (kTensorSums ? kKeys * 128 : 0);
   const uint32_t q_full = barriers, q_empty = barriers + 8;
   auto k_full = [&](int stage) { return barriers + 8 * (2 + stage); };
   auto v_full = [&](int stage) { return barriers + 8 * (2 + kStages + stage); };
@@ -181,6 +194,12 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbarrier_init(v_empty(stage), kConsumerWarps);
     }
     mbarrier_init_fence();
+  }
+  if constexpr (kTensorSums) {  // all ones: the swizzle moves nothing that matters
+    const uint32_t one = sm80::Mma<T>::pack(1.f, 1.f);
+    uint4* ones = reinterpret_cast<uint4*>(shared_raw + (ones_tile - shared_address(shared_raw)));
+    for (int at = threadIdx.x; at < kKeys * 128 / 16; at += kThreads) ones[at] = {one, one, one, one};
+    fence_proxy_async_shared();  // before the wgmmas read them
   }
   __syncthreads();
 
@@ -338,47 +357,94 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto pass_turn = [&] { named_barrier_arrive(2 - consumer, 2 * 128); };
   if (consumer == 1) pass_turn();
   int i = 0;  // steps done, as the producer counts them
-  for (int n = 0;; ++n) {  // n: items done
+  // S = Q K^T of the step in `stage`, issued (not waited for); returns
+  // the step's record as {tile, masked, last}.
+  struct Step {
+    int64_t tile;
+    bool masked, last;
+  };
+  auto issue_scores = [&](float (&sc)[kKeys / 8][4], int stage, uint32_t parity) {
+    mbarrier_wait(k_full(stage), parity);
+    uint32_t packed[2] = {0u, 0u};
+    if (lane == 0) {
+      const uint2 raw = *reinterpret_cast<const uint2*>(records + stage);  // after the wait
+      packed[0] = raw.x;
+      packed[1] = raw.y;
+    }
+    packed[0] = warp_broadcast(packed[0]);
+    packed[1] = warp_broadcast(packed[1]);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      Wgmma<T>::template ss<kKeys>(sc, k_major(q_tile, kRows, consumer * 64, kk),
+                                   k_major(k_tiles + stage * kTileBytes, kKeys, 0, kk), kk > 0);
+    }
+    wgmma_commit();
+    return Step{int64_t(packed[0]), ((packed[1] >> (8 * consumer)) & 0xff) != 0,
+                ((packed[1] >> 16) & 0xff) != 0};
+  };
+  auto release_q = [&] {
+    if (lane == 0) mbarrier_arrive(q_empty);
+  };
+  // An item starts with its Q and its first scores: start_item waits for
+  // item n's Q and record. kEarlyStart (D=64, band mask alone): it also
+  // issues S of the item's first step into `first_scores`, and the
+  // consumers start item n + 1 so before they store item n's output, whose
+  // stores then overlap that product. Elsewhere the item's first product
+  // is issued at its top, after the previous item's stores: the general
+  // mask's registers do not hold the scores beside O (it spilled), and at
+  // D=128 starting early was slower (it waits for the next Q before the
+  // stores).
+  float first_scores[kKeys / 8][4];
+  struct ItemStart {
+    int w;
+    bool has_steps;
+    Step step;
+  };
+  // The products read their accumulators ("+f"): zeros end the previous
+  // scores' live range, which else spans the whole item loop (and spills).
+  auto clear_first_scores = [&] {
+#pragma unroll
+    for (int nt = 0; nt < kKeys / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) first_scores[nt][e] = 0.f;
+  };
+  auto issue_first_scores = [&](float (&sc)[kKeys / 8][4]) {
+    take_turn();
+    const Step step = issue_scores(sc, i % kStages, (i / kStages) & 1);
+    pass_turn();
+    return step;
+  };
+  auto start_item = [&](int n, auto&& store_previous) {
+    if constexpr (kEarlyStart) clear_first_scores();  // on every path
     mbarrier_wait(q_full, n & 1);
-    const int w = int(warp_broadcast(lane == 0 ? item_record[1] : 0u));
-    if (w >= num_work) break;
-    const WorkItem item = item_of(w);
+    ItemStart next{int(warp_broadcast(lane == 0 ? item_record[1] : 0u)), false, Step{0, false, true}};
+    if (next.w < num_work) next.has_steps = warp_broadcast(lane == 0 ? item_record[0] : 0u) != 0;
+    if (next.w < num_work && !next.has_steps) release_q();  // nothing visible: zeros and lse -inf
+    if (kEarlyStart && next.has_steps) {
+      // The scores are waited for on this path: ptxas serialises every
+      // wgmma of the kernel when a product's registers are in flight
+      // where paths join.
+      next.step = issue_first_scores(first_scores);
+      store_previous();
+      wgmma_wait<0>();
+    } else {
+      store_previous();
+    }
+    return next;
+  };
+  ItemStart started{};  // kEarlyStart: item n's start, made before item n - 1's stores
+  for (int n = 0;; ++n) {  // n: items done
+    const ItemStart current = kEarlyStart && n > 0 ? started : start_item(n, [] {});
+    if (current.w >= num_work) break;
+    const WorkItem item = item_of(current.w);
     const int64_t warp_row0 = int64_t(item.q_block) * kRows + consumer * 64 + warp * 16;
     float o[D / 8][4];
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
     float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};  // row_sum: own columns
-    const bool has_steps = warp_broadcast(lane == 0 ? item_record[0] : 0u) != 0;
-    auto release_q = [&] {
-      if (lane == 0) mbarrier_arrive(q_empty);
-    };
+    float sums[1][4] = {{0.f, 0.f, 0.f, 0.f}};  // kTensorSums: rows g, g + 8 (whole rows)
 
-    // S = Q K^T of the step in `stage`, issued (not waited for); returns
-    // the step's record as {tile, masked, last}.
-    struct Step {
-      int64_t tile;
-      bool masked, last;
-    };
-    auto issue_scores = [&](float (&sc)[kKeys / 8][4], int stage, uint32_t parity) {
-      mbarrier_wait(k_full(stage), parity);
-      uint32_t packed[2] = {0u, 0u};
-      if (lane == 0) {
-        const uint2 raw = *reinterpret_cast<const uint2*>(records + stage);  // after the wait
-        packed[0] = raw.x;
-        packed[1] = raw.y;
-      }
-      packed[0] = warp_broadcast(packed[0]);
-      packed[1] = warp_broadcast(packed[1]);
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        Wgmma<T>::template ss<kKeys>(sc, k_major(q_tile, kRows, consumer * 64, kk),
-                                     k_major(k_tiles + stage * kTileBytes, kKeys, 0, kk), kk > 0);
-      }
-      wgmma_commit();
-      return Step{int64_t(packed[0]), ((packed[1] >> (8 * consumer)) & 0xff) != 0,
-                  ((packed[1] >> 16) & 0xff) != 0};
-    };
     // Finished scores: scale and mask them, then the online softmax (P in
     // place; O may still be the target of a wgmma in flight, so the caller
     // applies `rescale` to it later).
@@ -386,7 +452,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if constexpr (kRawScores) {
         mask_scores<kKeys / 8, false, kBandOnly>(sc, s, p.mask, p.bias, item.batch, item.head,
                                                  warp_row0, step.tile * kKeys, step.masked);
-        online_softmax_raw(sc, row_max, row_sum, rescale, scale_log2);
+        online_softmax_raw<kKeys / 8, !kTensorSums>(sc, row_max, row_sum, rescale, scale_log2);
       } else {
 #pragma unroll
         for (int nt = 0; nt < kKeys / 8; ++nt)
@@ -400,32 +466,40 @@ __global__ void __launch_bounds__(kThreads, 1)
     // Software pipeline within the warpgroup: S of step i+1 is issued
     // before O += P_i V_i, and its softmax runs while that product is in
     // flight.
-    if (!has_steps) {
-      release_q();  // nothing visible: zeros and lse -inf below
-    } else {
+    if (current.has_steps) {
+      float item_scores[kKeys / 8][4];  // the first scores unless kEarlyStart
+      float(&scores)[kKeys / 8][4] = kEarlyStart ? first_scores : item_scores;
+      Step step = current.step;
+      if constexpr (!kEarlyStart) step = issue_first_scores(scores);
       uint32_t pa[kKeys / 16][4];
-      Step step;
       {
-        float sc[kKeys / 8][4], rescale[2];
-        take_turn();
-        step = issue_scores(sc, i % kStages, (i / kStages) & 1);
-        pass_turn();
+        float rescale[2];
         wgmma_wait<0>();
-        fence_operands(sc);
+        fence_operands(scores);
         if (lane == 0) mbarrier_arrive(k_empty(i % kStages));
         if (step.last) release_q();
-        softmax(sc, step, rescale);  // O is 0: nothing to rescale
+        softmax(scores, step, rescale);  // O is 0: nothing to rescale
 #pragma unroll
-        for (int kb = 0; kb < kKeys / 16; ++kb) c_to_a<T>(pa[kb], sc[2 * kb], sc[2 * kb + 1]);
+        for (int kb = 0; kb < kKeys / 16; ++kb) {
+          c_to_a<T>(pa[kb], scores[2 * kb], scores[2 * kb + 1]);
+        }
       }
       auto issue_output = [&](int stage, uint32_t parity) {  // O += P V, issued
         mbarrier_wait(v_full(stage), parity);
         fence_operands(o);
+        if constexpr (kTensorSums) fence_operands(sums);
         wgmma_fence();
 #pragma unroll
         for (int kb = 0; kb < kKeys / 16; ++kb) {
-          Wgmma<T>::template rs<D>(o, pa[kb], mn_major(v_tiles + stage * kTileBytes, kKeys, kb),
+          const uint32_t v_tile = v_tiles + stage * kTileBytes;
+          if constexpr (kTensorSums) {
+            // The ones block as V's second 64-column block (the leading offset).
+            Wgmma<T>::rs_with_sums(o, sums, pa[kb],
+                                   sw128_descriptor(v_tile + kb * 16 * 128, ones_tile - v_tile, 1024),
                                    true);
+          } else {
+            Wgmma<T>::template rs<D>(o, pa[kb], mn_major(v_tile, kKeys, kb), true);
+          }
         }
         wgmma_commit();
       };
@@ -447,8 +521,10 @@ __global__ void __launch_bounds__(kThreads, 1)
         softmax(sc, next, rescale);
         wgmma_wait<0>();  // O += P V of `step`
         fence_operands(o);
+        if constexpr (kTensorSums) fence_operands(sums);
         if (lane == 0) mbarrier_arrive(v_empty(stage));
         scale_rows(o, rescale);
+        if constexpr (kTensorSums) scale_rows(sums, rescale);
 #pragma unroll
         for (int kb = 0; kb < kKeys / 16; ++kb) c_to_a<T>(pa[kb], sc[2 * kb], sc[2 * kb + 1]);
         step = next;
@@ -458,20 +534,32 @@ __global__ void __launch_bounds__(kThreads, 1)
       pass_turn();
       wgmma_wait<0>();
       fence_operands(o);
+      if constexpr (kTensorSums) fence_operands(sums);
       if (lane == 0) mbarrier_arrive(v_empty(i % kStages));
       ++i;
     }
 
-    if constexpr (kRawScores) {
-      row_max[0] *= scale_log2;
-      row_max[1] *= scale_log2;
+    auto store_item = [&] {
+      if constexpr (kRawScores) {
+        row_max[0] *= scale_log2;
+        row_max[1] *= scale_log2;
+      }
+      const int64_t q_stride = s.q_heads * D;
+      if constexpr (kTensorSums) {
+        row_sum[0] = sums[0][0];
+        row_sum[1] = sums[0][2];
+      }
+      store_output_rows<D, T, !kTensorSums>(
+          o, row_max, row_sum,
+          static_cast<T*>(p.out) + (int64_t(item.batch) * s.q_len * s.q_heads + item.head) * D,
+          q_stride, p.lse + (int64_t(item.batch) * s.q_heads + item.head) * s.q_len,
+          warp_row0 + g, s.q_len, t);
+    };
+    if constexpr (kEarlyStart) {
+      started = start_item(n + 1, store_item);
+    } else {
+      store_item();
     }
-    const int64_t q_stride = s.q_heads * D;
-    store_output_rows<D>(
-        o, row_max, row_sum,
-        static_cast<T*>(p.out) + (int64_t(item.batch) * s.q_len * s.q_heads + item.head) * D,
-        q_stride, p.lse + (int64_t(item.batch) * s.q_heads + item.head) * s.q_len, warp_row0 + g,
-        s.q_len, t);
   }
   if (consumer == 0) take_turn();  // consumer 1's last pass
 #endif  // FASTATTN_HAS_WGMMA
@@ -479,7 +567,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 template <int D, typename T, bool kBandOnly, int kKeys = 128>
 cudaError_t launch_variant(const ForwardParams& p, int32_t* work_counter, cudaStream_t stream) {
-  constexpr int kShared = shared_bytes<D, kKeys>();
+  constexpr int kShared = shared_bytes<D, kKeys, kBandOnly>();
   const AttentionShape& s = p.shape;
   TensorMaps maps;
   if (!encode_tensor_map(&maps.q, p.q, p.dtype, s.batch, s.q_len, s.q_heads, D, kRows) ||

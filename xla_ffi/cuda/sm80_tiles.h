@@ -280,7 +280,9 @@ __device__ __forceinline__ float quad_row_max(const float (&s)[kN][4], float run
 // scale folded into the FFMA before each exp2; row_max then stays in raw
 // units (times `scale` it is online_softmax's). Raw needs scale > 0 and no
 // bias, which is added in scaled units.
-template <int kN, bool kRaw>
+// kSums false: row_sum is left alone (the caller sums P elsewhere, e.g. on
+// the tensor cores).
+template <int kN, bool kRaw, bool kSums = true>
 __device__ __forceinline__ void online_softmax_in(float (&s)[kN][4], float (&row_max)[2],
                                                   float (&row_sum)[2], float (&rescale)[2],
                                                   float scale) {
@@ -292,7 +294,7 @@ __device__ __forceinline__ void online_softmax_in(float (&s)[kN][4], float (&row
     reference[r] = m == -INFINITY ? 0.f : kRaw ? m * scale : m;
     rescale[r] = exp2_fast((kRaw ? row_max[r] * scale : row_max[r]) - reference[r]);
     row_max[r] = m;
-    row_sum[r] *= rescale[r];
+    if constexpr (kSums) row_sum[r] *= rescale[r];
   }
 #pragma unroll
   for (int nt = 0; nt < kN; ++nt) {
@@ -300,7 +302,7 @@ __device__ __forceinline__ void online_softmax_in(float (&s)[kN][4], float (&row
     for (int e = 0; e < 4; ++e) {
       s[nt][e] = exp2_fast(kRaw ? fmaf(s[nt][e], scale, -reference[e >> 1])
                                 : s[nt][e] - reference[e >> 1]);
-      row_sum[e >> 1] += s[nt][e];
+      if constexpr (kSums) row_sum[e >> 1] += s[nt][e];
     }
   }
 }
@@ -311,11 +313,11 @@ __device__ __forceinline__ void online_softmax(float (&s)[kN][4], float (&row_ma
   online_softmax_in<kN, false>(s, row_max, row_sum, rescale, 1.f);
 }
 
-template <int kN>
+template <int kN, bool kSums = true>
 __device__ __forceinline__ void online_softmax_raw(float (&s)[kN][4], float (&row_max)[2],
                                                    float (&row_sum)[2], float (&rescale)[2],
                                                    float scale) {
-  online_softmax_in<kN, true>(s, row_max, row_sum, rescale, scale);
+  online_softmax_in<kN, true, kSums>(s, row_max, row_sum, rescale, scale);
 }
 
 // Rows g and g + 8 of an output accumulator times online_softmax's rescale.
@@ -335,8 +337,9 @@ __device__ __forceinline__ void scale_rows(float (&o)[kN][4], const float (&resc
 // by the row sums (row_sum holds the thread's own columns, summed over the
 // quad here) to `out` rows of q_stride elements, and the rows' lse (natural
 // log; -inf where a row saw no key). `out` and `lse` point at row 0 of the
-// (batch, head); rows past Sq are not stored.
-template <int D, typename T>
+// (batch, head); rows past Sq are not stored. kQuadSums false: row_sum
+// holds the whole rows' sums already.
+template <int D, typename T, bool kQuadSums = true>
 __device__ __forceinline__ void store_output_rows(const float (&o)[D / 8][4],
                                                   const float (&row_max)[2],
                                                   const float (&row_sum)[2], T* out,
@@ -345,8 +348,10 @@ __device__ __forceinline__ void store_output_rows(const float (&o)[D / 8][4],
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float total = row_sum[r];
-    total += __shfl_xor_sync(0xffffffffu, total, 1);
-    total += __shfl_xor_sync(0xffffffffu, total, 2);
+    if constexpr (kQuadSums) {
+      total += __shfl_xor_sync(0xffffffffu, total, 1);
+      total += __shfl_xor_sync(0xffffffffu, total, 2);
+    }
     const int64_t qi = row + 8 * r;
     if (qi >= q_len) continue;
     const float inverse = total > 0.f ? 1.f / total : 0.f;

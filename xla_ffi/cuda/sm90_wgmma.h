@@ -169,6 +169,20 @@ __device__ __forceinline__ void fence_operands(float (&d)[kTiles][4]) {
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(int(accumulate)));      \
       }                                                                                        \
     }                                                                                          \
+    /* rs_with_sums: rs<64> with B 72 columns wide, its last 8 columns into sums (a */          \
+    /* ones block there makes them the row sums of A). */                                      \
+    static __device__ __forceinline__ void rs_with_sums(float (&d)[8][4], float (&sums)[1][4], \
+                                                        const uint32_t* a, uint64_t b,         \
+                                                        bool accumulate) {                     \
+      asm volatile(                                                                            \
+          "{\n.reg .pred p;\nsetp.ne.b32 p, %41, 0;\n"                                       \
+          "wgmma.mma_async.sync.aligned.m64n72k16.f32" PTX_TYPES                               \
+          " {" FASTATTN_WGMMA_REGS32 ", %32, %33, %34, %35}, {%36, %37, %38, %39}, %40, p, 1, " \
+          "1, 1;\n}\n"                                                                          \
+          : FASTATTN_D32, "+f"(sums[0][0]), "+f"(sums[0][1]), "+f"(sums[0][2]),              \
+            "+f"(sums[0][3])                                                                   \
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(int(accumulate)));        \
+    }                                                                                          \
   };
 
 template <typename T>
