@@ -78,8 +78,9 @@ __host__ __device__ constexpr int stages_for(int keys) { return keys == kLongKey
 // runs 72 columns wide, V's 64 and 8 of a block of ones (kKeys rows of 128
 // bytes, beside the V stages), whose 8 result columns are then the row sums
 // of P as the product used it (rounded to T). That takes an FADD per score
-// off the softmax, which at D=64 has as many scores per product FLOP as
-// twice D=128's. D=128 has no shared memory left for the ones block.
+// off the softmax: at D=64 a score carries half the product FLOPs it does at
+// D=128, so the softmax's instructions per score weigh twice as much. D=128
+// has no shared memory left for the ones block.
 template <int D, bool kBandOnly>
 __host__ __device__ constexpr bool tensor_row_sums() { return kBandOnly && D == 64; }
 
