@@ -490,9 +490,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         fence_operands(o);
         if constexpr (kTensorSums) fence_operands(sums);
         wgmma_fence();
+        const uint32_t v_tile = v_tiles + stage * kTileBytes;
 #pragma unroll
         for (int kb = 0; kb < kKeys / 16; ++kb) {
-          const uint32_t v_tile = v_tiles + stage * kTileBytes;
           if constexpr (kTensorSums) {
             // The ones block as V's second 64-column block (the leading offset).
             Wgmma<T>::rs_with_sums(o, sums, pa[kb],
