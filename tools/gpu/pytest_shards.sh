@@ -4,7 +4,8 @@
 # process): test ids split round-robin, logs $OUT/pytest_shard*.txt, and a
 # summary line per shard. SKIP_FIRST=N drops the first N ids (already run);
 # IDS_FILE=path runs exactly the ids listed there (one per line) instead of
-# collecting. Each shard logs one line per test (-v), so a shard stopped at
+# collecting (tools/gpu/suite_rest.py lists the ids a cut-short run did not
+# finish). Each shard logs one line per test (-v), so a shard stopped at
 # TEST_TIMEOUT still says which tests ran.
 source "$(dirname "$0")/common.sh"
 SHARDS=${SHARDS:-4}

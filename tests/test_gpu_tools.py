@@ -1,0 +1,29 @@
+"""The device scripts' host-side helpers (tools/gpu), run here on small
+inputs: tools/gpu/suite_rest.py lists exactly the tests a cut-short GPU
+suite did not finish."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_suite_rest_lists_the_unfinished_tests(tmp_path):
+    ids = ["tests/a.py::t[x]", "tests/a.py::u[y-1]", "tests/b.py::v", "tests/b.py::w[cuda-bf16]",
+           "tests/b.py::z"]
+    (tmp_path / "ids.txt").write_text("3 tests in 2 shards\n" + "\n".join(ids) + "\n")
+    # A shard's -v log: a pass, a failure reported by instafail before its
+    # outcome word, a skip with a reason, a test cut off mid-run (no
+    # outcome), and one never reached.
+    (tmp_path / "log.txt").write_text(
+        "== gpu_out/pytest_shard0.txt\n"
+        "tests/a.py::t[x] PASSED                                  [ 20%]\n"
+        "tests/a.py::u[y-1] \n"
+        "FAILED-NOW tests/a.py::u[y-1] (call)\nAssertionError: out differs\nFAILED [ 40%]\n"
+        "tests/b.py::v SKIPPED (needs >= 2 gpu devices)            [ 60%]\n"
+        "tests/b.py::w[cuda-bf16] \n")
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "gpu", "suite_rest.py"),
+                          str(tmp_path / "ids.txt"), str(tmp_path / "log.txt")],
+                         capture_output=True, text=True, check=True)
+    assert run.stdout.split() == ["tests/b.py::w[cuda-bf16]", "tests/b.py::z"]
+    assert "5 collected, 3 finished, 2 left" in run.stderr
