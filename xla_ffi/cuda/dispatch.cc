@@ -8,8 +8,17 @@ namespace cuda {
 
 std::string select_forward_kernel(const ForwardParams& params, KernelChoice choice,
                                   Kernel* kernel) {
-  return choose_kernel("cuda_forward", choice,
-                       wgmma_obstacle(params.shape.head_dim, false, device_runs_wgmma()), kernel);
+  std::string refused = choose_kernel(
+      "cuda_forward", choice, wgmma_obstacle(params.shape.head_dim, false, device_runs_wgmma()),
+      kernel);
+  if (refused.empty() && choice == KernelChoice::kWgmmaCluster) {
+    const std::string obstacle = wgmma_cluster_obstacle(
+        params.shape.head_dim, forward_band_only(params), params.mask.has_band(), params.shape.q_len);
+    if (!obstacle.empty()) {
+      refused = "KernelConfig.cuda_forward='wgmma_cluster' cannot run this call: " + obstacle;
+    }
+  }
+  return refused;
 }
 
 std::string select_backward_kernel(const BackwardParams& params, KernelChoice choice,
@@ -27,7 +36,8 @@ DispatchStatus attention_forward(const ForwardParams& params, KernelChoice choic
   status.refused = select_forward_kernel(params, choice, &kernel);
   if (!status.refused.empty()) return status;
   status.launch = kernel == Kernel::kWgmma
-                      ? attention_forward_wgmma(params, work_counter, stream)
+                      ? attention_forward_wgmma(params, work_counter,
+                                                choice == KernelChoice::kWgmmaCluster, stream)
                       : attention_forward_mma_sync(params, stream);
   return status;
 }
