@@ -144,15 +144,17 @@ def test_bitwise_reproducible_jit_and_vmap(cuda):
 CLUSTER = KernelConfig(cuda_forward="wgmma_cluster")
 
 
-@pytest.mark.parametrize("kv_len", [1024, 900, 2000])
-def test_cluster_forward_equals_wgmma(cuda, kv_len):
+@pytest.mark.parametrize("q_len,kv_len", [(1024, 1024), (1024, 900), (1000, 2000), (256, 60)])
+def test_cluster_forward_equals_wgmma(cuda, q_len, kv_len):
     """cuda_forward="wgmma_cluster" (CTA pairs, each loading half of every
     K/V tile into both by TMA multicast) does the same arithmetic as
-    "wgmma": out and lse equal bit for bit, and match the oracle; GQA, 8
-    query blocks a head (4 pairs), more pairs than clusters, and key
-    lengths whose last 176-key step is partial (2000 = 11 x 176 + 64) or
-    leaves one CTA's half wholly past the keys (900 = 5 x 176 + 20)."""
-    q, k, v = random_qkv(23, 2, 1024, kv_len, 16, 4, 128, cuda.dtype)
+    "wgmma": out and lse equal bit for bit, and match the oracle. GQA; 8
+    query blocks a head (more pairs than clusters), the last one partial
+    (1000); key lengths whose last 176-key step is partial (2000 = 11 x 176
+    + 64) or leaves one CTA's half wholly past the keys (900 = 5 x 176 +
+    20); one step of 60 keys with fewer pairs than clusters (256: one pair
+    a head; the producers' end waits with fewer steps than stages)."""
+    q, k, v = random_qkv(23, 2, q_len, kv_len, 16, 4, 128, cuda.dtype)
 
     def run(config):
         fn = lambda q, k, v: flash_attention(q, k, v, backend="cuda", config=config, return_lse=True)
@@ -165,15 +167,17 @@ def test_cluster_forward_equals_wgmma(cuda, kv_len):
 
 
 @pytest.mark.parametrize("head_dim,q_len,kwargs,why", [
-    (128, 256, {"causal": True}, "no mask"),
-    (128, 256, {"mask": masks.SlidingWindow(64, 0)}, "no mask"),
-    (128, 384, {}, "even number of 128-row query blocks, got q_len 384"),
+    (128, 256, {"causal": True}, "cannot run this call: .*no mask"),
+    (128, 256, {"mask": masks.SlidingWindow(64, 0)}, "cannot run this call: .*no mask"),
+    (128, 384, {}, "cannot run this call: .*even number of 128-row query blocks, got q_len 384"),
+    (64, 256, {}, ": the cluster forward takes head dims of 65 to 128"),
 ])
 def test_cluster_forward_refuses_what_it_cannot_run(cuda, head_dim, q_len, kwargs, why):
     """Where the cluster forward cannot run a call the error names the
-    option and why (never a silent fallback)."""
+    option and why (never a silent fallback): the head dim at trace time,
+    the rest from the kernel's handler."""
     q, k, v = random_qkv(24, 1, q_len, q_len, 4, 4, head_dim, cuda.dtype)
-    with pytest.raises(Exception, match=rf"cuda_forward='wgmma_cluster' cannot run this call: .*{why}"):
+    with pytest.raises(Exception, match=rf"cuda_forward='wgmma_cluster'{why}"):
         jax.block_until_ready(flash_attention(q, k, v, backend="cuda", config=CLUSTER, **kwargs))
 
 

@@ -388,7 +388,9 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
         // The next item, taken once this one's loads are out (its latency
         // then falls within the stages the producer runs ahead).
-        w = int(gridDim.x) / kCluster + (work_counter != nullptr ? atomicAdd(work_counter, 1) : w);
+        // (A cluster's CTAs take the same items: never from the counter.)
+        w = int(gridDim.x) / kCluster +
+            (kCluster == 1 && work_counter != nullptr ? atomicAdd(work_counter, 1) : w);
       }
       if constexpr (kCluster > 1) {
         // The CTA stays until the other CTA's consumers have released every
@@ -686,17 +688,26 @@ cudaError_t launch_variant(const ForwardParams& p, int32_t* work_counter, cudaSt
     config.attrs = &cluster;
     config.numAttrs = 1;
     // As many clusters as fit at once (a GPC of an odd number of SMs
-    // leaves one out), at most one per pair of query blocks.
-    config.gridDim = dim3(static_cast<unsigned>(sms / kCluster * kCluster));
-    int clusters = 0;
-    if (cudaError_t e = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config); e != cudaSuccess) {
-      return e;
+    // leaves one out), at most one per pair of query blocks; asked once
+    // per device.
+    static int max_clusters[64];  // 0: not asked yet
+    if (device < 0 || device >= 64) return cudaErrorInvalidDevice;
+    if (max_clusters[device] == 0) {
+      config.gridDim = dim3(static_cast<unsigned>(sms / kCluster * kCluster));
+      if (cudaError_t e = cudaOccupancyMaxActiveClusters(&max_clusters[device], kernel, &config);
+          e != cudaSuccess) {
+        max_clusters[device] = 0;
+        cudaGetLastError();  // not left as the next launch's error
+        return e;
+      }
+      if (max_clusters[device] < 1) return cudaErrorInvalidConfiguration;
     }
-    if (clusters < 1) return cudaErrorInvalidConfiguration;
-    ctas = std::min<int64_t>(work / kCluster, clusters) * kCluster;
+    ctas = std::min<int64_t>(work / kCluster, max_clusters[device]) * kCluster;
   }
   config.gridDim = dim3(static_cast<unsigned>(ctas));
-  return cudaLaunchKernelEx(&config, kernel, p, maps, int(group), work_counter);
+  const cudaError_t launched = cudaLaunchKernelEx(&config, kernel, p, maps, int(group), work_counter);
+  if (launched != cudaSuccess) cudaGetLastError();  // returned here, not left for the next call
+  return launched;
 }
 
 template <int D, typename T>
