@@ -9,7 +9,9 @@
 # interleaved and twice, so that clock drift hits all alike. Each run also
 # compares the forward it took with the mma.sync forward. Log:
 # $OUT/forward_ab.txt. SHAPES ("batch seq heads dim causal;..."), LAUNCHES
-# (default 20) and DATA (uniform or normal) override the runs. BUILD=only
+# (default 20) and DATA (uniform or normal) override the runs; CHOICES
+# (KernelChoice codes, default "0") runs each binary once per code, e.g.
+# CHOICES="0 5" times the CTA-pair forward beside auto. BUILD=only
 # builds and stops, BUILD=no runs the binaries an earlier BUILD=only made
 # (so that the builds can overlap another job's GPU runs).
 set -uo pipefail
@@ -48,10 +50,13 @@ declare -A hung  # a binary that timed out once is not run again
 for round in 1 2; do
   for shape in "${shapes[@]}"; do
     for name in "${names[@]}"; do
-      [[ -n "${hung[$name]:-}" ]] && continue
-      result=$(timeout 30 /tmp/forward_ab_$name $shape 64 fwd ${LAUNCHES:-20} ${DATA:-uniform})
-      [[ $? == 124 ]] && { hung[$name]=1; result="TIMED OUT ($shape)"; }
-      echo "$name $result" | tee -a "$LOG"
+      for choice in ${CHOICES:-0}; do
+        label=$name; [[ "${CHOICES:-0}" != 0 ]] && label="$name/choice$choice"
+        [[ -n "${hung[$label]:-}" ]] && continue
+        result=$(timeout 30 /tmp/forward_ab_$name $shape 64 fwd ${LAUNCHES:-20} ${DATA:-uniform} $choice)
+        [[ $? == 124 ]] && { hung[$label]=1; result="TIMED OUT ($shape)"; }
+        echo "$label $result" | tee -a "$LOG"
+      done
     done
   done
 done

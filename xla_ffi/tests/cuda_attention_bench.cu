@@ -8,8 +8,8 @@
 // values copied into q, k and v; "normal": q, k, v each standard normal, as
 // python -m jax_fastattn.bench draws them (the two differ in power drawn,
 // hence in clocks under a sustained load).
-// The timed launches take the kernels KernelChoice::kAuto selects (the
-// backward: those of `choice`, a KernelChoice code, default 0). Where
+// The timed launches take the kernels of `choice`, a KernelChoice code
+// (default 0, auto; 5 the forward in CTA pairs). Where
 // the backward ran the wgmma kernels, it also compares their dQ, dK and dV
 // with the mma.sync kernels' (KernelChoice::kMmaSync) on the same inputs:
 // the largest difference relative to the largest value. The forward
@@ -62,8 +62,10 @@ int main(int argc, char** argv) {
   const bool backward = argc > 7 && argv[7][0] == 'b';
   const int launches = argc > 8 ? std::max(1, atoi(argv[8])) : 20;
   const bool normal = argc > 9 && std::string(argv[9]) == "normal";
-  // The backward's KernelChoice code (kernel_choice.h; 0 auto).
-  const KernelChoice backward_choice = static_cast<KernelChoice>(argc > 10 ? atoi(argv[10]) : 0);
+  // The timed call's KernelChoice code (kernel_choice.h; 0 auto; e.g. 5, the
+  // forward's CTA pairs, or 3/4, the one-pass backwards).
+  const KernelChoice choice = static_cast<KernelChoice>(argc > 10 ? atoi(argv[10]) : 0);
+  const KernelChoice backward_choice = choice;
   const long tile_kv = fastattn::cuda::kForwardTileKv;
   const size_t elements = size_t(batch) * seq * heads * dim;
   std::vector<__nv_bfloat16> host(elements);
@@ -154,8 +156,7 @@ int main(int argc, char** argv) {
     const cudaError_t e = launch_status(
         backward ? fastattn::cuda::attention_backward(grads, backward_choice, delta, dq_accum,
                                                         dq_turns, nullptr)
-                 : fastattn::cuda::attention_forward(params, KernelChoice::kAuto, work_counter,
-                                                     nullptr));
+                 : fastattn::cuda::attention_forward(params, choice, work_counter, nullptr));
     if (e != cudaSuccess) {
       printf("launch failed: %s\n", cudaGetErrorString(e));
       return 1;
