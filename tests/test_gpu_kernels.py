@@ -1,8 +1,9 @@
 """GPU-kernel properties beyond the shared suite (pytest -m gpu): the
 persistent sm90a forward across many work items, its CTA-pair (K/V
-multicast) variant, long GQA sequences in the backward, the wgmma backwards against the mma.sync one (bit for bit where
-they sum in the same order), bitwise reproducibility, and the Volta
-kernel's two shared-memory layouts."""
+multicast) variant, long GQA sequences in the backward, the wgmma
+backwards against the mma.sync one (bit for bit where they sum in the same
+order), bitwise reproducibility, and the Volta kernel's two shared-memory
+layouts."""
 import dataclasses
 
 import jax

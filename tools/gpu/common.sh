@@ -17,6 +17,16 @@ build_extension() {
   }
 }
 
+# build_attention_timer LOG: the standalone timer of the attention kernels
+# (xla_ffi/tests/cuda_attention_bench.cu) for sm90a at /tmp/attention_bench,
+# the tail of nvcc's output in LOG.
+build_attention_timer() {
+  nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a --use_fast_math -Ixla_ffi \
+    xla_ffi/tests/cuda_attention_bench.cu xla_ffi/cuda/dispatch.cc xla_ffi/cuda/attention_sm80.cu \
+    xla_ffi/cuda/attention_sm90.cu xla_ffi/cuda/attention_backward_sm80.cu xla_ffi/cuda/attention_backward_sm90.cu \
+    -o /tmp/attention_bench 2>&1 | tail -5 | tee -a "$1"
+}
+
 # cuda_decode_kernel_test LOG [plain|sanitize|both]: builds xla_ffi/tests/cuda_decode_test.cu
 # (both CUDA decode kernels against the CPU kernel) and runs it plainly, under
 # compute-sanitizer memcheck and racecheck, or both (the default), each line in LOG.

@@ -15,10 +15,7 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
 (build_extension "$OUT/build_failed.txt") &
 BUILD=$!
-nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a --use_fast_math -Ixla_ffi \
-  xla_ffi/tests/cuda_attention_bench.cu xla_ffi/cuda/dispatch.cc xla_ffi/cuda/attention_sm80.cu xla_ffi/cuda/attention_sm90.cu \
-  xla_ffi/cuda/attention_backward_sm80.cu xla_ffi/cuda/attention_backward_sm90.cu \
-  -o /tmp/attention_bench 2>&1 | tail -5 | tee -a "$LOG"
+build_attention_timer "$LOG"
 # Arguments: batch seq heads dim causal tile_q fwd launches data choice.
 for shape in "2 1024 8 128 0" "1 256 2 128 0" "3 2000 4 128 0"; do
   timeout 30 /tmp/attention_bench $shape 64 fwd 1 uniform 5 2>&1 | tee -a "$LOG"

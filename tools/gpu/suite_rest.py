@@ -5,8 +5,8 @@ finish, so that the next call runs only those (IDS_FILE=):
 
 TEST_IDS is the run's test_ids.txt (every id collected), each log a
 gpu_suite.txt (the shards' `pytest -v` output). A test counts as finished
-when its `-v` line carries an outcome (or instafail reported it); one cut off mid-run has none and is
-listed again. The summary goes to stderr."""
+when its `-v` line carries an outcome (or instafail reported it); one cut
+off mid-run has none and is listed again. The summary goes to stderr."""
 import re
 import sys
 

@@ -8,17 +8,12 @@ namespace cuda {
 
 std::string select_forward_kernel(const ForwardParams& params, KernelChoice choice,
                                   Kernel* kernel) {
-  std::string refused = choose_kernel(
-      "cuda_forward", choice, wgmma_obstacle(params.shape.head_dim, false, device_runs_wgmma()),
-      kernel);
-  if (refused.empty() && choice == KernelChoice::kWgmmaCluster) {
-    const std::string obstacle = wgmma_cluster_obstacle(
-        params.shape.head_dim, forward_band_only(params), params.mask.has_band(), params.shape.q_len);
-    if (!obstacle.empty()) {
-      refused = "KernelConfig.cuda_forward='wgmma_cluster' cannot run this call: " + obstacle;
-    }
+  std::string obstacle = wgmma_obstacle(params.shape.head_dim, false, device_runs_wgmma());
+  if (obstacle.empty() && choice == KernelChoice::kWgmmaCluster) {  // its own limits on top
+    obstacle = wgmma_cluster_obstacle(params.shape.head_dim, forward_band_only(params),
+                                      params.mask.has_band(), params.shape.q_len);
   }
-  return refused;
+  return choose_kernel("cuda_forward", choice, obstacle, kernel);
 }
 
 std::string select_backward_kernel(const BackwardParams& params, KernelChoice choice,
