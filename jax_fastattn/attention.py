@@ -80,9 +80,6 @@ def _check_wgmma_request(config: KernelConfig, backend: backends.Backend, head_d
         if choice in WGMMA_BACKWARD_KERNELS and padded not in (64, 128):
             raise ArgumentError(f"config.{name}={choice!r}: the wgmma kernels take head dims up to 64 or 128 "
                                 f"(padded), got q.shape[-1] = {head_dim}")
-    if config.cuda_forward == "wgmma_cluster" and padded != 128:
-        raise ArgumentError(f"config.cuda_forward='wgmma_cluster': the cluster forward takes head dims of "
-                            f"65 to 128 (padded to 128), got q.shape[-1] = {head_dim}")
     if config.cuda_backward in WGMMA_BACKWARD_KERNELS and has_bias:
         raise ArgumentError(f"config.cuda_backward={config.cuda_backward!r}: the wgmma backward has no bias "
                             "gradient; use 'auto' or 'mma_sync' with a bias")

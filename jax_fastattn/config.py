@@ -18,12 +18,7 @@ from typing import Optional
 # "auto" takes, 1.07-1.30x "wgmma" on an H100) and "wgmma_atomic" (the same
 # with dQ's float adds in any order: not reproducible bit for bit; the
 # backward alone 0.98-1.09x "wgmma_ordered", 1.26x at D=64 without a mask).
-# The forward's "wgmma_cluster" runs the wgmma kernel in CTA pairs that share
-# each K/V tile by TMA multicast (halving its reads from L2), where the call
-# allows it: head dim 128, no mask, bias or segments (no causal or window
-# bound), an even number of 128-row query blocks; an error elsewhere. Not
-# what "auto" takes: its speed is not yet measured.
-CUDA_FORWARD_KERNELS = ("auto", "wgmma", "mma_sync", "wgmma_cluster")
+CUDA_FORWARD_KERNELS = ("auto", "wgmma", "mma_sync")
 CUDA_BACKWARD_KERNELS = ("auto", "wgmma", "mma_sync", "wgmma_ordered", "wgmma_atomic")
 ONE_PASS_BACKWARD_KERNELS = ("wgmma_ordered", "wgmma_atomic")  # they (and "auto" on sm90) take the dQ workspace
 WGMMA_BACKWARD_KERNELS = ("wgmma",) + ONE_PASS_BACKWARD_KERNELS

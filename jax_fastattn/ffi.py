@@ -75,7 +75,7 @@ def is_absent(x) -> bool:
 # (xla_ffi/cuda/kernel_choice.h KernelChoice and VoltaLayout,
 # xla_ffi/cpu/dispatch.h CpuIsa).
 KERNEL_CODES = {
-    "cuda_forward": {"auto": 0, "wgmma": 1, "mma_sync": 2, "wgmma_cluster": 5},
+    "cuda_forward": {"auto": 0, "wgmma": 1, "mma_sync": 2},
     "cuda_backward": {"auto": 0, "wgmma": 1, "mma_sync": 2, "wgmma_ordered": 3, "wgmma_atomic": 4},
     "cuda_decode": {"auto": 0, "simt": 1, "mma_sync": 2},
     "volta_layout": {"swizzled": 0, "naive": 1},

@@ -159,8 +159,7 @@ def test_sm80_peer_selects_the_mma_sync_kernels_through_kernel_config(monkeypatc
 
 def test_backward_variant_peers_select_their_kernel_through_kernel_config(monkeypatch):
     """fastattn-cuda-two-pass / -ordered / -atomic time the three sm90
-    backwards by name, beside the default (fastattn-cuda, no config);
-    fastattn-cuda-cluster the CTA-pair forward."""
+    backwards by name, beside the default (fastattn-cuda, no config)."""
     import jax.numpy as jnp
 
     import jax_fastattn
@@ -172,11 +171,10 @@ def test_backward_variant_peers_select_their_kernel_through_kernel_config(monkey
     x = jnp.zeros((1, 16, 2, 8))
     expected = {"fastattn-cuda-two-pass": "wgmma", "fastattn-cuda-ordered": "wgmma_ordered",
                 "fastattn-cuda-atomic": "wgmma_atomic"}
-    for name in list(expected) + ["fastattn-cuda-cluster"]:
+    for name in expected:
         jax_peers.attention_fn(name, case)(x, x, x)
         assert name in bench.PEERS["cuda"]
-    assert [c["config"] for c in calls] == [KernelConfig(cuda_backward=v) for v in expected.values()] + \
-        [KernelConfig(cuda_forward="wgmma_cluster")]
+    assert [c["config"] for c in calls] == [KernelConfig(cuda_backward=v) for v in expected.values()]
 
 
 def test_torch_forward_backward_step_leaves_grad_alone():

@@ -54,7 +54,7 @@ def test_flash_attention_errors(args, kwargs, error, pattern):
 
 
 @pytest.mark.parametrize("field,value,pattern", [
-    ("cuda_forward", "fast", r"KernelConfig.cuda_forward must be one of \('auto', 'wgmma', 'mma_sync', 'wgmma_cluster'\)"),
+    ("cuda_forward", "fast", r"KernelConfig.cuda_forward must be one of \('auto', 'wgmma', 'mma_sync'\)"),
     ("cuda_backward", "", r"KernelConfig.cuda_backward must be one of"),
     ("volta_layout", "tiled", r"KernelConfig.volta_layout must be one of \('swizzled', 'naive'\)"),
 ])
@@ -88,13 +88,10 @@ def test_unsupported_kernel_combinations(pretend_gpu_kernels, backend, dtype, he
 @pytest.mark.parametrize("head_dim,bias,pattern", [
     (200, False, r"config.cuda_forward='wgmma': the wgmma kernels take head dims up to 64 or 128"),
     (64, True, r"config.cuda_backward='wgmma': the wgmma backward has no bias gradient"),
-    (64, False, r"config.cuda_forward='wgmma_cluster': the cluster forward takes head dims of 65 to 128 "
-                r"\(padded to 128\), got q.shape\[-1\] = 64"),
 ])
 def test_impossible_wgmma_requests(pretend_gpu_kernels, head_dim, bias, pattern):
     x = jnp.zeros((1, 8, 2, head_dim), jnp.bfloat16)
-    forward = "wgmma_cluster" if "cluster" in pattern else "wgmma" if not bias else "auto"
-    config = KernelConfig(cuda_forward=forward, cuda_backward="wgmma")
+    config = KernelConfig(cuda_forward="wgmma" if not bias else "auto", cuda_backward="wgmma")
     with pytest.raises(ValueError, match=pattern):
         flash_attention(x, x, x, backend="cuda", config=config, bias=jnp.zeros((1, 1, 8, 8)) if bias else None)
 

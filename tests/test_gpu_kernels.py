@@ -1,9 +1,8 @@
 """GPU-kernel properties beyond the shared suite (pytest -m gpu): the
-persistent sm90a forward across many work items, its CTA-pair (K/V
-multicast) variant, long GQA sequences in the backward, the wgmma
-backwards against the mma.sync one (bit for bit where they sum in the same
-order), bitwise reproducibility, and the Volta kernel's two shared-memory
-layouts."""
+persistent sm90a forward across many work items, long GQA sequences in the
+backward, the wgmma backwards against the mma.sync one (bit for bit where
+they sum in the same order), bitwise reproducibility, and the Volta
+kernel's two shared-memory layouts."""
 import dataclasses
 
 import jax
@@ -140,46 +139,6 @@ def test_bitwise_reproducible_jit_and_vmap(cuda):
     batched = jax.vmap(lambda q, k, v: _grads(q, k, v, causal=True))(*stacked)
     for a, b in zip(batched, first):
         np.testing.assert_array_equal(np.asarray(a[0], np.float32), np.asarray(b, np.float32))
-
-
-CLUSTER = KernelConfig(cuda_forward="wgmma_cluster")
-
-
-@pytest.mark.parametrize("q_len,kv_len", [(1024, 1024), (1024, 900), (1000, 2000), (256, 60)])
-def test_cluster_forward_equals_wgmma(cuda, q_len, kv_len):
-    """cuda_forward="wgmma_cluster" (CTA pairs, each loading half of every
-    K/V tile into both by TMA multicast) does the same arithmetic as
-    "wgmma": out and lse equal bit for bit, and match the oracle. GQA; 8
-    query blocks a head (more pairs than clusters), the last one partial
-    (1000); key lengths whose last 176-key step is partial (2000 = 11 x 176
-    + 64) or leaves one CTA's half wholly past the keys (900 = 5 x 176 +
-    20); one step of 60 keys with fewer pairs than clusters (256: one pair
-    a head; the producers' end waits with fewer steps than stages)."""
-    q, k, v = random_qkv(23, 2, q_len, kv_len, 16, 4, 128, cuda.dtype)
-
-    def run(config):
-        fn = lambda q, k, v: flash_attention(q, k, v, backend="cuda", config=config, return_lse=True)
-        return jax.jit(fn)(q, k, v)
-
-    (out, lse), (ref_out, ref_lse) = run(CLUSTER), run(KernelConfig(cuda_forward="wgmma"))
-    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(ref_out, np.float32))
-    np.testing.assert_array_equal(np.asarray(lse), np.asarray(ref_lse))
-    check_forward(dataclasses.replace(cuda, config=CLUSTER), q, k, v)
-
-
-@pytest.mark.parametrize("head_dim,q_len,kwargs,why", [
-    (128, 256, {"causal": True}, " cannot run this call: .*no mask"),
-    (128, 256, {"mask": masks.SlidingWindow(64, 0)}, " cannot run this call: .*no mask"),
-    (128, 384, {}, " cannot run this call: .*even number of 128-row query blocks, got q_len 384"),
-    (64, 256, {}, ": the cluster forward takes head dims of 65 to 128"),
-])
-def test_cluster_forward_refuses_what_it_cannot_run(cuda, head_dim, q_len, kwargs, why):
-    """Where the cluster forward cannot run a call the error names the
-    option and why (never a silent fallback): the head dim at trace time,
-    the rest from the kernel's handler."""
-    q, k, v = random_qkv(24, 1, q_len, q_len, 4, 4, head_dim, cuda.dtype)
-    with pytest.raises(Exception, match=rf"cuda_forward='wgmma_cluster'{why}"):
-        jax.block_until_ready(flash_attention(q, k, v, backend="cuda", config=CLUSTER, **kwargs))
 
 
 def test_mma_sync_forward_long_masks(cuda):

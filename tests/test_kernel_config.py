@@ -37,8 +37,7 @@ KERNEL_FIELDS = ("cuda_forward", "cuda_backward", "volta_layout")
 ALLOWED = {"cuda_forward": config.CUDA_FORWARD_KERNELS, "cuda_backward": config.CUDA_BACKWARD_KERNELS,
            "volta_layout": config.VOLTA_LAYOUTS}
 # The C++ enums' codes (xla_ffi/cuda/kernel_choice.h), written out.
-CODES = {"auto": 0, "wgmma": 1, "mma_sync": 2, "wgmma_ordered": 3, "wgmma_atomic": 4, "wgmma_cluster": 5,
-         "swizzled": 0, "naive": 1}
+CODES = {"auto": 0, "wgmma": 1, "mma_sync": 2, "wgmma_ordered": 3, "wgmma_atomic": 4, "swizzled": 0, "naive": 1}
 # The CPU level enum's codes (xla_ffi/cpu), written out.
 CPU_ISA_CODES = {"auto": 0, "avx2": 1, "avx512": 2, "avx512_bf16": 3, "amx": 4}
 
@@ -62,14 +61,11 @@ def _cpp_enum_codes():
 
 def test_codes_cover_every_choice_and_match_the_cpp_enums():
     enums = _cpp_enum_codes()
-    assert enums["KernelChoice"] == {name: CODES[name] for name in
-                                     config.CUDA_BACKWARD_KERNELS + ("wgmma_cluster",)}
+    assert enums["KernelChoice"] == {name: CODES[name] for name in config.CUDA_BACKWARD_KERNELS}
     assert enums["VoltaLayout"] == {name: CODES[name] for name in ("swizzled", "naive")}
-    assert ffi.KERNEL_CODES["cuda_backward"] == {name: CODES[name] for name in config.CUDA_BACKWARD_KERNELS}
-    # The forward takes the first three and its own cluster variant (3 and 4
-    # are backward variants).
-    assert ffi.KERNEL_CODES["cuda_forward"] == {name: CODES[name] for name in
-                                                ("auto", "wgmma", "mma_sync", "wgmma_cluster")}
+    assert ffi.KERNEL_CODES["cuda_backward"] == enums["KernelChoice"]
+    # The forward takes the first three (the others are backward variants).
+    assert ffi.KERNEL_CODES["cuda_forward"] == {name: CODES[name] for name in ("auto", "wgmma", "mma_sync")}
     for field in ("cuda_forward", "cuda_backward"):
         assert set(ffi.KERNEL_CODES[field]) == set(ALLOWED[field])
     assert ffi.KERNEL_CODES["volta_layout"] == enums["VoltaLayout"]
@@ -206,7 +202,7 @@ def _expected_route(option, code, head_dim, has_d_bias, device):
         return "wgmma" if can else "mma_sync"
     if code == 2:
         return "mma_sync"
-    if code == 1 or (code in (3, 4) and option == "cuda_backward") or (code == 5 and option == "cuda_forward"):
+    if code == 1 or (code in (3, 4) and option == "cuda_backward"):
         return "wgmma" if can else "error"
     return "error"
 
@@ -220,13 +216,12 @@ EXPECTED_DQ = {(0, False): "separate_pass", (0, True): "fused_ordered", (1, Fals
                (4, False): "error", (4, True): "fused_atomic"}
 
 
-NAMES = {1: "wgmma", 3: "wgmma_ordered", 4: "wgmma_atomic", 5: "wgmma_cluster"}
+NAMES = {1: "wgmma", 3: "wgmma_ordered", 4: "wgmma_atomic"}
 
 
 def expected_named(option, code):
-    """Codes 3 and 4 are backward variants: the forward knows no such code;
-    5 is the forward's alone."""
-    return code == 1 or (option == "cuda_backward") == (code in (3, 4))
+    """Codes 3 and 4 are backward variants: the forward knows no such code."""
+    return code == 1 or option == "cuda_backward"
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
@@ -236,24 +231,8 @@ def test_cpp_routing_follows_the_choice(tmp_path):
                     "-o", str(binary)], check=True, capture_output=True)
     lines = subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout.splitlines()
     dq_lines = [line for line in lines if line.startswith("dq ")]
-    cluster_lines = [line for line in lines if line.startswith("cluster ")]
-    lines = [line for line in lines if not line.startswith(("dq ", "cluster "))]
-    # The cluster forward: head dim 128, no mask of any kind, an even number
-    # of 128-row query blocks.
-    assert len(cluster_lines) == 2 * 2 * 2 * 7
-    for line in cluster_lines:
-        head, result = line.split(" -> ", 1)
-        _, head_dim, band_only, has_band, q_len = head.split()
-        blocks = -(-int(q_len) // 128)
-        if head_dim != "128":
-            assert result.startswith("error: ") and "head_dim 128, got 64" in result, line
-        elif band_only != "1" or has_band == "1":
-            assert result.startswith("error: ") and "no mask" in result, line
-        elif blocks % 2:
-            assert result.startswith("error: ") and f"even number of 128-row query blocks, got q_len {q_len}" in result
-        else:
-            assert result == "ok", line
-    assert len(lines) == (1 + 2) * 7 * 4 * 2  # forward: no bias gradient; 7 codes, 4 head dims, 2 devices
+    lines = [line for line in lines if not line.startswith("dq ")]
+    assert len(lines) == (1 + 2) * 6 * 4 * 2  # forward: no bias gradient; 6 codes, 4 head dims, 2 devices
     assert len(dq_lines) == len(EXPECTED_DQ)
     for line in dq_lines:
         head, result = line.split(" -> ", 1)
@@ -272,7 +251,7 @@ def test_cpp_routing_follows_the_choice(tmp_path):
             assert result == expected, line
             continue
         assert result.startswith("error: KernelConfig." + option), line
-        if code in (1, 3, 4, 5) and expected_named(option, code):  # the reason names what is missing
+        if code in (1, 3, 4) and expected_named(option, code):  # the reason names what is missing
             assert f"'{NAMES[code]}' cannot run this call" in result, line
             if head_dim not in (64, 128):
                 assert f"head_dim 64 or 128, got {head_dim}" in result, line

@@ -27,11 +27,9 @@ PEERS: Dict[str, List[str]] = {
     # pallas-mha: jax's Pallas GPU op; fastattn-cuda-sm80: ours with the
     # sm80 (mma.sync) kernels, the ones A100/L40/RTX GPUs run;
     # fastattn-cuda-two-pass / -ordered / -atomic: our sm90 backward
-    # variants ("wgmma", "wgmma_ordered" = the default, "wgmma_atomic");
-    # fastattn-cuda-cluster: our forward in CTA pairs sharing K/V
-    # ("wgmma_cluster": D=128, no mask, an even number of query blocks).
+    # variants ("wgmma", "wgmma_ordered" = the default, "wgmma_atomic").
     "cuda": ["fastattn-cuda", "fastattn-cuda-sm80", "fastattn-cuda-two-pass", "fastattn-cuda-ordered",
-             "fastattn-cuda-atomic", "fastattn-cuda-cluster",
+             "fastattn-cuda-atomic",
              "jax.nn-cudnn", "torch-cudnn", "tokamax", "fa4", "torch-flash", "pallas-mha", "jax.nn-xla"],
 }
 DECODE_PEERS: Dict[str, List[str]] = {

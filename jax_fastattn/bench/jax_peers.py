@@ -29,8 +29,6 @@ def _ours(name: str):
         return "cuda", KernelConfig(cuda_forward="mma_sync", cuda_backward="mma_sync")
     if name in CUDA_BACKWARD_VARIANTS:
         return "cuda", KernelConfig(cuda_backward=CUDA_BACKWARD_VARIANTS[name])
-    if name == "fastattn-cuda-cluster":  # the forward in CTA pairs sharing K/V (D=128, no mask)
-        return "cuda", KernelConfig(cuda_forward="wgmma_cluster")
     return name.split("-", 1)[1], None
 
 

@@ -11,7 +11,7 @@
 # $OUT/forward_ab.txt. SHAPES ("batch seq heads dim causal;..."), LAUNCHES
 # (default 20) and DATA (uniform or normal) override the runs; CHOICES
 # (KernelChoice codes, default "0") runs each binary once per code, e.g.
-# CHOICES="0 5" times the CTA-pair forward beside auto. BUILD=only
+# CHOICES="0 2" times the mma.sync forward beside auto. BUILD=only
 # builds and stops, BUILD=no runs the binaries an earlier BUILD=only made
 # (so that the builds can overlap another job's GPU runs).
 set -uo pipefail

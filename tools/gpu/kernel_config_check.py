@@ -116,10 +116,6 @@ def correctness_cases(on_gpu, size):
                 config = KernelConfig(cuda_forward=forward, cuda_backward=choice) if on_gpu else None
                 name = f"{backend} fwd+bwd={choice} D={dim} {'causal GQA' if causal else 'full MHA'}"
                 yield name, backend, config, dim, kv_heads, causal
-            if on_gpu and dim == 128 and not causal and -(-size["seq"] // 128) % 2 == 0:
-                # The CTA-pair forward takes D=128 with no mask and pairs of query blocks.
-                config = KernelConfig(cuda_forward="wgmma_cluster")
-                yield f"cuda fwd=wgmma_cluster D={dim} full MHA", backend, config, dim, kv_heads, causal
 
 
 def check_correctness(case, size, results):

@@ -36,11 +36,9 @@ cudaError_t attention_forward_mma_sync(const ForwardParams& params, cudaStream_t
 // The wgmma kernel (attention_sm90.cu): head_dim 64 or 128 where
 // device_runs_wgmma(). `work_counter`: one int32 of device memory, which its
 // CTAs take their work items from (zeroed on `stream` first; the custom call
-// passes an output of its own, alive until the kernel ran). `cluster_kv`:
-// CTA pairs sharing K/V by TMA multicast (KernelChoice::kWgmmaCluster;
-// the caller checked wgmma_cluster_obstacle).
+// passes an output of its own, alive until the kernel ran).
 cudaError_t attention_forward_wgmma(const ForwardParams& params, int32_t* work_counter,
-                                    bool cluster_kv, cudaStream_t stream);
+                                    cudaStream_t stream);
 
 // True when the current device is compute capability 9.0 and this build
 // holds sm_90a code (FASTATTN_CUDA_ARCHS has 90a); defined in

@@ -46,7 +46,11 @@
 // without the intra-warpgroup pipeline 525 / 428; without warp
 // specialisation (all threads loading with cp.async, a CTA barrier per
 // tile) 356 / 299; the mma.sync kernel 310 / 283. At D=64 persistent CTAs
-// give 363 / 312 / 248 against 359 / 273 / 190.
+// give 363 / 312 / 248 against 359 / 273 / 190. Multicasting each K/V tile
+// to a 2-CTA cluster (each CTA loading half of it, FlashAttention-3's scheme
+// for this case) measured 20-25 % slower on an H100 at D=128 with no mask
+// (kernel alone, bf16, B x S = 16K, H=32, S = 1K / 4K / 16K: 401 / 484 /
+// 530 against 506 / 645 / 663 TFLOP/s), so the kernel does not use clusters.
 #include <algorithm>
 #include <cstdint>
 
@@ -135,19 +139,7 @@ __device__ __forceinline__ WorkItem work_item(int w, int num_q_blocks, int pairs
 // runs on across items, and the next item's Q is loaded once the consumers have
 // issued their last S of the current one, so its start overlaps the current
 // item's last softmax, product and stores.
-//
-// kCluster = 2 (KernelChoice::kWgmmaCluster; 176-key steps, no mask, an
-// even number of query blocks): CTAs in clusters of two take the two
-// query blocks 2j and 2j + 1 of one (batch, q head) side by side, so both
-// walk the same K/V steps. Each producer loads half of every K and V tile
-// (88 keys) by TMA multicast into the same stage of both CTAs, so each K/V
-// byte leaves L2 once per pair of query blocks (FlashAttention-3 does the
-// same for this case; Nsight Compute put this kernel's L2 throughput at
-// 84 % at S=1K, D=128 with no mask, on an H100).
-// A stage's "full" barrier counts the whole tile's bytes, both halves; its
-// "empty" one the consumer warps of both CTAs (a stage is rewritten in both
-// at once), which arrive on the other CTA's barrier too.
-template <int D, typename T, bool kBandOnly, int kKeys, int kCluster = 1>
+template <int D, typename T, bool kBandOnly, int kKeys>
 __global__ void __launch_bounds__(kThreads, 1)
     forward_wgmma_kernel(const ForwardParams p, const __grid_constant__ TensorMaps maps,
                          const int group, int32_t* work_counter) {
@@ -156,8 +148,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   using namespace sm90;
   static_assert(kKeys == 2 * kForwardTileKv || kBandOnly,
                 "the general mask reads the plan's 64-key tiles in pairs");
-  static_assert(kCluster == 1 || (kCluster == 2 && kKeys == kLongKeys),
-                "K/V multicast takes 176-key steps with no mask (every item the same steps)");
   constexpr int kStages = stages_for(kKeys);
   extern __shared__ uint8_t shared_raw[];
   const uint32_t q_tile = (shared_address(shared_raw) + 1023) & ~1023u;
@@ -196,23 +186,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t plan_kv = (s.kv_len + kForwardTileKv - 1) / kForwardTileKv;
   const int num_q_blocks = int((s.q_len + kRows - 1) / kRows);
   const int pairs = int(s.batch * s.q_heads);
-  // kCluster = 2: a work index names a pair of query blocks (2j, 2j + 1) of
-  // one (batch, q head); the CTA of rank r takes block 2j + r. The rank is
-  // read where it is used (a special register) rather than held: the
-  // consumers of 176-key steps have no register to spare.
-  auto rank = [] { return kCluster > 1 ? cluster_rank() : 0u; };
-  const int num_work = num_q_blocks / kCluster * pairs;
-  auto item_of = [&](int w) {
-    WorkItem item = work_item(w, num_q_blocks / kCluster, pairs, group, int(s.q_heads));
-    if constexpr (kCluster > 1) item.q_block = item.q_block * kCluster + int(rank());
-    return item;
-  };
-  // A consumer warp's release of a K or V stage: on this CTA's barrier and,
-  // in a cluster, on the other CTA's, whose producer writes this stage too.
-  auto release_stage = [&](uint32_t empty) {
-    mbarrier_arrive(empty);
-    if constexpr (kCluster > 1) mbarrier_arrive_cluster(cluster_address(empty, rank() ^ 1u));
-  };
+  const int num_work = num_q_blocks * pairs;
+  auto item_of = [&](int w) { return work_item(w, num_q_blocks, pairs, group, int(s.q_heads)); };
 
   if (threadIdx.x == 0) {
     mbarrier_init(q_full, 1);
@@ -220,8 +195,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int stage = 0; stage < kStages; ++stage) {
       mbarrier_init(k_full(stage), 1);
       mbarrier_init(v_full(stage), 1);
-      mbarrier_init(k_empty(stage), kConsumerWarps * kCluster);
-      mbarrier_init(v_empty(stage), kConsumerWarps * kCluster);
+      mbarrier_init(k_empty(stage), kConsumerWarps);
+      mbarrier_init(v_empty(stage), kConsumerWarps);
     }
     mbarrier_init_fence();
   }
@@ -231,18 +206,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int at = threadIdx.x; at < kKeys * 128 / 16; at += kThreads) ones[at] = {one, one, one, one};
     fence_proxy_async_shared();  // before the wgmmas read them
   }
-  if constexpr (kCluster > 1) {
-    cluster_sync();  // the other CTA's barriers exist before anything reaches them
-  } else {
-    __syncthreads();
-  }
+  __syncthreads();
 
   if (warpgroup == 0) {  // producer
     release_registers<kProducerRegisters>();
     if (threadIdx.x == 0) {
       const int heads_per_kv = int(s.q_heads / s.kv_heads);
       int i = 0;  // steps issued
-      for (int w = int(blockIdx.x) / kCluster, n = 0;; ++n) {  // n: items issued
+      for (int w = blockIdx.x, n = 0;; ++n) {  // n: items issued
         if (w >= num_work) {  // no item left: tell the consumers
           mbarrier_wait(q_empty, (n & 1) ^ 1);
           store_shared(item_at, 0u, uint32_t(w));
@@ -332,23 +303,6 @@ __global__ void __launch_bounds__(kThreads, 1)
                         int(item.batch), full);
           }
         };
-        // kCluster = 2: this CTA's half of a K/V tile (rows [r * kKeys / 2,
-        // (r + 1) * kKeys / 2) of each 64-column block; the half is 11
-        // swizzle atoms of 8 rows, so it lands where the whole tile's load
-        // would put it) into the stage of both CTAs; this CTA's "full"
-        // barrier waits for both halves.
-        auto load_half_rows = [&](uint32_t to, const CUtensorMap* map, int64_t head_index,
-                                  int64_t row0, uint32_t full) {
-          constexpr int kHalf = kKeys / 2;
-          mbarrier_arrive_expect_bytes(full, kKeys * D * 2);
-#pragma unroll
-          for (int block = 0; block < D / 64; ++block) {
-            const int half_row = int(rank()) * kHalf;
-            tma_load_4d_multicast(to + (block * kKeys + half_row) * 128, map, block * 64,
-                                  int(head_index), int(row0) + half_row, int(item.batch), full,
-                                  uint16_t(0x3));
-          }
-        };
         int tile = next_tile(0);
         mbarrier_wait(q_empty, (n & 1) ^ 1);
         store_shared(item_at, tile < num_kv, uint32_t(w));  // released by the arrive in load_rows
@@ -370,37 +324,17 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
           mbarrier_wait(k_empty(stage), free_parity);
           store_shared(records_at + 8 * stage, uint32_t(tile), flags);  // released by load_rows
-          if constexpr (kCluster > 1) {
-            load_half_rows(k_tiles + stage * kTileBytes, &maps.k, kv_head, tile * kKeys, k_full(stage));
-          } else {
-            load_rows(k_tiles + stage * kTileBytes, &maps.k, kKeys, kv_head, tile * kKeys,
-                      k_full(stage));
-          }
+          load_rows(k_tiles + stage * kTileBytes, &maps.k, kKeys, kv_head, tile * kKeys,
+                    k_full(stage));
           mbarrier_wait(v_empty(stage), free_parity);
-          if constexpr (kCluster > 1) {
-            load_half_rows(v_tiles + stage * kTileBytes, &maps.v, kv_head, tile * kKeys, v_full(stage));
-          } else {
-            load_rows(v_tiles + stage * kTileBytes, &maps.v, kKeys, kv_head, tile * kKeys,
-                      v_full(stage));
-          }
+          load_rows(v_tiles + stage * kTileBytes, &maps.v, kKeys, kv_head, tile * kKeys,
+                    v_full(stage));
           tile = next;
           ++i;
         }
         // The next item, taken once this one's loads are out (its latency
         // then falls within the stages the producer runs ahead).
-        // (A cluster's CTAs take the same items: never from the counter.)
-        w = int(gridDim.x) / kCluster +
-            (kCluster == 1 && work_counter != nullptr ? atomicAdd(work_counter, 1) : w);
-      }
-      if constexpr (kCluster > 1) {
-        // The CTA stays until the other CTA's consumers have released every
-        // stage they used (their arrivals reach this CTA's barriers): the
-        // waits the producer would make before kStages more steps.
-        for (int j = i; j < i + kStages; ++j) {
-          const uint32_t free_parity = ((j / kStages) & 1) ^ 1;
-          mbarrier_wait(k_empty(j % kStages), free_parity);
-          mbarrier_wait(v_empty(j % kStages), free_parity);
-        }
+        w = int(gridDim.x) + (work_counter != nullptr ? atomicAdd(work_counter, 1) : w);
       }
     }
     return;
@@ -547,7 +481,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         float rescale[2];
         wgmma_wait<0>();
         fence_operands(scores);
-        if (lane == 0) release_stage(k_empty(i % kStages));
+        if (lane == 0) mbarrier_arrive(k_empty(i % kStages));
         if (step.last) release_q();
         softmax(scores, step, rescale);  // O is 0: nothing to rescale
 #pragma unroll
@@ -587,13 +521,13 @@ __global__ void __launch_bounds__(kThreads, 1)
           wgmma_wait<0>();  // and O += P V of `step`
         }
         fence_operands(sc);
-        if (lane == 0) release_stage(k_empty(next_stage));
+        if (lane == 0) mbarrier_arrive(k_empty(next_stage));
         if (next.last) release_q();
         softmax(sc, next, rescale);
         wgmma_wait<0>();  // O += P V of `step`
         fence_operands(o);
         if constexpr (kTensorSums) fence_operands(sums);
-        if (lane == 0) release_stage(v_empty(stage));
+        if (lane == 0) mbarrier_arrive(v_empty(stage));
         scale_rows(o, rescale);
         if constexpr (kTensorSums) scale_rows(sums, rescale);
 #pragma unroll
@@ -606,7 +540,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_wait<0>();
       fence_operands(o);
       if constexpr (kTensorSums) fence_operands(sums);
-      if (lane == 0) release_stage(v_empty(i % kStages));
+      if (lane == 0) mbarrier_arrive(v_empty(i % kStages));
       ++i;
     }
 
@@ -636,17 +570,17 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif  // FASTATTN_HAS_WGMMA
 }
 
-template <int D, typename T, bool kBandOnly, int kKeys = 128, int kCluster = 1>
+template <int D, typename T, bool kBandOnly, int kKeys = 128>
 cudaError_t launch_variant(const ForwardParams& p, int32_t* work_counter, cudaStream_t stream) {
   constexpr int kShared = shared_bytes<D, kKeys, kBandOnly>();
   const AttentionShape& s = p.shape;
   TensorMaps maps;
   if (!encode_tensor_map(&maps.q, p.q, p.dtype, s.batch, s.q_len, s.q_heads, D, kRows) ||
-      !encode_tensor_map(&maps.k, p.k, p.dtype, s.batch, s.kv_len, s.kv_heads, D, kKeys / kCluster) ||
-      !encode_tensor_map(&maps.v, p.v, p.dtype, s.batch, s.kv_len, s.kv_heads, D, kKeys / kCluster)) {
+      !encode_tensor_map(&maps.k, p.k, p.dtype, s.batch, s.kv_len, s.kv_heads, D, kKeys) ||
+      !encode_tensor_map(&maps.v, p.v, p.dtype, s.batch, s.kv_len, s.kv_heads, D, kKeys)) {
     return cudaErrorInvalidValue;
   }
-  auto kernel = forward_wgmma_kernel<D, T, kBandOnly, kKeys, kCluster>;
+  auto kernel = forward_wgmma_kernel<D, T, kBandOnly, kKeys>;
   if (cudaError_t e =
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kShared);
       e != cudaSuccess) {
@@ -666,6 +600,7 @@ cudaError_t launch_variant(const ForwardParams& p, int32_t* work_counter, cudaSt
       std::max<int64_t>(1, std::min(pairs, kL2Bytes / std::max<int64_t>(1, bytes_per_pair)));
   const int64_t work = s.num_q_tiles(kRows) * pairs;
   if (work > INT32_MAX) return cudaErrorInvalidValue;
+  const int64_t ctas = std::min<int64_t>(work, sms);  // one per SM (its shared memory)
   if (work_counter == nullptr) return cudaErrorInvalidValue;
   if (kBandOnly && !p.mask.has_band()) {
     work_counter = nullptr;  // items alike: a fixed stride
@@ -673,52 +608,16 @@ cudaError_t launch_variant(const ForwardParams& p, int32_t* work_counter, cudaSt
              e != cudaSuccess) {
     return e;
   }
-  cudaLaunchConfig_t config = {};
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = kShared;
-  config.stream = stream;
-  cudaLaunchAttribute cluster;
-  int64_t ctas = std::min<int64_t>(work, sms);  // one per SM (its shared memory)
-  if constexpr (kCluster > 1) {
-    if (s.num_q_tiles(kRows) % kCluster != 0) return cudaErrorInvalidValue;  // dispatch checks
-    cluster.id = cudaLaunchAttributeClusterDimension;
-    cluster.val.clusterDim.x = kCluster;
-    cluster.val.clusterDim.y = 1;
-    cluster.val.clusterDim.z = 1;
-    config.attrs = &cluster;
-    config.numAttrs = 1;
-    // As many clusters as fit at once (a GPC of an odd number of SMs
-    // leaves one out), at most one per pair of query blocks; asked once
-    // per device.
-    static int max_clusters[64];  // 0: not asked yet
-    if (device < 0 || device >= 64) return cudaErrorInvalidDevice;
-    if (max_clusters[device] == 0) {
-      config.gridDim = dim3(static_cast<unsigned>(sms / kCluster * kCluster));
-      if (cudaError_t e = cudaOccupancyMaxActiveClusters(&max_clusters[device], kernel, &config);
-          e != cudaSuccess) {
-        max_clusters[device] = 0;
-        cudaGetLastError();  // not left as the next launch's error
-        return e;
-      }
-      if (max_clusters[device] < 1) return cudaErrorInvalidConfiguration;
-    }
-    ctas = std::min<int64_t>(work / kCluster, max_clusters[device]) * kCluster;
-  }
-  config.gridDim = dim3(static_cast<unsigned>(ctas));
-  const cudaError_t launched = cudaLaunchKernelEx(&config, kernel, p, maps, int(group), work_counter);
-  if (launched != cudaSuccess) cudaGetLastError();  // returned here, not left for the next call
-  return launched;
+  kernel<<<static_cast<unsigned>(ctas), kThreads, kShared, stream>>>(p, maps, int(group),
+                                                                      work_counter);
+  return cudaGetLastError();
 }
 
 template <int D, typename T>
-cudaError_t launch(const ForwardParams& p, int32_t* work_counter, bool cluster_kv,
-                   cudaStream_t stream) {
+cudaError_t launch(const ForwardParams& p, int32_t* work_counter, cudaStream_t stream) {
   if (!forward_band_only(p)) return launch_variant<D, T, false>(p, work_counter, stream);
   if constexpr (D == 128) {
-    if (!p.mask.has_band()) {
-      return cluster_kv ? launch_variant<D, T, true, kLongKeys, 2>(p, work_counter, stream)
-                        : launch_variant<D, T, true, kLongKeys>(p, work_counter, stream);
-    }
+    if (!p.mask.has_band()) return launch_variant<D, T, true, kLongKeys>(p, work_counter, stream);
   }
   return launch_variant<D, T, true>(p, work_counter, stream);
 }
@@ -751,14 +650,14 @@ bool device_runs_wgmma() {
 }
 
 cudaError_t attention_forward_wgmma(const ForwardParams& params, int32_t* work_counter,
-                                    bool cluster_kv, cudaStream_t stream) {
+                                    cudaStream_t stream) {
   const bool bf16 = params.dtype == ElementType::kBF16;
   if (params.shape.head_dim == 64) {
-    return bf16 ? launch<64, __nv_bfloat16>(params, work_counter, false, stream)
-                : launch<64, __half>(params, work_counter, false, stream);
+    return bf16 ? launch<64, __nv_bfloat16>(params, work_counter, stream)
+                : launch<64, __half>(params, work_counter, stream);
   }
-  return bf16 ? launch<128, __nv_bfloat16>(params, work_counter, cluster_kv, stream)
-              : launch<128, __half>(params, work_counter, cluster_kv, stream);
+  return bf16 ? launch<128, __nv_bfloat16>(params, work_counter, stream)
+              : launch<128, __half>(params, work_counter, stream);
 }
 
 }  // namespace cuda

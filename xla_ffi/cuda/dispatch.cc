@@ -8,12 +8,8 @@ namespace cuda {
 
 std::string select_forward_kernel(const ForwardParams& params, KernelChoice choice,
                                   Kernel* kernel) {
-  std::string obstacle = wgmma_obstacle(params.shape.head_dim, false, device_runs_wgmma());
-  if (obstacle.empty() && choice == KernelChoice::kWgmmaCluster) {  // its own limits on top
-    obstacle = wgmma_cluster_obstacle(params.shape.head_dim, forward_band_only(params),
-                                      params.mask.has_band(), params.shape.q_len);
-  }
-  return choose_kernel("cuda_forward", choice, obstacle, kernel);
+  return choose_kernel("cuda_forward", choice,
+                       wgmma_obstacle(params.shape.head_dim, false, device_runs_wgmma()), kernel);
 }
 
 std::string select_backward_kernel(const BackwardParams& params, KernelChoice choice,
@@ -31,8 +27,7 @@ DispatchStatus attention_forward(const ForwardParams& params, KernelChoice choic
   status.refused = select_forward_kernel(params, choice, &kernel);
   if (!status.refused.empty()) return status;
   status.launch = kernel == Kernel::kWgmma
-                      ? attention_forward_wgmma(params, work_counter,
-                                                choice == KernelChoice::kWgmmaCluster, stream)
+                      ? attention_forward_wgmma(params, work_counter, stream)
                       : attention_forward_mma_sync(params, stream);
   return status;
 }

@@ -20,10 +20,6 @@ enum class KernelChoice : int32_t {
   // a second kernel), with dQ summed through a float32 workspace:
   kWgmmaOrdered = 3,  // in a fixed order (bitwise reproducible)
   kWgmmaAtomic = 4,   // by float adds in any order
-  // Forward only: the wgmma kernel in CTA pairs sharing K/V by TMA
-  // multicast (attention_sm90.cu), where the call allows it
-  // (wgmma_cluster_obstacle); an error elsewhere.
-  kWgmmaCluster = 5,
 };
 
 // How the wgmma backward produces dQ.
@@ -63,32 +59,11 @@ inline std::string wgmma_obstacle(int64_t head_dim, bool has_d_bias, bool device
   return "";
 }
 
-// Why the cluster forward (kWgmmaCluster) cannot run a call the wgmma
-// kernels can; empty if it can. It runs 176-key steps with no mask, so that
-// the two CTAs of a cluster walk the same K/V tiles, and pairs of 128-row
-// query blocks.
-inline std::string wgmma_cluster_obstacle(int64_t head_dim, bool band_mask_only, bool has_band,
-                                          int64_t q_len) {
-  if (head_dim != 128) {
-    return "the cluster forward takes head_dim 128, got " + std::to_string(head_dim);
-  }
-  if (!band_mask_only || has_band) {
-    return "the cluster forward takes no mask, bias or segments (no causal or window bound) "
-           "and a positive softmax_scale";
-  }
-  if ((q_len + 127) / 128 % 2 != 0) {
-    return "the cluster forward takes an even number of 128-row query blocks, got q_len " +
-           std::to_string(q_len);
-  }
-  return "";
-}
-
 // The KernelConfig value of a wgmma choice (kWgmma, kWgmmaOrdered,
-// kWgmmaAtomic, kWgmmaCluster), for error messages.
+// kWgmmaAtomic), for error messages.
 inline const char* wgmma_choice_name(KernelChoice choice) {
   return choice == KernelChoice::kWgmma          ? "wgmma"
          : choice == KernelChoice::kWgmmaOrdered ? "wgmma_ordered"
-         : choice == KernelChoice::kWgmmaCluster ? "wgmma_cluster"
                                                  : "wgmma_atomic";
 }
 
@@ -108,12 +83,9 @@ inline std::string choose_kernel(const char* option, KernelChoice choice,
       return "";
     case KernelChoice::kWgmma:
     case KernelChoice::kWgmmaOrdered:
-    case KernelChoice::kWgmmaAtomic:
-    case KernelChoice::kWgmmaCluster: {
-      const bool forward_only = choice == KernelChoice::kWgmmaCluster;
-      const bool backward_only = choice != KernelChoice::kWgmma && !forward_only;
+    case KernelChoice::kWgmmaAtomic: {
+      const bool backward_only = choice != KernelChoice::kWgmma;
       if (backward_only && std::string(option) != "cuda_backward") break;
-      if (forward_only && std::string(option) != "cuda_forward") break;
       if (!wgmma_obstacle.empty()) {
         return name + "='" + wgmma_choice_name(choice) + "' cannot run this call: " +
                wgmma_obstacle;
@@ -125,7 +97,7 @@ inline std::string choose_kernel(const char* option, KernelChoice choice,
   return name + " has no kernel with code " + std::to_string(static_cast<int32_t>(choice)) +
          (std::string(option) == "cuda_backward"
               ? " (0 auto, 1 wgmma, 2 mma_sync, 3 wgmma_ordered, 4 wgmma_atomic)"
-              : " (0 auto, 1 wgmma, 2 mma_sync, 5 wgmma_cluster)");
+              : " (0 auto, 1 wgmma, 2 mma_sync)");
 }
 
 // How a wgmma backward call produces dQ: `choice` resolved into the dQ

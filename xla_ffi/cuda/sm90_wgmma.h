@@ -241,47 +241,6 @@ __device__ __forceinline__ void tma_load_4d(uint32_t to, const void* tensor_map,
       : "memory");
 }
 
-// Thread block clusters: a CTA's rank in its cluster, the address of the
-// same shared-memory location in another CTA of the cluster, and an
-// arrival on an mbarrier there (release at cluster scope: what the caller
-// read of the stage is done before the other CTA may overwrite it).
-__device__ __forceinline__ uint32_t cluster_rank() {
-  uint32_t rank;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
-  return rank;
-}
-
-__device__ __forceinline__ uint32_t cluster_address(uint32_t shared, uint32_t rank) {
-  uint32_t remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(shared), "r"(rank));
-  return remote;
-}
-
-__device__ __forceinline__ void mbarrier_arrive_cluster(uint32_t remote_bar) {
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(remote_bar)
-               : "memory");
-}
-
-// All threads of every CTA in the cluster (not .aligned: the lone producer
-// thread comes from its loop apart from its warp).
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
-}
-
-// tma_load_4d multicast: the box lands at `to` in every CTA of the cluster
-// named in `cta_mask`, each completing its bytes on its own mbarrier at
-// address `bar`.
-__device__ __forceinline__ void tma_load_4d_multicast(uint32_t to, const void* tensor_map, int c0,
-                                                      int c1, int c2, int c3, uint32_t bar,
-                                                      uint16_t cta_mask) {
-  asm volatile(
-      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
-      " [%0], [%1, {%2, %3, %4, %5}], [%6], %7;\n" ::"r"(to),
-      "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar),
-      "h"(cta_mask)
-      : "memory");
-}
-
 // Stores of one or two 32-bit words at a shared-memory address (32-bit,
 // where a generic pointer would hold two registers of a producer's few).
 __device__ __forceinline__ void store_shared(uint32_t address, uint32_t a, uint32_t b) {

@@ -9,10 +9,10 @@
 // python -m jax_fastattn.bench draws them (the two differ in power drawn,
 // hence in clocks under a sustained load).
 // The timed launches take the kernels of `choice`, a KernelChoice code
-// (default 0, auto; 5 the forward in CTA pairs). Where
-// the backward ran the wgmma kernels, it also compares their dQ, dK and dV
-// with the mma.sync kernels' (KernelChoice::kMmaSync) on the same inputs:
-// the largest difference relative to the largest value. The forward
+// (default 0, auto). Where the backward ran the wgmma kernels, it also
+// compares their dQ, dK and dV with the mma.sync kernels'
+// (KernelChoice::kMmaSync) on the same inputs: the largest difference
+// relative to the largest value. The forward
 // likewise compares its output and lse with the mma.sync forward's.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -62,8 +62,8 @@ int main(int argc, char** argv) {
   const bool backward = argc > 7 && argv[7][0] == 'b';
   const int launches = argc > 8 ? std::max(1, atoi(argv[8])) : 20;
   const bool normal = argc > 9 && std::string(argv[9]) == "normal";
-  // The timed call's KernelChoice code (kernel_choice.h; 0 auto; e.g. 5, the
-  // forward's CTA pairs, or 3/4, the one-pass backwards).
+  // The timed call's KernelChoice code (kernel_choice.h; 0 auto; e.g. 1 or
+  // 2, wgmma or mma_sync, or 3/4, the one-pass backwards).
   const KernelChoice choice = static_cast<KernelChoice>(argc > 10 ? atoi(argv[10]) : 0);
   const KernelChoice backward_choice = choice;
   const long tile_kv = fastattn::cuda::kForwardTileKv;

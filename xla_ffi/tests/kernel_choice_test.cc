@@ -4,8 +4,6 @@
 // then, for the backward's wgmma codes, how dQ is made with and without the
 // dQ workspace:
 //   dq <code> <has_workspace> -> fused_ordered|fused_atomic|separate_pass|error: <text>
-// and whether the cluster forward takes a call the wgmma kernels take:
-//   cluster <head_dim> <band_mask_only> <has_band> <q_len> -> ok|error: <text>
 // tests/test_kernel_config.py compiles it (plain C++, no CUDA) and checks the
 // lines against rules it writes down independently.
 #include <cstdio>
@@ -16,7 +14,7 @@ int main() {
   using fastattn::cuda::Kernel;
   using fastattn::cuda::KernelChoice;
   for (const char* option : {"cuda_forward", "cuda_backward"}) {
-    for (int code : {0, 1, 2, 3, 4, 5, 7}) {
+    for (int code : {0, 1, 2, 3, 4, 7}) {
       for (int head_dim : {32, 64, 128, 256}) {
         for (bool has_d_bias : {false, true}) {
           // A forward call has no bias gradient (dispatch.cc passes false).
@@ -44,18 +42,6 @@ int main() {
       const char* names[] = {"fused_ordered", "fused_atomic", "separate_pass"};  // BackwardDq order
       std::printf("dq %d %d -> %s%s\n", code, int(has_workspace),
                   error.empty() ? names[static_cast<int>(dq)] : "error: ", error.c_str());
-    }
-  }
-  for (int head_dim : {64, 128}) {
-    for (bool band_only : {false, true}) {
-      for (bool has_band : {false, true}) {
-        for (int q_len : {1, 128, 129, 256, 1000, 1024, 1152}) {
-          const std::string error =
-              fastattn::cuda::wgmma_cluster_obstacle(head_dim, band_only, has_band, q_len);
-          std::printf("cluster %d %d %d %d -> %s%s\n", head_dim, int(band_only), int(has_band), q_len,
-                      error.empty() ? "ok" : "error: ", error.c_str());
-        }
-      }
     }
   }
   return 0;
