@@ -27,3 +27,28 @@ def test_suite_rest_lists_the_unfinished_tests(tmp_path):
                          capture_output=True, text=True, check=True)
     assert run.stdout.split() == ["tests/b.py::w[cuda-bf16]", "tests/b.py::z"]
     assert "5 collected, 3 finished, 2 left" in run.stderr
+
+
+def test_forward_probes_apply_to_the_tree(tmp_path):
+    """Every A/B probe of tools/gpu/forward_probes still applies to the
+    kernel file it patches, alone and each together with the L2 probes
+    (forward_ab.sh takes a.patch+b.patch), so a kernel change that breaks
+    one shows here rather than on the GPU machine."""
+    import glob
+    import shutil
+    patch = shutil.which("patch")
+    assert patch, "GNU patch is needed to apply the probes"
+    probes = sorted(glob.glob(os.path.join(ROOT, "tools", "gpu", "forward_probes", "*.patch")))
+    assert probes
+    kernel = os.path.join(ROOT, "xla_ffi", "cuda", "attention_sm90.cu")
+    combos = [[p] for p in probes] + [[os.path.join(ROOT, "tools", "gpu", "forward_probes", "l2_pair_major.patch"),
+                                       os.path.join(ROOT, "tools", "gpu", "forward_probes", "tma_store_epilogue.patch")]]
+    for combo in combos:
+        target = tmp_path / "attention_sm90.cu"
+        shutil.copy(kernel, target)
+        for probe in combo:
+            with open(probe) as f:
+                run = subprocess.run([patch, "--quiet", "--batch", str(target)], stdin=f,
+                                     capture_output=True, text=True)
+            assert run.returncode == 0, (combo, run.stdout + run.stderr)
+        assert target.read_text() != open(kernel).read()

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # A/B timing of forward variants, kernel alone (no JAX), on one GPU:
-#   bash tools/gpu/forward_ab.sh [VARIANT.cu ...]
+#   bash tools/gpu/forward_ab.sh [VARIANT ...]
 # Builds xla_ffi/tests/cuda_attention_bench.cu once with the tree's kernels
-# ("tree") and once with each VARIANT.cu in place of attention_sm90.cu, or
-# of attention_sm80.cu when its name holds "sm80" (e.g. `git show
-# wip/branch:xla_ffi/cuda/attention_sm90.cu > abv/v.cu` before the device
-# call, the folder carried), then runs every binary on the same shapes,
+# ("tree") and once per VARIANT, then runs every binary on the same shapes,
 # interleaved and twice, so that clock drift hits all alike. Each run also
-# compares the forward it took with the mma.sync forward. Log:
+# compares the forward it took with the mma.sync forward. A VARIANT is a .cu
+# file taken in place of attention_sm90.cu (of attention_sm80.cu when its
+# name holds "sm80"), or patches of that file joined by "+", applied in
+# order to the tree's copy (e.g. tools/gpu/forward_probes/*.patch, or
+# a.patch+b.patch for both). Every source compiles to its own object, all
+# at once, and each binary links the objects it needs. Log:
 # $OUT/forward_ab.txt. SHAPES ("batch seq heads dim causal;..."), LAUNCHES
 # (default 20) and DATA (uniform or normal) override the runs; CHOICES
 # (KernelChoice codes, default "0") runs each binary once per code, e.g.
@@ -23,22 +25,62 @@ common="xla_ffi/tests/cuda_attention_bench.cu xla_ffi/cuda/dispatch.cc xla_ffi/c
   xla_ffi/cuda/attention_backward_sm90.cu"
 sm80=xla_ffi/cuda/attention_sm80.cu
 sm90=xla_ffi/cuda/attention_sm90.cu
+objects=/tmp/forward_ab_objects
 build=${BUILD:-yes}
-compile() { [[ $build != no ]] && nvcc "$@" & }
 names=(tree)
-compile $flags $common $sm80 $sm90 -o /tmp/forward_ab_tree
+# variant_source INDEX VARIANT: the .cu file of the variant (patched into
+# $objects/vINDEX.cu when it is made of patches); fails on a patch that
+# does not apply.
+variant_source() {
+  local variant=$2
+  if [[ $variant != *.patch* ]]; then
+    echo "$variant"
+    return
+  fi
+  local base=$sm90 to=$objects/v$1.cu
+  [[ "$(basename "${variant%%+*}")" == *sm80* ]] && base=$sm80
+  cp "$base" "$to"
+  local patch
+  IFS='+' read -ra patches <<< "$variant"
+  for patch in "${patches[@]}"; do
+    patch --quiet --batch "$to" < "$patch" >&2 || { echo "$patch does not apply to $base" >&2; return 1; }
+  done
+  echo "$to"
+}
+if [[ $build != no ]]; then
+  rm -rf "$objects" && mkdir -p "$objects"
+  sources=($common $sm80 $sm90)
+  index=0
+  for variant in "$@"; do
+    index=$((index + 1))
+    source=$(variant_source $index "$variant") || exit 1
+    cp "$source" "$objects/v$index.cu" 2>/dev/null || true  # its own name: one object per variant
+    sources+=("$objects/v$index.cu")
+  done
+  for source in "${sources[@]}"; do
+    nvcc $flags -c "$source" -o "$objects/$(basename "$source").o" 2>&1 | grep -v "^$" | tail -5 | tee -a "$LOG" &
+  done
+  wait
+  common_objects=""
+  for source in $common; do common_objects+=" $objects/$(basename "$source").o"; done
+  nvcc $common_objects $objects/attention_sm80.cu.o $objects/attention_sm90.cu.o -o /tmp/forward_ab_tree &
+  index=0
+  for variant in "$@"; do
+    index=$((index + 1))
+    if [[ "$(basename "${variant%%+*}")" == *sm80* ]]; then
+      nvcc $common_objects $objects/v$index.cu.o $objects/attention_sm90.cu.o -o "/tmp/forward_ab_v$index" &
+    else
+      nvcc $common_objects $objects/attention_sm80.cu.o $objects/v$index.cu.o -o "/tmp/forward_ab_v$index" &
+    fi
+  done
+  wait
+fi
 index=0
 for variant in "$@"; do
   index=$((index + 1))
   names+=("v$index")
   [[ $build != only ]] && echo "v$index = $variant" | tee -a "$LOG"
-  if [[ "$(basename "$variant")" == *sm80* ]]; then
-    compile $flags $common "$variant" $sm90 -o "/tmp/forward_ab_v$index"
-  else
-    compile $flags $common $sm80 "$variant" -o "/tmp/forward_ab_v$index"
-  fi
 done
-wait
 [[ $build == only ]] && exit 0
 # batch seq heads dim causal
 default_shapes=("4 4096 32 128 0" "4 4096 32 128 1" "16 1024 32 128 1" "16 1024 32 128 0"
