@@ -50,7 +50,8 @@
 // to a 2-CTA cluster (each CTA loading half of it, FlashAttention-3's scheme
 // for this case) measured 20-25 % slower on an H100 at D=128 with no mask
 // (kernel alone, bf16, B x S = 16K, H=32, S = 1K / 4K / 16K: 401 / 484 /
-// 530 against 506 / 645 / 663 TFLOP/s), so the kernel does not use clusters.
+// 530 against 506 / 645 / 663 TFLOP/s; docs/bench/cluster_forward_h100/),
+// so the kernel does not use clusters.
 #include <algorithm>
 #include <cstdint>
 
