@@ -1,7 +1,9 @@
 """The device scripts' host-side helpers (tools/gpu), run here on small
 inputs: tools/gpu/suite_rest.py lists exactly the tests a cut-short GPU
 suite did not finish."""
+import glob
 import os
+import shutil
 import subprocess
 import sys
 
@@ -34,14 +36,12 @@ def test_forward_probes_apply_to_the_tree(tmp_path):
     kernel file it patches, alone and in the pairs the A/B runs together
     (forward_ab.sh takes a.patch+b.patch), so a kernel change that breaks
     one shows here rather than on the GPU machine."""
-    import glob
-    import shutil
     patch = shutil.which("patch")
     assert patch, "GNU patch is needed to apply the probes"
-    probes = sorted(glob.glob(os.path.join(ROOT, "tools", "gpu", "forward_probes", "*.patch")))
+    folder = os.path.join(ROOT, "tools", "gpu", "forward_probes")
+    probes = sorted(glob.glob(os.path.join(folder, "*.patch")))
     assert probes
     kernel = os.path.join(ROOT, "xla_ffi", "cuda", "attention_sm90.cu")
-    folder = os.path.join(ROOT, "tools", "gpu", "forward_probes")
     combos = [[p] for p in probes] + [
         [os.path.join(folder, name) for name in pair]
         for pair in (("l2_pair_major.patch", "tma_store_epilogue.patch"),

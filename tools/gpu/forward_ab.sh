@@ -28,24 +28,25 @@ sm90=xla_ffi/cuda/attention_sm90.cu
 objects=/tmp/forward_ab_objects
 build=${BUILD:-yes}
 names=(tree)
-# variant_source INDEX VARIANT: the .cu file of the variant (patched into
-# $objects/vINDEX.cu when it is made of patches); fails on a patch that
-# does not apply.
-variant_source() {
-  local variant=$2
-  if [[ $variant != *.patch* ]]; then
-    echo "$variant"
+# replaces_sm80 VARIANT: whether the variant stands in for attention_sm80.cu
+# (the name of its first file holds "sm80") rather than attention_sm90.cu.
+replaces_sm80() { [[ "$(basename "${1%%+*}")" == *sm80* ]]; }
+# write_variant INDEX VARIANT: the variant's source as $objects/vINDEX.cu (a
+# name of its own: one object per variant), a .cu copied or its patches
+# applied in order to the tree's copy of the file they change; fails on a
+# patch that does not apply.
+write_variant() {
+  local to=$objects/v$1.cu base=$sm90 patch
+  if [[ $2 != *.patch* ]]; then
+    cp "$2" "$to"
     return
   fi
-  local base=$sm90 to=$objects/v$1.cu
-  [[ "$(basename "${variant%%+*}")" == *sm80* ]] && base=$sm80
+  replaces_sm80 "$2" && base=$sm80
   cp "$base" "$to"
-  local patch
-  IFS='+' read -ra patches <<< "$variant"
+  IFS='+' read -ra patches <<< "$2"
   for patch in "${patches[@]}"; do
-    patch --quiet --batch "$to" < "$patch" >&2 || { echo "$patch does not apply to $base" >&2; return 1; }
+    patch --quiet --batch --no-backup-if-mismatch "$to" < "$patch" || { echo "$patch does not apply to $base" >&2; return 1; }
   done
-  echo "$to"
 }
 if [[ $build != no ]]; then
   rm -rf "$objects" && mkdir -p "$objects"
@@ -53,8 +54,7 @@ if [[ $build != no ]]; then
   index=0
   for variant in "$@"; do
     index=$((index + 1))
-    source=$(variant_source $index "$variant") || exit 1
-    cp "$source" "$objects/v$index.cu" 2>/dev/null || true  # its own name: one object per variant
+    write_variant $index "$variant" || exit 1
     sources+=("$objects/v$index.cu")
   done
   for source in "${sources[@]}"; do
@@ -67,7 +67,7 @@ if [[ $build != no ]]; then
   index=0
   for variant in "$@"; do
     index=$((index + 1))
-    if [[ "$(basename "${variant%%+*}")" == *sm80* ]]; then
+    if replaces_sm80 "$variant"; then
       nvcc $common_objects $objects/v$index.cu.o $objects/attention_sm90.cu.o -o "/tmp/forward_ab_v$index" &
     else
       nvcc $common_objects $objects/attention_sm80.cu.o $objects/v$index.cu.o -o "/tmp/forward_ab_v$index" &
