@@ -33,8 +33,7 @@ def test_suite_rest_lists_the_unfinished_tests(tmp_path):
 
 def test_forward_probes_apply_to_the_tree(tmp_path):
     """Every A/B probe of tools/gpu/forward_probes still applies to the
-    kernel file it patches, alone and in the pairs the A/B runs together
-    (forward_ab.sh takes a.patch+b.patch), so a kernel change that breaks
+    kernel file it patches, so a kernel change that breaks
     one shows here rather than on the GPU machine."""
     patch = shutil.which("patch")
     assert patch, "GNU patch is needed to apply the probes"
@@ -42,10 +41,7 @@ def test_forward_probes_apply_to_the_tree(tmp_path):
     probes = sorted(glob.glob(os.path.join(folder, "*.patch")))
     assert probes
     kernel = os.path.join(ROOT, "xla_ffi", "cuda", "attention_sm90.cu")
-    combos = [[p] for p in probes] + [
-        [os.path.join(folder, name) for name in pair]
-        for pair in (("l2_pair_major.patch", "tma_store_epilogue.patch"),
-                     ("three_consumers_d64.patch", "exp2_split_d64.patch"))]
+    combos = [[p] for p in probes]
     for combo in combos:
         target = tmp_path / "attention_sm90.cu"
         shutil.copy(kernel, target)
