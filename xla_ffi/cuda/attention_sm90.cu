@@ -183,7 +183,8 @@ __global__ void __launch_bounds__(128 * (1 + kConsumers), 1)
   constexpr int kConsumerWarps = 4 * kConsumers;
   // Registers per thread: 3 x 168 what the CTA was given, 24 + 2 x 240 at
   // D=128 under the band mask alone (176-key steps need 240), else 40 + 2 x
-  // 232 (the general mask's plan lookups on the producer).
+  // 232 (the general mask's plan lookups on the producer); three consumers:
+  // 4 x 128 given, 32 + 3 x 160.
   constexpr bool kLeanProducer = kBandOnly && D == 128;
   constexpr int kProducerRegisters = kConsumers == 3 ? 32 : kLeanProducer ? 24 : 40;
   constexpr int kConsumerRegisters = kConsumers == 3 ? 160 : kLeanProducer ? 240 : 232;
@@ -364,11 +365,12 @@ __global__ void __launch_bounds__(128 * (1 + kConsumers), 1)
   // lane 0, which releases the stage or Q, has read it.
   auto warp_broadcast = [&](uint32_t value) { return __shfl_sync(0xffffffffu, value, 0); };
   // The consumers take turns issuing their products (FlashAttention-3's
-  // warp scheduling), so that one's softmax runs while the other's wgmmas
+  // warp scheduling), so that one's softmax runs while the others' wgmmas
   // hold the tensor cores: a consumer waits for its turn on its named
-  // barrier, issues, and passes the turn on the other's. Consumer 0 starts;
-  // every item gives both the same issues (one per step, plus one), and
-  // consumer 0 takes a last turn at the end so that no arrival is left.
+  // barrier, issues, and passes the turn on to the next (0 -> 1 (-> 2) -> 0).
+  // The last consumer's pass starts consumer 0; every item gives each the
+  // same issues (one per step, plus one), and consumer 0 takes a last turn
+  // at the end so that no arrival is left.
   auto take_turn = [&] { named_barrier_sync(1 + consumer, 2 * 128); };
   auto pass_turn = [&] { named_barrier_arrive(1 + (consumer + 1) % kConsumers, 2 * 128); };
   if (consumer == kConsumers - 1) pass_turn();
