@@ -64,15 +64,8 @@ namespace fastattn {
 namespace cuda {
 namespace {
 
-// Consumer warpgroups of 64 query rows each: two (128-row items), or three
-// at D=64 with no band (192-row items, FlashAttention-3's tile there: while
-// one runs its softmax, two issue products). On an H100, kernel alone, bf16,
-// H=32: 3 consumers vs 2 at D=64 with no mask 466-469 vs 445 TFLOP/s at
-// S=4K and 391-392 vs 382 at S=1K; under a causal band 418 vs 413 at 4K but
-// 241 vs 277-285 at 1K (192-row items split the diagonal worse), so causal
-// keeps two.
-template <int D, bool kBandOnly>
-__host__ __device__ constexpr bool three_consumers_allowed() { return D == 64 && kBandOnly; }
+constexpr int kRows = 128;  // query rows per work item
+constexpr int kThreads = 384;
 constexpr int64_t kL2Bytes = 24 << 20;  // K/V bytes a group of concurrent items may share in L2
 
 // Keys per step: 128, or FlashAttention-3's 176 where no key is masked
@@ -96,9 +89,9 @@ __host__ __device__ constexpr int stages_for(int keys) { return keys == kLongKey
 template <int D, bool kBandOnly>
 __host__ __device__ constexpr bool tensor_row_sums() { return kBandOnly && D == 64; }
 
-template <int D, int kKeys, bool kBandOnly, int kConsumers>
+template <int D, int kKeys, bool kBandOnly>
 constexpr int shared_bytes() {  // tiles, (ones,) barriers, alignment
-  return (64 * kConsumers + 2 * stages_for(kKeys) * kKeys) * D * 2 +
+  return (kRows + 2 * stages_for(kKeys) * kKeys) * D * 2 +
          (tensor_row_sums<D, kBandOnly>() ? kKeys * 128 : 0) + 1024 + 1024;
 }
 
@@ -111,11 +104,12 @@ struct TensorMaps {
 // element-wise mask there, and whether it is the item's last. Consumers
 // thus never read the tile plan in their loop (its loads sat on the path
 // from one product to the next). The producer writes it as two words (the
-// tile; masked[0] | masked[1] << 8 | masked[2] << 16 | last << 24), lane 0 reads it as one.
+// tile; masked[0] | masked[1] << 8 | last << 16), lane 0 reads it as one.
 struct StepRecord {
   int32_t tile;
-  uint8_t masked[3];
+  uint8_t masked[2];
   uint8_t last;
+  uint8_t unused;
 };
 
 // Work items in launch order: groups of `group` (batch, q head) pairs whose
@@ -146,17 +140,13 @@ __device__ __forceinline__ WorkItem work_item(int w, int num_q_blocks, int pairs
 // runs on across items, and the next item's Q is loaded once the consumers have
 // issued their last S of the current one, so its start overlaps the current
 // item's last softmax, product and stores.
-template <int D, typename T, bool kBandOnly, int kKeys, int kConsumers>
-__global__ void __launch_bounds__(128 * (1 + kConsumers), 1)
+template <int D, typename T, bool kBandOnly, int kKeys>
+__global__ void __launch_bounds__(kThreads, 1)
     forward_wgmma_kernel(const ForwardParams p, const __grid_constant__ TensorMaps maps,
                          const int group, int32_t* work_counter) {
 #if FASTATTN_HAS_WGMMA
   using namespace sm80;
   using namespace sm90;
-  static_assert(kConsumers == 2 || (kConsumers == 3 && three_consumers_allowed<D, kBandOnly>()),
-                "three consumers: D=64 under the band mask alone");
-  constexpr int kRows = 64 * kConsumers;  // query rows per work item
-  constexpr int kThreads = 128 * (1 + kConsumers);
   static_assert(kKeys == 2 * kForwardTileKv || kBandOnly,
                 "the general mask reads the plan's 64-key tiles in pairs");
   constexpr int kStages = stages_for(kKeys);
@@ -166,7 +156,7 @@ __global__ void __launch_bounds__(128 * (1 + kConsumers), 1)
   const uint32_t k_tiles = q_tile + kRows * D * 2;        // [kStages]
   const uint32_t v_tiles = k_tiles + kStages * kTileBytes;  // [kStages]
   constexpr bool kTensorSums = tensor_row_sums<D, kBandOnly>();
-  constexpr bool kEarlyStart = kTensorSums && kConsumers == 2;  // see start_item (registers)
+  constexpr bool kEarlyStart = kTensorSums;  // see start_item
   const uint32_t ones_tile = v_tiles + kStages * kTileBytes;  // kTensorSums: [kKeys][128 bytes]
   const uint32_t barriers = ones_tile + (kTensorSums ? kKeys * 128 : 0);
   const uint32_t q_full = barriers, q_empty = barriers + 8;
@@ -180,14 +170,13 @@ __global__ void __launch_bounds__(128 * (1 + kConsumers), 1)
   const StepRecord* records =
       reinterpret_cast<const StepRecord*>(shared_raw + (records_at - shared_address(shared_raw)));
   const uint32_t* item_record = reinterpret_cast<const uint32_t*>(records + kStages);
-  constexpr int kConsumerWarps = 4 * kConsumers;
+  constexpr int kConsumerWarps = 8;
   // Registers per thread: 3 x 168 what the CTA was given, 24 + 2 x 240 at
   // D=128 under the band mask alone (176-key steps need 240), else 40 + 2 x
-  // 232 (the general mask's plan lookups on the producer); three consumers:
-  // 4 x 128 given, 32 + 3 x 160.
+  // 232 (the general mask's plan lookups on the producer).
   constexpr bool kLeanProducer = kBandOnly && D == 128;
-  constexpr int kProducerRegisters = kConsumers == 3 ? 32 : kLeanProducer ? 24 : 40;
-  constexpr int kConsumerRegisters = kConsumers == 3 ? 160 : kLeanProducer ? 240 : 232;
+  constexpr int kProducerRegisters = kLeanProducer ? 24 : 40;
+  constexpr int kConsumerRegisters = kLeanProducer ? 240 : 232;
 
   const AttentionShape& s = p.shape;
   const int warpgroup = threadIdx.x / 128;
@@ -255,7 +244,7 @@ __global__ void __launch_bounds__(128 * (1 + kConsumers), 1)
         // last; all their rows see keys [r1 + band_lo, r0 + band_hi], so a
         // 64-row half needs no mask on the steps inside that run.
         int first_visible = 0, last_visible = -1;     // none
-        int first_full[3] = {0, 0, 0}, last_full[3] = {-1, -1, -1};
+        int first_full[2] = {0, 0}, last_full[2] = {-1, -1};
         if constexpr (kKeys == kLongKeys) {
           // 176-key steps run with no band: every step visible, all but a
           // short last one full to rows that exist.
@@ -278,9 +267,9 @@ __global__ void __launch_bounds__(128 * (1 + kConsumers), 1)
             last_visible = hi / kKeys;
           }
 #pragma unroll
-          for (int half = 0; half < kConsumers; ++half) {
-            const int64_t h0 = r0 + half * 64;
-            const int64_t h1 = (h0 + 64 < s.q_len ? h0 + 64 : s.q_len) - 1;
+          for (int half = 0; half < 2; ++half) {
+            const int64_t h0 = r0 + half * (kRows / 2);
+            const int64_t h1 = (h0 + kRows / 2 < s.q_len ? h0 + kRows / 2 : s.q_len) - 1;
             clip(h1 + p.mask.band_lo, h0 + p.mask.band_hi, &lo, &hi);
             if (h0 <= h1 && lo <= hi) {  // whole steps within [lo, hi]
               first_full[half] = (lo + kKeys - 1) / kKeys;
@@ -323,8 +312,8 @@ __global__ void __launch_bounds__(128 * (1 + kConsumers), 1)
           const int next = next_tile(tile + 1);
           const int stage = i % kStages;
           const uint32_t free_parity = ((i / kStages) & 1) ^ 1;
-          uint32_t flags = next >= num_kv ? 1u << 24 : 0u;  // StepRecord's masked[3], last
-          for (int half = 0; half < kConsumers; ++half) {
+          uint32_t flags = next >= num_kv ? 1u << 16 : 0u;  // StepRecord's masked[2], last
+          for (int half = 0; half < 2; ++half) {
             bool masked;
             if constexpr (kBandOnly) {
               masked = tile < first_full[half] || tile > last_full[half];
@@ -365,15 +354,14 @@ __global__ void __launch_bounds__(128 * (1 + kConsumers), 1)
   // lane 0, which releases the stage or Q, has read it.
   auto warp_broadcast = [&](uint32_t value) { return __shfl_sync(0xffffffffu, value, 0); };
   // The consumers take turns issuing their products (FlashAttention-3's
-  // warp scheduling), so that one's softmax runs while the others' wgmmas
+  // warp scheduling), so that one's softmax runs while the other's wgmmas
   // hold the tensor cores: a consumer waits for its turn on its named
-  // barrier, issues, and passes the turn on to the next (0 -> 1 (-> 2) -> 0).
-  // The last consumer's pass starts consumer 0; every item gives each the
-  // same issues (one per step, plus one), and consumer 0 takes a last turn
-  // at the end so that no arrival is left.
+  // barrier, issues, and passes the turn on the other's. Consumer 0 starts;
+  // every item gives both the same issues (one per step, plus one), and
+  // consumer 0 takes a last turn at the end so that no arrival is left.
   auto take_turn = [&] { named_barrier_sync(1 + consumer, 2 * 128); };
-  auto pass_turn = [&] { named_barrier_arrive(1 + (consumer + 1) % kConsumers, 2 * 128); };
-  if (consumer == kConsumers - 1) pass_turn();
+  auto pass_turn = [&] { named_barrier_arrive(2 - consumer, 2 * 128); };
+  if (consumer == 1) pass_turn();
   int i = 0;  // steps done, as the producer counts them
   // S = Q K^T of the step in `stage`, issued (not waited for); returns
   // the step's record as {tile, masked, last}.
@@ -399,7 +387,7 @@ __global__ void __launch_bounds__(128 * (1 + kConsumers), 1)
     }
     wgmma_commit();
     return Step{int64_t(packed[0]), ((packed[1] >> (8 * consumer)) & 0xff) != 0,
-                ((packed[1] >> 24) & 0xff) != 0};
+                ((packed[1] >> 16) & 0xff) != 0};
   };
   auto release_q = [&] {
     if (lane == 0) mbarrier_arrive(q_empty);
@@ -579,15 +567,13 @@ __global__ void __launch_bounds__(128 * (1 + kConsumers), 1)
       store_item();
     }
   }
-  if (consumer == 0) take_turn();  // the last consumer's last pass
+  if (consumer == 0) take_turn();  // consumer 1's last pass
 #endif  // FASTATTN_HAS_WGMMA
 }
 
-template <int D, typename T, bool kBandOnly, int kKeys = 128, int kConsumers = 2>
+template <int D, typename T, bool kBandOnly, int kKeys = 128>
 cudaError_t launch_variant(const ForwardParams& p, int32_t* work_counter, cudaStream_t stream) {
-  constexpr int kShared = shared_bytes<D, kKeys, kBandOnly, kConsumers>();
-  constexpr int kRows = 64 * kConsumers;
-  constexpr int kThreads = 128 * (1 + kConsumers);
+  constexpr int kShared = shared_bytes<D, kKeys, kBandOnly>();
   const AttentionShape& s = p.shape;
   TensorMaps maps;
   if (!encode_tensor_map(&maps.q, p.q, p.dtype, s.batch, s.q_len, s.q_heads, D, kRows) ||
@@ -595,7 +581,7 @@ cudaError_t launch_variant(const ForwardParams& p, int32_t* work_counter, cudaSt
       !encode_tensor_map(&maps.v, p.v, p.dtype, s.batch, s.kv_len, s.kv_heads, D, kKeys)) {
     return cudaErrorInvalidValue;
   }
-  auto kernel = forward_wgmma_kernel<D, T, kBandOnly, kKeys, kConsumers>;
+  auto kernel = forward_wgmma_kernel<D, T, kBandOnly, kKeys>;
   if (cudaError_t e =
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kShared);
       e != cudaSuccess) {
@@ -641,8 +627,6 @@ cudaError_t launch(const ForwardParams& p, int32_t* work_counter, cudaStream_t s
   if (!forward_band_only(p)) return launch_variant<D, T, false>(p, work_counter, stream);
   if constexpr (D == 128) {
     if (!p.mask.has_band()) return launch_variant<D, T, true, kLongKeys>(p, work_counter, stream);
-  } else if (!p.mask.has_band()) {
-    return launch_variant<D, T, true, 128, 3>(p, work_counter, stream);
   }
   return launch_variant<D, T, true>(p, work_counter, stream);
 }
@@ -665,7 +649,7 @@ bool device_runs_wgmma() {
         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
         cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess &&
         major == 9 && minor == 0 &&
-        cudaFuncGetAttributes(&attributes, forward_wgmma_kernel<128, __nv_bfloat16, true, 128, 2>) ==
+        cudaFuncGetAttributes(&attributes, forward_wgmma_kernel<128, __nv_bfloat16, true, 128>) ==
             cudaSuccess &&
         attributes.binaryVersion == 90;
     cudaGetLastError();  // a missing kernel image must not linger as the last error
