@@ -1,11 +1,8 @@
 #!/usr/bin/env bash
 # Standalone timing of the CUDA forward and backward kernels (no JAX) and
 # ncu figures of one launch of each: bash tools/gpu/attention_ab.sh
-set -uo pipefail
-nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a --use_fast_math -Ixla_ffi \
-  xla_ffi/tests/cuda_attention_bench.cu xla_ffi/cuda/dispatch.cc xla_ffi/cuda/attention_sm80.cu xla_ffi/cuda/attention_sm90.cu \
-  xla_ffi/cuda/attention_backward_sm80.cu xla_ffi/cuda/attention_backward_sm90.cu \
-  -o /tmp/attention_bench || exit 1
+source "$(dirname "$0")/common.sh"
+nvcc $timer_flags $timer_driver $timer_kernels -o /tmp/attention_bench || exit 1
 for pass in fwd bwd; do
   for dim in 128 64; do
     for causal in 0 1; do

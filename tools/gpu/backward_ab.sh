@@ -14,17 +14,16 @@
 # LAUNCHES (default 20), ROUNDS (default 1) override the runs.
 source "$(dirname "$0")/common.sh"
 LOG="$OUT/backward_ab.txt"
-flags="-std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a --use_fast_math -Ixla_ffi -Ixla_ffi/cuda"
-common="xla_ffi/tests/cuda_attention_bench.cu xla_ffi/cuda/dispatch.cc xla_ffi/cuda/attention_sm80.cu \
-  xla_ffi/cuda/attention_sm90.cu xla_ffi/cuda/attention_backward_sm80.cu"
+sm90_backward=xla_ffi/cuda/attention_backward_sm90.cu
+common=$(timer_sources_except $sm90_backward)
 names=(tree)
-nvcc $flags $common xla_ffi/cuda/attention_backward_sm90.cu -o /tmp/backward_ab_tree &
+nvcc $timer_flags $common $sm90_backward -o /tmp/backward_ab_tree &
 index=0
 for variant in "$@"; do
   index=$((index + 1))
   names+=("v$index")
   echo "v$index = $variant" | tee -a "$LOG"
-  nvcc $flags $common "$variant" -o "/tmp/backward_ab_v$index" &
+  nvcc $timer_flags $common "$variant" -o "/tmp/backward_ab_v$index" &
 done
 wait
 # batch seq heads dim causal

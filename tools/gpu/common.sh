@@ -17,14 +17,26 @@ build_extension() {
   }
 }
 
-# build_attention_timer LOG: the standalone timer of the attention kernels
-# (xla_ffi/tests/cuda_attention_bench.cu) for sm90a at /tmp/attention_bench,
-# the tail of nvcc's output in LOG.
+# The standalone timer of the attention kernels (no JAX): its driver and the
+# kernel sources it links, and the flags every build of it uses (sm90a).
+timer_flags="-std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a --use_fast_math -Ixla_ffi -Ixla_ffi/cuda"
+timer_driver="xla_ffi/tests/cuda_attention_bench.cu xla_ffi/cuda/dispatch.cc"
+timer_kernels="xla_ffi/cuda/attention_sm80.cu xla_ffi/cuda/attention_sm90.cu \
+  xla_ffi/cuda/attention_backward_sm80.cu xla_ffi/cuda/attention_backward_sm90.cu"
+# timer_sources_except FILE...: the driver and the kernel sources but FILE
+# (which an A/B variant stands in for).
+timer_sources_except() {
+  local source keep=$timer_driver
+  for source in $timer_kernels; do
+    [[ " $* " == *" $source "* ]] || keep+=" $source"
+  done
+  echo "$keep"
+}
+
+# build_attention_timer LOG: the timer with the tree's kernels at
+# /tmp/attention_bench, the tail of nvcc's output in LOG.
 build_attention_timer() {
-  nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a --use_fast_math -Ixla_ffi \
-    xla_ffi/tests/cuda_attention_bench.cu xla_ffi/cuda/dispatch.cc xla_ffi/cuda/attention_sm80.cu \
-    xla_ffi/cuda/attention_sm90.cu xla_ffi/cuda/attention_backward_sm80.cu xla_ffi/cuda/attention_backward_sm90.cu \
-    -o /tmp/attention_bench 2>&1 | tail -5 | tee -a "$1"
+  nvcc $timer_flags $timer_driver $timer_kernels -o /tmp/attention_bench 2>&1 | tail -5 | tee -a "$1"
 }
 
 # cuda_decode_kernel_test LOG [plain|sanitize|both]: builds xla_ffi/tests/cuda_decode_test.cu

@@ -16,15 +16,11 @@
 # CHOICES="0 2" times the mma.sync forward beside auto. BUILD=only
 # builds and stops, BUILD=no runs the binaries an earlier BUILD=only made
 # (so that the builds can overlap another job's GPU runs).
-set -uo pipefail
-OUT=${OUT:-gpu_out}
-mkdir -p "$OUT"
+source "$(dirname "$0")/common.sh"
 LOG="$OUT/forward_ab.txt"
-flags="-std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a --use_fast_math -Ixla_ffi -Ixla_ffi/cuda"
-common="xla_ffi/tests/cuda_attention_bench.cu xla_ffi/cuda/dispatch.cc xla_ffi/cuda/attention_backward_sm80.cu \
-  xla_ffi/cuda/attention_backward_sm90.cu"
 sm80=xla_ffi/cuda/attention_sm80.cu
 sm90=xla_ffi/cuda/attention_sm90.cu
+common=$(timer_sources_except $sm80 $sm90)
 objects=/tmp/forward_ab_objects
 build=${BUILD:-yes}
 names=(tree)
@@ -58,7 +54,7 @@ if [[ $build != no ]]; then
     sources+=("$objects/v$index.cu")
   done
   for source in "${sources[@]}"; do
-    nvcc $flags -c "$source" -o "$objects/$(basename "$source").o" 2>&1 | grep -v "^$" | tail -5 | tee -a "$LOG" &
+    nvcc $timer_flags -c "$source" -o "$objects/$(basename "$source").o" 2>&1 | grep -v "^$" | tail -5 | tee -a "$LOG" &
   done
   wait
   common_objects=""
