@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What a forward probe needs before it lands, in one call on one GPU:
+# What a forward probe needs before it lands, in one run on one GPU:
 #   DEADLINE=S bash tools/gpu/forward_probe_check.sh PATCH
 # 1. forward_ab.sh: the tree against the tree with PATCH (a patch of
 #    attention_sm90.cu, e.g. tools/gpu/forward_probes/*.patch), kernel
@@ -20,7 +20,7 @@ deadline=${DEADLINE:-540}
 nvidia-smi --query-gpu=name,driver_version --format=csv | tee "$OUT/sanitizer.txt"
 BUILD=only bash "$(dirname "$0")/forward_ab.sh" "$patch_file" || exit 1
 patch --quiet --batch --no-backup-if-mismatch xla_ffi/cuda/attention_sm90.cu < "$patch_file" || exit 1
-build_extension "$OUT/log.txt"  # rebuilt even where an earlier call built the tree's
+build_extension "$OUT/log.txt"  # rebuilt even where the tree without PATCH was built before
 echo "(build done: $SECONDS s)" | tee -a "$OUT/sanitizer.txt"
 DATA=normal BUILD=no SHAPES="${SHAPES:-16 1024 32 128 0;16 1024 32 128 1;4 4096 32 128 0;4 4096 32 128 1;16 1024 32 64 0;16 1024 32 64 1;4 4096 32 64 0;4 4096 32 64 1;2 777 8 64 0}" \
   bash "$(dirname "$0")/forward_ab.sh" "$patch_file" > /dev/null
