@@ -594,17 +594,18 @@ cudaError_t launch_variant(const ForwardParams& p, int32_t* work_counter, cudaSt
     return e;
   }
   // The (batch, q head) pairs whose K/V share L2: a q head's share of its
-  // K/V head's bytes. With no band every item of a pair reads all its K/V
-  // and items cost alike, so pairs run one after another (group 1): the
-  // CTAs running at once then read the K/V of a few pairs rather than of a
-  // whole group's heads interleaved. On an H100, kernel alone, bf16, H=32,
+  // K/V head's bytes. With no mask at all every item of a pair reads all
+  // its K/V and items cost alike, so pairs run one after another (group 1):
+  // the CTAs running at once then read the K/V of a few pairs rather than of
+  // a whole group's heads interleaved. On an H100, kernel alone, bf16, H=32,
   // D=128, no mask: 561 vs 511 TFLOP/s at S=1K, 655 vs 636 at 4K; under a
   // causal band group 1 was slower (570 vs 581 at 4K), as the longest-first
-  // order then holds within a pair only.
+  // order then holds within a pair only. Other masks (segments, a dense
+  // mask, a bias) keep the groups too: their items differ in cost.
   const int64_t pairs = s.batch * s.q_heads;
   const int64_t bytes_per_pair = s.kv_len * D * 2 * 2 * s.kv_heads / s.q_heads;
   const int64_t group =
-      !p.mask.has_band()
+      kBandOnly && !p.mask.has_band()
           ? 1
           : std::max<int64_t>(1, std::min(pairs, kL2Bytes / std::max<int64_t>(1, bytes_per_pair)));
   const int64_t work = s.num_q_tiles(kRows) * pairs;
