@@ -41,13 +41,11 @@ def test_forward_probes_apply_to_the_tree(tmp_path):
     probes = sorted(glob.glob(os.path.join(folder, "*.patch")))
     assert probes
     kernel = os.path.join(ROOT, "xla_ffi", "cuda", "attention_sm90.cu")
-    combos = [[p] for p in probes]
-    for combo in combos:
+    for probe in probes:
         target = tmp_path / "attention_sm90.cu"
         shutil.copy(kernel, target)
-        for probe in combo:
-            with open(probe) as f:
-                run = subprocess.run([patch, "--quiet", "--batch", str(target)], stdin=f,
-                                     capture_output=True, text=True)
-            assert run.returncode == 0, (combo, run.stdout + run.stderr)
+        with open(probe) as f:
+            run = subprocess.run([patch, "--quiet", "--batch", str(target)], stdin=f,
+                                 capture_output=True, text=True)
+        assert run.returncode == 0, (probe, run.stdout + run.stderr)
         assert target.read_text() != open(kernel).read()

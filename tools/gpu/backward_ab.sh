@@ -48,11 +48,8 @@ if [ "${SANITIZE:-0}" = 1 ]; then
   for tool in memcheck racecheck; do
     for choice in 3 4; do
       for dim in 128 64; do
-        timeout 150 compute-sanitizer --tool $tool --error-exitcode 9 /tmp/backward_ab_tree 1 700 4 $dim 1 64 bwd 1 \
-          uniform $choice > /tmp/backward_ab_sanitizer.txt 2>&1
-        echo "compute-sanitizer $tool choice $choice D=$dim: exit $?;" \
-          "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' /tmp/backward_ab_sanitizer.txt | tail -1)" | tee -a "$LOG"
-        grep -m5 -E "Invalid|Race|hazard" /tmp/backward_ab_sanitizer.txt | tee -a "$LOG"
+        sanitize "$LOG" " choice $choice D=$dim" 150 $tool /tmp/backward_ab_tree 1 700 4 $dim 1 64 bwd 1 \
+          uniform $choice
       done
     done
   done

@@ -39,6 +39,25 @@ build_attention_timer() {
   nvcc $timer_flags $timer_driver $timer_kernels -o /tmp/attention_bench 2>&1 | tail -5 | tee -a "$1"
 }
 
+# sanitize LOG LABEL TIMEOUT TOOL COMMAND...: COMMAND under compute-sanitizer
+# TOOL (memcheck, racecheck), its exit status and summary line in LOG, then
+# its first findings.
+sanitize() {
+  local log=$1 label=$2 limit=$3 tool=$4
+  shift 4
+  timeout $limit compute-sanitizer --tool $tool --error-exitcode 9 "$@" > /tmp/sanitizer_$tool.txt 2>&1
+  echo "compute-sanitizer $tool$label: exit $?; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' /tmp/sanitizer_$tool.txt | tail -1)" \
+    | tee -a "$log"
+  grep -m5 -E "Invalid|Race|hazard" /tmp/sanitizer_$tool.txt | tee -a "$log"
+}
+
+# gather_shard_logs: pytest_shards.sh's per-shard logs joined into
+# $OUT/gpu_suite.txt (the device tool brings back only a few files).
+gather_shard_logs() {
+  for f in "$OUT"/pytest_shard*.txt; do echo "== $f"; cat "$f"; echo; done > "$OUT/gpu_suite.txt"
+  rm -f "$OUT"/pytest_shard*.txt
+}
+
 # cuda_decode_kernel_test LOG [plain|sanitize|both]: builds xla_ffi/tests/cuda_decode_test.cu
 # (both CUDA decode kernels against the CPU kernel) and runs it plainly, under
 # compute-sanitizer memcheck and racecheck, or both (the default), each line in LOG.
@@ -49,9 +68,5 @@ cuda_decode_kernel_test() {
     xla_ffi/cpu/decode.cc xla_ffi/common/thread_pool.cc -o /tmp/cuda_decode_test 2>&1 | grep -v warning | tee -a "$1"
   if [ "$runs" != sanitize ]; then timeout 120 /tmp/cuda_decode_test 2>&1 | tee -a "$1"; fi
   if [ "$runs" = plain ]; then return; fi
-  for tool in memcheck racecheck; do
-    timeout 240 compute-sanitizer --tool $tool --error-exitcode 9 /tmp/cuda_decode_test > /tmp/sanitizer_$tool.txt 2>&1
-    echo "compute-sanitizer $tool: exit $?; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' /tmp/sanitizer_$tool.txt | tail -1)" \
-      | tee -a "$1"
-  done
+  for tool in memcheck racecheck; do sanitize "$1" "" 240 $tool /tmp/cuda_decode_test; done
 }

@@ -28,18 +28,14 @@ echo "(A/B done: $SECONDS s)" | tee -a "$OUT/sanitizer.txt"
 IFS=';' read -ra sanitize_shapes <<< "${SANITIZE_SHAPES:-2 777 8 64 0;2 777 8 64 1;1 1000 4 128 0;1 1000 4 128 1}"
 for shape in "${sanitize_shapes[@]}"; do
   for tool in memcheck racecheck; do
-    timeout 60 compute-sanitizer --tool $tool --error-exitcode 9 /tmp/forward_ab_v1 $shape 64 fwd 1 normal 0 \
-      > /tmp/probe_sanitizer.txt 2>&1
-    echo "compute-sanitizer $tool ($shape): exit $?;" \
-      "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' /tmp/probe_sanitizer.txt | tail -1)" | tee -a "$OUT/sanitizer.txt"
-    grep -m5 -E "Invalid|Race|hazard" /tmp/probe_sanitizer.txt | tee -a "$OUT/sanitizer.txt"
+    sanitize "$OUT/sanitizer.txt" " ($shape)" 60 $tool /tmp/forward_ab_v1 $shape 64 fwd 1 normal 0
   done
 done
 left=$((deadline - SECONDS))
 if ((left > 60)); then
   XLA_FLAGS="--xla_gpu_autotune_level=0" SHARDS=16 TEST_TIMEOUT=$((left - 20)) timeout $left \
     bash "$(dirname "$0")/pytest_shards.sh" tests/test_attention.py tests/test_gpu_kernels.py > "$OUT/suite_summary.txt" 2>&1
-  for f in "$OUT"/pytest_shard*.txt; do echo "== $f"; cat "$f"; done > "$OUT/gpu_suite.txt"
-  rm -f "$OUT"/pytest_shard*.txt "$OUT/test_ids.txt"
+  gather_shard_logs
+  rm -f "$OUT/test_ids.txt"
 fi
 echo "(end: $SECONDS s)" | tee -a "$OUT/sanitizer.txt"

@@ -40,8 +40,7 @@ for stage in "$@"; do
       # No XLA autotuning: the tests time nothing (533 tests in 155 s on an H100 without it).
       XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" SHARDS=${SHARDS:-16} TEST_TIMEOUT=${TEST_TIMEOUT:-400} \
         bash "$(dirname "$0")/pytest_shards.sh" tests/ 2>&1 | tee -a "$LOG"
-      for f in "$OUT"/pytest_shard*.txt; do echo "== $f"; cat "$f"; echo; done > "$OUT/gpu_suite.txt"
-      rm -f "$OUT"/pytest_shard*.txt
+      gather_shard_logs
       grep -c "^FAILED-NOW" "$OUT/gpu_suite.txt" | sed 's/^/failures reported: /' | tee -a "$LOG" ;;
     config)
       timeout ${CONFIG_TIMEOUT:-240} python3 tools/gpu/kernel_config_check.py --size full --out "$OUT/kernel_config.json" 2>&1 \

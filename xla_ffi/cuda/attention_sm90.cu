@@ -602,18 +602,19 @@ cudaError_t launch_variant(const ForwardParams& p, int32_t* work_counter, cudaSt
   // causal band group 1 was slower (570 vs 581 at 4K), as the longest-first
   // order then holds within a pair only. Other masks (segments, a dense
   // mask, a bias) keep the groups too: their items differ in cost.
+  const bool items_alike = kBandOnly && !p.mask.has_band();
   const int64_t pairs = s.batch * s.q_heads;
   const int64_t bytes_per_pair = s.kv_len * D * 2 * 2 * s.kv_heads / s.q_heads;
   const int64_t group =
-      kBandOnly && !p.mask.has_band()
+      items_alike
           ? 1
           : std::max<int64_t>(1, std::min(pairs, kL2Bytes / std::max<int64_t>(1, bytes_per_pair)));
   const int64_t work = s.num_q_tiles(kRows) * pairs;
   if (work > INT32_MAX) return cudaErrorInvalidValue;
   const int64_t ctas = std::min<int64_t>(work, sms);  // one per SM (its shared memory)
   if (work_counter == nullptr) return cudaErrorInvalidValue;
-  if (kBandOnly && !p.mask.has_band()) {
-    work_counter = nullptr;  // items alike: a fixed stride
+  if (items_alike) {
+    work_counter = nullptr;  // a fixed stride
   } else if (cudaError_t e = cudaMemsetAsync(work_counter, 0, sizeof(int32_t), stream);
              e != cudaSuccess) {
     return e;
